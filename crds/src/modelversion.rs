@@ -1,0 +1,282 @@
+//! `ModelVersion`: one immutable entry of the model registry — an artifact with its lineage, offline metrics
+//! and validation gates. Aliases (`production`, …) and promotion history live in its status.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{DNS_LABEL_PATTERN, SpecViolations, TimeRange};
+use crate::featureview::STORAGE_URI_PATTERN;
+use crate::trainingjob::OfflineMetrics;
+
+/// Regex of a lowercase hex SHA-256 digest.
+pub const SHA256_PATTERN: &str = r"^[a-f0-9]{64}$";
+
+/// Finalizer that keeps a ModelVersion a Rollout serves from being deleted.
+pub const IN_USE_FINALIZER: &str = "flywheel.dev/in-use";
+
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "flywheel.dev",
+    version = "v1alpha1",
+    kind = "ModelVersion",
+    namespaced,
+    status = "ModelVersionStatus",
+    shortname = "mv",
+    category = "flywheel",
+    derive = "PartialEq",
+    doc = "One immutable model-registry entry: artifact, lineage, offline metrics and validation gates.",
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.modelName"),
+    printcolumn(name = "AUC", type_ = "number", json_path = ".spec.metrics.auc"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Aliases",
+        type_ = "string",
+        json_path = ".status.aliasesSummary"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelVersionSpec {
+    /// Registry name of the model this is a version of.
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
+    pub model_name: String,
+    pub artifact: Artifact,
+    /// SHA-256 of the feature schema the model was trained on; serving refuses inputs of another schema.
+    #[schemars(pattern(SHA256_PATTERN))]
+    pub feature_schema_hash: String,
+    #[serde(default)]
+    pub lineage: Lineage,
+    /// Offline metrics on the evaluation set.
+    #[serde(default)]
+    pub metrics: OfflineMetrics,
+    #[serde(default)]
+    pub validation: Validation,
+}
+
+/// Immutable once created: a registry entry names one artifact forever.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec.artifact is immutable; create a new ModelVersion instead"))]
+pub struct Artifact {
+    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
+    pub uri: String,
+    /// SHA-256 of the artifact; a server refuses an artifact that does not match.
+    #[schemars(pattern(SHA256_PATTERN))]
+    pub sha256: String,
+    #[serde(default = "default_artifact_format")]
+    pub format: ArtifactFormat,
+}
+
+fn default_artifact_format() -> ArtifactFormat {
+    ArtifactFormat::FlywheelV1
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ArtifactFormat {
+    #[serde(rename = "flywheel-v1")]
+    FlywheelV1,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Lineage {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training_job: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_view: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_range: Option<TimeRange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Trainer version (e.g. a git describe) that produced the artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub code_version: Option<String>,
+    /// The version this one was warm-started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Validation {
+    /// Every gate must pass for the version to become `Validated`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub gates: Vec<Gate>,
+}
+
+/// One gate: an absolute bound (`min`/`max`), or a change versus a baseline (`maxDecrease`/`maxIncrease`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.min) || has(self.max) || has(self.maxDecrease) || has(self.maxIncrease)").message("a gate needs min, max, maxDecrease or maxIncrease"),
+    validation = Rule::new("!(has(self.maxDecrease) || has(self.maxIncrease)) || has(self.baseline)").message("maxDecrease and maxIncrease compare against a baseline; set baseline"),
+    validation = Rule::new("!(has(self.min) && has(self.max)) || self.min <= self.max").message("min must not exceed max")
+)]
+pub struct Gate {
+    pub metric: GateMetric,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// Version to compare against: another ModelVersion or the holder of an alias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
+    /// Largest allowed drop versus the baseline (e.g. `0.002` AUC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub max_decrease: Option<f64>,
+    /// Largest allowed rise versus the baseline (e.g. LogLoss).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub max_increase: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum GateMetric {
+    Auc,
+    Gauc,
+    LogLoss,
+    Calibration,
+}
+
+/// Exactly one of `modelVersion` or `alias`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Baseline {
+    /// A ModelVersion name in the same namespace.
+    ModelVersion(#[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))] String),
+    /// An alias of the same model (e.g. `production`).
+    Alias(#[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))] String),
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ModelVersionPhase {
+    Pending,
+    Validated,
+    Rejected,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelVersionStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<ModelVersionPhase>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gate_results: Vec<GateResult>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Aliases joined by `,` (printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aliases_summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub promotion_history: Vec<PromotionRecord>,
+    /// Rollouts serving this version (stable or canary).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub served_by: Vec<String>,
+    /// The artifact accepted at first reconcile; a later spec with another artifact is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_artifact: Option<AcceptedArtifact>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcceptedArtifact {
+    pub uri: String,
+    pub sha256: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GateResult {
+    pub metric: GateMetric,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// The bound applied, e.g. `>= 0.75` or `>= 0.781 (baseline 0.783 - 0.002)`.
+    pub threshold: String,
+    pub verdict: GateVerdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum GateVerdict {
+    Pass,
+    Fail,
+    Unknown,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionRecord {
+    pub alias: String,
+    /// `Promoted` or `Demoted`.
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
+    pub time: Time,
+}
+
+impl ModelVersionSpec {
+    /// The rules OpenAPI cannot express on a 1.20 server (each mirrors a CEL rule). `accepted` is the artifact
+    /// recorded in status when the version was first accepted, for the immutability rule.
+    pub fn validate(&self, accepted: Option<&AcceptedArtifact>) -> Result<(), SpecViolations> {
+        let mut violations = SpecViolations::default();
+        if let Some(accepted) = accepted
+            && (accepted.uri != self.artifact.uri || accepted.sha256 != self.artifact.sha256)
+        {
+            violations.push(
+                "spec.artifact",
+                format!(
+                    "spec.artifact is immutable (accepted {} sha256 {}); create a new ModelVersion instead",
+                    accepted.uri, accepted.sha256
+                ),
+            );
+        }
+        for (index, gate) in self.validation.gates.iter().enumerate() {
+            let field = format!("spec.validation.gates[{index}]");
+            let relative = gate.max_decrease.is_some() || gate.max_increase.is_some();
+            if gate.min.is_none() && !relative && gate.max.is_none() {
+                violations.push(&field, "a gate needs min, max, maxDecrease or maxIncrease");
+            }
+            if relative && gate.baseline.is_none() {
+                violations.push(
+                    format!("{field}.baseline"),
+                    "maxDecrease and maxIncrease compare against a baseline; set baseline",
+                );
+            }
+            if let (Some(min), Some(max)) = (gate.min, gate.max)
+                && min > max
+            {
+                violations.push(
+                    format!("{field}.min"),
+                    format!("min {min} exceeds max {max}"),
+                );
+            }
+            for (name, value) in [("min", gate.min), ("max", gate.max)] {
+                if value.is_some_and(|v| !v.is_finite()) {
+                    violations.push(format!("{field}.{name}"), "must be a finite number");
+                }
+            }
+        }
+        if let Some(range) = &self.lineage.data_range
+            && range.end.0 <= range.start.0
+        {
+            violations.push("spec.lineage.dataRange.end", "must be after start");
+        }
+        violations.into_result()
+    }
+}

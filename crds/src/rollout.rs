@@ -1,0 +1,408 @@
+//! `Rollout`: one online model endpoint, moving traffic from the stable ModelVersion to a canary step by step
+//! (1% → 5% → 20% → 100% by default), gated by Prometheus analysis, rolling back by itself.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{DNS_LABEL_PATTERN, Duration, SpecViolations};
+
+/// Canary steps used when `strategy.canary.steps` is empty.
+pub const DEFAULT_CANARY_WEIGHTS: [u32; 4] = [1, 5, 20, 100];
+
+/// Regex of an HTTP header name.
+pub const HEADER_PATTERN: &str = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
+
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "flywheel.dev",
+    version = "v1alpha1",
+    kind = "Rollout",
+    namespaced,
+    status = "RolloutStatus",
+    shortname = "ro",
+    category = "flywheel",
+    derive = "PartialEq",
+    doc = "One online model endpoint with a Prometheus-gated canary progression and automatic rollback.",
+    printcolumn(name = "Step", type_ = "string", json_path = ".status.stepSummary"),
+    printcolumn(name = "Weight", type_ = "integer", json_path = ".status.canaryWeight"),
+    printcolumn(name = "Stable", type_ = "string", json_path = ".status.stableVersion"),
+    printcolumn(name = "Canary", type_ = "string", json_path = ".status.canaryVersion"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// The ModelVersion that should be served; changing it starts a progression from the current stable.
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
+    pub model_version: String,
+    #[serde(default)]
+    pub serving: ServingTemplate,
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
+    /// Prometheus alert names that abort the canary at once when they fire for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 253)))]
+    pub alerts: Vec<String>,
+    #[serde(default)]
+    pub traffic: TrafficRouting,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServingTemplate {
+    /// Replicas of each of the stable and canary servers.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    /// Server image; defaults to the operator's `flywheel-serving` image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Largest batch the server micro-batches concurrent requests into.
+    #[serde(default = "default_max_batch")]
+    #[schemars(range(min = 1, max = 65536))]
+    pub max_batch_size: u32,
+}
+
+impl Default for ServingTemplate {
+    fn default() -> Self {
+        ServingTemplate {
+            replicas: default_replicas(),
+            image: None,
+            resources: None,
+            max_batch_size: default_max_batch(),
+        }
+    }
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+fn default_max_batch() -> u32 {
+    64
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct Strategy {
+    #[serde(default)]
+    pub canary: CanaryStrategy,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(
+    validation = Rule::new("self.steps.filter(s, has(s.setWeight)).map(s, s.setWeight).isSorted()").message("spec.strategy.canary.steps: setWeight values must strictly increase"),
+    validation = Rule::new("self.steps.filter(s, has(s.setWeight)).all(s, self.steps.filter(t, has(t.setWeight) && t.setWeight == s.setWeight).size() == 1)").message("spec.strategy.canary.steps: setWeight values must strictly increase")
+)]
+pub struct CanaryStrategy {
+    /// Ordered steps; empty means 1 → 5 → 20 → 100 with an analysis pass between steps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub steps: Vec<CanaryStep>,
+}
+
+/// One step, written as one key: `setWeight: 5` or `pause: {duration: 10m}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CanaryStep {
+    /// Send this percentage of traffic to the canary.
+    SetWeight(#[schemars(range(min = 0, max = 100))] u32),
+    /// Hold; without a duration, until promoted by hand.
+    Pause(Pause),
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct Pause {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Analysis {
+    /// Prometheus HTTP API base URL, e.g. `http://prometheus.monitoring:9090`.
+    #[schemars(pattern(r"^https?://[^\s]+$"), length(max = 2048))]
+    pub prometheus: String,
+    #[serde(default = "default_interval")]
+    pub interval: Duration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_delay: Option<Duration>,
+    /// Measurements per step before moving on.
+    #[serde(default = "default_count")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub count: u32,
+    /// Labeled samples a measurement needs; fewer makes it inconclusive, never failed.
+    #[serde(default = "default_min_samples")]
+    #[schemars(range(min = 0))]
+    pub min_samples: u64,
+    #[serde(default = "default_failure_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub failure_limit: u32,
+    /// Inconclusive measurements tolerated before the rollout pauses.
+    #[serde(default = "default_inconclusive_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub inconclusive_limit: u32,
+    #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub metrics: Vec<AnalysisMetric>,
+}
+
+fn default_interval() -> Duration {
+    Duration::from("1m")
+}
+
+fn default_count() -> u32 {
+    3
+}
+
+fn default_min_samples() -> u64 {
+    1000
+}
+
+fn default_failure_limit() -> u32 {
+    1
+}
+
+fn default_inconclusive_limit() -> u32 {
+    3
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.builtin) != has(self.query)").message("set exactly one of builtin or query"),
+    validation = Rule::new("has(self.min) || has(self.max)").message("set min, max or both")
+)]
+pub struct AnalysisMetric {
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinMetric>,
+    /// PromQL returning one number; `{{canary}}`, `{{stable}}` and `{{namespace}}` are substituted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub query: Option<String>,
+    /// The measurement passes when it is at least `min` …
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    /// … and at most `max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+/// Analyses Flywheel knows how to query from the serving metrics.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BuiltinMetric {
+    /// Online AUC of stable minus canary (positive = canary worse).
+    AucDrop,
+    /// |Σ predicted / Σ clicked − 1| of the canary.
+    CalibrationDeviation,
+    /// p99 latency of the canary in seconds.
+    LatencyP99,
+    /// Share of canary requests that failed.
+    ErrorRate,
+}
+
+/// Exactly one of `router` (the built-in weighted, sticky router) or `gatewayApi` (an HTTPRoute's weights).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.router) && has(self.gatewayApi))").message("set router or gatewayApi, not both"))]
+pub struct TrafficRouting {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterTraffic>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_api: Option<GatewayApiTraffic>,
+}
+
+impl Default for TrafficRouting {
+    fn default() -> Self {
+        TrafficRouting {
+            router: Some(RouterTraffic::default()),
+            gateway_api: None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterTraffic {
+    /// Header whose value pins a caller to one version while weights only grow.
+    #[serde(default = "default_sticky_header")]
+    #[schemars(pattern(HEADER_PATTERN), length(max = 128))]
+    pub sticky_header: String,
+    #[serde(default = "default_router_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+}
+
+impl Default for RouterTraffic {
+    fn default() -> Self {
+        RouterTraffic {
+            sticky_header: default_sticky_header(),
+            replicas: default_router_replicas(),
+        }
+    }
+}
+
+fn default_sticky_header() -> String {
+    "x-user-id".to_owned()
+}
+
+fn default_router_replicas() -> i32 {
+    2
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayApiTraffic {
+    /// HTTPRoute (same namespace) whose backend weights the Rollout drives.
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
+    pub http_route: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum RolloutPhase {
+    Progressing,
+    Paused,
+    Healthy,
+    Degraded,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<RolloutPhase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<u32>,
+    /// `current/total` (printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_summary: Option<String>,
+    #[serde(default)]
+    pub canary_weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Time>,
+    #[serde(default)]
+    pub failed_measurements: u32,
+    #[serde(default)]
+    pub inconclusive_measurements: u32,
+    /// Every analysis measurement of the current progression, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub measurements: Vec<Measurement>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort_reason: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Measurement {
+    pub metric: String,
+    pub step: u32,
+    pub time: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    pub verdict: MeasurementVerdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MeasurementVerdict {
+    Successful,
+    Failed,
+    Inconclusive,
+    Error,
+}
+
+impl RolloutSpec {
+    /// The steps in force: the spec's, or the default 1 → 5 → 20 → 100.
+    pub fn effective_steps(&self) -> Vec<CanaryStep> {
+        if self.strategy.canary.steps.is_empty() {
+            DEFAULT_CANARY_WEIGHTS
+                .iter()
+                .map(|w| CanaryStep::SetWeight(*w))
+                .collect()
+        } else {
+            self.strategy.canary.steps.clone()
+        }
+    }
+
+    /// The rules OpenAPI cannot express on a 1.20 server (each mirrors a CEL rule or a cross-field check).
+    pub fn validate(&self) -> Result<(), SpecViolations> {
+        let mut violations = SpecViolations::default();
+        let mut previous_weight: Option<u32> = None;
+        for (index, step) in self.strategy.canary.steps.iter().enumerate() {
+            let field = format!("spec.strategy.canary.steps[{index}]");
+            match step {
+                CanaryStep::SetWeight(weight) => {
+                    if *weight > 100 {
+                        violations.push(
+                            format!("{field}.setWeight"),
+                            format!("{weight} is above 100"),
+                        );
+                    }
+                    if let Some(previous) = previous_weight
+                        && *weight <= previous
+                    {
+                        violations.push(
+                            format!("{field}.setWeight"),
+                            format!("weights must strictly increase; {weight} follows {previous}"),
+                        );
+                    }
+                    previous_weight = Some(*weight);
+                }
+                CanaryStep::Pause(pause) => {
+                    if let Some(duration) = &pause.duration {
+                        violations.check_duration(&format!("{field}.pause.duration"), duration);
+                    }
+                }
+            }
+        }
+        if let Some(analysis) = &self.analysis {
+            violations.check_duration("spec.analysis.interval", &analysis.interval);
+            if let Some(delay) = &analysis.initial_delay {
+                violations.check_duration("spec.analysis.initialDelay", delay);
+            }
+            let mut names = std::collections::BTreeSet::new();
+            for (index, metric) in analysis.metrics.iter().enumerate() {
+                let field = format!("spec.analysis.metrics[{index}]");
+                if !names.insert(metric.name.as_str()) {
+                    violations.push(
+                        format!("{field}.name"),
+                        format!("duplicate metric name `{}`", metric.name),
+                    );
+                }
+                if metric.builtin.is_some() == metric.query.is_some() {
+                    violations.push(&field, "set exactly one of builtin or query");
+                }
+                if metric.min.is_none() && metric.max.is_none() {
+                    violations.push(&field, "set min, max or both");
+                }
+            }
+        }
+        if self.traffic.router.is_some() && self.traffic.gateway_api.is_some() {
+            violations.push("spec.traffic", "set router or gatewayApi, not both");
+        }
+        violations.into_result()
+    }
+}

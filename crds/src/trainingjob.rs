@@ -1,0 +1,533 @@
+//! `TrainingJob`: one training run of a CTR model, on a parameter-server or GPU data-parallel topology, admitted
+//! as a gang under a `GPUQuota`, producing a `ModelVersion`.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{
+    DNS_LABEL_PATTERN, GPU_RESOURCE_PATTERN, LocalRef, SpecViolations, TimeRange, is_gpu_resource,
+};
+use crate::featureview::STORAGE_URI_PATTERN;
+
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "flywheel.dev",
+    version = "v1alpha1",
+    kind = "TrainingJob",
+    namespaced,
+    status = "TrainingJobStatus",
+    shortname = "tj",
+    category = "flywheel",
+    derive = "PartialEq",
+    doc = "One training run of a CTR model on a parameter-server or data-parallel topology.",
+    printcolumn(name = "Topology", type_ = "string", json_path = ".status.topology"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress.percent"
+    ),
+    printcolumn(name = "AUC", type_ = "number", json_path = ".status.metrics.auc"),
+    printcolumn(
+        name = "Model Version",
+        type_ = "string",
+        json_path = ".status.modelVersion",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingJobSpec {
+    /// Training and evaluation data.
+    pub data: TrainingData,
+    pub model: ModelArchitecture,
+    #[serde(default)]
+    pub optimizer: Optimizer,
+    #[serde(default = "default_epochs")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub epochs: u32,
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 1_048_576))]
+    pub batch_size: u32,
+    /// Seed of every random choice: same seed and data give the same weights.
+    #[serde(default)]
+    pub seed: u64,
+    /// Continue training from this ModelVersion's weights (incremental training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_start_from: Option<LocalRef>,
+    /// Exactly one of `single`, `parameterServer`, `dataParallel`.
+    pub topology: Topology,
+    /// Pod resources per role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<RoleResources>,
+    /// Trainer image; defaults to the operator's `flywheel-trainer` image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
+    /// The GPUQuota (cluster-scoped) this job is admitted under; required when the job asks for GPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
+    pub queue: Option<String>,
+    /// Admission priority within the queue; higher first.
+    #[serde(default)]
+    #[schemars(range(min = -1000, max = 1000))]
+    pub priority: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<Checkpointing>,
+    /// Whole-gang restarts (from the last checkpoint) before the job fails.
+    #[serde(default = "default_backoff_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub backoff_limit: u32,
+    /// Where the model artifact is written.
+    pub output: TrainingOutput,
+    /// While true no pods run; running pods are removed (progress is kept in checkpoints).
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+fn default_epochs() -> u32 {
+    1
+}
+
+fn default_batch_size() -> u32 {
+    1024
+}
+
+fn default_backoff_limit() -> u32 {
+    3
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.featureView) != has(self.dataset)").message("spec.data: set exactly one of featureView or dataset"))]
+pub struct TrainingData {
+    /// Build the training set from a FeatureView with point-in-time joins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_view: Option<FeatureViewData>,
+    /// Use ready-made Parquet training and evaluation sets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<DatasetUris>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FeatureViewData {
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
+    pub name: String,
+    /// Label column of the joined set (e.g. `clicked`).
+    #[schemars(length(min = 1, max = 63))]
+    pub label: String,
+    pub train_range: TimeRange,
+    /// Must start at or after the end of `trainRange`, so evaluation never sees the training period.
+    pub eval_range: TimeRange,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatasetUris {
+    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
+    pub train: String,
+    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
+    pub eval: String,
+    /// Label column (e.g. `clicked`).
+    #[schemars(length(min = 1, max = 63))]
+    pub label: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelArchitecture {
+    /// Registry name of the model; ModelVersions of this job are named after it.
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 40))]
+    pub name: String,
+    pub architecture: Architecture,
+    #[serde(default = "default_embedding_dim")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub embedding_dim: u32,
+    /// Widths of the MLP layers (wide_deep, deepfm); empty for logistic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(range(min = 1, max = 65536)))]
+    pub hidden_layers: Vec<u32>,
+    /// Rows per embedding table (ids are hashed into this many rows).
+    #[serde(default = "default_embedding_rows")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub embedding_rows: u64,
+}
+
+fn default_embedding_dim() -> u32 {
+    16
+}
+
+fn default_embedding_rows() -> u64 {
+    100_000
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Architecture {
+    #[serde(rename = "logistic")]
+    Logistic,
+    #[serde(rename = "wide_deep")]
+    WideDeep,
+    #[serde(rename = "deepfm")]
+    DeepFm,
+}
+
+impl Architecture {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::Logistic => "logistic",
+            Architecture::WideDeep => "wide_deep",
+            Architecture::DeepFm => "deepfm",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Optimizer {
+    #[serde(default = "default_optimizer_kind")]
+    pub kind: OptimizerKind,
+    /// Learning rate of the dense parameters.
+    #[serde(default = "default_learning_rate")]
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub learning_rate: f64,
+    /// Learning rate of the sparse embedding rows; defaults to `learningRate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub sparse_learning_rate: Option<f64>,
+    #[serde(default)]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub weight_decay: f64,
+}
+
+impl Default for Optimizer {
+    fn default() -> Self {
+        Optimizer {
+            kind: default_optimizer_kind(),
+            learning_rate: default_learning_rate(),
+            sparse_learning_rate: None,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+fn default_optimizer_kind() -> OptimizerKind {
+    OptimizerKind::Adam
+}
+
+fn default_learning_rate() -> f64 {
+    0.001
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OptimizerKind {
+    Adam,
+    Adagrad,
+    Sgd,
+}
+
+/// How the job is laid out; written as one key (`parameterServer: {servers: 2, workers: 4}`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Topology {
+    /// One worker, no parameter server.
+    Single(SingleTopology),
+    /// Embedding rows sharded over parameter servers, asynchronous CPU workers.
+    ParameterServer(ParameterServerTopology),
+    /// Synchronous data-parallel GPU workers (dense gradients all-reduced).
+    DataParallel(DataParallelTopology),
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct SingleTopology {}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct ParameterServerTopology {
+    #[schemars(range(min = 1, max = 256))]
+    pub servers: u32,
+    #[schemars(range(min = 1, max = 1024))]
+    pub workers: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DataParallelTopology {
+    #[schemars(range(min = 1, max = 1024))]
+    pub workers: u32,
+    #[schemars(range(min = 1, max = 16))]
+    pub gpus_per_worker: u32,
+    /// Extended resource each worker requests: `nvidia.com/gpu`, `amd.com/gpu` or a MIG profile
+    /// (`nvidia.com/mig-1g.10gb`).
+    #[serde(default = "default_gpu_resource")]
+    #[schemars(pattern(GPU_RESOURCE_PATTERN))]
+    pub gpu_resource: String,
+    /// GPU product the workers must land on (node label `nvidia.com/gpu.product`), e.g. `NVIDIA-H100-80GB-HBM3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        pattern(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    )]
+    pub gpu_type: Option<String>,
+}
+
+fn default_gpu_resource() -> String {
+    "nvidia.com/gpu".to_owned()
+}
+
+impl Topology {
+    /// Short form for the printer column, e.g. `ps 2x4`, `dp 4x8 nvidia.com/gpu`.
+    pub fn summary(&self) -> String {
+        match self {
+            Topology::Single(_) => "single".to_owned(),
+            Topology::ParameterServer(ps) => format!("ps {}x{}", ps.servers, ps.workers),
+            Topology::DataParallel(dp) => format!(
+                "dp {}x{} {}",
+                dp.workers, dp.gpus_per_worker, dp.gpu_resource
+            ),
+        }
+    }
+
+    /// GPUs the whole gang needs, by resource name.
+    pub fn gpu_demand(&self) -> Option<(&str, u64)> {
+        match self {
+            Topology::DataParallel(dp) => Some((
+                dp.gpu_resource.as_str(),
+                u64::from(dp.workers) * u64::from(dp.gpus_per_worker),
+            )),
+            Topology::Single(_) | Topology::ParameterServer(_) => None,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct RoleResources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ResourceRequirements>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkpointing {
+    /// Where checkpoints go; a restarted gang resumes from the newest one.
+    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
+    pub uri: String,
+    #[serde(default = "default_checkpoint_steps")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub every_steps: u64,
+}
+
+fn default_checkpoint_steps() -> u64 {
+    1000
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingOutput {
+    /// Base URI; the artifact lands under `<artifactUri>/<job name>/`.
+    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
+    pub artifact_uri: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum TrainingPhase {
+    Queued,
+    Running,
+    Restarting,
+    Suspended,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingJobStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<TrainingPhase>,
+    /// Topology summary (printer column), e.g. `ps 2x4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<String>,
+    /// While `Queued`: why, and the place in the queue (1 = next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TrainingProgress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<OfflineMetrics>,
+    /// Gang restarts so far, and why.
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restart_reasons: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The ModelVersion this job produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStatus {
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    /// `worker` or `server`.
+    pub role: String,
+    pub desired: u32,
+    #[serde(default)]
+    pub active: u32,
+    #[serde(default)]
+    pub succeeded: u32,
+    #[serde(default)]
+    pub failed: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingProgress {
+    pub step: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u32>,
+    /// Completed share as text (printer column), e.g. `42%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples_per_second: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+}
+
+/// Offline evaluation metrics, shared with ModelVersion.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OfflineMetrics {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub auc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub gauc: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub log_loss: Option<f64>,
+    /// Σ predicted / Σ positive; 1.0 is perfectly calibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub calibration: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_samples: Option<u64>,
+}
+
+impl TrainingJobSpec {
+    /// The rules OpenAPI cannot express on a 1.20 server (each mirrors a CEL rule or a cross-field check).
+    pub fn validate(&self) -> Result<(), SpecViolations> {
+        let mut violations = SpecViolations::default();
+        match (&self.data.feature_view, &self.data.dataset) {
+            (Some(_), Some(_)) | (None, None) => {
+                violations.push("spec.data", "set exactly one of featureView or dataset");
+            }
+            (Some(view), None) => {
+                check_range(
+                    &mut violations,
+                    "spec.data.featureView.trainRange",
+                    &view.train_range,
+                );
+                check_range(
+                    &mut violations,
+                    "spec.data.featureView.evalRange",
+                    &view.eval_range,
+                );
+                if view.eval_range.start.0 < view.train_range.end.0 {
+                    violations.push(
+                        "spec.data.featureView.evalRange.start",
+                        "evaluation must start at or after the end of trainRange (no look-ahead)",
+                    );
+                }
+            }
+            (None, Some(_)) => {}
+        }
+        match self.model.architecture {
+            Architecture::Logistic if !self.model.hidden_layers.is_empty() => {
+                violations.push(
+                    "spec.model.hiddenLayers",
+                    "logistic has no hidden layers; remove them",
+                );
+            }
+            Architecture::WideDeep | Architecture::DeepFm
+                if self.model.hidden_layers.is_empty() =>
+            {
+                violations.push(
+                    "spec.model.hiddenLayers",
+                    format!(
+                        "{} needs at least one hidden layer",
+                        self.model.architecture.as_str()
+                    ),
+                );
+            }
+            _ => {}
+        }
+        if !(self.optimizer.learning_rate.is_finite() && self.optimizer.learning_rate > 0.0) {
+            violations.push("spec.optimizer.learningRate", "must be a positive number");
+        }
+        if let Some(rate) = self.optimizer.sparse_learning_rate
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            violations.push(
+                "spec.optimizer.sparseLearningRate",
+                "must be a positive number",
+            );
+        }
+        if let Topology::DataParallel(dp) = &self.topology {
+            if !is_gpu_resource(&dp.gpu_resource) {
+                violations.push(
+                    "spec.topology.dataParallel.gpuResource",
+                    format!(
+                        "unknown GPU resource `{}`; use nvidia.com/gpu, amd.com/gpu or nvidia.com/mig-<N>g.<M>gb",
+                        dp.gpu_resource
+                    ),
+                );
+            }
+            if self.queue.is_none() {
+                violations.push(
+                    "spec.queue",
+                    "a job that asks for GPUs must name its GPUQuota",
+                );
+            }
+        }
+        violations.into_result()
+    }
+}
+
+fn check_range(violations: &mut SpecViolations, field: &str, range: &TimeRange) {
+    if range.end.0 <= range.start.0 {
+        violations.push(format!("{field}.end"), "must be after start");
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the local control plane and tests need. Idempotent and quiet when present.
+set -euo pipefail
+
+need=()
+command -v go >/dev/null || need+=(golang-go)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+command -v dpkg-source >/dev/null || need+=(dpkg-dev)
+[[ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]] || need+=(golang-github-modern-go-reflect2-dev)
+command -v xz >/dev/null || need+=(xz-utils)
+if ((${#need[@]})); then
+  sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Stops a control plane started by start-cluster.sh. With --purge, also deletes its state directory.
+set -uo pipefail
+dir="${1:?usage: stop-cluster.sh DIR [--purge]}"
+[[ -d "$dir" ]] || exit 0
+if [[ -f "$dir/pids" ]]; then
+  # Reverse order: controller-manager, apiserver, then etcd.
+  pids="$(tac "$dir/pids")"
+  for pid in $pids; do kill "$pid" 2>/dev/null; done
+  for _ in $(seq 1 50); do
+    alive=""
+    for pid in $pids; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [[ -z "$alive" ]] && break
+    sleep 0.1
+  done
+  for pid in $pids; do kill -9 "$pid" 2>/dev/null; done
+  : >"$dir/pids"
+fi
+if [[ -f "$dir/etcd-data" ]]; then
+  rm -rf "$(cat "$dir/etcd-data")"
+  rm -f "$dir/etcd-data"
+fi
+if [[ "${2:-}" == "--purge" ]]; then rm -rf "$dir"; fi
+exit 0

@@ -1,0 +1,82 @@
+//! Command-line and environment configuration of the operator.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "flywheel-operator",
+    version,
+    about = "Runs the Flywheel ML lifecycle custom resources"
+)]
+pub struct Config {
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "FLYWHEEL_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Identity written into the leader Lease; defaults to the pod name, else hostname-pid.
+    #[arg(long, env = "FLYWHEEL_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// Namespace of the leader Lease; defaults to the pod's namespace, else `default`.
+    #[arg(long, env = "FLYWHEEL_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    #[arg(long, env = "FLYWHEEL_LEASE_NAME", default_value = "flywheel-operator")]
+    pub lease_name: String,
+
+    /// How long a leader's Lease stays valid without renewal; a standby takes over after it lapses.
+    #[arg(long, env = "FLYWHEEL_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// How often the leader renews, and a standby retries.
+    #[arg(long, env = "FLYWHEEL_LEASE_RETRY", default_value = "2s", value_parser = parse_duration)]
+    pub lease_retry: Duration,
+
+    /// Skip leader election (a single replica, or local development).
+    #[arg(long, env = "FLYWHEEL_NO_LEADER_ELECTION")]
+    pub no_leader_election: bool,
+
+    /// Log format: `json` (default, for log pipelines) or `text`.
+    #[arg(long, env = "FLYWHEEL_LOG_FORMAT", default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    flywheel_crds::common::parse_duration(text).map_err(|err| err.to_string())
+}
+
+impl Config {
+    pub fn identity(&self) -> String {
+        if let Some(identity) = &self.identity {
+            return identity.clone();
+        }
+        if let Ok(pod) = std::env::var("POD_NAME") {
+            return pod;
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "flywheel".to_owned());
+        format!("{host}-{}", std::process::id())
+    }
+
+    pub fn lease_namespace(&self) -> String {
+        self.lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .or_else(|| {
+                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                    .ok()
+                    .map(|ns| ns.trim().to_owned())
+            })
+            .unwrap_or_else(|| "default".to_owned())
+    }
+}

@@ -1,0 +1,190 @@
+//! The apply half every controller shares (status server-side apply, Events, requeue), its error type, and
+//! the loop that runs one kube-runtime Controller per kind until shutdown.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::oneshot;
+use futures::{FutureExt, StreamExt};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tracing::{debug, warn};
+
+use crate::metrics::Metrics;
+use crate::plan::{Plan, REASON_INVALID_SPEC};
+
+/// The one field manager of everything the operator writes with server-side apply.
+pub const FIELD_MANAGER: &str = "flywheel-operator";
+
+/// Requeue after a failed reconcile. kube-runtime's scheduler deduplicates, so a burst of failures for one
+/// object costs one retry.
+const ERROR_REQUEUE: Duration = Duration::from_secs(10);
+
+pub struct Context {
+    pub client: Client,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, identity: &str) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: Some(identity.to_owned()),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Context {
+            client,
+            metrics,
+            recorder,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("encoding status: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// Low-cardinality label for the error metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(status)) if status.code == 409 => "conflict",
+            Error::Kube(kube::Error::Api(status)) if status.code == 404 => "not_found",
+            Error::Kube(kube::Error::Api(status)) if status.code == 422 => "invalid",
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "transport",
+            Error::Encode(_) => "encode",
+        }
+    }
+}
+
+/// Carries out a plan: server-side applies the status when it changed, publishes the planned Events, and
+/// turns the requeue into an Action. Events are best effort: failing to record one never fails the reconcile.
+pub async fn apply_plan<K, S>(
+    ctx: &Context,
+    api: &Api<K>,
+    object: &K,
+    kind: &'static str,
+    current_status: Option<&S>,
+    plan: Plan<S>,
+) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize + PartialEq,
+{
+    if current_status != Some(&plan.status) {
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": serde_json::to_value(&plan.status)?,
+        });
+        api.patch_status(
+            &object.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+        debug!(kind, name = %object.name_any(), "status applied");
+    }
+    let reference = object.object_ref(&());
+    for planned in plan.events {
+        if planned.reason == REASON_INVALID_SPEC {
+            ctx.metrics.invalid_spec(kind);
+        }
+        let event = Event {
+            type_: if planned.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: planned.reason.to_owned(),
+            note: Some(planned.note),
+            action: planned.action.to_owned(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
+            warn!(kind, name = %object.name_any(), error = %err, "could not record event");
+        }
+    }
+    Ok(plan
+        .requeue
+        .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Tells every running controller to finish its in-flight reconciles and stop.
+#[derive(Default)]
+pub struct Shutdown {
+    senders: Vec<oneshot::Sender<()>>,
+}
+
+impl Shutdown {
+    /// A trigger for one controller.
+    pub fn subscribe(&mut self) -> impl Future<Output = ()> + Send + Sync + 'static + use<> {
+        let (sender, receiver) = oneshot::channel();
+        self.senders.push(sender);
+        receiver.map(|_| ())
+    }
+
+    pub fn trigger(self) {
+        for sender in self.senders {
+            let _ = sender.send(());
+        }
+    }
+}
+
+/// Runs one Controller over every object of `K` until `stop` resolves. Watch and reconcile errors are logged
+/// and retried with backoff; nothing an object contains can end this loop.
+pub async fn run_controller<K, F, Fut>(
+    kind: &'static str,
+    ctx: Arc<Context>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+    reconcile: F,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    F: FnMut(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let api: Api<K> = Api::all(ctx.client.clone());
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(stop)
+        .run(reconcile, move |object: Arc<K>, error: &Error, ctx: Arc<Context>| {
+            ctx.metrics.reconcile_failed(kind, error.label());
+            warn!(kind, name = %object.name_any(), namespace = object.namespace(), error = %error, "reconcile failed");
+            Action::requeue(ERROR_REQUEUE)
+        }, ctx)
+        .for_each(move |result| async move {
+            if let Err(err) = result {
+                warn!(kind, error = %err, "controller error");
+            }
+        })
+        .await;
+}
+
+/// Runs the controllers of all five kinds until `shutdown` is triggered.
+pub fn run_all(ctx: Arc<Context>, shutdown: &mut Shutdown) -> impl Future<Output = ()> + use<> {
+    let featureviews = crate::featureview::run(ctx.clone(), shutdown.subscribe());
+    let trainingjobs = crate::trainingjob::run(ctx.clone(), shutdown.subscribe());
+    let modelversions = crate::modelversion::run(ctx.clone(), shutdown.subscribe());
+    let rollouts = crate::rollout::run(ctx.clone(), shutdown.subscribe());
+    let gpuquotas = crate::gpuquota::run(ctx, shutdown.subscribe());
+    async move {
+        futures::join!(
+            featureviews,
+            trainingjobs,
+            modelversions,
+            rollouts,
+            gpuquotas
+        );
+    }
+}

@@ -1,0 +1,15 @@
+//! The Flywheel operator: one controller per kind, each written as observe → pure plan → apply, run only by
+//! the replica that holds the leader Lease.
+
+pub mod config;
+pub mod controller;
+pub mod featureview;
+pub mod gpuquota;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod modelversion;
+pub mod plan;
+pub mod rollout;
+pub mod telemetry;
+pub mod trainingjob;

@@ -1,0 +1,134 @@
+//! The operator binary: probes and metrics, leader election, then the controllers until SIGTERM.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, anyhow};
+use clap::Parser;
+use flywheel_operator::config::Config;
+use flywheel_operator::controller::{Context, Shutdown, run_all};
+use flywheel_operator::http::{self, Health};
+use flywheel_operator::leader::{LeaderElector, LeaseSettings};
+use flywheel_operator::metrics::Metrics;
+use flywheel_operator::telemetry;
+use futures::FutureExt;
+use futures::channel::oneshot;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    telemetry::init(config.log_format);
+    match run(config).await {
+        Ok(()) => {
+            info!("operator stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            error!(error = format!("{err:#}"), "operator failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let identity = config.identity();
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(metrics.clone()));
+    let listener = http::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding {}", config.http_addr))?;
+    info!(addr = %listener.local_addr()?, identity, "serving /metrics, /healthz, /readyz");
+    let (stop_http, http_stopped) = oneshot::channel::<()>();
+    let http_server = tokio::spawn(http::serve(
+        listener,
+        health.clone(),
+        http_stopped.map(|_| ()),
+    ));
+
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let stop_signal = async move {
+        tokio::select! {
+            _ = terminate.recv() => info!("SIGTERM received, shutting down"),
+            _ = interrupt.recv() => info!("SIGINT received, shutting down"),
+        }
+    };
+    tokio::pin!(stop_signal);
+
+    let client = kube::Client::try_default()
+        .await
+        .context("building the Kubernetes client")?;
+    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), &identity));
+    let outcome = if config.no_leader_election {
+        health.set_ready(true);
+        let mut shutdown = Shutdown::default();
+        let controllers = run_all(ctx, &mut shutdown);
+        tokio::pin!(controllers);
+        tokio::select! {
+            () = &mut stop_signal => {
+                shutdown.trigger();
+                controllers.await;
+                Ok(())
+            }
+            () = &mut controllers => Err(anyhow!("controllers stopped unexpectedly")),
+        }
+    } else {
+        let elector = LeaderElector::new(
+            client,
+            LeaseSettings {
+                name: config.lease_name.clone(),
+                namespace: config.lease_namespace(),
+                identity: identity.clone(),
+                duration: config.lease_duration,
+                retry: config.lease_retry,
+            },
+        );
+        lead(&elector, ctx, &health, &metrics, &mut stop_signal).await
+    };
+    let _ = stop_http.send(());
+    http_server
+        .await
+        .context("joining the HTTP server")?
+        .context("serving HTTP")?;
+    outcome
+}
+
+/// Waits for the Lease, runs the controllers while holding it, and stops them on shutdown (releasing the Lease
+/// so a standby takes over at once) or when the Lease is lost (exiting non-zero so the pod restarts as standby).
+async fn lead(
+    elector: &LeaderElector,
+    ctx: Arc<Context>,
+    health: &Health,
+    metrics: &Metrics,
+    stop_signal: &mut (impl Future<Output = ()> + Unpin),
+) -> anyhow::Result<()> {
+    info!("waiting for the leader lease");
+    tokio::select! {
+        () = &mut *stop_signal => return Ok(()),
+        () = elector.acquire(|| health.set_ready(true)) => {}
+    }
+    metrics.set_leader(true);
+    info!("leading: starting controllers");
+    let mut shutdown = Shutdown::default();
+    let controllers = run_all(ctx, &mut shutdown);
+    tokio::pin!(controllers);
+    let outcome = tokio::select! {
+        () = &mut *stop_signal => {
+            shutdown.trigger();
+            controllers.await;
+            elector.release().await;
+            Ok(())
+        }
+        () = elector.hold_until_lost() => {
+            shutdown.trigger();
+            controllers.await;
+            Err(anyhow!("lost the leader lease"))
+        }
+        () = &mut controllers => Err(anyhow!("controllers stopped unexpectedly")),
+    };
+    metrics.set_leader(false);
+    outcome
+}
