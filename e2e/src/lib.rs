@@ -1,1 +1,31 @@
+//! Test harness against a real kube-apiserver: a fresh local control plane per test binary, the operator as a
+//! real process, and a kubelet stand-in that runs Flywheel's own images as local processes.
 
+pub mod cluster;
+pub mod fixtures;
+pub mod kubelet;
+pub mod operator;
+pub mod prometheus;
+pub mod wait;
+
+use std::path::PathBuf;
+
+/// Directory of the workspace's built binaries (`flywheel-operator`, `flywheel-trainer`, …): `FLYWHEEL_BIN_DIR`,
+/// else the profile directory the running test binary was built into.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FLYWHEEL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test binary> → target/<profile>
+    let mut dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Root of the repository (for scripts, examples and CRDs).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}

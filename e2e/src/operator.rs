@@ -1,0 +1,121 @@
+//! The real operator binary as a child process of a test, with its own metrics port.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::bin_dir;
+use crate::cluster::TestCluster;
+
+pub struct OperatorProcess {
+    child: Child,
+    pub identity: String,
+    pub http_port: u16,
+}
+
+impl OperatorProcess {
+    /// Starts `flywheel-operator` against `cluster` with `extra` arguments; its logs go to
+    /// `<tmp>/flywheel-operator-<identity>.log`.
+    pub fn spawn(
+        cluster: &TestCluster,
+        identity: &str,
+        extra: &[&str],
+    ) -> std::io::Result<OperatorProcess> {
+        let http_port = free_port()?;
+        let binary = bin_dir().join("flywheel-operator");
+        if !binary.exists() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "{} is missing: run `cargo build --workspace --bins` first",
+                    binary.display()
+                ),
+            ));
+        }
+        let log = std::fs::File::create(
+            std::env::temp_dir().join(format!("flywheel-operator-{identity}.log")),
+        )?;
+        let child = Command::new(binary)
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "info,kube=warn")
+            .arg("--identity")
+            .arg(identity)
+            .arg("--http-addr")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .args(extra)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()?;
+        cluster.adopt(child.id())?;
+        Ok(OperatorProcess {
+            child,
+            identity: identity.to_owned(),
+            http_port,
+        })
+    }
+
+    /// SIGKILL: a crash, with no chance to release the Lease.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            return Err(std::io::Error::other("kill -TERM failed"));
+        }
+        self.child.wait()
+    }
+
+    /// GET of a path on the metrics/probe port: (status code, body).
+    pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.http_port, path).await
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A minimal HTTP/1.0 GET against 127.0.0.1, enough to scrape probes and metrics in tests.
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or((response.as_str(), ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad status line in {head:?}"),
+            )
+        })?;
+    Ok((code, body.to_owned()))
+}

@@ -1,0 +1,162 @@
+//! The kubelet stand-in against the real API server: Flywheel-image pods run as local processes and report exit
+//! code and output; other pods are reported Running; deleting a pod kills its process.
+
+use std::process::Command;
+use std::time::Duration;
+
+use flywheel_e2e::cluster::TestCluster;
+use flywheel_e2e::kubelet::Kubelet;
+use flywheel_e2e::wait::until;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn start(prefix: &str) -> Result<(Client, Api<Pod>), Box<dyn std::error::Error>> {
+    let cluster = TestCluster::shared()?;
+    let client = cluster.client().await?;
+    let namespace = cluster.namespace(&client, prefix).await?;
+    let work = std::env::temp_dir().join(format!("flywheel-kubelet-test-{}", std::process::id()));
+    // `sh` stands in for a Flywheel binary: the kubelet resolves our image names against this directory.
+    let bin = work.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let kubelet =
+        Kubelet::new(client.clone(), bin.clone(), work.join("pods")).in_namespace(&namespace);
+    tokio::spawn(kubelet.run());
+    Ok((client.clone(), Api::namespaced(client, &namespace)))
+}
+
+fn pod(name: &str, image: &str, script: &str) -> Result<Pod, serde_json::Error> {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main", "image": image,
+                "command": ["sh", "-c", script],
+                "env": [
+                    {"name": "GREETING", "value": "hello"},
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                ],
+            }],
+        },
+    }))
+}
+
+async fn phase_of(
+    pods: &Api<Pod>,
+    name: &str,
+    want: &str,
+) -> Result<Pod, Box<dyn std::error::Error>> {
+    Ok(until(
+        &format!("{name} to be {want}"),
+        Duration::from_secs(30),
+        || async {
+            let pod = pods.get(name).await.map_err(|e| e.to_string())?;
+            match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+                Some(phase) if phase == want => Ok(pod),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await?)
+}
+
+fn terminated(pod: &Pod) -> Option<(i32, String)> {
+    let status = pod.status.as_ref()?.container_statuses.as_ref()?.first()?;
+    let terminated = status.state.as_ref()?.terminated.as_ref()?;
+    Some((
+        terminated.exit_code,
+        terminated.message.clone().unwrap_or_default(),
+    ))
+}
+
+#[tokio::test]
+async fn own_image_runs_with_the_pod_env_and_reports_its_exit() -> TestResult {
+    let (_client, pods) = start("kubelet-ok").await?;
+    let script = r#"echo "$GREETING from $POD_NAME"; exit 0"#;
+    pods.create(
+        &PostParams::default(),
+        &pod("ok", "registry.example/flywheel-trainer:0.1.0", script)?,
+    )
+    .await?;
+    let done = phase_of(&pods, "ok", "Succeeded").await?;
+    assert_eq!(terminated(&done), Some((0, "hello from ok\n".to_owned())));
+    Ok(())
+}
+
+#[tokio::test]
+async fn failing_container_fails_the_pod_with_its_code_and_output() -> TestResult {
+    let (_client, pods) = start("kubelet-fail").await?;
+    pods.create(
+        &PostParams::default(),
+        &pod("fails", "flywheel-serving", "echo boom >&2; exit 3")?,
+    )
+    .await?;
+    let done = phase_of(&pods, "fails", "Failed").await?;
+    assert_eq!(terminated(&done), Some((3, "boom\n".to_owned())));
+    Ok(())
+}
+
+#[tokio::test]
+async fn foreign_image_is_reported_running_without_running() -> TestResult {
+    let (_client, pods) = start("kubelet-foreign").await?;
+    pods.create(&PostParams::default(), &pod("web", "nginx:1.25", "exit 1")?)
+        .await?;
+    let running = phase_of(&pods, "web", "Running").await?;
+    let ready = running
+        .status
+        .and_then(|s| s.conditions)
+        .unwrap_or_default()
+        .into_iter()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    assert!(ready);
+    Ok(())
+}
+
+#[tokio::test]
+async fn deleting_a_pod_kills_its_processes() -> TestResult {
+    let (_client, pods) = start("kubelet-delete").await?;
+    let namespace = pods.namespace().unwrap_or_default().to_owned();
+    // The shell waits on a child: both are in the container's process group and must both die.
+    let script = format!("sleep 600; echo {namespace}");
+    pods.create(
+        &PostParams::default(),
+        &pod("long", "flywheel-trainer", &script)?,
+    )
+    .await?;
+    phase_of(&pods, "long", "Running").await?;
+    let group = until("the container process", Duration::from_secs(10), || async {
+        let output = Command::new("pgrep")
+            .args(["-f", &namespace])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let pid = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        if pid.is_empty() {
+            Err("no process".to_owned())
+        } else {
+            Ok(pid)
+        }
+    })
+    .await?;
+    let members = || {
+        Command::new("pgrep")
+            .args(["-g", &group])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(0)
+    };
+    assert_eq!(members(), 2, "sh and sleep run in the container's group");
+    pods.delete("long", &DeleteParams::default()).await?;
+    until("the processes to die", Duration::from_secs(10), || async {
+        match members() {
+            0 => Ok(()),
+            alive => Err(format!("{alive} still alive")),
+        }
+    })
+    .await?;
+    Ok(())
+}
