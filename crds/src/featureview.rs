@@ -405,8 +405,9 @@ impl FeatureViewSpec {
                     }
                 }
                 Some(Transform::Standardize(standardize)) => {
-                    if !(standardize.std.is_finite() && standardize.std > 0.0)
-                        || !standardize.mean.is_finite()
+                    if !(standardize.std.is_finite()
+                        && standardize.std > 0.0
+                        && standardize.mean.is_finite())
                     {
                         violations.push(
                             format!("{field}.transform.standardize"),

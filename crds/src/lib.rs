@@ -1,6 +1,10 @@
 //! The Flywheel API (`flywheel.dev/v1alpha1`): the custom resource types, their OpenAPI and CEL validation,
 //! the controller-side mirror of every rule an older API server cannot check, and condition helpers.
 
+// kube's `printcolumn(name = …, type_ = …)` repeats keys across columns by design; clippy reads them as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod common;
 pub mod featureview;
 pub mod gpuquota;

@@ -61,3 +61,50 @@ pub async fn reconcile(view: Arc<FeatureView>, ctx: Arc<Context>) -> Result<Acti
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     run_controller::<FeatureView, _, _>(KIND, ctx, stop, reconcile).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::examples::{condition, load};
+
+    #[test]
+    fn valid_view_is_ready_with_its_summary() {
+        let view: FeatureView = load("featureview.yaml", 4);
+        let plan = plan(&Observed {
+            view: &view,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        assert_eq!(plan.status.observed_generation, Some(4));
+        assert_eq!(
+            plan.status.entities_summary.as_deref(),
+            Some("user_id,ad_id")
+        );
+        assert_eq!(plan.status.feature_count, Some(6));
+        assert_eq!(
+            condition(&plan.status.conditions, "Ready"),
+            ("True", "the spec is valid", Some(4))
+        );
+        assert!(plan.events.is_empty());
+    }
+
+    #[test]
+    fn cross_of_an_unknown_feature_is_invalid() {
+        let mut view: FeatureView = load("featureview.yaml", 1);
+        if let Some(flywheel_crds::featureview::Transform::Cross(cross)) =
+            &mut view.spec.features[4].transform
+        {
+            cross.features[1] = "nope".into();
+        }
+        let plan = plan(&Observed {
+            view: &view,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        let (status, message, _) = condition(&plan.status.conditions, "InvalidSpec");
+        assert_eq!(status, "True");
+        assert!(
+            message.starts_with("spec.features[4].transform.cross.features[1]"),
+            "{message}"
+        );
+        assert_eq!(plan.events.len(), 1);
+    }
+}

@@ -60,3 +60,45 @@ pub async fn reconcile(quota: Arc<GPUQuota>, ctx: Arc<Context>) -> Result<Action
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     run_controller::<GPUQuota, _, _>(KIND, ctx, stop, reconcile).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::examples::{condition, load};
+
+    #[test]
+    fn example_quota_is_ready() {
+        let quota: GPUQuota = load("gpuquota.yaml", 1);
+        let plan = plan(&Observed {
+            quota: &quota,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        assert_eq!(
+            condition(&plan.status.conditions, "Ready"),
+            ("True", "the spec is valid", Some(1))
+        );
+    }
+
+    #[test]
+    fn duplicate_and_unknown_resources_are_named() {
+        let mut quota: GPUQuota = load("gpuquota.yaml", 1);
+        quota.spec.limits[1].resource = "nvidia.com/gpu".into();
+        quota.spec.limits.push(flywheel_crds::gpuquota::GpuLimit {
+            resource: "intel.com/gpu".into(),
+            count: 1,
+        });
+        let plan = plan(&Observed {
+            quota: &quota,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        let (_, message, _) = condition(&plan.status.conditions, "InvalidSpec");
+        assert!(
+            message.contains("spec.limits[1].resource: `nvidia.com/gpu` is listed twice"),
+            "{message}"
+        );
+        assert!(
+            message.contains("spec.limits[2].resource: unknown GPU resource `intel.com/gpu`"),
+            "{message}"
+        );
+    }
+}

@@ -68,3 +68,59 @@ pub async fn reconcile(version: Arc<ModelVersion>, ctx: Arc<Context>) -> Result<
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     run_controller::<ModelVersion, _, _>(KIND, ctx, stop, reconcile).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::examples::{condition, load};
+
+    #[test]
+    fn first_valid_reconcile_pins_the_artifact() {
+        let version: ModelVersion = load("modelversion.yaml", 1);
+        let plan = plan(&Observed {
+            version: &version,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        let accepted = plan.status.accepted_artifact.clone();
+        assert_eq!(
+            accepted.map(|a| a.sha256),
+            Some(version.spec.artifact.sha256.clone())
+        );
+        assert_eq!(condition(&plan.status.conditions, "Ready").0, "True");
+    }
+
+    #[test]
+    fn a_changed_artifact_is_refused_and_the_pin_kept() {
+        let mut version: ModelVersion = load("modelversion.yaml", 1);
+        let first = plan(&Observed {
+            version: &version,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        version.status = Some(first.status);
+        version.metadata.generation = Some(2);
+        let original = version.spec.artifact.sha256.clone();
+        version.spec.artifact.sha256 = "0".repeat(64);
+        let second = plan(&Observed {
+            version: &version,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        assert_eq!(
+            second.status.accepted_artifact.map(|a| a.sha256),
+            Some(original)
+        );
+        let (status, message, generation) = condition(&second.status.conditions, "InvalidSpec");
+        assert_eq!((status, generation), ("True", Some(2)));
+        assert!(message.starts_with("spec.artifact"), "{message}");
+    }
+
+    #[test]
+    fn an_invalid_first_spec_pins_nothing() {
+        let mut version: ModelVersion = load("modelversion.yaml", 1);
+        version.spec.validation.gates[2].min = Some(2.0);
+        let plan = plan(&Observed {
+            version: &version,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        assert!(plan.status.accepted_artifact.is_none());
+    }
+}

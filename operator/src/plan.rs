@@ -215,3 +215,34 @@ mod tests {
         assert!(cut.len() <= MAX_NOTE + '…'.len_utf8());
     }
 }
+
+/// Test support: the committed examples as typed objects, so plan tests exercise what users apply.
+#[cfg(test)]
+pub(crate) mod examples {
+    use serde::de::DeserializeOwned;
+
+    pub fn load<T: DeserializeOwned>(file: &str, generation: i64) -> T {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(file);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        let mut value: serde_json::Value =
+            serde_saphyr::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+        value["metadata"]["generation"] = generation.into();
+        serde_json::from_value(value).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+    }
+
+    pub fn condition<'a>(
+        conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+        type_: &str,
+    ) -> (&'a str, &'a str, Option<i64>) {
+        let found = flywheel_crds::common::find_condition(conditions, type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {conditions:?}"));
+        (
+            found.status.as_str(),
+            found.message.as_str(),
+            found.observed_generation,
+        )
+    }
+}

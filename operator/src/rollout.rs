@@ -62,3 +62,56 @@ pub async fn reconcile(rollout: Arc<Rollout>, ctx: Arc<Context>) -> Result<Actio
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     run_controller::<Rollout, _, _>(KIND, ctx, stop, reconcile).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::examples::{condition, load};
+
+    #[test]
+    fn step_summary_counts_the_effective_steps() {
+        let mut rollout: Rollout = load("rollout.yaml", 1);
+        let plan_of = |rollout: &Rollout| {
+            plan(&Observed {
+                rollout,
+                now: Timestamp::UNIX_EPOCH,
+            })
+        };
+        assert_eq!(
+            plan_of(&rollout).status.step_summary.as_deref(),
+            Some("0/7")
+        );
+        rollout.spec.strategy.canary.steps.clear();
+        let default = plan_of(&rollout);
+        assert_eq!(
+            default.status.step_summary.as_deref(),
+            Some("0/4"),
+            "default is 1 → 5 → 20 → 100"
+        );
+        assert_eq!(condition(&default.status.conditions, "Ready").0, "True");
+    }
+
+    #[test]
+    fn weights_above_100_and_decreasing_are_both_named() {
+        use flywheel_crds::rollout::CanaryStep;
+        let mut rollout: Rollout = load("rollout.yaml", 1);
+        rollout.spec.strategy.canary.steps = vec![
+            CanaryStep::SetWeight(50),
+            CanaryStep::SetWeight(20),
+            CanaryStep::SetWeight(150),
+        ];
+        let plan = plan(&Observed {
+            rollout: &rollout,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        let (_, message, _) = condition(&plan.status.conditions, "InvalidSpec");
+        assert!(
+            message.contains("spec.strategy.canary.steps[1].setWeight"),
+            "{message}"
+        );
+        assert!(
+            message.contains("spec.strategy.canary.steps[2].setWeight: 150 is above 100"),
+            "{message}"
+        );
+    }
+}

@@ -1,0 +1,254 @@
+//! Every CEL rule in the CRDs has a controller-side mirror (a 1.20 server drops CEL rules). For each rule this
+//! runs the real CEL evaluator (kube-cel) over the generated schema and the controller's `validate()` on the
+//! same object: both must refuse the bad object, and both must accept every example.
+
+use flywheel_crds::modelversion::AcceptedArtifact;
+use flywheel_crds::{FeatureView, GPUQuota, ModelVersion, Rollout, TrainingJob, all_crds};
+use kube_cel::Validator;
+use serde_json::{Value, json};
+
+fn example(file: &str) -> Value {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(file);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    serde_saphyr::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+fn schema_of(kind: &str) -> Value {
+    let crd = all_crds()
+        .into_iter()
+        .find(|crd| crd.definition.spec.names.kind == kind)
+        .unwrap_or_else(|| panic!("no CRD for {kind}"));
+    let schema = crd.definition.spec.versions[0]
+        .schema
+        .clone()
+        .and_then(|s| s.open_api_v3_schema);
+    serde_json::to_value(schema).unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// CEL messages for `object` (and `old` for transition rules).
+fn cel_errors(object: &Value, old: Option<&Value>) -> Vec<String> {
+    let kind = object["kind"].as_str().unwrap_or_default();
+    match Validator::new().validate(&schema_of(kind), object, old) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors
+            .into_vec()
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect(),
+    }
+}
+
+/// Controller violations for `object`, as `field: message` strings.
+fn controller_errors(object: &Value, accepted: Option<&AcceptedArtifact>) -> Vec<String> {
+    let decode = |value: &Value| value.clone();
+    let result = match object["kind"].as_str().unwrap_or_default() {
+        "FeatureView" => {
+            serde_json::from_value::<FeatureView>(decode(object)).map(|o| o.spec.validate())
+        }
+        "TrainingJob" => {
+            serde_json::from_value::<TrainingJob>(decode(object)).map(|o| o.spec.validate())
+        }
+        "ModelVersion" => serde_json::from_value::<ModelVersion>(decode(object))
+            .map(|o| o.spec.validate(accepted)),
+        "Rollout" => serde_json::from_value::<Rollout>(decode(object)).map(|o| o.spec.validate()),
+        "GPUQuota" => serde_json::from_value::<GPUQuota>(decode(object)).map(|o| o.spec.validate()),
+        other => panic!("unknown kind {other}"),
+    };
+    match result.unwrap_or_else(|err| panic!("does not decode: {err}")) {
+        Ok(()) => Vec::new(),
+        Err(violations) => violations.0.into_iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+fn with(mut object: Value, pointer: &str, value: Value) -> Value {
+    match object.pointer_mut(pointer) {
+        Some(slot) => *slot = value,
+        None => {
+            let (parent, key) = pointer.rsplit_once('/').unwrap_or(("", pointer));
+            match object.pointer_mut(parent).and_then(Value::as_object_mut) {
+                Some(map) => {
+                    map.insert(key.to_owned(), value);
+                }
+                None => panic!("no parent {parent}"),
+            }
+        }
+    }
+    object
+}
+
+fn without(mut object: Value, pointer: &str) -> Value {
+    let (parent, key) = pointer.rsplit_once('/').unwrap_or(("", pointer));
+    if let Some(map) = object.pointer_mut(parent).and_then(Value::as_object_mut) {
+        map.remove(key);
+    }
+    object
+}
+
+/// Both layers refuse `object`; the controller names `field`.
+fn assert_both_refuse(object: &Value, field: &str) {
+    let cel = cel_errors(object, None);
+    let controller = controller_errors(object, None);
+    assert!(
+        !cel.is_empty(),
+        "CEL accepted an object the controller must refuse ({field})"
+    );
+    assert!(
+        controller.iter().any(|e| e.starts_with(field)),
+        "controller should name {field}: {controller:?}"
+    );
+}
+
+#[test]
+fn every_example_passes_cel_and_the_controller() {
+    for file in [
+        "featureview.yaml",
+        "gpuquota.yaml",
+        "modelversion.yaml",
+        "rollout.yaml",
+        "trainingjob-gpu.yaml",
+        "trainingjob-ps.yaml",
+    ] {
+        let object = example(file);
+        assert_eq!(cel_errors(&object, None), Vec::<String>::new(), "{file}");
+        assert_eq!(
+            controller_errors(&object, None),
+            Vec::<String>::new(),
+            "{file}"
+        );
+    }
+}
+
+#[test]
+fn feature_source_needs_batch_or_stream() {
+    let view = without(
+        without(example("featureview.yaml"), "/spec/source/batch"),
+        "/spec/source/stream",
+    );
+    assert_both_refuse(&view, "spec.source");
+}
+
+#[test]
+fn feature_has_transform_or_aggregation_not_both() {
+    let view = with(
+        example("featureview.yaml"),
+        "/spec/features/5/transform",
+        json!({"log1p": {}}),
+    );
+    assert_both_refuse(&view, "spec.features[5]");
+}
+
+#[test]
+fn training_data_needs_exactly_one_source() {
+    let both = with(
+        example("trainingjob-ps.yaml"),
+        "/spec/data/dataset",
+        json!({"train": "file:///t/", "eval": "file:///e/", "label": "clicked"}),
+    );
+    assert_both_refuse(&both, "spec.data");
+    let neither = without(example("trainingjob-ps.yaml"), "/spec/data/featureView");
+    assert_both_refuse(&neither, "spec.data");
+}
+
+#[test]
+fn gate_needs_a_bound() {
+    let version = with(
+        example("modelversion.yaml"),
+        "/spec/validation/gates/0",
+        json!({"metric": "auc"}),
+    );
+    assert_both_refuse(&version, "spec.validation.gates[0]");
+}
+
+#[test]
+fn relative_gate_needs_a_baseline() {
+    let version = with(
+        example("modelversion.yaml"),
+        "/spec/validation/gates/0",
+        json!({"metric": "auc", "maxDecrease": 0.002}),
+    );
+    assert_both_refuse(&version, "spec.validation.gates[0].baseline");
+}
+
+#[test]
+fn gate_min_must_not_exceed_max() {
+    let version = with(
+        example("modelversion.yaml"),
+        "/spec/validation/gates/2",
+        json!({"metric": "calibration", "min": 1.2, "max": 0.8}),
+    );
+    assert_both_refuse(&version, "spec.validation.gates[2].min");
+}
+
+#[test]
+fn artifact_is_immutable() {
+    let old = example("modelversion.yaml");
+    let new = with(old.clone(), "/spec/artifact/sha256", json!("0".repeat(64)));
+    assert!(
+        !cel_errors(&new, Some(&old)).is_empty(),
+        "CEL transition rule must refuse the edit"
+    );
+    assert!(cel_errors(&old, Some(&old)).is_empty());
+    let accepted = AcceptedArtifact {
+        uri: old["spec"]["artifact"]["uri"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        sha256: old["spec"]["artifact"]["sha256"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    let controller = controller_errors(&new, Some(&accepted));
+    assert!(
+        controller.iter().any(|e| e.starts_with("spec.artifact")),
+        "{controller:?}"
+    );
+    assert!(controller_errors(&old, Some(&accepted)).is_empty());
+}
+
+#[test]
+fn canary_weights_must_strictly_increase() {
+    let decreasing = with(
+        example("rollout.yaml"),
+        "/spec/strategy/canary/steps/4",
+        json!({"setWeight": 2}),
+    );
+    assert_both_refuse(&decreasing, "spec.strategy.canary.steps[4].setWeight");
+    let repeated = with(
+        example("rollout.yaml"),
+        "/spec/strategy/canary/steps/4",
+        json!({"setWeight": 5}),
+    );
+    assert_both_refuse(&repeated, "spec.strategy.canary.steps[4].setWeight");
+}
+
+#[test]
+fn analysis_metric_needs_exactly_one_source_and_a_bound() {
+    let both = with(
+        example("rollout.yaml"),
+        "/spec/analysis/metrics/0/query",
+        json!("sum(up)"),
+    );
+    assert_both_refuse(&both, "spec.analysis.metrics[0]");
+    let unbounded = without(example("rollout.yaml"), "/spec/analysis/metrics/0/max");
+    assert_both_refuse(&unbounded, "spec.analysis.metrics[0]");
+}
+
+#[test]
+fn traffic_uses_one_router() {
+    let rollout = with(
+        example("rollout.yaml"),
+        "/spec/traffic/gatewayApi",
+        json!({"httpRoute": "ctr"}),
+    );
+    assert_both_refuse(&rollout, "spec.traffic");
+}
+
+#[test]
+fn quota_must_cover_some_namespace() {
+    let quota = with(example("gpuquota.yaml"), "/spec/namespaces", json!({}));
+    assert_both_refuse(&quota, "spec.namespaces");
+}
