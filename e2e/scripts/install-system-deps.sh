@@ -10,6 +10,9 @@ command -v curl >/dev/null || need+=(curl)
 command -v dpkg-source >/dev/null || need+=(dpkg-dev)
 [[ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]] || need+=(golang-github-modern-go-reflect2-dev)
 command -v xz >/dev/null || need+=(xz-utils)
+command -v python3 >/dev/null || need+=(python3)
+command -v prometheus >/dev/null || need+=(prometheus)
+command -v pgrep >/dev/null || need+=(procps)
 if ((${#need[@]})); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo="sudo"

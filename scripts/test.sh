@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy, unit tests, CRD freshness, and the tests against a real
+# kube-apiserver (started per test binary). Installs what it needs; caches builds under ~/.cache/flywheel.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$repo"
+start=$SECONDS
+
+prepare_system
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo build (binaries the e2e tests run)"
+cargo build --workspace --bins --locked
+
+step "cargo test"
+cargo test --workspace --locked
+
+step "all checks passed in $((SECONDS - start)) s"
