@@ -7,7 +7,10 @@ set -euo pipefail
 
 cache="${FLYWHEEL_CACHE:-$HOME/.cache/flywheel}"
 out="$cache/kube-v1.20.2"
-if [[ -x "$out/kube-apiserver" && -x "$out/kube-controller-manager" && -x "$out/kubectl" ]]; then
+# The cached binaries are reused only if this very script built them.
+recipe="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
+if [[ -x "$out/kube-apiserver" && -x "$out/kube-controller-manager" && -x "$out/kubectl" \
+  && "$(cat "$out/recipe" 2>/dev/null)" == "$recipe" ]]; then
   exit 0
 fi
 
@@ -58,13 +61,17 @@ dirs="$(grep -rl --include='*.go' '+k8s:openapi-gen=' pkg cmd staging/src 2>/dev
   -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt \
   -r /dev/null
 
-ver="k8s.io/kubernetes/vendor/k8s.io/component-base/version"
-ldflags="-s -w -X $ver.gitVersion=v1.20.2 -X $ver.gitMajor=1 -X $ver.gitMinor=20 -X $ver.gitTreeState=clean"
+# Both version packages, as upstream's hack/lib/version.sh does: the API server reports client-go's.
+ldflags="-s -w"
+for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
+  ldflags+=" -X $pkg.gitVersion=v1.20.2 -X $pkg.gitMajor=1 -X $pkg.gitMinor=20 -X $pkg.gitTreeState=clean"
+done
 for cmd in kube-apiserver kube-controller-manager kubectl; do
   go build -tags selinux,notest -ldflags "$ldflags" -o "$out/$cmd.tmp" "./cmd/$cmd"
   mv "$out/$cmd.tmp" "$out/$cmd"
 done
 
+echo "$recipe" >"$out/recipe"
 cd /
 rm -rf "$work"
 echo "built kube v1.20.2 into $out"

@@ -19,3 +19,9 @@ if ((${#need[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# Helm's engine as a Python wheel (no registry here ships a helm binary); it declares Python >= 3.12 but works
+# on 3.11.
+if ! python3 -c 'import helm_sdkpy' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --ignore-requires-python helm-sdkpy
+fi

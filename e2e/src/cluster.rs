@@ -131,6 +131,24 @@ impl TestCluster {
         check(command, output)
     }
 
+    /// A kubeconfig for the same cluster that authenticates with `token` (e.g. a ServiceAccount's).
+    pub fn kubeconfig_with_token(&self, name: &str, token: &str) -> std::io::Result<PathBuf> {
+        let original = std::fs::read_to_string(&self.kubeconfig)?;
+        let replaced: Vec<String> = original
+            .lines()
+            .map(|line| {
+                if line.trim_start().starts_with("token: ") {
+                    format!("    token: {token}")
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect();
+        let path = self.dir.join(format!("kubeconfig-{name}"));
+        std::fs::write(&path, replaced.join("\n") + "\n")?;
+        Ok(path)
+    }
+
     /// Makes sure `pid` dies with the cluster (the reaper kills every pid in the cluster's pid file).
     pub fn adopt(&self, pid: u32) -> std::io::Result<()> {
         use std::io::Write;

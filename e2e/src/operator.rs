@@ -1,6 +1,7 @@
 //! The real operator binary as a child process of a test, with its own metrics port.
 
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -24,6 +25,16 @@ impl OperatorProcess {
         identity: &str,
         extra: &[&str],
     ) -> std::io::Result<OperatorProcess> {
+        Self::spawn_with(cluster, cluster.kubeconfig(), identity, extra)
+    }
+
+    /// Like [`OperatorProcess::spawn`] with another kubeconfig (e.g. a ServiceAccount's token, to test RBAC).
+    pub fn spawn_with(
+        cluster: &TestCluster,
+        kubeconfig: &Path,
+        identity: &str,
+        extra: &[&str],
+    ) -> std::io::Result<OperatorProcess> {
         let http_port = free_port()?;
         let binary = bin_dir().join("flywheel-operator");
         if !binary.exists() {
@@ -39,7 +50,7 @@ impl OperatorProcess {
             std::env::temp_dir().join(format!("flywheel-operator-{identity}.log")),
         )?;
         let child = Command::new(binary)
-            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
             .arg("--identity")
             .arg(identity)

@@ -1,5 +1,6 @@
-//! The kubelet stand-in against the real API server: Flywheel-image pods run as local processes and report exit
-//! code and output; other pods are reported Running; deleting a pod kills its process.
+//! The harness itself against the real API server. The kubelet stand-in: Flywheel-image pods run as local
+//! processes and report exit code and output; other pods are reported Running; deleting a pod kills its
+//! processes. The controller manager: owned objects are garbage-collected with their owner.
 
 use std::process::Command;
 use std::time::Duration;
@@ -157,6 +158,44 @@ async fn deleting_a_pod_kills_its_processes() -> TestResult {
             alive => Err(format!("{alive} still alive")),
         }
     })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn owned_objects_are_garbage_collected_with_their_owner() -> TestResult {
+    use flywheel_e2e::fixtures::{api_for, create, example};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cluster = TestCluster::shared()?;
+    let client = cluster.client().await?;
+    let namespace = cluster.namespace(&client, "gc").await?;
+    let owner = create(&client, &namespace, &example("featureview.yaml")?).await??;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let owned: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "owned", "ownerReferences": [{
+            "apiVersion": "flywheel.dev/v1alpha1", "kind": "FeatureView",
+            "name": owner.metadata.name, "uid": owner.metadata.uid,
+        }]},
+        "data": {"k": "v"},
+    }))?;
+    config_maps.create(&PostParams::default(), &owned).await?;
+    api_for(&client, "FeatureView", &namespace)?
+        .delete("ctr-events", &DeleteParams::default())
+        .await?;
+    // The garbage collector discovers a newly registered CRD type with some delay, as in a real cluster.
+    until(
+        "the owned ConfigMap to be collected",
+        Duration::from_secs(90),
+        || async {
+            match config_maps.get_opt("owned").await {
+                Ok(None) => Ok(()),
+                other => Err(format!(
+                    "{:?}",
+                    other.map(|cm| cm.map(|cm| cm.metadata.name))
+                )),
+            }
+        },
+    )
     .await?;
     Ok(())
 }
