@@ -1,3 +1,7 @@
-//! The ML core shared by trainer and serving, so the two can never disagree: feature transforms, models,
-//! the artifact format, metrics and the synthetic CTR generator. No Kubernetes in here. Empty until the
-//! trainer work lands.
+//! The ML core shared by trainer and serving, so the two can never disagree: feature transforms and the
+//! feature schema, metrics, and the synthetic CTR generator. No Kubernetes in here.
+
+pub mod metrics;
+pub mod schema;
+pub mod synthetic;
+pub mod transform;
