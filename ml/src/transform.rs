@@ -119,7 +119,7 @@ impl Transform {
                 got: "several",
             });
         };
-        if values.iter().any(|value| *value == Value::Missing) {
+        if values.contains(&Value::Missing) {
             return Ok(Encoded::Categorical(*buckets));
         }
         let mut key = String::new();
