@@ -1,0 +1,323 @@
+//! Embedding tables kept outside autodiff, with sparse optimizer updates. burn's stock `Embedding` takes a dense
+//! gradient of the whole table every step; here a step gathers only the batch's rows into the graph and updates
+//! only those rows (Adagrad or Adam), so cost follows the batch, not the table.
+//!
+//! Rows are created on first touch with an initial value derived from `(seed, row id)` alone, so a table is
+//! identical however its rows were first reached (any batch order, any parameter-server shard).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum SparseOptimizer {
+    Adagrad {
+        learning_rate: f32,
+        initial_accumulator: f32,
+        epsilon: f32,
+    },
+    Adam {
+        learning_rate: f32,
+        beta1: f32,
+        beta2: f32,
+        epsilon: f32,
+    },
+    Sgd {
+        learning_rate: f32,
+    },
+}
+
+impl SparseOptimizer {
+    pub fn adagrad(learning_rate: f32) -> Self {
+        SparseOptimizer::Adagrad {
+            learning_rate,
+            initial_accumulator: 0.0,
+            epsilon: 1e-10,
+        }
+    }
+
+    pub fn adam(learning_rate: f32) -> Self {
+        SparseOptimizer::Adam {
+            learning_rate,
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
+        }
+    }
+
+    /// Optimizer state floats kept per weight.
+    fn state_per_weight(&self) -> usize {
+        match self {
+            SparseOptimizer::Adagrad { .. } => 1,
+            SparseOptimizer::Adam { .. } => 2,
+            SparseOptimizer::Sgd { .. } => 0,
+        }
+    }
+}
+
+/// One table of `dim`-wide rows addressed by `u64` ids, with its optimizer state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EmbeddingTable {
+    dim: usize,
+    init_std: f32,
+    seed: u64,
+    slots: HashMap<u64, usize>,
+    /// Row weights, `dim` floats per slot.
+    weights: Vec<f32>,
+    /// Optimizer state, `dim * state_per_weight` floats per slot.
+    state: Vec<f32>,
+    /// Adam's per-row step counts (lazy Adam: a row's bias correction counts its own updates).
+    steps: Vec<u32>,
+    optimizer: SparseOptimizer,
+}
+
+impl EmbeddingTable {
+    pub fn new(dim: usize, init_std: f32, seed: u64, optimizer: SparseOptimizer) -> Self {
+        EmbeddingTable {
+            dim,
+            init_std,
+            seed,
+            slots: HashMap::new(),
+            weights: Vec::new(),
+            state: Vec::new(),
+            steps: Vec::new(),
+            optimizer,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Rows touched so far.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Appends the rows of `ids` to `out` (`ids.len() * dim` floats), creating missing rows.
+    pub fn gather_into(&mut self, ids: &[u64], out: &mut Vec<f32>) {
+        out.reserve(ids.len() * self.dim);
+        for &id in ids {
+            let slot = self.slot(id);
+            out.extend_from_slice(&self.weights[slot * self.dim..(slot + 1) * self.dim]);
+        }
+    }
+
+    /// Appends the rows of `ids` without creating any: an untouched row reads as its initial value.
+    pub fn read_into(&self, ids: &[u64], out: &mut Vec<f32>) {
+        out.reserve(ids.len() * self.dim);
+        for &id in ids {
+            match self.slots.get(&id) {
+                Some(&slot) => {
+                    out.extend_from_slice(&self.weights[slot * self.dim..(slot + 1) * self.dim])
+                }
+                None => out
+                    .extend((0..self.dim).map(|k| initial_value(self.seed, id, k, self.init_std))),
+            }
+        }
+    }
+
+    /// Applies one optimizer step to the rows of `ids`, given `grads` (`ids.len() * dim`, aligned with `ids`).
+    /// Repeated ids have their gradients summed first, as a dense embedding's backward would.
+    pub fn apply_gradients(&mut self, ids: &[u64], grads: &[f32]) {
+        let dim = self.dim;
+        let mut summed: HashMap<u64, usize> = HashMap::with_capacity(ids.len());
+        let mut order: Vec<u64> = Vec::with_capacity(ids.len());
+        let mut totals: Vec<f32> = Vec::with_capacity(grads.len());
+        for (position, &id) in ids.iter().enumerate() {
+            let grad = &grads[position * dim..(position + 1) * dim];
+            match summed.get(&id) {
+                Some(&index) => {
+                    for (total, g) in totals[index * dim..(index + 1) * dim].iter_mut().zip(grad) {
+                        *total += g;
+                    }
+                }
+                None => {
+                    summed.insert(id, order.len());
+                    order.push(id);
+                    totals.extend_from_slice(grad);
+                }
+            }
+        }
+        for (index, id) in order.into_iter().enumerate() {
+            let slot = self.slot(id);
+            self.update_row(slot, &totals[index * dim..(index + 1) * dim]);
+        }
+    }
+
+    fn update_row(&mut self, slot: usize, grad: &[f32]) {
+        let dim = self.dim;
+        let weights = &mut self.weights[slot * dim..(slot + 1) * dim];
+        match self.optimizer {
+            SparseOptimizer::Sgd { learning_rate } => {
+                for (w, g) in weights.iter_mut().zip(grad) {
+                    *w -= learning_rate * g;
+                }
+            }
+            SparseOptimizer::Adagrad {
+                learning_rate,
+                epsilon,
+                ..
+            } => {
+                let accumulators = &mut self.state[slot * dim..(slot + 1) * dim];
+                for ((w, a), g) in weights.iter_mut().zip(accumulators.iter_mut()).zip(grad) {
+                    *a += g * g;
+                    *w -= learning_rate * g / (a.sqrt() + epsilon);
+                }
+            }
+            SparseOptimizer::Adam {
+                learning_rate,
+                beta1,
+                beta2,
+                epsilon,
+            } => {
+                self.steps[slot] += 1;
+                let t = self.steps[slot] as i32;
+                let (correction1, correction2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+                let state = &mut self.state[slot * dim * 2..(slot + 1) * dim * 2];
+                let (first, second) = state.split_at_mut(dim);
+                for (((w, m), v), g) in weights.iter_mut().zip(first).zip(second).zip(grad) {
+                    *m = beta1 * *m + (1.0 - beta1) * g;
+                    *v = beta2 * *v + (1.0 - beta2) * g * g;
+                    *w -=
+                        learning_rate * (*m / correction1) / ((*v / correction2).sqrt() + epsilon);
+                }
+            }
+        }
+    }
+
+    fn slot(&mut self, id: u64) -> usize {
+        if let Some(&slot) = self.slots.get(&id) {
+            return slot;
+        }
+        let slot = self.slots.len();
+        self.slots.insert(id, slot);
+        self.weights
+            .extend((0..self.dim).map(|k| initial_value(self.seed, id, k, self.init_std)));
+        let initial_state = match self.optimizer {
+            SparseOptimizer::Adagrad {
+                initial_accumulator,
+                ..
+            } => initial_accumulator,
+            SparseOptimizer::Adam { .. } | SparseOptimizer::Sgd { .. } => 0.0,
+        };
+        self.state.extend(std::iter::repeat_n(
+            initial_state,
+            self.dim * self.optimizer.state_per_weight(),
+        ));
+        self.steps.push(0);
+        slot
+    }
+
+    /// `(id, weights)` of every touched row, sorted by id: the table's content for artifacts and comparisons.
+    pub fn rows(&self) -> Vec<(u64, &[f32])> {
+        let mut rows: Vec<(u64, &[f32])> = self
+            .slots
+            .iter()
+            .map(|(&id, &slot)| (id, &self.weights[slot * self.dim..(slot + 1) * self.dim]))
+            .collect();
+        rows.sort_by_key(|(id, _)| *id);
+        rows
+    }
+}
+
+/// Normal(0, std) initial weight `k` of row `id`, from `(seed, id, k)` alone (SplitMix64 + Box–Muller): a
+/// stateless function, so lazily created rows do not depend on creation order.
+pub fn initial_value(seed: u64, id: u64, k: usize, std: f32) -> f32 {
+    let base = splitmix64(
+        seed ^ splitmix64(id.wrapping_add(0x9e37_79b9_7f4a_7c15))
+            ^ (k as u64).wrapping_mul(0xd6e8_feb8_6659_fd93),
+    );
+    let u1 = ((base >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let u2 = ((splitmix64(base) >> 11) as f64) / (1u64 << 53) as f64;
+    let normal = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+    (normal * f64::from(std)) as f32
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_do_not_depend_on_touch_order() {
+        let mut a = EmbeddingTable::new(4, 0.1, 9, SparseOptimizer::adagrad(0.1));
+        let mut b = a.clone();
+        let (mut out_a, mut out_b) = (Vec::new(), Vec::new());
+        a.gather_into(&[1, 2, 3], &mut out_a);
+        b.gather_into(&[3, 2, 1], &mut out_b);
+        assert_eq!(a.rows(), b.rows());
+        let mut untouched = Vec::new();
+        a.read_into(&[77], &mut untouched);
+        assert_eq!(untouched.len(), 4);
+        assert!(untouched.iter().all(|x| x.abs() < 1.0));
+    }
+
+    #[test]
+    fn initial_values_look_normal() {
+        let values: Vec<f64> = (0..20_000)
+            .map(|id| f64::from(initial_value(1, id, 0, 1.0)))
+            .collect();
+        let mean = values.iter().sum::<f64>() / values.len() as f64;
+        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / values.len() as f64;
+        assert!(mean.abs() < 0.03, "{mean}");
+        assert!((var - 1.0).abs() < 0.05, "{var}");
+    }
+
+    #[test]
+    fn only_touched_rows_change_and_duplicates_are_summed() {
+        let mut table = EmbeddingTable::new(2, 0.0, 0, SparseOptimizer::Sgd { learning_rate: 0.5 });
+        let mut out = Vec::new();
+        table.gather_into(&[1, 2], &mut out);
+        table.apply_gradients(&[1, 1], &[1.0, 2.0, 3.0, 4.0]);
+        let rows = table.rows();
+        assert_eq!(rows[0], (1, &[-2.0f32, -3.0][..]));
+        assert_eq!(rows[1], (2, &[0.0f32, 0.0][..]));
+    }
+
+    #[test]
+    fn adagrad_and_adam_follow_their_update_rules() {
+        let mut adagrad = EmbeddingTable::new(
+            1,
+            0.0,
+            0,
+            SparseOptimizer::Adagrad {
+                learning_rate: 0.1,
+                initial_accumulator: 0.0,
+                epsilon: 0.0,
+            },
+        );
+        adagrad.apply_gradients(&[5], &[2.0]);
+        assert!(
+            (adagrad.rows()[0].1[0] - -0.1).abs() < 1e-7,
+            "first Adagrad step moves by lr"
+        );
+        let mut adam = EmbeddingTable::new(
+            1,
+            0.0,
+            0,
+            SparseOptimizer::Adam {
+                learning_rate: 0.01,
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 0.0,
+            },
+        );
+        adam.apply_gradients(&[5], &[-3.0]);
+        assert!(
+            (adam.rows()[0].1[0] - 0.01).abs() < 1e-6,
+            "first Adam step moves by lr"
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! Single-process training of a [`CtrModel`] with sparse embedding tables: batching, the forward/backward
+//! step, sparse and dense updates, prediction and evaluation. The topologies (parameter server,
+//! data-parallel) reuse these pieces.
+
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::embedding::{EmbeddingTable, SparseOptimizer};
+use crate::metrics;
+use crate::model::{CtrModel, ModelConfig, bce_with_logits};
+use crate::schema::FeatureSchema;
+use crate::transform::{TransformError, Value};
+
+/// Encoded examples, row-major: `fields` embedding indices and `numeric_width` numbers per example.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EncodedDataset {
+    pub fields: usize,
+    pub numeric_width: usize,
+    pub categorical: Vec<u64>,
+    pub numeric: Vec<f32>,
+    pub labels: Vec<f32>,
+    /// Group (user) of each example, for GAUC.
+    pub groups: Vec<u64>,
+}
+
+impl EncodedDataset {
+    /// Encodes `rows` with `schema`; `value_of(row, column)`, `label_of(row)` and `group_of(row)` read a row.
+    pub fn encode<'a, R: 'a>(
+        schema: &FeatureSchema,
+        rows: impl IntoIterator<Item = &'a R>,
+        value_of: impl Fn(&'a R, &str) -> Value<'a>,
+        label_of: impl Fn(&R) -> bool,
+        group_of: impl Fn(&R) -> u64,
+    ) -> Result<Self, TransformError> {
+        let mut data = EncodedDataset {
+            fields: schema.categorical().len(),
+            numeric_width: schema.numeric().len(),
+            ..EncodedDataset::default()
+        };
+        let mut row_buffer = crate::schema::EncodedRow::default();
+        for row in rows {
+            schema.encode_into(|column| value_of(row, column), &mut row_buffer)?;
+            data.categorical.extend_from_slice(&row_buffer.categorical);
+            data.numeric.extend_from_slice(&row_buffer.numeric);
+            data.labels.push(if label_of(row) { 1.0 } else { 0.0 });
+            data.groups.push(group_of(row));
+        }
+        Ok(data)
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Learning rate of the dense parameters (Adam).
+    pub learning_rate: f64,
+    /// Optimizer of the embedding rows.
+    pub sparse_optimizer: SparseOptimizer,
+    pub seed: u64,
+    /// Standard deviation of the initial embedding rows.
+    pub init_std: f32,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 1,
+            batch_size: 1024,
+            learning_rate: 0.001,
+            sparse_optimizer: SparseOptimizer::adagrad(0.05),
+            seed: 0,
+            init_std: 0.01,
+        }
+    }
+}
+
+/// Progress of training, reported after every step.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub epoch: usize,
+    pub step: u64,
+    pub total_steps: u64,
+    pub samples_per_second: f64,
+    pub loss: f64,
+}
+
+/// Offline evaluation of a model.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EvalMetrics {
+    pub auc: Option<f64>,
+    pub gauc: Option<f64>,
+    pub log_loss: Option<f64>,
+    pub calibration: Option<f64>,
+    pub samples: usize,
+}
+
+impl EvalMetrics {
+    pub fn of(probabilities: &[f64], data: &EncodedDataset) -> Self {
+        let labels: Vec<bool> = data.labels.iter().map(|&y| y > 0.5).collect();
+        EvalMetrics {
+            auc: metrics::auc(probabilities, &labels),
+            gauc: metrics::gauc(probabilities, &labels, &data.groups),
+            log_loss: metrics::log_loss(probabilities, &labels),
+            calibration: metrics::calibration(probabilities, &labels),
+            samples: labels.len(),
+        }
+    }
+}
+
+/// First-order weights (width 1) and factor rows (width `embeddingDim`) of every categorical field. A row is
+/// keyed by `field << 48 | index`, so fields never share rows.
+pub struct Tables {
+    pub first_order: EmbeddingTable,
+    pub factors: Option<EmbeddingTable>,
+}
+
+/// Row key of `index` in categorical field `field`.
+pub fn row_key(field: usize, index: u64) -> u64 {
+    ((field as u64) << 48) | (index & ((1 << 48) - 1))
+}
+
+pub struct Trainer<B: AutodiffBackend> {
+    pub model: CtrModel<B>,
+    pub tables: Tables,
+    pub model_config: ModelConfig,
+    pub config: TrainConfig,
+    optimizer: OptimizerAdaptor<Adam, CtrModel<B>, B>,
+    device: B::Device,
+    pub step: u64,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    pub fn new(model_config: ModelConfig, config: TrainConfig, device: B::Device) -> Self {
+        B::seed(&device, config.seed);
+        let model = model_config.init::<B>(&device);
+        let tables = Tables {
+            first_order: EmbeddingTable::new(1, 0.0, config.seed, config.sparse_optimizer),
+            factors: model_config.uses_factors().then(|| {
+                EmbeddingTable::new(
+                    model_config.embedding_dim,
+                    config.init_std,
+                    config.seed ^ 1,
+                    config.sparse_optimizer,
+                )
+            }),
+        };
+        Trainer {
+            model,
+            tables,
+            model_config,
+            optimizer: AdamConfig::new().init(),
+            device,
+            config,
+            step: 0,
+        }
+    }
+
+    /// Trains `epochs` passes over `data` in a seeded shuffled order, reporting progress after each step.
+    pub fn fit(&mut self, data: &EncodedDataset, mut on_progress: impl FnMut(&Progress)) {
+        let batch_size = self.config.batch_size.max(1);
+        let steps_per_epoch = data.len().div_ceil(batch_size) as u64;
+        let total_steps = steps_per_epoch * self.config.epochs as u64;
+        let mut order: Vec<usize> = (0..data.len()).collect();
+        for epoch in 0..self.config.epochs {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch as u64));
+            order.shuffle(&mut rng);
+            for batch in order.chunks(batch_size) {
+                let started = Instant::now();
+                let loss = self.train_step(data, batch);
+                let seconds = started.elapsed().as_secs_f64().max(1e-9);
+                on_progress(&Progress {
+                    epoch,
+                    step: self.step,
+                    total_steps,
+                    samples_per_second: batch.len() as f64 / seconds,
+                    loss,
+                });
+            }
+        }
+    }
+
+    /// One step over the examples `batch` of `data`; returns the batch loss.
+    pub fn train_step(&mut self, data: &EncodedDataset, batch: &[usize]) -> f64 {
+        let fields = data.fields;
+        let keys = batch_keys(data, batch);
+        let mut first = Vec::with_capacity(keys.len());
+        self.tables.first_order.gather_into(&keys, &mut first);
+        let first =
+            Tensor::<B, 2>::from_data(TensorData::new(first, [batch.len(), fields]), &self.device)
+                .require_grad();
+        let factors = self.tables.factors.as_mut().map(|table| {
+            let dim = table.dim();
+            let mut rows = Vec::with_capacity(keys.len() * dim);
+            table.gather_into(&keys, &mut rows);
+            Tensor::<B, 3>::from_data(
+                TensorData::new(rows, [batch.len(), fields, dim]),
+                &self.device,
+            )
+            .require_grad()
+        });
+        let (numeric, labels) = batch_inputs::<B>(data, batch, &self.device);
+        let logits = self.model.forward(first.clone(), factors.clone(), numeric);
+        let loss = bce_with_logits(logits, labels);
+        let loss_value = scalar(loss.clone().inner().into_data());
+        let mut grads = loss.backward();
+        let first_grad = first
+            .grad(&grads)
+            .map(|g| floats(g.into_data()))
+            .unwrap_or_default();
+        let factor_grad = factors
+            .as_ref()
+            .and_then(|f| f.grad(&grads))
+            .map(|g| floats(g.into_data()));
+        let dense_grads = GradientsParams::from_module(&mut grads, &self.model);
+        self.model =
+            self.optimizer
+                .step(self.config.learning_rate, self.model.clone(), dense_grads);
+        self.tables.first_order.apply_gradients(&keys, &first_grad);
+        if let (Some(table), Some(grad)) = (self.tables.factors.as_mut(), factor_grad) {
+            table.apply_gradients(&keys, &grad);
+        }
+        self.step += 1;
+        loss_value
+    }
+
+    /// Click probabilities for every example of `data`, without touching the tables.
+    pub fn predict(&self, data: &EncodedDataset) -> Vec<f64> {
+        let model = self.model.valid();
+        let device = self.device.clone();
+        let mut out = Vec::with_capacity(data.len());
+        let indices: Vec<usize> = (0..data.len()).collect();
+        for batch in indices.chunks(4096) {
+            let keys = batch_keys(data, batch);
+            let mut first = Vec::with_capacity(keys.len());
+            self.tables.first_order.read_into(&keys, &mut first);
+            let first = Tensor::<B::InnerBackend, 2>::from_data(
+                TensorData::new(first, [batch.len(), data.fields]),
+                &device,
+            );
+            let factors = self.tables.factors.as_ref().map(|table| {
+                let mut rows = Vec::with_capacity(keys.len() * table.dim());
+                table.read_into(&keys, &mut rows);
+                Tensor::<B::InnerBackend, 3>::from_data(
+                    TensorData::new(rows, [batch.len(), data.fields, table.dim()]),
+                    &device,
+                )
+            });
+            let (numeric, _) = batch_inputs::<B::InnerBackend>(data, batch, &device);
+            let logits = floats(model.forward(first, factors, numeric).into_data());
+            out.extend(
+                logits
+                    .into_iter()
+                    .map(|z| 1.0 / (1.0 + (-f64::from(z)).exp())),
+            );
+        }
+        out
+    }
+
+    pub fn evaluate(&self, data: &EncodedDataset) -> EvalMetrics {
+        EvalMetrics::of(&self.predict(data), data)
+    }
+}
+
+fn batch_keys(data: &EncodedDataset, batch: &[usize]) -> Vec<u64> {
+    let fields = data.fields;
+    let mut keys = Vec::with_capacity(batch.len() * fields);
+    for &row in batch {
+        for (field, &index) in data.categorical[row * fields..(row + 1) * fields]
+            .iter()
+            .enumerate()
+        {
+            keys.push(row_key(field, index));
+        }
+    }
+    keys
+}
+
+fn batch_inputs<B: Backend>(
+    data: &EncodedDataset,
+    batch: &[usize],
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 1>) {
+    let width = data.numeric_width;
+    let mut numeric = Vec::with_capacity(batch.len() * width.max(1));
+    let mut labels = Vec::with_capacity(batch.len());
+    for &row in batch {
+        if width == 0 {
+            numeric.push(0.0);
+        } else {
+            numeric.extend_from_slice(&data.numeric[row * width..(row + 1) * width]);
+        }
+        labels.push(data.labels[row]);
+    }
+    (
+        Tensor::from_data(
+            TensorData::new(numeric, [batch.len(), width.max(1)]),
+            device,
+        ),
+        Tensor::from_data(TensorData::new(labels, [batch.len()]), device),
+    )
+}
+
+fn floats(data: TensorData) -> Vec<f32> {
+    data.convert::<f32>().to_vec::<f32>().unwrap_or_default()
+}
+
+fn scalar(data: TensorData) -> f64 {
+    floats(data)
+        .first()
+        .copied()
+        .map(f64::from)
+        .unwrap_or(f64::NAN)
+}
