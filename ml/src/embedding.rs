@@ -57,7 +57,7 @@ impl SparseOptimizer {
 }
 
 /// One table of `dim`-wide rows addressed by `u64` ids, with its optimizer state.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct EmbeddingTable {
     dim: usize,
     init_std: f32,
@@ -226,6 +226,136 @@ impl EmbeddingTable {
     }
 }
 
+/// Equal when configuration and every row (weights, optimizer state, steps) match, whatever the slot layout.
+impl PartialEq for EmbeddingTable {
+    fn eq(&self, other: &Self) -> bool {
+        fn row(table: &EmbeddingTable, slot: usize) -> (&[f32], &[f32], u32) {
+            let width = table.dim * table.optimizer.state_per_weight();
+            (
+                &table.weights[slot * table.dim..(slot + 1) * table.dim],
+                &table.state[slot * width..(slot + 1) * width],
+                table.steps[slot],
+            )
+        }
+        self.dim == other.dim
+            && self.init_std == other.init_std
+            && self.seed == other.seed
+            && self.optimizer == other.optimizer
+            && self.slots.len() == other.slots.len()
+            && self.slots.iter().all(|(id, &slot)| {
+                other
+                    .slots
+                    .get(id)
+                    .is_some_and(|&o| row(self, slot) == row(other, o))
+            })
+    }
+}
+
+impl EmbeddingTable {
+    /// Serializes the table: header, then each touched row (id, weights, and with `with_state` the optimizer
+    /// state and step count) in id order, little-endian.
+    pub fn write_to(&self, out: &mut Vec<u8>, with_state: bool) {
+        let per_weight = if with_state {
+            self.optimizer.state_per_weight()
+        } else {
+            0
+        };
+        out.extend_from_slice(&(self.dim as u32).to_le_bytes());
+        out.extend_from_slice(&self.init_std.to_le_bytes());
+        out.extend_from_slice(&self.seed.to_le_bytes());
+        let optimizer = serde_json::to_vec(&self.optimizer).unwrap_or_default();
+        out.extend_from_slice(&(optimizer.len() as u32).to_le_bytes());
+        out.extend_from_slice(&optimizer);
+        out.push(u8::from(with_state));
+        let mut ids: Vec<(u64, usize)> = self.slots.iter().map(|(&id, &slot)| (id, slot)).collect();
+        ids.sort_unstable();
+        out.extend_from_slice(&(ids.len() as u64).to_le_bytes());
+        for (id, slot) in ids {
+            out.extend_from_slice(&id.to_le_bytes());
+            for w in &self.weights[slot * self.dim..(slot + 1) * self.dim] {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+            if with_state {
+                let width = self.dim * per_weight;
+                for s in &self.state[slot * width..(slot + 1) * width] {
+                    out.extend_from_slice(&s.to_le_bytes());
+                }
+                out.extend_from_slice(&self.steps[slot].to_le_bytes());
+            }
+        }
+    }
+
+    /// Reads a table written by [`EmbeddingTable::write_to`]; without saved state the optimizer starts fresh.
+    pub fn read_from(input: &mut &[u8]) -> Result<Self, TableReadError> {
+        let dim = read_u32(input)? as usize;
+        let init_std = f32::from_le_bytes(take(input)?);
+        let seed = u64::from_le_bytes(take(input)?);
+        let optimizer_len = read_u32(input)? as usize;
+        let optimizer = serde_json::from_slice(split(input, optimizer_len)?)
+            .map_err(|_| TableReadError::Corrupt)?;
+        let with_state = take::<1>(input)?[0] == 1;
+        let rows = u64::from_le_bytes(take(input)?);
+        if dim == 0 || dim > 65_536 {
+            return Err(TableReadError::Corrupt);
+        }
+        let mut table = EmbeddingTable::new(dim, init_std, seed, optimizer);
+        let per_weight = table.optimizer.state_per_weight();
+        let row_bytes = 8
+            + dim * 4
+            + if with_state {
+                dim * per_weight * 4 + 4
+            } else {
+                0
+            };
+        if (input.len() as u64) < rows.saturating_mul(row_bytes as u64) {
+            return Err(TableReadError::Truncated);
+        }
+        for _ in 0..rows {
+            let id = u64::from_le_bytes(take(input)?);
+            let slot = table.slot(id);
+            for k in 0..dim {
+                table.weights[slot * dim + k] = f32::from_le_bytes(take(input)?);
+            }
+            if with_state {
+                let width = dim * per_weight;
+                for k in 0..width {
+                    table.state[slot * width + k] = f32::from_le_bytes(take(input)?);
+                }
+                table.steps[slot] = read_u32(input)?;
+            }
+        }
+        Ok(table)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableReadError {
+    #[error("embedding table is truncated")]
+    Truncated,
+    #[error("embedding table is corrupt")]
+    Corrupt,
+}
+
+fn split<'a>(input: &mut &'a [u8], len: usize) -> Result<&'a [u8], TableReadError> {
+    if input.len() < len {
+        return Err(TableReadError::Truncated);
+    }
+    let (head, rest) = input.split_at(len);
+    *input = rest;
+    Ok(head)
+}
+
+fn take<const N: usize>(input: &mut &[u8]) -> Result<[u8; N], TableReadError> {
+    let bytes = split(input, N)?;
+    let mut out = [0u8; N];
+    out.copy_from_slice(bytes);
+    Ok(out)
+}
+
+fn read_u32(input: &mut &[u8]) -> Result<u32, TableReadError> {
+    Ok(u32::from_le_bytes(take(input)?))
+}
+
 /// Normal(0, std) initial weight `k` of row `id`, from `(seed, id, k)` alone (SplitMix64 + Box–Muller): a
 /// stateless function, so lazily created rows do not depend on creation order.
 pub fn initial_value(seed: u64, id: u64, k: usize, std: f32) -> f32 {
@@ -284,6 +414,29 @@ mod tests {
         let rows = table.rows();
         assert_eq!(rows[0], (1, &[-2.0f32, -3.0][..]));
         assert_eq!(rows[1], (2, &[0.0f32, 0.0][..]));
+    }
+
+    #[test]
+    fn tables_round_trip_with_and_without_state() {
+        let mut table = EmbeddingTable::new(3, 0.1, 4, SparseOptimizer::adam(0.01));
+        let mut out = Vec::new();
+        table.gather_into(&[9, 2, 700], &mut out);
+        table.apply_gradients(&[9, 2], &[0.1, 0.2, 0.3, -0.1, -0.2, -0.3]);
+        let mut bytes = Vec::new();
+        table.write_to(&mut bytes, true);
+        assert_eq!(
+            EmbeddingTable::read_from(&mut bytes.as_slice()),
+            Ok(table.clone())
+        );
+        let mut weights_only = Vec::new();
+        table.write_to(&mut weights_only, false);
+        let restored = EmbeddingTable::read_from(&mut weights_only.as_slice())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(restored.rows(), table.rows());
+        assert_eq!(
+            EmbeddingTable::read_from(&mut &bytes[..bytes.len() - 3]),
+            Err(TableReadError::Truncated)
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The ML core shared by trainer and serving, so the two can never disagree: feature transforms and the
 //! feature schema, metrics, and the synthetic CTR generator. No Kubernetes in here.
 
+pub mod artifact;
 pub mod embedding;
 pub mod metrics;
 pub mod model;

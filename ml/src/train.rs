@@ -246,40 +246,47 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Click probabilities for every example of `data`, without touching the tables.
     pub fn predict(&self, data: &EncodedDataset) -> Vec<f64> {
-        let model = self.model.valid();
-        let device = self.device.clone();
-        let mut out = Vec::with_capacity(data.len());
-        let indices: Vec<usize> = (0..data.len()).collect();
-        for batch in indices.chunks(4096) {
-            let keys = batch_keys(data, batch);
-            let mut first = Vec::with_capacity(keys.len());
-            self.tables.first_order.read_into(&keys, &mut first);
-            let first = Tensor::<B::InnerBackend, 2>::from_data(
-                TensorData::new(first, [batch.len(), data.fields]),
-                &device,
-            );
-            let factors = self.tables.factors.as_ref().map(|table| {
-                let mut rows = Vec::with_capacity(keys.len() * table.dim());
-                table.read_into(&keys, &mut rows);
-                Tensor::<B::InnerBackend, 3>::from_data(
-                    TensorData::new(rows, [batch.len(), data.fields, table.dim()]),
-                    &device,
-                )
-            });
-            let (numeric, _) = batch_inputs::<B::InnerBackend>(data, batch, &device);
-            let logits = floats(model.forward(first, factors, numeric).into_data());
-            out.extend(
-                logits
-                    .into_iter()
-                    .map(|z| 1.0 / (1.0 + (-f64::from(z)).exp())),
-            );
-        }
-        out
+        predict(&self.model.valid(), &self.tables, data, &self.device)
     }
 
     pub fn evaluate(&self, data: &EncodedDataset) -> EvalMetrics {
         EvalMetrics::of(&self.predict(data), data)
     }
+}
+
+/// Click probabilities of a model for every example of `data` (inference only; untouched rows read as their
+/// initial values).
+pub fn predict<B: Backend>(
+    model: &CtrModel<B>,
+    tables: &Tables,
+    data: &EncodedDataset,
+    device: &B::Device,
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(data.len());
+    let indices: Vec<usize> = (0..data.len()).collect();
+    for batch in indices.chunks(4096) {
+        let keys = batch_keys(data, batch);
+        let mut first = Vec::with_capacity(keys.len());
+        tables.first_order.read_into(&keys, &mut first);
+        let first =
+            Tensor::<B, 2>::from_data(TensorData::new(first, [batch.len(), data.fields]), device);
+        let factors = tables.factors.as_ref().map(|table| {
+            let mut rows = Vec::with_capacity(keys.len() * table.dim());
+            table.read_into(&keys, &mut rows);
+            Tensor::<B, 3>::from_data(
+                TensorData::new(rows, [batch.len(), data.fields, table.dim()]),
+                device,
+            )
+        });
+        let (numeric, _) = batch_inputs::<B>(data, batch, device);
+        let logits = floats(model.forward(first, factors, numeric).into_data());
+        out.extend(
+            logits
+                .into_iter()
+                .map(|z| 1.0 / (1.0 + (-f64::from(z)).exp())),
+        );
+    }
+    out
 }
 
 fn batch_keys(data: &EncodedDataset, batch: &[usize]) -> Vec<u64> {

@@ -1,0 +1,109 @@
+//! A trained model survives the artifact round trip bit for bit, and damaged artifacts are refused with an
+//! error, never a panic.
+
+use burn::backend::{Autodiff, Flex};
+use flywheel_ml::artifact::{self, ArtifactError, FORMAT, Lineage, ModelCard};
+use flywheel_ml::model::{Architecture, ModelConfig};
+use flywheel_ml::synthetic::{SyntheticConfig, feature_schema, generate};
+use flywheel_ml::train::{EncodedDataset, TrainConfig, Trainer, predict};
+
+type Cpu = Autodiff<Flex>;
+
+fn trained() -> (Trainer<Cpu>, ModelCard, EncodedDataset) {
+    let generated = generate(&SyntheticConfig {
+        seed: 2,
+        users: 200,
+        items: 50,
+        rows: 3_000,
+        ..SyntheticConfig::default()
+    });
+    let schema = feature_schema(1_000);
+    let data = EncodedDataset::encode(
+        &schema,
+        &generated.impressions,
+        |r, c| r.value(c),
+        |r| r.clicked,
+        |r| u64::from(r.user_id),
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    let model = ModelConfig {
+        architecture: Architecture::DeepFm,
+        embedding_dim: 4,
+        hidden_layers: vec![8],
+        fields: data.fields,
+        numeric: data.numeric_width,
+    };
+    let config = TrainConfig {
+        batch_size: 128,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::<Cpu>::new(model.clone(), config.clone(), Default::default());
+    trainer.fit(&data, |_| {});
+    let card = ModelCard {
+        format: FORMAT.to_owned(),
+        model,
+        feature_schema_hash: schema.hash(),
+        schema,
+        training: config,
+        metrics: trainer.evaluate(&data),
+        lineage: Lineage {
+            data: vec!["synthetic:seed=2".into()],
+            train_rows: data.len(),
+            eval_rows: data.len(),
+            warm_start: None,
+        },
+        code_version: "test".into(),
+        step: trainer.step,
+    };
+    (trainer, card, data)
+}
+
+#[test]
+fn round_trip_keeps_every_prediction() {
+    let (trainer, card, data) = trained();
+    let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let saved =
+        artifact::decode::<Flex>(&bytes, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(saved.card, card);
+    let restored = predict(&saved.model, &saved.tables, &data, &Default::default());
+    assert_eq!(restored, trainer.predict(&data));
+}
+
+#[test]
+fn damaged_artifacts_are_refused() {
+    let (trainer, card, _) = trained();
+    let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, true)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(
+        artifact::decode::<Flex>(b"PK\x03\x04", &Default::default()),
+        Err(ArtifactError::NotAModel)
+    ));
+    for cut in [5, 20, bytes.len() / 2, bytes.len() - 1] {
+        assert!(
+            artifact::decode::<Flex>(&bytes[..cut], &Default::default()).is_err(),
+            "cut at {cut}"
+        );
+    }
+    let mut flipped = bytes.clone();
+    flipped[14] ^= 0xff;
+    assert!(artifact::decode::<Flex>(&flipped, &Default::default()).is_err());
+
+    let dir = std::env::temp_dir().join(format!("flywheel-artifact-{}", std::process::id()));
+    let path = dir.join("model.fwm");
+    let digest = artifact::write_file(&path, &bytes).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        artifact::read_file(&path, Some(&digest))
+            .map(|b| b.len())
+            .ok(),
+        Some(bytes.len())
+    );
+    let sidecar = std::fs::read_to_string(dir.join("model.fwm.sha256")).unwrap_or_default();
+    assert_eq!(sidecar, format!("{digest}  model.fwm\n"));
+    let wrong = "0".repeat(64);
+    assert!(matches!(
+        artifact::read_file(&path, Some(&wrong)),
+        Err(ArtifactError::ShaMismatch { .. })
+    ));
+    let _ = std::fs::remove_dir_all(dir);
+}
