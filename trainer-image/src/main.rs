@@ -1,12 +1,312 @@
-//! `flywheel-trainer`: the batch data plane a TrainingJob's pods run (train, ps, materialize, build-dataset).
-//! Not built yet: this binary exists so the workspace, images and kubelet stand-in have their final names.
+//! `flywheel-trainer`: the batch data plane a TrainingJob's pods run, also usable on a laptop.
+//!
+//! - `generate`: writes a seeded synthetic CTR data set (train/eval Parquet split by time, and its schema);
+//! - `train`: trains a model on Parquet data in one process and writes the artifact.
+//!
+//! Progress goes to stdout as JSON lines; the final result also goes to the termination-message file
+//! (`/dev/termination-log` unless `--termination-log` says otherwise), where the operator reads it.
 
-use std::process::ExitCode;
+mod dataset;
 
-fn main() -> ExitCode {
-    eprintln!(
-        "flywheel-trainer {}: no roles are implemented yet (train, ps, materialize, build-dataset)",
-        env!("CARGO_PKG_VERSION")
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use burn::backend::{Autodiff, Flex};
+use clap::{Parser, Subcommand};
+use flywheel_ml::artifact::{self, FORMAT, Lineage, ModelCard};
+use flywheel_ml::embedding::SparseOptimizer;
+use flywheel_ml::model::{Architecture, ModelConfig};
+use flywheel_ml::schema::FeatureSchema;
+use flywheel_ml::synthetic::{SyntheticConfig, feature_schema, generate};
+use flywheel_ml::train::{TrainConfig, Trainer};
+use serde_json::json;
+
+use crate::dataset::{Columns, read_encoded, write_impressions};
+
+type CpuBackend = Autodiff<Flex>;
+
+#[derive(Parser)]
+#[command(
+    name = "flywheel-trainer",
+    version,
+    about = "Flywheel training: data generation and model training"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a synthetic CTR data set: train.parquet, eval.parquet (the last share of time) and schema.json.
+    Generate {
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        users: u32,
+        #[arg(long, default_value_t = 2_000)]
+        items: u32,
+        /// Rows per hashed id table in the written schema.
+        #[arg(long, default_value_t = 100_000)]
+        buckets: u64,
+        #[arg(long, default_value_t = 0.2)]
+        eval_fraction: f64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train a model on Parquet data and write its artifact.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[arg(long, env = "FLYWHEEL_TRAIN_DATA")]
+    train: PathBuf,
+    #[arg(long, env = "FLYWHEEL_EVAL_DATA")]
+    eval: PathBuf,
+    /// Feature schema JSON (`{"features": [...]}`), as the FeatureView defines it.
+    #[arg(long, env = "FLYWHEEL_SCHEMA")]
+    schema: PathBuf,
+    #[arg(long, default_value = "clicked")]
+    label: String,
+    /// Column grouping examples for GAUC (e.g. the user).
+    #[arg(long, default_value = "user_id")]
+    group: String,
+    #[arg(long, value_parser = parse_architecture, default_value = "deepfm")]
+    architecture: Architecture,
+    #[arg(long, default_value_t = 16)]
+    embedding_dim: usize,
+    /// MLP widths, comma-separated (ignored by logistic).
+    #[arg(long, value_delimiter = ',', default_value = "400,400")]
+    hidden: Vec<usize>,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 1024)]
+    batch_size: usize,
+    /// Dense (Adam) learning rate.
+    #[arg(long, default_value_t = 0.001)]
+    learning_rate: f64,
+    /// Embedding optimizer: adagrad, adam or sgd.
+    #[arg(long, default_value = "adagrad")]
+    sparse_optimizer: String,
+    #[arg(long, default_value_t = 0.05)]
+    sparse_learning_rate: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Directory the artifact (`model.fwm`, `model.fwm.sha256`) is written to.
+    #[arg(long, env = "FLYWHEEL_OUTPUT")]
+    output: PathBuf,
+    /// Where the final result is written for the operator.
+    #[arg(
+        long,
+        env = "FLYWHEEL_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    termination_log: PathBuf,
+    /// Report progress every this many steps.
+    #[arg(long, default_value_t = 50)]
+    progress_every: u64,
+}
+
+fn parse_architecture(text: &str) -> Result<Architecture, String> {
+    serde_json::from_value(json!(text))
+        .map_err(|_| format!("`{text}`: use logistic, wide_deep or deepfm"))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate {
+            rows,
+            seed,
+            users,
+            items,
+            buckets,
+            eval_fraction,
+            out,
+        } => generate_command(rows, seed, users, items, buckets, eval_fraction, &out),
+        Command::Train(args) => train_command(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("flywheel-trainer: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn generate_command(
+    rows: usize,
+    seed: u64,
+    users: u32,
+    items: u32,
+    buckets: u64,
+    eval_fraction: f64,
+    out: &Path,
+) -> anyhow::Result<()> {
+    if !(0.0..1.0).contains(&eval_fraction) || rows < 2 {
+        bail!("--eval-fraction must be in [0, 1) and --rows at least 2");
+    }
+    let data = generate(&SyntheticConfig {
+        seed,
+        users,
+        items,
+        rows,
+        ..SyntheticConfig::default()
+    });
+    let split = ((rows as f64) * (1.0 - eval_fraction)) as usize;
+    write_impressions(&out.join("train.parquet"), &data.impressions[..split])?;
+    write_impressions(&out.join("eval.parquet"), &data.impressions[split..])?;
+    let schema_path = out.join("schema.json");
+    std::fs::write(
+        &schema_path,
+        serde_json::to_vec_pretty(&feature_schema(buckets))?,
+    )
+    .with_context(|| format!("writing {}", schema_path.display()))?;
+    let eval_probabilities: Vec<f64> = data.impressions[split..]
+        .iter()
+        .map(|i| i.true_probability)
+        .collect();
+    let eval_labels: Vec<bool> = data.impressions[split..]
+        .iter()
+        .map(|i| i.clicked)
+        .collect();
+    println!(
+        "{}",
+        json!({
+            "event": "generated",
+            "trainRows": split,
+            "evalRows": rows - split,
+            "clickRate": data.click_rate,
+            "bayesAuc": data.bayes_auc,
+            "evalBayesAuc": flywheel_ml::metrics::auc(&eval_probabilities, &eval_labels),
+            "out": out,
+        })
     );
-    ExitCode::from(2)
+    Ok(())
+}
+
+fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
+    let schema_text = std::fs::read_to_string(&args.schema)
+        .with_context(|| format!("reading {}", args.schema.display()))?;
+    let schema: FeatureSchema = serde_json::from_str(&schema_text)
+        .with_context(|| format!("{}: not a feature schema", args.schema.display()))?;
+    schema
+        .validate()
+        .with_context(|| format!("{}", args.schema.display()))?;
+    let columns = Columns {
+        label: args.label.clone(),
+        group: Some(args.group.clone()),
+    };
+    let started = Instant::now();
+    let train = read_encoded(&args.train, &schema, &columns)?;
+    let eval = read_encoded(&args.eval, &schema, &columns)?;
+    emit(
+        json!({"event": "loaded", "trainRows": train.len(), "evalRows": eval.len(), "seconds": started.elapsed().as_secs_f64()}),
+    );
+
+    let sparse_optimizer = match args.sparse_optimizer.as_str() {
+        "adagrad" => SparseOptimizer::adagrad(args.sparse_learning_rate),
+        "adam" => SparseOptimizer::adam(args.sparse_learning_rate),
+        "sgd" => SparseOptimizer::Sgd {
+            learning_rate: args.sparse_learning_rate,
+        },
+        other => bail!("--sparse-optimizer `{other}`: use adagrad, adam or sgd"),
+    };
+    let model = ModelConfig {
+        architecture: args.architecture,
+        embedding_dim: args.embedding_dim,
+        hidden_layers: if args.architecture == Architecture::Logistic {
+            Vec::new()
+        } else {
+            args.hidden.clone()
+        },
+        fields: train.fields,
+        numeric: train.numeric_width,
+    };
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        sparse_optimizer,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default());
+    let training_started = Instant::now();
+    let mut window_samples = 0usize;
+    let mut window_started = Instant::now();
+    trainer.fit(&train, |progress| {
+        window_samples += args.batch_size;
+        if progress.step % args.progress_every.max(1) == 0
+            || progress.step + 1 == progress.total_steps
+        {
+            let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
+            emit(json!({
+                "event": "progress",
+                "epoch": progress.epoch,
+                "step": progress.step + 1,
+                "totalSteps": progress.total_steps,
+                "samplesPerSecond": window_samples as f64 / seconds,
+                "loss": progress.loss,
+            }));
+            window_samples = 0;
+            window_started = Instant::now();
+        }
+    });
+    let train_seconds = training_started.elapsed().as_secs_f64();
+    let metrics = trainer.evaluate(&eval);
+    let card = ModelCard {
+        format: FORMAT.to_owned(),
+        model,
+        feature_schema_hash: schema.hash(),
+        schema,
+        training: config,
+        metrics: metrics.clone(),
+        lineage: Lineage {
+            data: vec![
+                args.train.display().to_string(),
+                args.eval.display().to_string(),
+            ],
+            train_rows: train.len(),
+            eval_rows: eval.len(),
+            warm_start: None,
+        },
+        code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
+        step: trainer.step,
+    };
+    let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, false)?;
+    let artifact_path = args.output.join("model.fwm");
+    let sha256 = artifact::write_file(&artifact_path, &bytes)?;
+    let result = json!({
+        "event": "done",
+        "artifact": artifact_path,
+        "sha256": sha256,
+        "featureSchemaHash": card.feature_schema_hash,
+        "metrics": metrics,
+        "steps": trainer.step,
+        "trainSeconds": train_seconds,
+        "samplesPerSecond": (train.len() * args.epochs) as f64 / train_seconds.max(1e-9),
+    });
+    emit(result.clone());
+    write_termination_message(&args.termination_log, &result);
+    Ok(())
+}
+
+fn emit(event: serde_json::Value) {
+    println!("{event}");
+}
+
+/// Best effort: outside Kubernetes the default path usually does not exist, and stdout already has the result.
+fn write_termination_message(path: &Path, result: &serde_json::Value) {
+    if let Err(err) = std::fs::write(path, result.to_string()) {
+        eprintln!(
+            "flywheel-trainer: not writing the termination message to {}: {err}",
+            path.display()
+        );
+    }
 }

@@ -1,0 +1,323 @@
+//! Training and evaluation sets as Parquet: reading them into encoded examples through the model's feature
+//! schema, and writing generated data. Every error names the file and the column.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::{
+    Array, ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array,
+    LargeStringArray, RecordBatch, StringArray,
+};
+use arrow_schema::{DataType, Field, Schema};
+use flywheel_ml::schema::FeatureSchema;
+use flywheel_ml::synthetic::Impression;
+use flywheel_ml::train::EncodedDataset;
+use flywheel_ml::transform::Value;
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a readable Parquet file: {message}")]
+    Parquet { path: PathBuf, message: String },
+    #[error("{path}: column `{column}` is missing")]
+    MissingColumn { path: PathBuf, column: String },
+    #[error("{path}: column `{column}` has type {found}, which a feature cannot read")]
+    UnsupportedType {
+        path: PathBuf,
+        column: String,
+        found: String,
+    },
+    #[error("{path}: label column `{column}` row {row}: {problem}")]
+    BadLabel {
+        path: PathBuf,
+        column: String,
+        row: usize,
+        problem: String,
+    },
+    #[error("{path}: row {row}: {source}")]
+    Transform {
+        path: PathBuf,
+        row: usize,
+        source: flywheel_ml::transform::TransformError,
+    },
+    #[error("{path}: the file holds no rows")]
+    Empty { path: PathBuf },
+}
+
+/// Which columns hold the label (clicked or not) and the group for GAUC (e.g. the user).
+#[derive(Clone, Debug)]
+pub struct Columns {
+    pub label: String,
+    pub group: Option<String>,
+}
+
+/// A typed view of one Arrow column.
+enum Column<'a> {
+    Int64(&'a Int64Array),
+    Int32(&'a Int32Array),
+    Float64(&'a Float64Array),
+    Float32(&'a Float32Array),
+    Utf8(&'a StringArray),
+    LargeUtf8(&'a LargeStringArray),
+    Bool(&'a BooleanArray),
+}
+
+impl<'a> Column<'a> {
+    fn of(array: &'a ArrayRef) -> Option<Column<'a>> {
+        let any = array.as_any();
+        Some(match array.data_type() {
+            DataType::Int64 => Column::Int64(any.downcast_ref()?),
+            DataType::Int32 => Column::Int32(any.downcast_ref()?),
+            DataType::Float64 => Column::Float64(any.downcast_ref()?),
+            DataType::Float32 => Column::Float32(any.downcast_ref()?),
+            DataType::Utf8 => Column::Utf8(any.downcast_ref()?),
+            DataType::LargeUtf8 => Column::LargeUtf8(any.downcast_ref()?),
+            DataType::Boolean => Column::Bool(any.downcast_ref()?),
+            _ => return None,
+        })
+    }
+
+    fn value(&self, row: usize) -> Value<'a> {
+        let null = match self {
+            Column::Int64(a) => a.is_null(row),
+            Column::Int32(a) => a.is_null(row),
+            Column::Float64(a) => a.is_null(row),
+            Column::Float32(a) => a.is_null(row),
+            Column::Utf8(a) => a.is_null(row),
+            Column::LargeUtf8(a) => a.is_null(row),
+            Column::Bool(a) => a.is_null(row),
+        };
+        if null {
+            return Value::Missing;
+        }
+        match self {
+            Column::Int64(a) => Value::Int(a.value(row)),
+            Column::Int32(a) => Value::Int(i64::from(a.value(row))),
+            Column::Float64(a) => Value::Float(a.value(row)),
+            Column::Float32(a) => Value::Float(f64::from(a.value(row))),
+            Column::Utf8(a) => Value::Str(a.value(row)),
+            Column::LargeUtf8(a) => Value::Str(a.value(row)),
+            Column::Bool(a) => Value::Bool(a.value(row)),
+        }
+    }
+}
+
+/// Reads `path` and encodes every row with `schema`.
+pub fn read_encoded(
+    path: &Path,
+    schema: &FeatureSchema,
+    columns: &Columns,
+) -> Result<EncodedDataset, DatasetError> {
+    let parquet_error = |message: String| DatasetError::Parquet {
+        path: path.to_owned(),
+        message,
+    };
+    let file = File::open(path).map_err(|source| DatasetError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| parquet_error(e.to_string()))?
+        .with_batch_size(8192)
+        .build()
+        .map_err(|e| parquet_error(e.to_string()))?;
+    let inputs = input_columns(schema);
+    let mut data = EncodedDataset {
+        fields: schema.categorical().len(),
+        numeric_width: schema.numeric().len(),
+        ..EncodedDataset::default()
+    };
+    let mut row_buffer = flywheel_ml::schema::EncodedRow::default();
+    let mut offset = 0;
+    for batch in reader {
+        let batch = batch.map_err(|e| parquet_error(e.to_string()))?;
+        let features: Vec<(&str, Column<'_>)> = inputs
+            .iter()
+            .map(|name| Ok((name.as_str(), column(path, &batch, name)?)))
+            .collect::<Result<_, DatasetError>>()?;
+        let label = column(path, &batch, &columns.label)?;
+        let group = columns
+            .group
+            .as_deref()
+            .map(|name| column(path, &batch, name))
+            .transpose()?;
+        for row in 0..batch.num_rows() {
+            schema
+                .encode_into(
+                    |name| {
+                        features
+                            .iter()
+                            .find(|(n, _)| *n == name)
+                            .map_or(Value::Missing, |(_, c)| c.value(row))
+                    },
+                    &mut row_buffer,
+                )
+                .map_err(|source| DatasetError::Transform {
+                    path: path.to_owned(),
+                    row: offset + row,
+                    source,
+                })?;
+            data.categorical.extend_from_slice(&row_buffer.categorical);
+            data.numeric.extend_from_slice(&row_buffer.numeric);
+            data.labels.push(label_value(
+                path,
+                &columns.label,
+                offset + row,
+                label.value(row),
+            )?);
+            data.groups
+                .push(group.as_ref().map_or(0, |g| group_key(g.value(row))));
+        }
+        offset += batch.num_rows();
+    }
+    if data.is_empty() {
+        return Err(DatasetError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(data)
+}
+
+/// Columns the schema reads: every feature's own column, except crosses, which read their inputs.
+fn input_columns(schema: &FeatureSchema) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for feature in &schema.features {
+        match &feature.transform {
+            Some(flywheel_ml::transform::Transform::Cross { features, .. }) => {
+                names.extend(features.iter().cloned())
+            }
+            _ => names.push(feature.name.clone()),
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn column<'a>(path: &Path, batch: &'a RecordBatch, name: &str) -> Result<Column<'a>, DatasetError> {
+    let array = batch
+        .column_by_name(name)
+        .ok_or_else(|| DatasetError::MissingColumn {
+            path: path.to_owned(),
+            column: name.to_owned(),
+        })?;
+    Column::of(array).ok_or_else(|| DatasetError::UnsupportedType {
+        path: path.to_owned(),
+        column: name.to_owned(),
+        found: array.data_type().to_string(),
+    })
+}
+
+fn label_value(
+    path: &Path,
+    column: &str,
+    row: usize,
+    value: Value<'_>,
+) -> Result<f32, DatasetError> {
+    let bad = |problem: String| DatasetError::BadLabel {
+        path: path.to_owned(),
+        column: column.to_owned(),
+        row,
+        problem,
+    };
+    match value {
+        Value::Bool(b) => Ok(if b { 1.0 } else { 0.0 }),
+        Value::Int(0) => Ok(0.0),
+        Value::Int(1) => Ok(1.0),
+        Value::Float(f) if f == 0.0 || f == 1.0 => Ok(f as f32),
+        Value::Float(f) if f.is_nan() => Err(bad("NaN; a label must be 0 or 1".to_owned())),
+        Value::Missing => Err(bad("missing; a label must be 0 or 1".to_owned())),
+        other => Err(bad(format!("{other:?} is not 0 or 1"))),
+    }
+}
+
+fn group_key(value: Value<'_>) -> u64 {
+    match value {
+        Value::Int(i) => i as u64,
+        Value::Str(s) => flywheel_ml::transform::hash_value("group", Value::Str(s)).unwrap_or(0),
+        Value::Bool(b) => u64::from(b),
+        Value::Float(f) => f.to_bits(),
+        Value::Missing => 0,
+    }
+}
+
+/// Writes generated impressions as Parquet (snappy), with the columns the synthetic schema reads plus
+/// `timestamp`, `clicked` and `true_probability`.
+pub fn write_impressions(path: &Path, impressions: &[Impression]) -> Result<(), DatasetError> {
+    let parquet_error = |message: String| DatasetError::Parquet {
+        path: path.to_owned(),
+        message,
+    };
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("timestamp", DataType::Int64, false),
+        Field::new("user_id", DataType::Int64, false),
+        Field::new("item_id", DataType::Int64, false),
+        Field::new("category", DataType::Int64, false),
+        Field::new("age", DataType::Int64, false),
+        Field::new("gender", DataType::Utf8, false),
+        Field::new("device", DataType::Utf8, false),
+        Field::new("hour", DataType::Int64, false),
+        Field::new("price", DataType::Float64, false),
+        Field::new("clicked", DataType::Boolean, false),
+        Field::new("true_probability", DataType::Float64, false),
+    ]));
+    let ints = |f: fn(&Impression) -> i64| {
+        Arc::new(Int64Array::from_iter_values(impressions.iter().map(f))) as ArrayRef
+    };
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            ints(|i| i.timestamp),
+            ints(|i| i64::from(i.user_id)),
+            ints(|i| i64::from(i.item_id)),
+            ints(|i| i64::from(i.category)),
+            ints(|i| i64::from(i.age)),
+            Arc::new(StringArray::from_iter_values(
+                impressions.iter().map(|i| i.gender),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                impressions.iter().map(|i| i.device),
+            )),
+            ints(|i| i64::from(i.hour)),
+            Arc::new(Float64Array::from_iter_values(
+                impressions.iter().map(|i| i.price),
+            )),
+            Arc::new(BooleanArray::from(
+                impressions.iter().map(|i| i.clicked).collect::<Vec<_>>(),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                impressions.iter().map(|i| i.true_probability),
+            )),
+        ],
+    )
+    .map_err(|e| parquet_error(e.to_string()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| DatasetError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    let file = File::create(path).map_err(|source| DatasetError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let mut writer = ArrowWriter::try_new(file, schema, Some(properties))
+        .map_err(|e| parquet_error(e.to_string()))?;
+    writer
+        .write(&batch)
+        .map_err(|e| parquet_error(e.to_string()))?;
+    writer.close().map_err(|e| parquet_error(e.to_string()))?;
+    Ok(())
+}
