@@ -1,0 +1,256 @@
+//! The trainer binary end to end: generated data trains into a verifiable artifact and termination message;
+//! bad inputs fail with a message naming the file and the column.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_schema::{Field, Schema};
+use parquet::arrow::ArrowWriter;
+use serde_json::Value;
+
+fn trainer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flywheel-trainer"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("running flywheel-trainer: {err}"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flywheel-trainer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("{err}"));
+    dir
+}
+
+fn s(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn generated(dir: &Path) {
+    let out = trainer(&[
+        "generate",
+        "--rows",
+        "30000",
+        "--users",
+        "300",
+        "--items",
+        "80",
+        "--buckets",
+        "2000",
+        "--out",
+        &s(dir),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn train(dir: &Path, train: &Path, eval: &Path, schema: &Path) -> Output {
+    trainer(&[
+        "train",
+        "--train",
+        &s(train),
+        "--eval",
+        &s(eval),
+        "--schema",
+        &s(schema),
+        "--output",
+        &s(&dir.join("model")),
+        "--termination-log",
+        &s(&dir.join("termination-log")),
+        "--hidden",
+        "16",
+        "--embedding-dim",
+        "4",
+        "--batch-size",
+        "256",
+        "--epochs",
+        "2",
+    ])
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn generated_data_trains_into_a_verified_artifact() {
+    let dir = scratch("ok");
+    generated(&dir);
+    let out = train(
+        &dir,
+        &dir.join("train.parquet"),
+        &dir.join("eval.parquet"),
+        &dir.join("schema.json"),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or(Value::Null))
+        .collect();
+    assert!(
+        events.iter().all(|e| e.is_object()),
+        "every stdout line is JSON: {stdout}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "progress" && e["samplesPerSecond"].as_f64().is_some())
+    );
+    let message: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("termination-log")).unwrap_or_default(),
+    )
+    .unwrap_or(Value::Null);
+    let artifact = std::fs::read(dir.join("model/model.fwm")).unwrap_or_default();
+    assert_eq!(
+        message["sha256"].as_str(),
+        Some(flywheel_ml::artifact::sha256_hex(&artifact).as_str())
+    );
+    assert!(
+        message["metrics"]["auc"].as_f64().unwrap_or(0.0) > 0.55,
+        "{message}"
+    );
+    assert_eq!(
+        message["featureSchemaHash"].as_str().map(str::len),
+        Some(64)
+    );
+}
+
+fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>) {
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(name, array)| Field::new(*name, array.data_type().clone(), true))
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    let file = std::fs::File::create(path).unwrap_or_else(|err| panic!("{err}"));
+    let mut writer = ArrowWriter::try_new(file, schema, None).unwrap_or_else(|err| panic!("{err}"));
+    if batch.num_rows() > 0 {
+        writer.write(&batch).unwrap_or_else(|err| panic!("{err}"));
+    }
+    writer.close().unwrap_or_else(|err| panic!("{err}"));
+}
+
+fn tiny_schema(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny-schema.json");
+    let schema = serde_json::json!({"features": [
+        {"name": "user_id", "valueType": "Int64", "transform": {"hashBucket": {"buckets": 100}}},
+        {"name": "price", "valueType": "Float64", "transform": {"log1p": {}}},
+    ]});
+    std::fs::write(&path, schema.to_string()).unwrap_or_else(|err| panic!("{err}"));
+    path
+}
+
+fn ints(values: &[i64]) -> ArrayRef {
+    Arc::new(Int64Array::from(values.to_vec()))
+}
+
+fn floats(values: &[f64]) -> ArrayRef {
+    Arc::new(Float64Array::from(values.to_vec()))
+}
+
+/// Trains on a good eval set and `bad` as the training set; returns stderr.
+fn failure_with(name: &str, bad: Vec<(&str, ArrayRef)>) -> (String, PathBuf) {
+    let dir = scratch(name);
+    let bad_path = dir.join("bad.parquet");
+    write_parquet(&bad_path, bad);
+    let good = dir.join("good.parquet");
+    write_parquet(
+        &good,
+        vec![
+            ("user_id", ints(&[1, 2])),
+            ("price", floats(&[1.0, 2.0])),
+            ("clicked", ints(&[0, 1])),
+        ],
+    );
+    let out = train(&dir, &bad_path, &good, &tiny_schema(&dir));
+    assert!(!out.status.success(), "bad input must fail");
+    (stderr(&out), bad_path)
+}
+
+#[test]
+fn missing_column_is_named_with_its_file() {
+    let (err, path) = failure_with(
+        "missing",
+        vec![("user_id", ints(&[1, 2])), ("clicked", ints(&[0, 1]))],
+    );
+    assert!(
+        err.contains(&s(&path)) && err.contains("column `price` is missing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_type_is_named_with_its_file_and_feature() {
+    let prices: ArrayRef = Arc::new(StringArray::from(vec!["cheap", "dear"]));
+    let (err, path) = failure_with(
+        "type",
+        vec![
+            ("user_id", ints(&[1, 2])),
+            ("price", prices),
+            ("clicked", ints(&[0, 1])),
+        ],
+    );
+    assert!(
+        err.contains(&s(&path)) && err.contains("feature `price`") && err.contains("a string"),
+        "{err}"
+    );
+}
+
+#[test]
+fn empty_file_is_refused() {
+    let (err, path) = failure_with(
+        "empty",
+        vec![
+            ("user_id", ints(&[])),
+            ("price", floats(&[])),
+            ("clicked", ints(&[])),
+        ],
+    );
+    assert!(
+        err.contains(&s(&path)) && err.contains("holds no rows"),
+        "{err}"
+    );
+}
+
+#[test]
+fn nan_label_is_named_with_its_file_and_column() {
+    let labels = floats(&[0.0, f64::NAN]);
+    let (err, path) = failure_with(
+        "nan",
+        vec![
+            ("user_id", ints(&[1, 2])),
+            ("price", floats(&[1.0, 2.0])),
+            ("clicked", labels),
+        ],
+    );
+    assert!(
+        err.contains(&s(&path))
+            && err.contains("label column `clicked` row 1")
+            && err.contains("NaN"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_parquet_is_refused() {
+    let dir = scratch("garbage");
+    let garbage = dir.join("garbage.parquet");
+    std::fs::write(&garbage, b"user_id,price\n1,2\n").unwrap_or_else(|err| panic!("{err}"));
+    let out = train(&dir, &garbage, &garbage, &tiny_schema(&dir));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not a readable Parquet file"),
+        "{}",
+        stderr(&out)
+    );
+}
