@@ -58,7 +58,7 @@ enum Command {
         out: PathBuf,
     },
     /// Train a model on Parquet data and write its artifact.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
 }
 
 #[derive(clap::Args)]
