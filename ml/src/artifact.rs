@@ -199,6 +199,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<String, ArtifactError> {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
     let temporary = path.with_extension("partial");
+    // (`<name>.partial` never collides with an artifact or checkpoint name.)
     std::fs::write(&temporary, bytes).map_err(io)?;
     std::fs::rename(&temporary, path).map_err(io)?;
     let digest = sha256_hex(bytes);
@@ -207,7 +208,7 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<String, ArtifactError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     std::fs::write(
-        path.with_extension("fwm.sha256"),
+        path.with_file_name(format!("{name}.sha256")),
         format!("{digest}  {name}\n"),
     )
     .map_err(io)?;

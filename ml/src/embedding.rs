@@ -86,6 +86,16 @@ impl EmbeddingTable {
         }
     }
 
+    /// The same rows under another optimizer, whose state starts fresh (warm starts).
+    pub fn with_optimizer(&self, optimizer: SparseOptimizer) -> Self {
+        let mut table = EmbeddingTable::new(self.dim, self.init_std, self.seed, optimizer);
+        for (id, weights) in self.rows() {
+            let slot = table.slot(id);
+            table.weights[slot * self.dim..(slot + 1) * self.dim].copy_from_slice(weights);
+        }
+        table
+    }
+
     pub fn dim(&self) -> usize {
         self.dim
     }

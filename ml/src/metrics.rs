@@ -1,7 +1,7 @@
 //! Offline and online model-quality metrics, defined to agree with scikit-learn and scipy (see
 //! `ml/tests/reference/`): AUC, GAUC, LogLoss, calibration, and the drift statistics PSI and KS.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 /// Area under the ROC curve (Mann–Whitney U with average ranks for tied scores), as
 /// `sklearn.metrics.roc_auc_score`. `None` when `labels` hold a single class or lengths differ.
@@ -39,7 +39,8 @@ pub fn gauc(scores: &[f64], labels: &[bool], groups: &[u64]) -> Option<f64> {
     if scores.len() != labels.len() || scores.len() != groups.len() {
         return None;
     }
-    let mut members: HashMap<u64, Vec<usize>> = HashMap::new();
+    // Ordered, so the weighted sum adds up in the same order on every run.
+    let mut members: BTreeMap<u64, Vec<usize>> = BTreeMap::new();
     for (index, group) in groups.iter().enumerate() {
         members.entry(*group).or_default().push(index);
     }

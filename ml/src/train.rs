@@ -14,6 +14,9 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+
+use crate::artifact::{self, ArtifactError, ModelCard, SavedModel};
 use crate::embedding::{EmbeddingTable, SparseOptimizer};
 use crate::metrics;
 use crate::model::{CtrModel, ModelConfig, bce_with_logits};
@@ -176,16 +179,69 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
     }
 
+    /// A trainer that continues from an earlier model's weights (incremental training) with a fresh optimizer.
+    /// The earlier model must be the model `requested` describes (architecture, widths, fields).
+    pub fn warm_start(
+        saved: SavedModel<B>,
+        requested: &ModelConfig,
+        config: TrainConfig,
+        device: B::Device,
+    ) -> Result<Self, WarmStartError> {
+        if saved.card.model != *requested {
+            return Err(WarmStartError::Incompatible(format!(
+                "the artifact's model is {:?}, this job's is {requested:?}",
+                saved.card.model
+            )));
+        }
+        let tables = Tables {
+            first_order: saved
+                .tables
+                .first_order
+                .with_optimizer(config.sparse_optimizer),
+            factors: saved
+                .tables
+                .factors
+                .as_ref()
+                .map(|t| t.with_optimizer(config.sparse_optimizer)),
+        };
+        Ok(Trainer {
+            model: saved.model,
+            tables,
+            model_config: requested.clone(),
+            optimizer: AdamConfig::new().init(),
+            device,
+            config,
+            step: 0,
+        })
+    }
+
     /// Trains `epochs` passes over `data` in a seeded shuffled order, reporting progress after each step.
-    pub fn fit(&mut self, data: &EncodedDataset, mut on_progress: impl FnMut(&Progress)) {
+    pub fn fit(&mut self, data: &EncodedDataset, on_progress: impl FnMut(&Progress)) {
+        let no_checkpoints = None::<(u64, fn(&Self, Position) -> Result<(), ArtifactError>)>;
+        // Without a checkpoint callback nothing can fail.
+        let _ = self.fit_from(data, Position::default(), on_progress, no_checkpoints);
+    }
+
+    /// Like [`Trainer::fit`] from `start` (a checkpoint's position), calling `checkpoint.1` every `checkpoint.0`
+    /// steps with the position to resume from; a failing checkpoint stops training. A shuffled epoch order
+    /// depends only on `(seed, epoch)`, so a resumed run visits exactly the batches the uninterrupted run would.
+    pub fn fit_from(
+        &mut self,
+        data: &EncodedDataset,
+        start: Position,
+        mut on_progress: impl FnMut(&Progress),
+        mut checkpoint: Option<(
+            u64,
+            impl FnMut(&Self, Position) -> Result<(), ArtifactError>,
+        )>,
+    ) -> Result<(), ArtifactError> {
         let batch_size = self.config.batch_size.max(1);
         let steps_per_epoch = data.len().div_ceil(batch_size) as u64;
         let total_steps = steps_per_epoch * self.config.epochs as u64;
-        let mut order: Vec<usize> = (0..data.len()).collect();
-        for epoch in 0..self.config.epochs {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed.wrapping_add(epoch as u64));
-            order.shuffle(&mut rng);
-            for batch in order.chunks(batch_size) {
+        for epoch in start.epoch..self.config.epochs {
+            let order = epoch_order(data.len(), self.config.seed, epoch);
+            let skip = if epoch == start.epoch { start.batch } else { 0 };
+            for (index, batch) in order.chunks(batch_size).enumerate().skip(skip) {
                 let started = Instant::now();
                 let loss = self.train_step(data, batch);
                 let seconds = started.elapsed().as_secs_f64().max(1e-9);
@@ -196,8 +252,81 @@ impl<B: AutodiffBackend> Trainer<B> {
                     samples_per_second: batch.len() as f64 / seconds,
                     loss,
                 });
+                if let Some((every, save)) = checkpoint.as_mut()
+                    && self.step.is_multiple_of((*every).max(1))
+                {
+                    save(
+                        self,
+                        Position {
+                            epoch,
+                            batch: index + 1,
+                        },
+                    )?;
+                }
             }
         }
+        Ok(())
+    }
+
+    /// The full training state at `position`: the model with embedding optimizer state, the dense optimizer
+    /// state, and where to go on.
+    pub fn checkpoint(
+        &self,
+        card: &ModelCard,
+        position: Position,
+    ) -> Result<Vec<u8>, ArtifactError> {
+        let model = artifact::encode(card, &self.model, &self.tables, true)?;
+        let optimizer = BinBytesRecorder::<FullPrecisionSettings>::default()
+            .record(self.optimizer.to_record(), ())
+            .map_err(|err| ArtifactError::Record(err.to_string()))?;
+        let mut out = Vec::with_capacity(model.len() + optimizer.len() + 36);
+        out.extend_from_slice(CHECKPOINT_MAGIC);
+        for section in [&model, &optimizer] {
+            out.extend_from_slice(&(section.len() as u64).to_le_bytes());
+            out.extend_from_slice(section);
+        }
+        out.extend_from_slice(&(position.epoch as u64).to_le_bytes());
+        out.extend_from_slice(&(position.batch as u64).to_le_bytes());
+        out.extend_from_slice(&self.step.to_le_bytes());
+        Ok(out)
+    }
+
+    /// A trainer restored from [`Trainer::checkpoint`] bytes, and the position to resume from.
+    pub fn resume(
+        bytes: &[u8],
+        device: B::Device,
+    ) -> Result<(Self, Position, ModelCard), ArtifactError> {
+        let rest = bytes
+            .strip_prefix(CHECKPOINT_MAGIC.as_slice())
+            .ok_or(ArtifactError::NotAModel)?;
+        let (model_bytes, rest) = split_section(rest)?;
+        let (optimizer_bytes, rest) = split_section(rest)?;
+        if rest.len() != 24 {
+            return Err(ArtifactError::Truncated);
+        }
+        let number = |range: std::ops::Range<usize>| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&rest[range]);
+            u64::from_le_bytes(word)
+        };
+        let saved = artifact::decode::<B>(model_bytes, &device)?;
+        let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+            .load(optimizer_bytes.to_vec(), &device)
+            .map_err(|err| ArtifactError::Record(err.to_string()))?;
+        let position = Position {
+            epoch: number(0..8) as usize,
+            batch: number(8..16) as usize,
+        };
+        let trainer = Trainer {
+            model: saved.model,
+            tables: saved.tables,
+            model_config: saved.card.model.clone(),
+            config: saved.card.training.clone(),
+            optimizer: AdamConfig::new().init().load_record(record),
+            device,
+            step: number(16..24),
+        };
+        Ok((trainer, position, saved.card))
     }
 
     /// One step over the examples `batch` of `data`; returns the batch loss.
@@ -287,6 +416,43 @@ pub fn predict<B: Backend>(
         );
     }
     out
+}
+
+const CHECKPOINT_MAGIC: &[u8; 4] = b"FWC1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WarmStartError {
+    #[error("cannot warm-start: {0}")]
+    Incompatible(String),
+}
+
+/// Where training stands: the epoch, and the next batch within it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: usize,
+    pub batch: usize,
+}
+
+/// The example order of `epoch`: a shuffle seeded by `(seed, epoch)` only.
+fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
+    order.shuffle(&mut rng);
+    order
+}
+
+fn split_section(input: &[u8]) -> Result<(&[u8], &[u8]), ArtifactError> {
+    if input.len() < 8 {
+        return Err(ArtifactError::Truncated);
+    }
+    let (len, rest) = input.split_at(8);
+    let mut word = [0u8; 8];
+    word.copy_from_slice(len);
+    let len = usize::try_from(u64::from_le_bytes(word)).map_err(|_| ArtifactError::Truncated)?;
+    if rest.len() < len {
+        return Err(ArtifactError::Truncated);
+    }
+    Ok(rest.split_at(len))
 }
 
 fn batch_keys(data: &EncodedDataset, batch: &[usize]) -> Vec<u64> {

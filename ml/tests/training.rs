@@ -117,3 +117,67 @@ fn same_seed_same_model() {
     other.fit(&train, |_| {});
     assert_ne!(first, other.predict(&eval));
 }
+
+#[test]
+fn resuming_from_a_checkpoint_gives_the_uninterrupted_result() {
+    use flywheel_ml::artifact::{FORMAT, Lineage, ModelCard};
+    use flywheel_ml::train::Position;
+    let (train, eval, _) = data(4, 6_000);
+    let model_config = model(Architecture::DeepFm, &train);
+    let config = TrainConfig {
+        epochs: 2,
+        ..config(21)
+    };
+    let mut uninterrupted =
+        Trainer::<Cpu>::new(model_config.clone(), config.clone(), Default::default());
+    uninterrupted.fit(&train, |_| {});
+    let expected = uninterrupted.predict(&eval);
+
+    let card = ModelCard {
+        format: FORMAT.to_owned(),
+        model: model_config.clone(),
+        schema: feature_schema(5_000),
+        feature_schema_hash: feature_schema(5_000).hash(),
+        training: config.clone(),
+        metrics: Default::default(),
+        lineage: Lineage::default(),
+        code_version: "test".into(),
+        step: 0,
+    };
+    let mut saved: Option<Vec<u8>> = None;
+    let mut interrupted = Trainer::<Cpu>::new(model_config, config, Default::default());
+    // 6 000 × 0.8 rows at 256 a batch is 19 steps an epoch: step 25 is inside the second epoch.
+    interrupted
+        .fit_from(
+            &train,
+            Position::default(),
+            |_| {},
+            Some((25, |trainer: &Trainer<Cpu>, position: Position| {
+                if saved.is_none() {
+                    saved = Some(trainer.checkpoint(&card, position)?);
+                }
+                Ok(())
+            })),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bytes = saved.unwrap_or_else(|| panic!("no checkpoint was taken"));
+    let (mut resumed, position, _) =
+        Trainer::<Cpu>::resume(&bytes, Default::default()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (position, resumed.step),
+        (Position { epoch: 1, batch: 6 }, 25)
+    );
+    let no_checkpoints = None::<(
+        u64,
+        fn(&Trainer<Cpu>, Position) -> Result<(), flywheel_ml::artifact::ArtifactError>,
+    )>;
+    resumed
+        .fit_from(&train, position, |_| {}, no_checkpoints)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resumed.step, uninterrupted.step);
+    assert_eq!(
+        resumed.predict(&eval),
+        expected,
+        "resume must continue exactly where the run stopped"
+    );
+}

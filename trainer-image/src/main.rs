@@ -19,7 +19,7 @@ use flywheel_ml::embedding::SparseOptimizer;
 use flywheel_ml::model::{Architecture, ModelConfig};
 use flywheel_ml::schema::FeatureSchema;
 use flywheel_ml::synthetic::{SyntheticConfig, feature_schema, generate};
-use flywheel_ml::train::{TrainConfig, Trainer};
+use flywheel_ml::train::{Position, TrainConfig, Trainer};
 use serde_json::json;
 
 use crate::dataset::{Columns, read_encoded, write_impressions};
@@ -109,6 +109,17 @@ struct TrainArgs {
     /// Report progress every this many steps.
     #[arg(long, default_value_t = 50)]
     progress_every: u64,
+    /// Directory of `checkpoint.fwc`; an existing checkpoint there is resumed (a restarted gang continues).
+    #[arg(long, env = "FLYWHEEL_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 1000)]
+    checkpoint_every: u64,
+    /// Start from this artifact's weights (incremental training).
+    #[arg(long, env = "FLYWHEEL_WARM_START")]
+    warm_start: Option<PathBuf>,
+    /// Expected SHA-256 of the warm-start artifact.
+    #[arg(long, env = "FLYWHEEL_WARM_START_SHA256")]
+    warm_start_sha256: Option<String>,
 }
 
 fn parse_architecture(text: &str) -> Result<Architecture, String> {
@@ -236,13 +247,74 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
         seed: args.seed,
         ..TrainConfig::default()
     };
-    let mut trainer = Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default());
+    let schema_hash = schema.hash();
+    let mut warm_start_digest = None;
+    let checkpoint_path = args
+        .checkpoint_dir
+        .as_ref()
+        .map(|dir| dir.join("checkpoint.fwc"));
+    let (mut trainer, start) = match (&checkpoint_path, &args.warm_start) {
+        (Some(path), _) if path.exists() => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let (trainer, position, card) =
+                Trainer::<CpuBackend>::resume(&bytes, Default::default())
+                    .with_context(|| format!("resuming from {}", path.display()))?;
+            if card.feature_schema_hash != schema_hash {
+                bail!(
+                    "{}: the checkpoint was trained on another feature schema",
+                    path.display()
+                );
+            }
+            emit(
+                json!({"event": "resumed", "checkpoint": path, "step": trainer.step, "epoch": position.epoch}),
+            );
+            (trainer, position)
+        }
+        (_, Some(path)) => {
+            let bytes = artifact::read_file(path, args.warm_start_sha256.as_deref())?;
+            let saved = artifact::decode::<CpuBackend>(&bytes, &Default::default())
+                .with_context(|| format!("warm start from {}", path.display()))?;
+            if saved.card.feature_schema_hash != schema_hash {
+                bail!(
+                    "{}: the warm-start model was trained on another feature schema",
+                    path.display()
+                );
+            }
+            warm_start_digest = Some(artifact::sha256_hex(&bytes));
+            let trainer = Trainer::warm_start(saved, &model, config.clone(), Default::default())?;
+            (trainer, Position::default())
+        }
+        _ => (
+            Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default()),
+            Position::default(),
+        ),
+    };
+    let mut card = ModelCard {
+        format: FORMAT.to_owned(),
+        model,
+        feature_schema_hash: schema_hash,
+        schema,
+        training: config,
+        metrics: Default::default(),
+        lineage: Lineage {
+            data: vec![
+                args.train.display().to_string(),
+                args.eval.display().to_string(),
+            ],
+            train_rows: train.len(),
+            eval_rows: eval.len(),
+            warm_start: warm_start_digest,
+        },
+        code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
+        step: trainer.step,
+    };
     let training_started = Instant::now();
     let mut window_samples = 0usize;
     let mut window_started = Instant::now();
-    trainer.fit(&train, |progress| {
+    let on_progress = |progress: &flywheel_ml::train::Progress| {
         window_samples += args.batch_size;
-        if progress.step % args.progress_every.max(1) == 0
+        if progress.step.is_multiple_of(args.progress_every.max(1))
             || progress.step + 1 == progress.total_steps
         {
             let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
@@ -257,28 +329,24 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
             window_samples = 0;
             window_started = Instant::now();
         }
+    };
+    let save = checkpoint_path.as_ref().map(|path| {
+        let card = &card;
+        (
+            args.checkpoint_every,
+            move |trainer: &Trainer<CpuBackend>, position: Position| {
+                let bytes = trainer.checkpoint(card, position)?;
+                artifact::write_file(path, &bytes)?;
+                emit(json!({"event": "checkpoint", "step": trainer.step, "path": path}));
+                Ok(())
+            },
+        )
     });
+    trainer.fit_from(&train, start, on_progress, save)?;
     let train_seconds = training_started.elapsed().as_secs_f64();
     let metrics = trainer.evaluate(&eval);
-    let card = ModelCard {
-        format: FORMAT.to_owned(),
-        model,
-        feature_schema_hash: schema.hash(),
-        schema,
-        training: config,
-        metrics: metrics.clone(),
-        lineage: Lineage {
-            data: vec![
-                args.train.display().to_string(),
-                args.eval.display().to_string(),
-            ],
-            train_rows: train.len(),
-            eval_rows: eval.len(),
-            warm_start: None,
-        },
-        code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
-        step: trainer.step,
-    };
+    card.metrics = metrics.clone();
+    card.step = trainer.step;
     let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, false)?;
     let artifact_path = args.output.join("model.fwm");
     let sha256 = artifact::write_file(&artifact_path, &bytes)?;

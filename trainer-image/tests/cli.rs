@@ -254,3 +254,117 @@ fn a_file_that_is_not_parquet_is_refused() {
         stderr(&out)
     );
 }
+
+fn train_with(dir: &Path, output: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "train".to_owned(),
+        "--train".into(),
+        s(&dir.join("train.parquet")),
+        "--eval".into(),
+        s(&dir.join("eval.parquet")),
+        "--schema".into(),
+        s(&dir.join("schema.json")),
+        "--output".into(),
+        s(&dir.join(output)),
+        "--termination-log".into(),
+        s(&dir.join(format!("{output}.termination-log"))),
+        "--hidden".into(),
+        "16".into(),
+        "--embedding-dim".into(),
+        "4".into(),
+        "--batch-size".into(),
+        "256".into(),
+        "--epochs".into(),
+        "2".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    trainer(&refs)
+}
+
+fn result_of(dir: &Path, output: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("{output}.termination-log"))).unwrap_or_default(),
+    )
+    .unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_restarted_run_resumes_its_checkpoint_and_ends_identical() {
+    let dir = scratch("resume");
+    generated(&dir);
+    let checkpoints = s(&dir.join("checkpoints"));
+    let first = train_with(
+        &dir,
+        "first",
+        &["--checkpoint-dir", &checkpoints, "--checkpoint-every", "40"],
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(String::from_utf8_lossy(&first.stdout).contains("\"event\":\"checkpoint\""));
+    // A restarted pod finds the last checkpoint (step 160 of 188) and trains only the rest.
+    let second = train_with(
+        &dir,
+        "second",
+        &["--checkpoint-dir", &checkpoints, "--checkpoint-every", "40"],
+    );
+    assert!(second.status.success(), "{}", stderr(&second));
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    let resumed: Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["event"] == "resumed")
+        .unwrap_or(Value::Null);
+    assert_eq!(resumed["step"], 160, "{stdout}");
+    let (a, b) = (result_of(&dir, "first"), result_of(&dir, "second"));
+    assert_eq!(a["metrics"], b["metrics"], "same weights, same metrics");
+    assert_eq!(a["steps"], b["steps"]);
+}
+
+#[test]
+fn warm_start_checks_the_artifact_digest_and_records_it() {
+    let dir = scratch("warm");
+    generated(&dir);
+    let base = train_with(&dir, "base", &[]);
+    assert!(base.status.success(), "{}", stderr(&base));
+    let digest = result_of(&dir, "base")["sha256"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let artifact = s(&dir.join("base/model.fwm"));
+    let wrong = train_with(
+        &dir,
+        "wrong",
+        &[
+            "--warm-start",
+            &artifact,
+            "--warm-start-sha256",
+            &"0".repeat(64),
+        ],
+    );
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("sha256"), "{}", stderr(&wrong));
+    let warm = train_with(
+        &dir,
+        "warm",
+        &["--warm-start", &artifact, "--warm-start-sha256", &digest],
+    );
+    assert!(warm.status.success(), "{}", stderr(&warm));
+    let model = std::fs::read(dir.join("warm/model.fwm")).unwrap_or_default();
+    let saved = flywheel_ml::artifact::decode::<burn::backend::Flex>(&model, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        saved.card.lineage.warm_start.as_deref(),
+        Some(digest.as_str())
+    );
+    let other_shape = train_with(
+        &dir,
+        "shape",
+        &["--warm-start", &artifact, "--architecture", "wide_deep"],
+    );
+    assert!(!other_shape.status.success());
+    assert!(
+        stderr(&other_shape).contains("cannot warm-start"),
+        "{}",
+        stderr(&other_shape)
+    );
+}
