@@ -138,6 +138,61 @@ pub struct Tables {
     pub factors: Option<EmbeddingTable>,
 }
 
+/// The two embedding tables of a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableKind {
+    /// One weight per row: the linear (wide) term.
+    FirstOrder,
+    /// `embeddingDim` weights per row: the factors of FM and the deep part.
+    Factors,
+}
+
+/// Where embedding rows live: this process's [`Tables`], or parameter-server shards.
+pub trait RowStore {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Appends the rows of `keys` (creating missing ones) to `out`.
+    fn gather(
+        &mut self,
+        table: TableKind,
+        keys: &[u64],
+        out: &mut Vec<f32>,
+    ) -> Result<(), Self::Error>;
+    /// Applies one optimizer step to the rows of `keys` given their gradients.
+    fn apply(&mut self, table: TableKind, keys: &[u64], grads: &[f32]) -> Result<(), Self::Error>;
+}
+
+impl Tables {
+    pub fn table_mut(&mut self, kind: TableKind) -> Option<&mut EmbeddingTable> {
+        match kind {
+            TableKind::FirstOrder => Some(&mut self.first_order),
+            TableKind::Factors => self.factors.as_mut(),
+        }
+    }
+}
+
+impl RowStore for Tables {
+    type Error = std::convert::Infallible;
+
+    fn gather(
+        &mut self,
+        table: TableKind,
+        keys: &[u64],
+        out: &mut Vec<f32>,
+    ) -> Result<(), Self::Error> {
+        if let Some(table) = self.table_mut(table) {
+            table.gather_into(keys, out);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, table: TableKind, keys: &[u64], grads: &[f32]) -> Result<(), Self::Error> {
+        if let Some(table) = self.table_mut(table) {
+            table.apply_gradients(keys, grads);
+        }
+        Ok(())
+    }
+}
+
 /// Row key of `index` in categorical field `field`.
 pub fn row_key(field: usize, index: u64) -> u64 {
     ((field as u64) << 48) | (index & ((1 << 48) - 1))
@@ -329,48 +384,44 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok((trainer, position, saved.card))
     }
 
-    /// One step over the examples `batch` of `data`; returns the batch loss.
+    /// One step over the examples `batch` of `data` with this process's tables; returns the batch loss.
     pub fn train_step(&mut self, data: &EncodedDataset, batch: &[usize]) -> f64 {
-        let fields = data.fields;
-        let keys = batch_keys(data, batch);
-        let mut first = Vec::with_capacity(keys.len());
-        self.tables.first_order.gather_into(&keys, &mut first);
-        let first =
-            Tensor::<B, 2>::from_data(TensorData::new(first, [batch.len(), fields]), &self.device)
-                .require_grad();
-        let factors = self.tables.factors.as_mut().map(|table| {
-            let dim = table.dim();
-            let mut rows = Vec::with_capacity(keys.len() * dim);
-            table.gather_into(&keys, &mut rows);
-            Tensor::<B, 3>::from_data(
-                TensorData::new(rows, [batch.len(), fields, dim]),
-                &self.device,
-            )
-            .require_grad()
-        });
-        let (numeric, labels) = batch_inputs::<B>(data, batch, &self.device);
-        let logits = self.model.forward(first.clone(), factors.clone(), numeric);
-        let loss = bce_with_logits(logits, labels);
-        let loss_value = scalar(loss.clone().inner().into_data());
-        let mut grads = loss.backward();
-        let first_grad = first
-            .grad(&grads)
-            .map(|g| floats(g.into_data()))
-            .unwrap_or_default();
-        let factor_grad = factors
-            .as_ref()
-            .and_then(|f| f.grad(&grads))
-            .map(|g| floats(g.into_data()));
-        let dense_grads = GradientsParams::from_module(&mut grads, &self.model);
-        self.model =
-            self.optimizer
-                .step(self.config.learning_rate, self.model.clone(), dense_grads);
-        self.tables.first_order.apply_gradients(&keys, &first_grad);
-        if let (Some(table), Some(grad)) = (self.tables.factors.as_mut(), factor_grad) {
-            table.apply_gradients(&keys, &grad);
-        }
+        let result = step_on(
+            &mut self.model,
+            &mut self.optimizer,
+            &self.device,
+            &self.config,
+            &self.model_config,
+            &mut self.tables,
+            data,
+            batch,
+        );
         self.step += 1;
-        loss_value
+        match result {
+            Ok(loss) => loss,
+            Err(never) => match never {},
+        }
+    }
+
+    /// One step whose embedding rows live in `store` (e.g. parameter-server shards) instead of this process.
+    pub fn train_step_with<S: RowStore>(
+        &mut self,
+        store: &mut S,
+        data: &EncodedDataset,
+        batch: &[usize],
+    ) -> Result<f64, S::Error> {
+        let loss = step_on(
+            &mut self.model,
+            &mut self.optimizer,
+            &self.device,
+            &self.config,
+            &self.model_config,
+            store,
+            data,
+            batch,
+        )?;
+        self.step += 1;
+        Ok(loss)
     }
 
     /// Click probabilities for every example of `data`, without touching the tables.
@@ -418,6 +469,57 @@ pub fn predict<B: Backend>(
     out
 }
 
+/// The forward/backward step shared by local and parameter-server training.
+#[allow(clippy::too_many_arguments)]
+fn step_on<B: AutodiffBackend, S: RowStore>(
+    model: &mut CtrModel<B>,
+    optimizer: &mut OptimizerAdaptor<Adam, CtrModel<B>, B>,
+    device: &B::Device,
+    config: &TrainConfig,
+    model_config: &ModelConfig,
+    store: &mut S,
+    data: &EncodedDataset,
+    batch: &[usize],
+) -> Result<f64, S::Error> {
+    let fields = data.fields;
+    let keys = batch_keys(data, batch);
+    let mut first = Vec::with_capacity(keys.len());
+    store.gather(TableKind::FirstOrder, &keys, &mut first)?;
+    let first = Tensor::<B, 2>::from_data(TensorData::new(first, [batch.len(), fields]), device)
+        .require_grad();
+    let factors = if model_config.uses_factors() {
+        let dim = model_config.embedding_dim;
+        let mut rows = Vec::with_capacity(keys.len() * dim);
+        store.gather(TableKind::Factors, &keys, &mut rows)?;
+        Some(
+            Tensor::<B, 3>::from_data(TensorData::new(rows, [batch.len(), fields, dim]), device)
+                .require_grad(),
+        )
+    } else {
+        None
+    };
+    let (numeric, labels) = batch_inputs::<B>(data, batch, device);
+    let logits = model.forward(first.clone(), factors.clone(), numeric);
+    let loss = bce_with_logits(logits, labels);
+    let loss_value = scalar(loss.clone().inner().into_data());
+    let mut grads = loss.backward();
+    let first_grad = first
+        .grad(&grads)
+        .map(|g| floats(g.into_data()))
+        .unwrap_or_default();
+    let factor_grad = factors
+        .as_ref()
+        .and_then(|f| f.grad(&grads))
+        .map(|g| floats(g.into_data()));
+    let dense_grads = GradientsParams::from_module(&mut grads, model);
+    *model = optimizer.step(config.learning_rate, model.clone(), dense_grads);
+    store.apply(TableKind::FirstOrder, &keys, &first_grad)?;
+    if let Some(grad) = factor_grad {
+        store.apply(TableKind::Factors, &keys, &grad)?;
+    }
+    Ok(loss_value)
+}
+
 const CHECKPOINT_MAGIC: &[u8; 4] = b"FWC1";
 
 #[derive(Debug, thiserror::Error)]
@@ -434,7 +536,7 @@ pub struct Position {
 }
 
 /// The example order of `epoch`: a shuffle seeded by `(seed, epoch)` only.
-fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
+pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..len).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
     order.shuffle(&mut rng);
