@@ -64,7 +64,7 @@ fn main() {
         (Architecture::WideDeep, vec![400, 400]),
         (Architecture::DeepFm, vec![400, 400]),
     ] {
-        for batch_size in [1024] {
+        for batch_size in [1024, 4096] {
             let model = ModelConfig {
                 architecture,
                 embedding_dim: 16,
