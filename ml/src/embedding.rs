@@ -96,6 +96,14 @@ impl EmbeddingTable {
         table
     }
 
+    /// Takes over every row of `other` (weights only), e.g. to assemble a model from parameter-server shards.
+    pub fn absorb(&mut self, other: &EmbeddingTable) {
+        for (id, weights) in other.rows() {
+            let slot = self.slot(id);
+            self.weights[slot * self.dim..(slot + 1) * self.dim].copy_from_slice(weights);
+        }
+    }
+
     pub fn dim(&self) -> usize {
         self.dim
     }
@@ -377,6 +385,11 @@ pub fn initial_value(seed: u64, id: u64, k: usize, std: f32) -> f32 {
     let u2 = ((splitmix64(base) >> 11) as f64) / (1u64 << 53) as f64;
     let normal = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
     (normal * f64::from(std)) as f32
+}
+
+/// The parameter-server shard that owns row `key` among `shards`.
+pub fn shard_of(key: u64, shards: usize) -> usize {
+    (splitmix64(key) % shards.max(1) as u64) as usize
 }
 
 fn splitmix64(mut x: u64) -> u64 {

@@ -2,11 +2,11 @@
 //! Module trained by a burn optimizer; the embedding rows come in as plain tensors gathered from
 //! [`crate::embedding::EmbeddingTable`]s, so their gradients stay sparse.
 
-use burn::module::Module;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::Tensor;
 use burn::tensor::activation::relu;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,4 +121,84 @@ impl<B: Backend> CtrModel<B> {
 pub fn bce_with_logits<B: Backend>(logits: Tensor<B, 1>, labels: Tensor<B, 1>) -> Tensor<B, 1> {
     let softplus_part = logits.clone().abs().neg().exp().log1p();
     (logits.clone().clamp_min(0.0) - logits * labels + softplus_part).mean()
+}
+
+/// Every dense parameter of `model`, flattened in module order (for parameter averaging across workers).
+pub fn dense_parameters<B: Backend>(model: &CtrModel<B>) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<B: Backend> ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.0.extend(data.to_vec::<f32>().unwrap_or_default());
+        }
+    }
+    let mut collect = Collect(Vec::new());
+    model.visit(&mut collect);
+    collect.0
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("dense parameters have {got} values, the model needs {expected}")]
+pub struct DenseShapeError {
+    pub expected: usize,
+    pub got: usize,
+}
+
+/// `model` with its dense parameters replaced by `values` (as [`dense_parameters`] lays them out).
+pub fn with_dense_parameters<B: Backend>(
+    model: CtrModel<B>,
+    values: &[f32],
+) -> Result<CtrModel<B>, DenseShapeError> {
+    let expected = model.num_params();
+    if values.len() != expected {
+        return Err(DenseShapeError {
+            expected,
+            got: values.len(),
+        });
+    }
+    struct Load<'a>(&'a [f32]);
+    impl<B: Backend> ModuleMapper<B> for Load<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            param.map(|tensor| {
+                let shape = tensor.shape();
+                let count = shape.num_elements();
+                let (mine, rest) = self.0.split_at(count.min(self.0.len()));
+                self.0 = rest;
+                let require_grad = tensor.is_require_grad();
+                let replaced =
+                    Tensor::from_data(TensorData::new(mine.to_vec(), shape), &tensor.device());
+                if require_grad {
+                    replaced.require_grad()
+                } else {
+                    replaced
+                }
+            })
+        }
+    }
+    Ok(model.map(&mut Load(values)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    #[test]
+    fn dense_parameters_round_trip() {
+        let config = ModelConfig {
+            architecture: Architecture::DeepFm,
+            embedding_dim: 3,
+            hidden_layers: vec![5],
+            fields: 2,
+            numeric: 1,
+        };
+        let model = config.init::<Flex>(&Default::default());
+        let values = dense_parameters(&model);
+        assert_eq!(values.len(), model.num_params());
+        let doubled: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
+        let other = with_dense_parameters(config.init::<Flex>(&Default::default()), &doubled)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(dense_parameters(&other), doubled);
+        assert!(with_dense_parameters(other, &values[1..]).is_err());
+    }
 }

@@ -7,6 +7,8 @@
 //! (`/dev/termination-log` unless `--termination-log` says otherwise), where the operator reads it.
 
 mod dataset;
+mod ps;
+mod worker;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -57,8 +59,42 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Train a model on Parquet data and write its artifact.
+    /// Train a model on Parquet data and write its artifact (one process, or a worker with `--ps`).
     Train(Box<TrainArgs>),
+    /// Serve one parameter-server shard until every worker is done.
+    Ps(PsArgs),
+}
+
+#[derive(clap::Args)]
+struct PsArgs {
+    #[arg(long, env = "FLYWHEEL_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: std::net::SocketAddr,
+    /// This shard's index (0 holds the dense parameters).
+    #[arg(long, env = "FLYWHEEL_SHARD", default_value_t = 0)]
+    shard: u32,
+    #[arg(long, env = "FLYWHEEL_WORKERS", default_value_t = 1)]
+    workers: u32,
+    #[arg(long, value_parser = parse_architecture, default_value = "deepfm")]
+    architecture: Architecture,
+    #[arg(long, default_value_t = 16)]
+    embedding_dim: usize,
+    #[arg(long, default_value = "adagrad")]
+    sparse_optimizer: String,
+    #[arg(long, default_value_t = 0.05)]
+    sparse_learning_rate: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A worker silent this long fails the shard (the gang restarts from its checkpoint).
+    #[arg(long, default_value = "120s", value_parser = parse_seconds)]
+    worker_timeout: std::time::Duration,
+}
+
+fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let seconds = text.strip_suffix('s').unwrap_or(text);
+    seconds
+        .parse::<u64>()
+        .map(std::time::Duration::from_secs)
+        .map_err(|_| format!("`{text}`: use seconds such as 120s"))
 }
 
 #[derive(clap::Args)]
@@ -120,6 +156,20 @@ struct TrainArgs {
     /// Expected SHA-256 of the warm-start artifact.
     #[arg(long, env = "FLYWHEEL_WARM_START_SHA256")]
     warm_start_sha256: Option<String>,
+    /// Parameter-server shards (`host:port`, comma-separated, in shard order): train as a PS worker.
+    #[arg(long, env = "FLYWHEEL_PS_ADDRS", value_delimiter = ',')]
+    ps: Vec<String>,
+    /// This worker's rank; rank 0 (the chief) writes the artifact.
+    #[arg(long, env = "FLYWHEEL_RANK", default_value_t = 0)]
+    rank: u32,
+    #[arg(long, env = "FLYWHEEL_WORKERS", default_value_t = 1)]
+    workers: u32,
+    /// Steps between dense-parameter averaging through shard 0.
+    #[arg(long, default_value_t = 20)]
+    sync_every: u64,
+    /// How long to keep trying to reach the shards at start.
+    #[arg(long, default_value = "60s", value_parser = parse_seconds)]
+    connect_timeout: std::time::Duration,
 }
 
 fn parse_architecture(text: &str) -> Result<Architecture, String> {
@@ -139,7 +189,9 @@ fn main() -> std::process::ExitCode {
             eval_fraction,
             out,
         } => generate_command(rows, seed, users, items, buckets, eval_fraction, &out),
+        Command::Train(args) if !args.ps.is_empty() => ps_worker_command(&args),
         Command::Train(args) => train_command(&args),
+        Command::Ps(args) => ps_command(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -359,6 +411,176 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
         "steps": trainer.step,
         "trainSeconds": train_seconds,
         "samplesPerSecond": (train.len() * args.epochs) as f64 / train_seconds.max(1e-9),
+    });
+    emit(result.clone());
+    write_termination_message(&args.termination_log, &result);
+    Ok(())
+}
+
+fn sparse_optimizer(kind: &str, learning_rate: f32) -> anyhow::Result<SparseOptimizer> {
+    Ok(match kind {
+        "adagrad" => SparseOptimizer::adagrad(learning_rate),
+        "adam" => SparseOptimizer::adam(learning_rate),
+        "sgd" => SparseOptimizer::Sgd { learning_rate },
+        other => bail!("--sparse-optimizer `{other}`: use adagrad, adam or sgd"),
+    })
+}
+
+fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let config = ps::ShardConfig {
+        shard: args.shard,
+        workers: args.workers,
+        embedding_dim: args.embedding_dim,
+        factors: args.architecture != Architecture::Logistic,
+        optimizer: sparse_optimizer(&args.sparse_optimizer, args.sparse_learning_rate)?,
+        init_std: TrainConfig::default().init_std,
+        seed: args.seed,
+        worker_timeout: args.worker_timeout,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let shard = args.shard;
+    runtime.block_on(ps::serve(config, args.listen, |addr| {
+        emit(json!({"event": "listening", "shard": shard, "addr": addr.to_string()}));
+    }))?;
+    emit(json!({"event": "done", "shard": shard}));
+    Ok(())
+}
+
+/// Trains this worker's share of the data against the parameter-server shards; the chief (rank 0) then waits
+/// for the other workers, assembles the model from the shards, evaluates it and writes the artifact.
+fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
+    if args.checkpoint_dir.is_some() || args.warm_start.is_some() {
+        bail!("--checkpoint-dir and --warm-start are not supported with --ps yet");
+    }
+    if args.workers == 0 || args.rank >= args.workers {
+        bail!(
+            "--rank {} is outside 0..{} workers",
+            args.rank,
+            args.workers
+        );
+    }
+    let schema_text = std::fs::read_to_string(&args.schema)
+        .with_context(|| format!("reading {}", args.schema.display()))?;
+    let schema: FeatureSchema = serde_json::from_str(&schema_text)
+        .with_context(|| format!("{}: not a feature schema", args.schema.display()))?;
+    schema
+        .validate()
+        .with_context(|| format!("{}", args.schema.display()))?;
+    let columns = Columns {
+        label: args.label.clone(),
+        group: Some(args.group.clone()),
+    };
+    let train = read_encoded(&args.train, &schema, &columns)?;
+    let model = ModelConfig {
+        architecture: args.architecture,
+        embedding_dim: args.embedding_dim,
+        hidden_layers: if args.architecture == Architecture::Logistic {
+            Vec::new()
+        } else {
+            args.hidden.clone()
+        },
+        fields: train.fields,
+        numeric: train.numeric_width,
+    };
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        sparse_optimizer: sparse_optimizer(&args.sparse_optimizer, args.sparse_learning_rate)?,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
+    let mut store = worker::RemoteStore::connect(
+        &args.ps,
+        args.rank,
+        args.embedding_dim,
+        args.connect_timeout,
+    )?;
+    let mut trainer = Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default());
+    let (rank, workers) = (args.rank as usize, args.workers as usize);
+    let started = Instant::now();
+    let mut samples = 0usize;
+    for epoch in 0..config.epochs {
+        let mine: Vec<usize> = flywheel_ml::train::epoch_order(train.len(), config.seed, epoch)
+            .into_iter()
+            .filter(|i| i % workers == rank)
+            .collect();
+        for batch in mine.chunks(config.batch_size.max(1)) {
+            let loss = trainer.train_step_with(&mut store, &train, batch)?;
+            samples += batch.len();
+            if trainer.step.is_multiple_of(args.sync_every.max(1)) {
+                let global =
+                    store.sync_dense(flywheel_ml::model::dense_parameters(&trainer.model))?;
+                trainer.model = flywheel_ml::model::with_dense_parameters(trainer.model, &global)?;
+            }
+            if trainer.step.is_multiple_of(args.progress_every.max(1)) {
+                emit(json!({
+                    "event": "progress", "rank": rank, "epoch": epoch, "step": trainer.step, "loss": loss,
+                    "samplesPerSecond": samples as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                }));
+            }
+        }
+    }
+    store.sync_dense(flywheel_ml::model::dense_parameters(&trainer.model))?;
+    let train_seconds = started.elapsed().as_secs_f64();
+    if rank != 0 {
+        store.done()?;
+        emit(
+            json!({"event": "done", "rank": rank, "steps": trainer.step, "trainSeconds": train_seconds}),
+        );
+        return Ok(());
+    }
+    store.wait_for_workers(args.workers - 1)?;
+    let global = store.sync_dense(Vec::new())?;
+    trainer.model = flywheel_ml::model::with_dense_parameters(trainer.model, &global)?;
+    store.export(
+        flywheel_ml::train::TableKind::FirstOrder,
+        &mut trainer.tables.first_order,
+    )?;
+    if let Some(factors) = trainer.tables.factors.as_mut() {
+        store.export(flywheel_ml::train::TableKind::Factors, factors)?;
+    }
+    let eval = read_encoded(&args.eval, &schema, &columns)?;
+    let metrics = trainer.evaluate(&eval);
+    let card = ModelCard {
+        format: FORMAT.to_owned(),
+        model,
+        feature_schema_hash: schema.hash(),
+        schema,
+        training: config,
+        metrics: metrics.clone(),
+        lineage: Lineage {
+            data: vec![
+                args.train.display().to_string(),
+                args.eval.display().to_string(),
+            ],
+            train_rows: train.len(),
+            eval_rows: eval.len(),
+            warm_start: None,
+        },
+        code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
+        step: trainer.step,
+    };
+    let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, false)?;
+    let artifact_path = args.output.join("model.fwm");
+    let sha256 = artifact::write_file(&artifact_path, &bytes)?;
+    store.done()?;
+    let result = json!({
+        "event": "done",
+        "rank": 0,
+        "artifact": artifact_path,
+        "sha256": sha256,
+        "featureSchemaHash": card.feature_schema_hash,
+        "metrics": metrics,
+        "steps": trainer.step,
+        "trainSeconds": train_seconds,
+        "samplesPerSecond": samples as f64 / train_seconds.max(1e-9),
     });
     emit(result.clone());
     write_termination_message(&args.termination_log, &result);

@@ -1,0 +1,11 @@
+//! Compiles the parameter-server protocol with protox (a Rust protobuf compiler: no system protoc needed).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/ps.proto");
+    let descriptors = protox::compile(["proto/ps.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

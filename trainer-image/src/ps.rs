@@ -1,0 +1,278 @@
+//! The parameter-server shard (`flywheel-trainer ps`): holds the embedding rows whose key hashes to it,
+//! applies the sparse optimizer to pushed gradients, keeps the averaged dense parameters (shard 0), and exits 0
+//! once every worker reported done. A worker silent for `worker_timeout` fails the shard with a clear error,
+//! so the operator restarts the gang from its checkpoint instead of waiting forever.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use flywheel_ml::embedding::{EmbeddingTable, SparseOptimizer};
+use flywheel_ml::train::{TableKind, Tables};
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+pub mod proto {
+    tonic::include_proto!("flywheel.ps.v1");
+}
+
+use proto::parameter_server_server::{ParameterServer, ParameterServerServer};
+use proto::{
+    DenseParameters, DoneRequest, ExportRequest, ExportResponse, Progress, PullRequest,
+    PullResponse, PushRequest, PushResponse, StatusRequest,
+};
+
+/// gRPC messages may carry whole tables (export) and large batches.
+pub const MAX_MESSAGE: usize = 1 << 30;
+
+#[derive(Clone, Debug)]
+pub struct ShardConfig {
+    pub shard: u32,
+    pub workers: u32,
+    pub embedding_dim: usize,
+    pub factors: bool,
+    pub optimizer: SparseOptimizer,
+    pub init_std: f32,
+    pub seed: u64,
+    pub worker_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serving on {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        source: tonic::transport::Error,
+    },
+    #[error(
+        "worker {worker} sent nothing for {seconds} s; giving up so the job can restart from its checkpoint"
+    )]
+    WorkerLost { worker: u32, seconds: u64 },
+}
+
+struct Shard {
+    config: ShardConfig,
+    tables: Mutex<Tables>,
+    dense: Mutex<Option<Vec<f32>>>,
+    done: Mutex<BTreeSet<u32>>,
+    last_seen: Mutex<BTreeMap<u32, Instant>>,
+    finished: watch::Sender<bool>,
+}
+
+/// A poisoned lock only means another request panicked mid-update; the data is still the best we have.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shard {
+    fn seen(&self, worker: u32) {
+        lock(&self.last_seen).insert(worker, Instant::now());
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            workers_done: lock(&self.done).len() as u32,
+            workers: self.config.workers,
+        }
+    }
+
+    fn table_kind(table: u32) -> Result<TableKind, Status> {
+        match table {
+            0 => Ok(TableKind::FirstOrder),
+            1 => Ok(TableKind::Factors),
+            other => Err(Status::invalid_argument(format!(
+                "no table {other}; tables are 0 (first order) and 1 (factors)"
+            ))),
+        }
+    }
+}
+
+struct Service(Arc<Shard>);
+
+#[tonic::async_trait]
+impl ParameterServer for Service {
+    async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
+        let request = request.into_inner();
+        self.0.seen(request.worker);
+        let kind = Shard::table_kind(request.table)?;
+        let mut tables = lock(&self.0.tables);
+        let table = tables
+            .table_mut(kind)
+            .ok_or_else(|| Status::invalid_argument("this model has no factor table"))?;
+        let mut values = Vec::with_capacity(request.ids.len() * table.dim());
+        table.gather_into(&request.ids, &mut values);
+        Ok(Response::new(PullResponse { values }))
+    }
+
+    async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
+        let request = request.into_inner();
+        self.0.seen(request.worker);
+        let kind = Shard::table_kind(request.table)?;
+        let mut tables = lock(&self.0.tables);
+        let table = tables
+            .table_mut(kind)
+            .ok_or_else(|| Status::invalid_argument("this model has no factor table"))?;
+        if request.gradients.len() != request.ids.len() * table.dim() {
+            return Err(Status::invalid_argument(format!(
+                "{} gradients for {} ids of width {}",
+                request.gradients.len(),
+                request.ids.len(),
+                table.dim()
+            )));
+        }
+        if request.gradients.iter().any(|g| !g.is_finite()) {
+            return Err(Status::invalid_argument("gradients must be finite"));
+        }
+        table.apply_gradients(&request.ids, &request.gradients);
+        Ok(Response::new(PushResponse {}))
+    }
+
+    async fn sync_dense(
+        &self,
+        request: Request<DenseParameters>,
+    ) -> Result<Response<DenseParameters>, Status> {
+        if self.0.config.shard != 0 {
+            return Err(Status::failed_precondition(
+                "dense parameters live on shard 0",
+            ));
+        }
+        let request = request.into_inner();
+        self.0.seen(request.worker);
+        let mut dense = lock(&self.0.dense);
+        if request.values.is_empty() {
+            // A read: the chief fetching the final global parameters without moving them.
+            return Ok(Response::new(DenseParameters {
+                worker: request.worker,
+                values: dense.clone().unwrap_or_default(),
+            }));
+        }
+        let global = match dense.take() {
+            None => request.values,
+            Some(mut global) => {
+                if global.len() != request.values.len() {
+                    let expected = global.len();
+                    *dense = Some(global);
+                    return Err(Status::invalid_argument(format!(
+                        "{} dense values, the model has {expected}",
+                        request.values.len()
+                    )));
+                }
+                // Each sync moves the global copy 1/W of the way to the worker's weights (asynchronous averaging).
+                let share = 1.0 / self.0.config.workers.max(1) as f32;
+                for (g, w) in global.iter_mut().zip(&request.values) {
+                    *g += (w - *g) * share;
+                }
+                global
+            }
+        };
+        *dense = Some(global.clone());
+        Ok(Response::new(DenseParameters {
+            worker: request.worker,
+            values: global,
+        }))
+    }
+
+    async fn done(&self, request: Request<DoneRequest>) -> Result<Response<Progress>, Status> {
+        let worker = request.into_inner().worker;
+        self.0.seen(worker);
+        lock(&self.0.done).insert(worker);
+        let progress = self.0.progress();
+        if progress.workers_done >= progress.workers {
+            let _ = self.0.finished.send(true);
+        }
+        Ok(Response::new(progress))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<Progress>, Status> {
+        Ok(Response::new(self.0.progress()))
+    }
+
+    async fn export(
+        &self,
+        request: Request<ExportRequest>,
+    ) -> Result<Response<ExportResponse>, Status> {
+        let kind = Shard::table_kind(request.into_inner().table)?;
+        let mut tables = lock(&self.0.tables);
+        let table = tables
+            .table_mut(kind)
+            .ok_or_else(|| Status::invalid_argument("this model has no factor table"))?;
+        let mut bytes = Vec::new();
+        table.write_to(&mut bytes, false);
+        Ok(Response::new(ExportResponse { table: bytes }))
+    }
+}
+
+/// Serves the shard on `addr` until every worker is done (Ok) or a worker goes silent (Err).
+pub async fn serve(
+    config: ShardConfig,
+    addr: SocketAddr,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), ShardError> {
+    let (finished, mut finished_rx) = watch::channel(false);
+    let tables = Tables {
+        first_order: EmbeddingTable::new(1, 0.0, config.seed, config.optimizer),
+        factors: config.factors.then(|| {
+            EmbeddingTable::new(
+                config.embedding_dim,
+                config.init_std,
+                config.seed ^ 1,
+                config.optimizer,
+            )
+        }),
+    };
+    let shard = Arc::new(Shard {
+        config: config.clone(),
+        tables: Mutex::new(tables),
+        dense: Mutex::new(None),
+        done: Mutex::new(BTreeSet::new()),
+        last_seen: Mutex::new(BTreeMap::new()),
+        finished,
+    });
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ShardError::Bind { addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    on_listening(local);
+    let service = ParameterServerServer::new(Service(shard.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let mut stop = finished_rx.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop.wait_for(|done| *done).await;
+        });
+    let watchdog = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if *finished_rx.borrow_and_update() {
+                return Ok(());
+            }
+            let done = lock(&shard.done).clone();
+            let silent = lock(&shard.last_seen)
+                .iter()
+                .filter(|(worker, _)| !done.contains(worker))
+                .find(|(_, seen)| seen.elapsed() > config.worker_timeout)
+                .map(|(worker, _)| *worker);
+            if let Some(worker) = silent {
+                return Err(ShardError::WorkerLost {
+                    worker,
+                    seconds: config.worker_timeout.as_secs(),
+                });
+            }
+        }
+    };
+    tokio::select! {
+        served = server => served.map_err(|source| ShardError::Serve { addr: local, source }),
+        watched = watchdog => watched,
+    }
+}

@@ -1,0 +1,259 @@
+//! The parameter-server topology as real processes on 127.0.0.1: 2 shards + 2 workers reach the AUC of a
+//! single-process run; shards exit 0 when the workers are done; losing a shard fails the workers, and losing a
+//! worker fails the shards, each with a message naming what was lost.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flywheel-trainer");
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flywheel-ps-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("{err}"));
+    dir
+}
+
+fn s(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|err| panic!("{err}"))
+}
+
+fn generate(dir: &Path, rows: &str) {
+    let out = Command::new(BIN)
+        .args([
+            "generate",
+            "--rows",
+            rows,
+            "--users",
+            "300",
+            "--items",
+            "80",
+            "--buckets",
+            "2000",
+            "--out",
+            &s(dir),
+        ])
+        .output()
+        .unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn train_args(dir: &Path, name: &str) -> Vec<String> {
+    [
+        "train",
+        "--train",
+        &s(&dir.join("train.parquet")),
+        "--eval",
+        &s(&dir.join("eval.parquet")),
+        "--schema",
+        &s(&dir.join("schema.json")),
+        "--output",
+        &s(&dir.join(name)),
+        "--termination-log",
+        &s(&dir.join(format!("{name}.result"))),
+        "--hidden",
+        "16",
+        "--embedding-dim",
+        "4",
+        "--batch-size",
+        "256",
+        "--epochs",
+        "2",
+        "--seed",
+        "3",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+fn spawn(args: &[String], log: &Path) -> Child {
+    let file = std::fs::File::create(log).unwrap_or_else(|err| panic!("{err}"));
+    let err = file.try_clone().unwrap_or_else(|err| panic!("{err}"));
+    Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn shard(dir: &Path, index: usize, port: u16, extra: &[&str]) -> Child {
+    let mut args: Vec<String> = [
+        "ps",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--shard",
+        &index.to_string(),
+        "--workers",
+        "2",
+        "--embedding-dim",
+        "4",
+        "--seed",
+        "3",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    spawn(&args, &dir.join(format!("ps{index}.log")))
+}
+
+fn worker(dir: &Path, rank: usize, ports: &[u16]) -> Child {
+    let mut args = train_args(dir, &format!("worker{rank}"));
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    args.extend([
+        "--ps".to_owned(),
+        addrs.join(","),
+        "--rank".into(),
+        rank.to_string(),
+        "--workers".into(),
+        "2".into(),
+    ]);
+    spawn(&args, &dir.join(format!("worker{rank}.log")))
+}
+
+fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn log(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+}
+
+fn auc(dir: &Path, name: &str) -> f64 {
+    let text = std::fs::read_to_string(dir.join(format!("{name}.result"))).unwrap_or_default();
+    let result: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    result["metrics"]["auc"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no AUC in {name}: {text}"))
+}
+
+#[test]
+fn two_shards_and_two_workers_match_a_single_worker() {
+    let dir = scratch("match");
+    generate(&dir, "40000");
+    let single: Output = Command::new(BIN)
+        .args(train_args(&dir, "single"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        single.status.success(),
+        "{}",
+        String::from_utf8_lossy(&single.stderr)
+    );
+
+    let ports = [free_port(), free_port()];
+    let mut shards = [shard(&dir, 0, ports[0], &[]), shard(&dir, 1, ports[1], &[])];
+    let mut workers = [worker(&dir, 0, &ports), worker(&dir, 1, &ports)];
+    for (rank, child) in workers.iter_mut().enumerate() {
+        let status = wait(child, Duration::from_secs(240));
+        assert!(
+            status.success(),
+            "worker {rank}: {}",
+            log(&dir, &format!("worker{rank}"))
+        );
+    }
+    for (index, child) in shards.iter_mut().enumerate() {
+        let status = wait(child, Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "shards exit 0 once the workers are done: {}",
+            log(&dir, &format!("ps{index}"))
+        );
+    }
+    let (single_auc, ps_auc) = (auc(&dir, "single"), auc(&dir, "worker0"));
+    eprintln!("single AUC {single_auc:.4}, 2 PS + 2 workers AUC {ps_auc:.4}");
+    assert!(
+        (single_auc - ps_auc).abs() <= 0.01,
+        "single {single_auc} vs PS {ps_auc}"
+    );
+    assert!(ps_auc > 0.6);
+}
+
+#[test]
+fn losing_a_shard_fails_the_workers_with_its_address() {
+    let dir = scratch("lost-shard");
+    generate(&dir, "200000");
+    let ports = [free_port(), free_port()];
+    let mut shards = [shard(&dir, 0, ports[0], &[]), shard(&dir, 1, ports[1], &[])];
+    let mut first = worker(&dir, 0, &ports);
+    let mut second = worker(&dir, 1, &ports);
+    // Let training start, then lose shard 1.
+    let started = Instant::now();
+    while !log(&dir, "worker0").contains("\"event\":\"progress\"")
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = shards[1].kill();
+    let status = wait(&mut first, Duration::from_secs(60));
+    assert!(!status.success());
+    let message = log(&dir, "worker0");
+    assert!(
+        message.contains(&format!("shard 1 (127.0.0.1:{})", ports[1])),
+        "{message}"
+    );
+    let _ = wait(&mut second, Duration::from_secs(60));
+    let _ = shards[0].kill();
+}
+
+#[test]
+fn losing_a_worker_fails_the_shards() {
+    let dir = scratch("lost-worker");
+    generate(&dir, "200000");
+    let ports = [free_port(), free_port()];
+    let mut shards = [
+        shard(&dir, 0, ports[0], &["--worker-timeout", "3s"]),
+        shard(&dir, 1, ports[1], &["--worker-timeout", "3s"]),
+    ];
+    let mut first = worker(&dir, 0, &ports);
+    let mut second = worker(&dir, 1, &ports);
+    let started = Instant::now();
+    while !log(&dir, "worker1").contains("\"event\":\"progress\"")
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = second.kill();
+    let _ = second.wait();
+    for (index, child) in shards.iter_mut().enumerate() {
+        let status = wait(child, Duration::from_secs(60));
+        assert!(
+            !status.success(),
+            "shard {index} must fail when a worker is lost"
+        );
+        assert!(
+            log(&dir, &format!("ps{index}")).contains("worker 1 sent nothing for 3 s"),
+            "{}",
+            log(&dir, &format!("ps{index}"))
+        );
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+}
