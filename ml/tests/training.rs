@@ -181,3 +181,82 @@ fn resuming_from_a_checkpoint_gives_the_uninterrupted_result() {
         "resume must continue exactly where the run stopped"
     );
 }
+
+/// Clicks that depend only on a user × item interaction: a linear model cannot rank them, the factor models must.
+#[test]
+fn factor_models_learn_a_pure_interaction_that_logistic_cannot() {
+    use flywheel_ml::schema::{FeatureSchema, FeatureSpec, ValueType};
+    use flywheel_ml::transform::{Transform, Value};
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let sign = |id: u32| if id.is_multiple_of(2) { 1.0 } else { -1.0 };
+    let rows: Vec<(u32, u32, bool)> = (0..60_000)
+        .map(|_| {
+            let (user, item) = (rng.random_range(0..40u32), rng.random_range(0..40u32));
+            let p = 1.0 / (1.0 + f64::exp(-2.5 * sign(user) * sign(item)));
+            (user, item, rng.random::<f64>() < p)
+        })
+        .collect();
+    let schema = FeatureSchema {
+        features: ["user", "item"]
+            .iter()
+            .map(|name| FeatureSpec {
+                name: (*name).into(),
+                value_type: ValueType::Int64,
+                transform: Some(Transform::HashBucket { buckets: 1000 }),
+            })
+            .collect(),
+    };
+    let encode = |slice: &[(u32, u32, bool)]| {
+        EncodedDataset::encode(
+            &schema,
+            slice,
+            |row, column| Value::Int(i64::from(if column == "user" { row.0 } else { row.1 })),
+            |row| row.2,
+            |row| u64::from(row.0),
+        )
+        .unwrap_or_else(|err| panic!("{err}"))
+    };
+    let (train, eval) = (encode(&rows[..50_000]), encode(&rows[50_000..]));
+    let bayes = 1.0 / (1.0 + f64::exp(-2.5));
+    let labels: Vec<bool> = rows[50_000..].iter().map(|r| r.2).collect();
+    let truth: Vec<f64> = rows[50_000..]
+        .iter()
+        .map(|r| {
+            if sign(r.0) * sign(r.1) > 0.0 {
+                bayes
+            } else {
+                1.0 - bayes
+            }
+        })
+        .collect();
+    let bayes_auc = flywheel_ml::metrics::auc(&truth, &labels).unwrap_or(0.5);
+    for architecture in [
+        Architecture::Logistic,
+        Architecture::DeepFm,
+        Architecture::WideDeep,
+    ] {
+        let mut trainer = Trainer::<Cpu>::new(
+            model(architecture, &train),
+            TrainConfig {
+                epochs: 2,
+                ..config(1)
+            },
+            Default::default(),
+        );
+        trainer.fit(&train, |_| {});
+        let auc = trainer.evaluate(&eval).auc.unwrap_or(0.5);
+        eprintln!("{architecture:?}: AUC {auc:.4}, Bayes {bayes_auc:.4}");
+        if architecture == Architecture::Logistic {
+            assert!(
+                auc < 0.56,
+                "a linear model cannot rank a pure interaction: {auc}"
+            );
+        } else {
+            assert!(
+                auc > bayes_auc - 0.02,
+                "{architecture:?} AUC {auc} vs Bayes {bayes_auc}"
+            );
+        }
+    }
+}
