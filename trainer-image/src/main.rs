@@ -87,6 +87,9 @@ struct PsArgs {
     /// A worker silent this long fails the shard (the gang restarts from its checkpoint).
     #[arg(long, default_value = "120s", value_parser = parse_seconds)]
     worker_timeout: std::time::Duration,
+    /// Where the shard writes `ps-shard-<I>.fwt` when the chief asks; an existing one is loaded at start.
+    #[arg(long, env = "FLYWHEEL_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<PathBuf>,
 }
 
 fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
@@ -439,6 +442,7 @@ fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
         init_std: TrainConfig::default().init_std,
         seed: args.seed,
         worker_timeout: args.worker_timeout,
+        checkpoint_dir: args.checkpoint_dir.clone(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -455,8 +459,8 @@ fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
 /// Trains this worker's share of the data against the parameter-server shards; the chief (rank 0) then waits
 /// for the other workers, assembles the model from the shards, evaluates it and writes the artifact.
 fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
-    if args.checkpoint_dir.is_some() || args.warm_start.is_some() {
-        bail!("--checkpoint-dir and --warm-start are not supported with --ps yet");
+    if args.warm_start.is_some() {
+        bail!("--warm-start is not supported with --ps yet");
     }
     if args.workers == 0 || args.rank >= args.workers {
         bail!(
@@ -502,18 +506,75 @@ fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
         args.embedding_dim,
         args.connect_timeout,
     )?;
-    let mut trainer = Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default());
+    let schema_hash = schema.hash();
+    let checkpoint_path = args
+        .checkpoint_dir
+        .as_ref()
+        .map(|dir| dir.join(format!("ps-worker-{}.fwc", args.rank)));
+    let (mut trainer, start) = match &checkpoint_path {
+        Some(path) if path.exists() => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let (trainer, position, card) =
+                Trainer::<CpuBackend>::resume(&bytes, Default::default())
+                    .with_context(|| format!("resuming from {}", path.display()))?;
+            if card.feature_schema_hash != schema_hash {
+                bail!(
+                    "{}: the checkpoint was trained on another feature schema",
+                    path.display()
+                );
+            }
+            emit(json!({
+                "event": "resumed", "rank": args.rank, "checkpoint": path, "step": trainer.step,
+                "epoch": position.epoch,
+            }));
+            (trainer, position)
+        }
+        _ => (
+            Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default()),
+            Position::default(),
+        ),
+    };
+    let checkpoint_card = ModelCard {
+        format: FORMAT.to_owned(),
+        model: model.clone(),
+        feature_schema_hash: schema_hash,
+        schema: schema.clone(),
+        training: config.clone(),
+        metrics: Default::default(),
+        lineage: Lineage::default(),
+        code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
+        step: 0,
+    };
     let (rank, workers) = (args.rank as usize, args.workers as usize);
     let started = Instant::now();
     let mut samples = 0usize;
-    for epoch in 0..config.epochs {
+    for epoch in start.epoch..config.epochs {
         let mine: Vec<usize> = flywheel_ml::train::epoch_order(train.len(), config.seed, epoch)
             .into_iter()
             .filter(|i| i % workers == rank)
             .collect();
-        for batch in mine.chunks(config.batch_size.max(1)) {
+        let skip = if epoch == start.epoch { start.batch } else { 0 };
+        for (index, batch) in mine.chunks(config.batch_size.max(1)).enumerate().skip(skip) {
             let loss = trainer.train_step_with(&mut store, &train, batch)?;
             samples += batch.len();
+            if let Some(path) = &checkpoint_path
+                && trainer.step.is_multiple_of(args.checkpoint_every.max(1))
+            {
+                // The chief has the shards save their rows with its own state.
+                if rank == 0 {
+                    store.checkpoint(trainer.step)?;
+                }
+                let bytes = trainer.checkpoint(
+                    &checkpoint_card,
+                    Position {
+                        epoch,
+                        batch: index + 1,
+                    },
+                )?;
+                artifact::write_file(path, &bytes)?;
+                emit(json!({"event": "checkpoint", "rank": rank, "step": trainer.step}));
+            }
             if trainer.step.is_multiple_of(args.sync_every.max(1)) {
                 let global =
                     store.sync_dense(flywheel_ml::model::dense_parameters(&trainer.model))?;

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,8 @@ pub mod proto {
 
 use proto::parameter_server_server::{ParameterServer, ParameterServerServer};
 use proto::{
-    DenseParameters, DoneRequest, ExportRequest, ExportResponse, Progress, PullRequest,
-    PullResponse, PushRequest, PushResponse, StatusRequest,
+    CheckpointRequest, CheckpointResponse, DenseParameters, DoneRequest, ExportRequest,
+    ExportResponse, Progress, PullRequest, PullResponse, PushRequest, PushResponse, StatusRequest,
 };
 
 /// gRPC messages may carry whole tables (export) and large batches.
@@ -37,10 +38,22 @@ pub struct ShardConfig {
     pub init_std: f32,
     pub seed: u64,
     pub worker_timeout: Duration,
+    /// Where the shard keeps `ps-shard-<I>.fwt`; an existing one is loaded at start (a restarted gang).
+    pub checkpoint_dir: Option<PathBuf>,
+}
+
+impl ShardConfig {
+    fn checkpoint_path(&self) -> Option<PathBuf> {
+        self.checkpoint_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("ps-shard-{}.fwt", self.shard)))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShardError {
+    #[error("loading the shard checkpoint {path}: {message}")]
+    Restore { path: PathBuf, message: String },
     #[error("listening on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -196,6 +209,22 @@ impl ParameterServer for Service {
         Ok(Response::new(self.0.progress()))
     }
 
+    async fn checkpoint(
+        &self,
+        _request: Request<CheckpointRequest>,
+    ) -> Result<Response<CheckpointResponse>, Status> {
+        let path =
+            self.0.config.checkpoint_path().ok_or_else(|| {
+                Status::failed_precondition("this shard has no checkpoint directory")
+            })?;
+        let bytes = encode_shard(&lock(&self.0.tables), lock(&self.0.dense).as_deref());
+        flywheel_ml::artifact::write_file(&path, &bytes)
+            .map_err(|err| Status::internal(err.to_string()))?;
+        Ok(Response::new(CheckpointResponse {
+            path: path.display().to_string(),
+        }))
+    }
+
     async fn export(
         &self,
         request: Request<ExportRequest>,
@@ -211,14 +240,8 @@ impl ParameterServer for Service {
     }
 }
 
-/// Serves the shard on `addr` until every worker is done (Ok) or a worker goes silent (Err).
-pub async fn serve(
-    config: ShardConfig,
-    addr: SocketAddr,
-    on_listening: impl FnOnce(SocketAddr),
-) -> Result<(), ShardError> {
-    let (finished, mut finished_rx) = watch::channel(false);
-    let tables = Tables {
+fn fresh_tables(config: &ShardConfig) -> Tables {
+    Tables {
         first_order: EmbeddingTable::new(1, 0.0, config.seed, config.optimizer),
         factors: config.factors.then(|| {
             EmbeddingTable::new(
@@ -228,11 +251,75 @@ pub async fn serve(
                 config.optimizer,
             )
         }),
+    }
+}
+
+/// A shard checkpoint: table count, the tables with optimizer state, then the dense parameters (shard 0).
+fn encode_shard(tables: &Tables, dense: Option<&[f32]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.push(if tables.factors.is_some() { 2 } else { 1 });
+    tables.first_order.write_to(&mut out, true);
+    if let Some(factors) = &tables.factors {
+        factors.write_to(&mut out, true);
+    }
+    let dense = dense.unwrap_or_default();
+    out.extend_from_slice(&(dense.len() as u64).to_le_bytes());
+    for value in dense {
+        out.extend_from_slice(&value.to_le_bytes());
+    }
+    out
+}
+
+fn decode_shard(bytes: &[u8]) -> Result<(Tables, Option<Vec<f32>>), String> {
+    let (&count, mut input) = bytes.split_first().ok_or("empty file")?;
+    let first_order = EmbeddingTable::read_from(&mut input).map_err(|e| e.to_string())?;
+    let factors = if count == 2 {
+        Some(EmbeddingTable::read_from(&mut input).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    if input.len() < 8 {
+        return Err("truncated".to_owned());
+    }
+    let (len, rest) = input.split_at(8);
+    let len = u64::from_le_bytes(len.try_into().map_err(|_| "truncated")?) as usize;
+    if rest.len() != len * 4 {
+        return Err("dense parameters are truncated".to_owned());
+    }
+    let dense: Vec<f32> = rest
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((
+        Tables {
+            first_order,
+            factors,
+        },
+        (!dense.is_empty()).then_some(dense),
+    ))
+}
+
+/// Serves the shard on `addr` until every worker is done (Ok) or a worker goes silent (Err).
+pub async fn serve(
+    config: ShardConfig,
+    addr: SocketAddr,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), ShardError> {
+    let (finished, mut finished_rx) = watch::channel(false);
+    let (tables, dense) = match config.checkpoint_path().filter(|path| path.exists()) {
+        Some(path) => {
+            let bytes = std::fs::read(&path).map_err(|err| ShardError::Restore {
+                path: path.clone(),
+                message: err.to_string(),
+            })?;
+            decode_shard(&bytes).map_err(|message| ShardError::Restore { path, message })?
+        }
+        None => (fresh_tables(&config), None),
     };
     let shard = Arc::new(Shard {
         config: config.clone(),
         tables: Mutex::new(tables),
-        dense: Mutex::new(None),
+        dense: Mutex::new(dense),
         done: Mutex::new(BTreeSet::new()),
         last_seen: Mutex::new(BTreeMap::new()),
         finished,

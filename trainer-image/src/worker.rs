@@ -13,7 +13,8 @@ use tonic::transport::Channel;
 use crate::ps::MAX_MESSAGE;
 use crate::ps::proto::parameter_server_client::ParameterServerClient;
 use crate::ps::proto::{
-    DenseParameters, DoneRequest, ExportRequest, PullRequest, PushRequest, StatusRequest,
+    CheckpointRequest, DenseParameters, DoneRequest, ExportRequest, PullRequest, PushRequest,
+    StatusRequest,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +175,17 @@ impl RemoteStore {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Has every shard write its checkpoint.
+    pub fn checkpoint(&mut self, step: u64) -> Result<(), RemoteError> {
+        for shard in 0..self.clients.len() {
+            let mut client = self.clients[shard].clone();
+            self.runtime
+                .block_on(client.checkpoint(CheckpointRequest { step }))
+                .map_err(|s| self.call_error(shard, s))?;
+        }
+        Ok(())
     }
 
     /// Every shard's rows of `table`, assembled into `into`.

@@ -115,7 +115,12 @@ fn shard(dir: &Path, index: usize, port: u16, extra: &[&str]) -> Child {
 }
 
 fn worker(dir: &Path, rank: usize, ports: &[u16]) -> Child {
+    worker_with(dir, rank, ports, &[])
+}
+
+fn worker_with(dir: &Path, rank: usize, ports: &[u16], extra: &[&str]) -> Child {
     let mut args = train_args(dir, &format!("worker{rank}"));
+    args.extend(extra.iter().map(|a| a.to_string()));
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     args.extend([
         "--ps".to_owned(),
@@ -256,4 +261,83 @@ fn losing_a_worker_fails_the_shards() {
     }
     let _ = first.kill();
     let _ = first.wait();
+}
+
+#[test]
+fn a_killed_gang_restarts_from_its_checkpoints() {
+    let dir = scratch("restart");
+    generate(&dir, "40000");
+    let single: Output = Command::new(BIN)
+        .args(train_args(&dir, "single"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        single.status.success(),
+        "{}",
+        String::from_utf8_lossy(&single.stderr)
+    );
+    let checkpoints = s(&dir.join("checkpoints"));
+    let shard_args = ["--checkpoint-dir", checkpoints.as_str()];
+    let worker_args = [
+        "--checkpoint-dir",
+        checkpoints.as_str(),
+        "--checkpoint-every",
+        "30",
+    ];
+    let ports = [free_port(), free_port()];
+    let mut gang = vec![
+        shard(&dir, 0, ports[0], &shard_args),
+        shard(&dir, 1, ports[1], &shard_args),
+        worker_with(&dir, 0, &ports, &worker_args),
+        worker_with(&dir, 1, &ports, &worker_args),
+    ];
+    let started = Instant::now();
+    while !log(&dir, "worker0").contains("\"event\":\"checkpoint\"")
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for child in &mut gang {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        std::path::Path::new(&checkpoints)
+            .join("ps-shard-0.fwt")
+            .exists()
+    );
+
+    let ports = [free_port(), free_port()];
+    let mut shards = [
+        shard(&dir, 0, ports[0], &shard_args),
+        shard(&dir, 1, ports[1], &shard_args),
+    ];
+    let mut workers = [
+        worker_with(&dir, 0, &ports, &worker_args),
+        worker_with(&dir, 1, &ports, &worker_args),
+    ];
+    for (rank, child) in workers.iter_mut().enumerate() {
+        let status = wait(child, Duration::from_secs(240));
+        assert!(
+            status.success(),
+            "worker {rank}: {}",
+            log(&dir, &format!("worker{rank}"))
+        );
+    }
+    for child in &mut shards {
+        assert!(wait(child, Duration::from_secs(30)).success());
+    }
+    let resumed = log(&dir, "worker0");
+    let event: Value = resumed
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find(|event| event["event"] == "resumed")
+        .unwrap_or_else(|| panic!("the restarted chief did not resume: {resumed}"));
+    assert!(event["step"].as_u64().unwrap_or(0) >= 30, "{event}");
+    let (single_auc, restarted_auc) = (auc(&dir, "single"), auc(&dir, "worker0"));
+    eprintln!("single AUC {single_auc:.4}, restarted PS AUC {restarted_auc:.4}");
+    assert!(
+        (single_auc - restarted_auc).abs() <= 0.01,
+        "single {single_auc} vs restarted {restarted_auc}"
+    );
 }
