@@ -469,37 +469,13 @@ fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
             args.workers
         );
     }
-    let schema_text = std::fs::read_to_string(&args.schema)
-        .with_context(|| format!("reading {}", args.schema.display()))?;
-    let schema: FeatureSchema = serde_json::from_str(&schema_text)
-        .with_context(|| format!("{}: not a feature schema", args.schema.display()))?;
-    schema
-        .validate()
-        .with_context(|| format!("{}", args.schema.display()))?;
-    let columns = Columns {
-        label: args.label.clone(),
-        group: Some(args.group.clone()),
-    };
-    let train = read_encoded(&args.train, &schema, &columns)?;
-    let model = ModelConfig {
-        architecture: args.architecture,
-        embedding_dim: args.embedding_dim,
-        hidden_layers: if args.architecture == Architecture::Logistic {
-            Vec::new()
-        } else {
-            args.hidden.clone()
-        },
-        fields: train.fields,
-        numeric: train.numeric_width,
-    };
-    let config = TrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        learning_rate: args.learning_rate,
-        sparse_optimizer: sparse_optimizer(&args.sparse_optimizer, args.sparse_learning_rate)?,
-        seed: args.seed,
-        ..TrainConfig::default()
-    };
+    let Prepared {
+        schema,
+        columns,
+        train,
+        model,
+        config,
+    } = prepare(args)?;
     let mut store = worker::RemoteStore::connect(
         &args.ps,
         args.rank,
@@ -600,6 +576,83 @@ fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
     store.wait_for_workers(args.workers - 1)?;
     let global = store.sync_dense(Vec::new())?;
     trainer.model = flywheel_ml::model::with_dense_parameters(trainer.model, &global)?;
+    let prepared = Prepared {
+        schema,
+        columns,
+        train,
+        model,
+        config,
+    };
+    finish_as_chief(args, prepared, &mut store, trainer, samples, train_seconds)
+}
+
+/// The job's data, schema and configuration, as every distributed worker loads them.
+struct Prepared {
+    schema: FeatureSchema,
+    columns: Columns,
+    train: flywheel_ml::train::EncodedDataset,
+    model: ModelConfig,
+    config: TrainConfig,
+}
+
+fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
+    let schema_text = std::fs::read_to_string(&args.schema)
+        .with_context(|| format!("reading {}", args.schema.display()))?;
+    let schema: FeatureSchema = serde_json::from_str(&schema_text)
+        .with_context(|| format!("{}: not a feature schema", args.schema.display()))?;
+    schema
+        .validate()
+        .with_context(|| format!("{}", args.schema.display()))?;
+    let columns = Columns {
+        label: args.label.clone(),
+        group: Some(args.group.clone()),
+    };
+    let train = read_encoded(&args.train, &schema, &columns)?;
+    let model = ModelConfig {
+        architecture: args.architecture,
+        embedding_dim: args.embedding_dim,
+        hidden_layers: if args.architecture == Architecture::Logistic {
+            Vec::new()
+        } else {
+            args.hidden.clone()
+        },
+        fields: train.fields,
+        numeric: train.numeric_width,
+    };
+    let config = TrainConfig {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        sparse_optimizer: sparse_optimizer(&args.sparse_optimizer, args.sparse_learning_rate)?,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
+    Ok(Prepared {
+        schema,
+        columns,
+        train,
+        model,
+        config,
+    })
+}
+
+/// The chief's last act once every other worker is done: assemble the embedding rows from the shards, evaluate,
+/// write the artifact and the termination message, and release the shards.
+fn finish_as_chief(
+    args: &TrainArgs,
+    prepared: Prepared,
+    store: &mut worker::RemoteStore,
+    mut trainer: Trainer<CpuBackend>,
+    samples: usize,
+    train_seconds: f64,
+) -> anyhow::Result<()> {
+    let Prepared {
+        schema,
+        columns,
+        train,
+        model,
+        config,
+    } = prepared;
     store.export(
         flywheel_ml::train::TableKind::FirstOrder,
         &mut trainer.tables.first_order,
