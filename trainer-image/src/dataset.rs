@@ -253,51 +253,66 @@ fn group_key(value: Value<'_>) -> u64 {
 /// Writes generated impressions as Parquet (snappy), with the columns the synthetic schema reads plus
 /// `timestamp`, `clicked` and `true_probability`.
 pub fn write_impressions(path: &Path, impressions: &[Impression]) -> Result<(), DatasetError> {
+    let ints = |f: fn(&Impression) -> i64| {
+        Arc::new(Int64Array::from_iter_values(impressions.iter().map(f))) as ArrayRef
+    };
+    write_columns(
+        path,
+        vec![
+            ("timestamp", ints(|i| i.timestamp)),
+            ("user_id", ints(|i| i64::from(i.user_id))),
+            ("item_id", ints(|i| i64::from(i.item_id))),
+            ("category", ints(|i| i64::from(i.category))),
+            ("age", ints(|i| i64::from(i.age))),
+            (
+                "gender",
+                Arc::new(StringArray::from_iter_values(
+                    impressions.iter().map(|i| i.gender),
+                )),
+            ),
+            (
+                "device",
+                Arc::new(StringArray::from_iter_values(
+                    impressions.iter().map(|i| i.device),
+                )),
+            ),
+            ("hour", ints(|i| i64::from(i.hour))),
+            (
+                "price",
+                Arc::new(Float64Array::from_iter_values(
+                    impressions.iter().map(|i| i.price),
+                )),
+            ),
+            (
+                "clicked",
+                Arc::new(BooleanArray::from(
+                    impressions.iter().map(|i| i.clicked).collect::<Vec<_>>(),
+                )),
+            ),
+            (
+                "true_probability",
+                Arc::new(Float64Array::from_iter_values(
+                    impressions.iter().map(|i| i.true_probability),
+                )),
+            ),
+        ],
+    )
+}
+
+/// Writes named columns of equal length as one Parquet file (snappy).
+pub fn write_columns(path: &Path, columns: Vec<(&str, ArrayRef)>) -> Result<(), DatasetError> {
     let parquet_error = |message: String| DatasetError::Parquet {
         path: path.to_owned(),
         message,
     };
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("timestamp", DataType::Int64, false),
-        Field::new("user_id", DataType::Int64, false),
-        Field::new("item_id", DataType::Int64, false),
-        Field::new("category", DataType::Int64, false),
-        Field::new("age", DataType::Int64, false),
-        Field::new("gender", DataType::Utf8, false),
-        Field::new("device", DataType::Utf8, false),
-        Field::new("hour", DataType::Int64, false),
-        Field::new("price", DataType::Float64, false),
-        Field::new("clicked", DataType::Boolean, false),
-        Field::new("true_probability", DataType::Float64, false),
-    ]));
-    let ints = |f: fn(&Impression) -> i64| {
-        Arc::new(Int64Array::from_iter_values(impressions.iter().map(f))) as ArrayRef
-    };
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(name, array)| Field::new(*name, array.data_type().clone(), array.null_count() > 0))
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
     let batch = RecordBatch::try_new(
         schema.clone(),
-        vec![
-            ints(|i| i.timestamp),
-            ints(|i| i64::from(i.user_id)),
-            ints(|i| i64::from(i.item_id)),
-            ints(|i| i64::from(i.category)),
-            ints(|i| i64::from(i.age)),
-            Arc::new(StringArray::from_iter_values(
-                impressions.iter().map(|i| i.gender),
-            )),
-            Arc::new(StringArray::from_iter_values(
-                impressions.iter().map(|i| i.device),
-            )),
-            ints(|i| i64::from(i.hour)),
-            Arc::new(Float64Array::from_iter_values(
-                impressions.iter().map(|i| i.price),
-            )),
-            Arc::new(BooleanArray::from(
-                impressions.iter().map(|i| i.clicked).collect::<Vec<_>>(),
-            )),
-            Arc::new(Float64Array::from_iter_values(
-                impressions.iter().map(|i| i.true_probability),
-            )),
-        ],
+        columns.into_iter().map(|(_, array)| array).collect(),
     )
     .map_err(|e| parquet_error(e.to_string()))?;
     if let Some(dir) = path.parent() {

@@ -7,6 +7,7 @@
 //! (`/dev/termination-log` unless `--termination-log` says otherwise), where the operator reads it.
 
 mod dataset;
+mod movielens;
 mod ps;
 mod worker;
 
@@ -63,6 +64,14 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Serve one parameter-server shard until every worker is done.
     Ps(PsArgs),
+    /// Convert MovieLens-100k (`ml-100k.inter/.user/.item`) into a CTR data set split by time.
+    Movielens {
+        /// Directory holding the ml-100k files (see scripts/fetch-movielens.sh).
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -195,6 +204,11 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) if !args.ps.is_empty() => ps_worker_command(&args),
         Command::Train(args) => train_command(&args),
         Command::Ps(args) => ps_command(&args),
+        Command::Movielens { from, out } => movielens::convert(&from, &out).map_err(Into::into).map(
+            |(train_rows, eval_rows, click_rate)| {
+                emit(json!({"event": "converted", "trainRows": train_rows, "evalRows": eval_rows, "clickRate": click_rate, "out": out}));
+            },
+        ),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
