@@ -210,8 +210,18 @@ pub struct Trainer<B: AutodiffBackend> {
 
 impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(model_config: ModelConfig, config: TrainConfig, device: B::Device) -> Self {
-        B::seed(&device, config.seed);
-        let model = model_config.init::<B>(&device);
+        let model = {
+            // burn's backend RNG is process-global: seeding and drawing the initial weights under one lock keeps
+            // a trainer's initialization independent of any other trainer in the process.
+            // burn initializes parameters lazily, on first read: read them all here, under the lock.
+            let _guard = INIT_LOCK
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            B::seed(&device, config.seed);
+            let model = model_config.init::<B>(&device);
+            crate::model::dense_parameters(&model);
+            model
+        };
         let tables = Tables {
             first_order: EmbeddingTable::new(1, 0.0, config.seed, config.sparse_optimizer),
             factors: model_config.uses_factors().then(|| {
@@ -521,6 +531,8 @@ fn step_on<B: AutodiffBackend, S: RowStore>(
 }
 
 const CHECKPOINT_MAGIC: &[u8; 4] = b"FWC1";
+
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[derive(Debug, thiserror::Error)]
 pub enum WarmStartError {
