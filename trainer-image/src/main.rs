@@ -271,51 +271,19 @@ fn generate_command(
 }
 
 fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
-    let schema_text = std::fs::read_to_string(&args.schema)
-        .with_context(|| format!("reading {}", args.schema.display()))?;
-    let schema: FeatureSchema = serde_json::from_str(&schema_text)
-        .with_context(|| format!("{}: not a feature schema", args.schema.display()))?;
-    schema
-        .validate()
-        .with_context(|| format!("{}", args.schema.display()))?;
-    let columns = Columns {
-        label: args.label.clone(),
-        group: Some(args.group.clone()),
-    };
     let started = Instant::now();
-    let train = read_encoded(&args.train, &schema, &columns)?;
+    let Prepared {
+        schema,
+        columns,
+        train,
+        model,
+        config,
+    } = prepare(args)?;
     let eval = read_encoded(&args.eval, &schema, &columns)?;
-    emit(
-        json!({"event": "loaded", "trainRows": train.len(), "evalRows": eval.len(), "seconds": started.elapsed().as_secs_f64()}),
-    );
-
-    let sparse_optimizer = match args.sparse_optimizer.as_str() {
-        "adagrad" => SparseOptimizer::adagrad(args.sparse_learning_rate),
-        "adam" => SparseOptimizer::adam(args.sparse_learning_rate),
-        "sgd" => SparseOptimizer::Sgd {
-            learning_rate: args.sparse_learning_rate,
-        },
-        other => bail!("--sparse-optimizer `{other}`: use adagrad, adam or sgd"),
-    };
-    let model = ModelConfig {
-        architecture: args.architecture,
-        embedding_dim: args.embedding_dim,
-        hidden_layers: if args.architecture == Architecture::Logistic {
-            Vec::new()
-        } else {
-            args.hidden.clone()
-        },
-        fields: train.fields,
-        numeric: train.numeric_width,
-    };
-    let config = TrainConfig {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        learning_rate: args.learning_rate,
-        sparse_optimizer,
-        seed: args.seed,
-        ..TrainConfig::default()
-    };
+    emit(json!({
+        "event": "loaded", "trainRows": train.len(), "evalRows": eval.len(),
+        "seconds": started.elapsed().as_secs_f64(),
+    }));
     let schema_hash = schema.hash();
     let mut warm_start_digest = None;
     let checkpoint_path = args
