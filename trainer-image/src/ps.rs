@@ -107,6 +107,20 @@ impl Shard {
             ))),
         }
     }
+
+    /// Runs `f` on table `table` (0 first order, 1 factors) under the tables' lock.
+    fn with_table<T>(
+        &self,
+        table: u32,
+        f: impl FnOnce(&mut EmbeddingTable) -> Result<T, Status>,
+    ) -> Result<T, Status> {
+        let kind = Shard::table_kind(table)?;
+        let mut tables = lock(&self.tables);
+        let table = tables
+            .table_mut(kind)
+            .ok_or_else(|| Status::invalid_argument("this model has no factor table"))?;
+        f(table)
+    }
 }
 
 struct Service(Arc<Shard>);
@@ -116,36 +130,32 @@ impl ParameterServer for Service {
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
         let request = request.into_inner();
         self.0.seen(request.worker);
-        let kind = Shard::table_kind(request.table)?;
-        let mut tables = lock(&self.0.tables);
-        let table = tables
-            .table_mut(kind)
-            .ok_or_else(|| Status::invalid_argument("this model has no factor table"))?;
-        let mut values = Vec::with_capacity(request.ids.len() * table.dim());
-        table.gather_into(&request.ids, &mut values);
+        let values = self.0.with_table(request.table, |table| {
+            let mut values = Vec::with_capacity(request.ids.len() * table.dim());
+            table.gather_into(&request.ids, &mut values);
+            Ok(values)
+        })?;
         Ok(Response::new(PullResponse { values }))
     }
 
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
         let request = request.into_inner();
         self.0.seen(request.worker);
-        let kind = Shard::table_kind(request.table)?;
-        let mut tables = lock(&self.0.tables);
-        let table = tables
-            .table_mut(kind)
-            .ok_or_else(|| Status::invalid_argument("this model has no factor table"))?;
-        if request.gradients.len() != request.ids.len() * table.dim() {
-            return Err(Status::invalid_argument(format!(
-                "{} gradients for {} ids of width {}",
-                request.gradients.len(),
-                request.ids.len(),
-                table.dim()
-            )));
-        }
         if request.gradients.iter().any(|g| !g.is_finite()) {
             return Err(Status::invalid_argument("gradients must be finite"));
         }
-        table.apply_gradients(&request.ids, &request.gradients);
+        self.0.with_table(request.table, |table| {
+            if request.gradients.len() != request.ids.len() * table.dim() {
+                return Err(Status::invalid_argument(format!(
+                    "{} gradients for {} ids of width {}",
+                    request.gradients.len(),
+                    request.ids.len(),
+                    table.dim()
+                )));
+            }
+            table.apply_gradients(&request.ids, &request.gradients);
+            Ok(())
+        })?;
         Ok(Response::new(PushResponse {}))
     }
 
@@ -229,13 +239,11 @@ impl ParameterServer for Service {
         &self,
         request: Request<ExportRequest>,
     ) -> Result<Response<ExportResponse>, Status> {
-        let kind = Shard::table_kind(request.into_inner().table)?;
-        let mut tables = lock(&self.0.tables);
-        let table = tables
-            .table_mut(kind)
-            .ok_or_else(|| Status::invalid_argument("this model has no factor table"))?;
-        let mut bytes = Vec::new();
-        table.write_to(&mut bytes, false);
+        let bytes = self.0.with_table(request.into_inner().table, |table| {
+            let mut bytes = Vec::new();
+            table.write_to(&mut bytes, false);
+            Ok(bytes)
+        })?;
         Ok(Response::new(ExportResponse { table: bytes }))
     }
 }
