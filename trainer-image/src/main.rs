@@ -327,25 +327,15 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
             Position::default(),
         ),
     };
-    let mut card = ModelCard {
-        format: FORMAT.to_owned(),
-        model,
-        feature_schema_hash: schema_hash,
+    let mut card = model_card(
+        args,
         schema,
-        training: config,
-        metrics: Default::default(),
-        lineage: Lineage {
-            data: vec![
-                args.train.display().to_string(),
-                args.eval.display().to_string(),
-            ],
-            train_rows: train.len(),
-            eval_rows: eval.len(),
-            warm_start: warm_start_digest,
-        },
-        code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
-        step: trainer.step,
-    };
+        model,
+        config,
+        (train.len(), eval.len()),
+        warm_start_digest,
+    );
+    card.step = trainer.step;
     let training_started = Instant::now();
     let mut window_samples = 0usize;
     let mut window_started = Instant::now();
@@ -493,17 +483,14 @@ fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
             Position::default(),
         ),
     };
-    let checkpoint_card = ModelCard {
-        format: FORMAT.to_owned(),
-        model: model.clone(),
-        feature_schema_hash: schema_hash,
-        schema: schema.clone(),
-        training: config.clone(),
-        metrics: Default::default(),
-        lineage: Lineage::default(),
-        code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
-        step: 0,
-    };
+    let checkpoint_card = model_card(
+        args,
+        schema.clone(),
+        model.clone(),
+        config.clone(),
+        (train.len(), 0),
+        None,
+    );
     let (rank, workers) = (args.rank as usize, args.workers as usize);
     let started = Instant::now();
     let mut samples = 0usize;
@@ -644,25 +631,9 @@ fn finish_as_chief(
     }
     let eval = read_encoded(&args.eval, &schema, &columns)?;
     let metrics = trainer.evaluate(&eval);
-    let card = ModelCard {
-        format: FORMAT.to_owned(),
-        model,
-        feature_schema_hash: schema.hash(),
-        schema,
-        training: config,
-        metrics: metrics.clone(),
-        lineage: Lineage {
-            data: vec![
-                args.train.display().to_string(),
-                args.eval.display().to_string(),
-            ],
-            train_rows: train.len(),
-            eval_rows: eval.len(),
-            warm_start: None,
-        },
-        code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
-        step: trainer.step,
-    };
+    let mut card = model_card(args, schema, model, config, (train.len(), eval.len()), None);
+    card.metrics = metrics.clone();
+    card.step = trainer.step;
     let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, false)?;
     let artifact_path = args.output.join("model.fwm");
     let sha256 = artifact::write_file(&artifact_path, &bytes)?;
@@ -681,6 +652,36 @@ fn finish_as_chief(
     emit(result.clone());
     write_termination_message(&args.termination_log, &result);
     Ok(())
+}
+
+/// The model card of this job before training; metrics and step are filled in as training goes.
+fn model_card(
+    args: &TrainArgs,
+    schema: FeatureSchema,
+    model: ModelConfig,
+    config: TrainConfig,
+    rows: (usize, usize),
+    warm_start: Option<String>,
+) -> ModelCard {
+    ModelCard {
+        format: FORMAT.to_owned(),
+        model,
+        feature_schema_hash: schema.hash(),
+        schema,
+        training: config,
+        metrics: Default::default(),
+        lineage: Lineage {
+            data: vec![
+                args.train.display().to_string(),
+                args.eval.display().to_string(),
+            ],
+            train_rows: rows.0,
+            eval_rows: rows.1,
+            warm_start,
+        },
+        code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
+        step: 0,
+    }
 }
 
 fn emit(event: serde_json::Value) {
