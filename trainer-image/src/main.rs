@@ -291,23 +291,7 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|dir| dir.join("checkpoint.fwc"));
     let (mut trainer, start) = match (&checkpoint_path, &args.warm_start) {
-        (Some(path), _) if path.exists() => {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let (trainer, position, card) =
-                Trainer::<CpuBackend>::resume(&bytes, Default::default())
-                    .with_context(|| format!("resuming from {}", path.display()))?;
-            if card.feature_schema_hash != schema_hash {
-                bail!(
-                    "{}: the checkpoint was trained on another feature schema",
-                    path.display()
-                );
-            }
-            emit(
-                json!({"event": "resumed", "checkpoint": path, "step": trainer.step, "epoch": position.epoch}),
-            );
-            (trainer, position)
-        }
+        (Some(path), _) if path.exists() => resume(path, &schema_hash, None)?,
         (_, Some(path)) => {
             let bytes = artifact::read_file(path, args.warm_start_sha256.as_deref())?;
             let saved = artifact::decode::<CpuBackend>(&bytes, &Default::default())
@@ -460,24 +444,7 @@ fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
         .as_ref()
         .map(|dir| dir.join(format!("ps-worker-{}.fwc", args.rank)));
     let (mut trainer, start) = match &checkpoint_path {
-        Some(path) if path.exists() => {
-            let bytes =
-                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            let (trainer, position, card) =
-                Trainer::<CpuBackend>::resume(&bytes, Default::default())
-                    .with_context(|| format!("resuming from {}", path.display()))?;
-            if card.feature_schema_hash != schema_hash {
-                bail!(
-                    "{}: the checkpoint was trained on another feature schema",
-                    path.display()
-                );
-            }
-            emit(json!({
-                "event": "resumed", "rank": args.rank, "checkpoint": path, "step": trainer.step,
-                "epoch": position.epoch,
-            }));
-            (trainer, position)
-        }
+        Some(path) if path.exists() => resume(path, &schema_hash, Some(args.rank))?,
         _ => (
             Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default()),
             Position::default(),
@@ -652,6 +619,29 @@ fn finish_as_chief(
     emit(result.clone());
     write_termination_message(&args.termination_log, &result);
     Ok(())
+}
+
+/// Restores a trainer from the checkpoint at `path`, refusing one trained on another feature schema, and
+/// reports the resumption.
+fn resume(
+    path: &Path,
+    schema_hash: &str,
+    rank: Option<u32>,
+) -> anyhow::Result<(Trainer<CpuBackend>, Position)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (trainer, position, card) = Trainer::<CpuBackend>::resume(&bytes, Default::default())
+        .with_context(|| format!("resuming from {}", path.display()))?;
+    if card.feature_schema_hash != schema_hash {
+        bail!(
+            "{}: the checkpoint was trained on another feature schema",
+            path.display()
+        );
+    }
+    emit(json!({
+        "event": "resumed", "rank": rank, "checkpoint": path, "step": trainer.step,
+        "epoch": position.epoch,
+    }));
+    Ok((trainer, position))
 }
 
 /// The model card of this job before training; metrics and step are filled in as training goes.
