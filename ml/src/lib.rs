@@ -5,6 +5,7 @@ pub mod artifact;
 pub mod embedding;
 pub mod metrics;
 pub mod model;
+pub mod reduce;
 pub mod schema;
 pub mod synthetic;
 pub mod train;

@@ -20,6 +20,7 @@ use crate::artifact::{self, ArtifactError, ModelCard, SavedModel};
 use crate::embedding::{EmbeddingTable, SparseOptimizer};
 use crate::metrics;
 use crate::model::{CtrModel, ModelConfig, bce_with_logits};
+use crate::reduce::{self, GradientReducer, StepGradients};
 use crate::schema::FeatureSchema;
 use crate::transform::{TransformError, Value};
 
@@ -294,12 +295,28 @@ impl<B: AutodiffBackend> Trainer<B> {
         &mut self,
         data: &EncodedDataset,
         start: Position,
-        mut on_progress: impl FnMut(&Progress),
-        mut checkpoint: Option<(
+        on_progress: impl FnMut(&Progress),
+        checkpoint: Option<(
             u64,
             impl FnMut(&Self, Position) -> Result<(), ArtifactError>,
         )>,
     ) -> Result<(), ArtifactError> {
+        self.fit_with(data, start, on_progress, checkpoint, |trainer, batch| {
+            Ok(trainer.train_step(data, batch))
+        })
+    }
+
+    /// The loop of [`Trainer::fit_from`] with the step given: `step(trainer, batch)` trains on one global
+    /// batch (e.g. this worker's share of it, reduced with its peers) and returns the loss; an error stops
+    /// training.
+    pub fn fit_with<E>(
+        &mut self,
+        data: &EncodedDataset,
+        start: Position,
+        mut on_progress: impl FnMut(&Progress),
+        mut checkpoint: Option<(u64, impl FnMut(&Self, Position) -> Result<(), E>)>,
+        mut step: impl FnMut(&mut Self, &[usize]) -> Result<f64, E>,
+    ) -> Result<(), E> {
         let batch_size = self.config.batch_size.max(1);
         let steps_per_epoch = data.len().div_ceil(batch_size) as u64;
         let total_steps = steps_per_epoch * self.config.epochs as u64;
@@ -308,7 +325,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let skip = if epoch == start.epoch { start.batch } else { 0 };
             for (index, batch) in order.chunks(batch_size).enumerate().skip(skip) {
                 let started = Instant::now();
-                let loss = self.train_step(data, batch);
+                let loss = step(self, batch)?;
                 let seconds = started.elapsed().as_secs_f64().max(1e-9);
                 on_progress(&Progress {
                     epoch,
@@ -434,6 +451,57 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(loss)
     }
 
+    /// One synchronous data-parallel step: this worker's share `batch` of the global batch is differentiated
+    /// here, `reducer` turns the gradients into the whole batch's, and the update is applied to this replica
+    /// (every worker applies the same one). An empty share still takes part in the reduction.
+    pub fn train_step_reduced<R: GradientReducer>(
+        &mut self,
+        reducer: &mut R,
+        data: &EncodedDataset,
+        batch: &[usize],
+    ) -> Result<f64, R::Error> {
+        let (loss, mut gradients) = if batch.is_empty() {
+            let gradients = StepGradients {
+                dense: vec![0.0; reduce::dense_len(&self.model)],
+                ..StepGradients::default()
+            };
+            (0.0, gradients)
+        } else {
+            let backward = match forward_backward(
+                &self.model,
+                &self.device,
+                &self.model_config,
+                &mut self.tables,
+                data,
+                batch,
+            ) {
+                Ok(backward) => backward,
+                Err(never) => match never {},
+            };
+            let gradients = StepGradients {
+                examples: batch.len(),
+                dense: reduce::flatten_dense(&self.model, &backward.dense),
+                keys: backward.keys,
+                first_order: backward.first_order,
+                factors: backward.factors.unwrap_or_default(),
+            };
+            (backward.loss, gradients)
+        };
+        reducer.reduce(&mut gradients)?;
+        let dense = reduce::unflatten_dense(&self.model, &gradients.dense, &self.device);
+        self.model = self
+            .optimizer
+            .step(self.config.learning_rate, self.model.clone(), dense);
+        self.tables
+            .first_order
+            .apply_gradients(&gradients.keys, &gradients.first_order);
+        if let Some(table) = self.tables.factors.as_mut() {
+            table.apply_gradients(&gradients.keys, &gradients.factors);
+        }
+        self.step += 1;
+        Ok(loss)
+    }
+
     /// Click probabilities for every example of `data`, without touching the tables.
     pub fn predict(&self, data: &EncodedDataset) -> Vec<f64> {
         predict(&self.model.valid(), &self.tables, data, &self.device)
@@ -479,18 +547,25 @@ pub fn predict<B: Backend>(
     out
 }
 
-/// The forward/backward step shared by local and parameter-server training.
-#[allow(clippy::too_many_arguments)]
-fn step_on<B: AutodiffBackend, S: RowStore>(
-    model: &mut CtrModel<B>,
-    optimizer: &mut OptimizerAdaptor<Adam, CtrModel<B>, B>,
+/// A batch's loss and gradients, before any update.
+struct Backward<B: AutodiffBackend> {
+    loss: f64,
+    keys: Vec<u64>,
+    first_order: Vec<f32>,
+    factors: Option<Vec<f32>>,
+    dense: GradientsParams,
+    _backend: std::marker::PhantomData<B>,
+}
+
+/// Forward and backward pass over `batch`, with embedding rows from `store`.
+fn forward_backward<B: AutodiffBackend, S: RowStore>(
+    model: &CtrModel<B>,
     device: &B::Device,
-    config: &TrainConfig,
     model_config: &ModelConfig,
     store: &mut S,
     data: &EncodedDataset,
     batch: &[usize],
-) -> Result<f64, S::Error> {
+) -> Result<Backward<B>, S::Error> {
     let fields = data.fields;
     let keys = batch_keys(data, batch);
     let mut first = Vec::with_capacity(keys.len());
@@ -513,21 +588,44 @@ fn step_on<B: AutodiffBackend, S: RowStore>(
     let loss = bce_with_logits(logits, labels);
     let loss_value = scalar(loss.clone().inner().into_data());
     let mut grads = loss.backward();
-    let first_grad = first
+    let first_order = first
         .grad(&grads)
         .map(|g| floats(g.into_data()))
         .unwrap_or_default();
-    let factor_grad = factors
+    let factors = factors
         .as_ref()
         .and_then(|f| f.grad(&grads))
         .map(|g| floats(g.into_data()));
-    let dense_grads = GradientsParams::from_module(&mut grads, model);
-    *model = optimizer.step(config.learning_rate, model.clone(), dense_grads);
-    store.apply(TableKind::FirstOrder, &keys, &first_grad)?;
-    if let Some(grad) = factor_grad {
-        store.apply(TableKind::Factors, &keys, &grad)?;
+    let dense = GradientsParams::from_module(&mut grads, model);
+    Ok(Backward {
+        loss: loss_value,
+        keys,
+        first_order,
+        factors,
+        dense,
+        _backend: std::marker::PhantomData,
+    })
+}
+
+/// The forward/backward step shared by local and parameter-server training.
+#[allow(clippy::too_many_arguments)]
+fn step_on<B: AutodiffBackend, S: RowStore>(
+    model: &mut CtrModel<B>,
+    optimizer: &mut OptimizerAdaptor<Adam, CtrModel<B>, B>,
+    device: &B::Device,
+    config: &TrainConfig,
+    model_config: &ModelConfig,
+    store: &mut S,
+    data: &EncodedDataset,
+    batch: &[usize],
+) -> Result<f64, S::Error> {
+    let backward = forward_backward(model, device, model_config, store, data, batch)?;
+    *model = optimizer.step(config.learning_rate, model.clone(), backward.dense);
+    store.apply(TableKind::FirstOrder, &backward.keys, &backward.first_order)?;
+    if let Some(grad) = backward.factors {
+        store.apply(TableKind::Factors, &backward.keys, &grad)?;
     }
-    Ok(loss_value)
+    Ok(backward.loss)
 }
 
 const CHECKPOINT_MAGIC: &[u8; 4] = b"FWC1";

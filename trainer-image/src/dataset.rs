@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array,
-    LargeStringArray, RecordBatch, StringArray,
+    LargeStringArray, RecordBatch, StringArray, UInt64Array,
 };
 use arrow_schema::{DataType, Field, Schema};
 use flywheel_ml::schema::FeatureSchema;
@@ -297,6 +297,33 @@ pub fn write_impressions(path: &Path, impressions: &[Impression]) -> Result<(), 
             ),
         ],
     )
+}
+
+/// Writes encoded rows as model inputs, for tools outside Flywheel (the PyTorch reference) that must see
+/// exactly the features this trainer sees: `c<i>` the bucket of categorical field i (`u64`), `x<j>` the
+/// transformed numeric input j, `label` and `group`.
+pub fn write_encoded(path: &Path, data: &EncodedDataset) -> Result<(), DatasetError> {
+    let rows = data.len();
+    let categorical_names: Vec<String> = (0..data.fields).map(|i| format!("c{i}")).collect();
+    let numeric_names: Vec<String> = (0..data.numeric_width).map(|j| format!("x{j}")).collect();
+    let mut columns: Vec<(&str, ArrayRef)> = Vec::new();
+    for (i, name) in categorical_names.iter().enumerate() {
+        let values = (0..rows).map(|row| data.categorical[row * data.fields + i]);
+        columns.push((name, Arc::new(UInt64Array::from_iter_values(values))));
+    }
+    for (j, name) in numeric_names.iter().enumerate() {
+        let values = (0..rows).map(|row| data.numeric[row * data.numeric_width + j]);
+        columns.push((name, Arc::new(Float32Array::from_iter_values(values))));
+    }
+    columns.push((
+        "label",
+        Arc::new(Float32Array::from_iter_values(data.labels.iter().copied())),
+    ));
+    columns.push((
+        "group",
+        Arc::new(UInt64Array::from_iter_values(data.groups.iter().copied())),
+    ));
+    write_columns(path, columns)
 }
 
 /// Writes named columns of equal length as one Parquet file (snappy).

@@ -1,11 +1,16 @@
 //! `flywheel-trainer`: the batch data plane a TrainingJob's pods run, also usable on a laptop.
 //!
 //! - `generate`: writes a seeded synthetic CTR data set (train/eval Parquet split by time, and its schema);
-//! - `train`: trains a model on Parquet data in one process and writes the artifact.
+//! - `train`: trains a model on Parquet data and writes the artifact: in one process, as a parameter-server
+//!   worker (`--ps`), or as a rank of a synchronous data-parallel gang (`--data-parallel`);
+//! - `ps`: serves one parameter-server shard;
+//! - `encode`: writes a data set's model inputs after the transforms (for reference implementations);
+//! - `movielens`: converts MovieLens-100k into a CTR data set.
 //!
 //! Progress goes to stdout as JSON lines; the final result also goes to the termination-message file
 //! (`/dev/termination-log` unless `--termination-log` says otherwise), where the operator reads it.
 
+mod collective;
 mod dataset;
 mod movielens;
 mod ps;
@@ -69,6 +74,20 @@ enum Command {
         /// Directory holding the ml-100k files (see scripts/fetch-movielens.sh).
         #[arg(long)]
         from: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write the model inputs of a Parquet data set after the schema's transforms (`c<i>`, `x<j>`, `label`,
+    /// `group`), so a reference implementation outside Flywheel trains on exactly the same features.
+    Encode {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        schema: PathBuf,
+        #[arg(long, default_value = "clicked")]
+        label: String,
+        #[arg(long, default_value = "user_id")]
+        group: String,
         #[arg(long)]
         out: PathBuf,
     },
@@ -179,7 +198,17 @@ struct TrainArgs {
     /// Steps between dense-parameter averaging through shard 0.
     #[arg(long, default_value_t = 20)]
     sync_every: u64,
-    /// How long to keep trying to reach the shards at start.
+    /// The data-parallel chief (`host:port` of rank 0's collective): train as one rank of a synchronous
+    /// data-parallel gang of `--workers`.
+    #[arg(long, env = "FLYWHEEL_DP_CHIEF")]
+    data_parallel: Option<String>,
+    /// Where rank 0 of a data-parallel gang serves the collective.
+    #[arg(long, env = "FLYWHEEL_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: std::net::SocketAddr,
+    /// A data-parallel rank silent this long fails the gang (the operator restarts it from its checkpoint).
+    #[arg(long, default_value = "120s", value_parser = parse_seconds)]
+    worker_timeout: std::time::Duration,
+    /// How long to keep trying to reach the shards (or the data-parallel chief) at start.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     connect_timeout: std::time::Duration,
 }
@@ -201,7 +230,11 @@ fn main() -> std::process::ExitCode {
             eval_fraction,
             out,
         } => generate_command(rows, seed, users, items, buckets, eval_fraction, &out),
+        Command::Train(args) if !args.ps.is_empty() && args.data_parallel.is_some() => Err(
+            anyhow::anyhow!("--ps and --data-parallel are two topologies: give one"),
+        ),
         Command::Train(args) if !args.ps.is_empty() => ps_worker_command(&args),
+        Command::Train(args) if args.data_parallel.is_some() => data_parallel_command(&args),
         Command::Train(args) => train_command(&args),
         Command::Ps(args) => ps_command(&args),
         Command::Movielens { from, out } => movielens::convert(&from, &out).map_err(Into::into).map(
@@ -209,6 +242,13 @@ fn main() -> std::process::ExitCode {
                 emit(json!({"event": "converted", "trainRows": train_rows, "evalRows": eval_rows, "clickRate": click_rate, "out": out}));
             },
         ),
+        Command::Encode {
+            data,
+            schema,
+            label,
+            group,
+            out,
+        } => encode_command(&data, &schema, label, group, &out),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -270,6 +310,26 @@ fn generate_command(
     Ok(())
 }
 
+fn encode_command(
+    data: &Path,
+    schema_path: &Path,
+    label: String,
+    group: String,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let schema = read_schema(schema_path)?;
+    let columns = Columns {
+        label,
+        group: Some(group),
+    };
+    let encoded = read_encoded(data, &schema, &columns)?;
+    dataset::write_encoded(out, &encoded)?;
+    emit(
+        json!({"event": "encoded", "rows": encoded.len(), "fields": encoded.fields, "numeric": encoded.numeric_width, "out": out}),
+    );
+    Ok(())
+}
+
 fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let Prepared {
@@ -284,33 +344,17 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
         "event": "loaded", "trainRows": train.len(), "evalRows": eval.len(),
         "seconds": started.elapsed().as_secs_f64(),
     }));
-    let schema_hash = schema.hash();
-    let mut warm_start_digest = None;
     let checkpoint_path = args
         .checkpoint_dir
         .as_ref()
         .map(|dir| dir.join("checkpoint.fwc"));
-    let (mut trainer, start) = match (&checkpoint_path, &args.warm_start) {
-        (Some(path), _) if path.exists() => resume(path, &schema_hash, None)?,
-        (_, Some(path)) => {
-            let bytes = artifact::read_file(path, args.warm_start_sha256.as_deref())?;
-            let saved = artifact::decode::<CpuBackend>(&bytes, &Default::default())
-                .with_context(|| format!("warm start from {}", path.display()))?;
-            if saved.card.feature_schema_hash != schema_hash {
-                bail!(
-                    "{}: the warm-start model was trained on another feature schema",
-                    path.display()
-                );
-            }
-            warm_start_digest = Some(artifact::sha256_hex(&bytes));
-            let trainer = Trainer::warm_start(saved, &model, config.clone(), Default::default())?;
-            (trainer, Position::default())
-        }
-        _ => (
-            Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default()),
-            Position::default(),
-        ),
-    };
+    let (mut trainer, start, warm_start_digest) = initial_trainer(
+        args,
+        &schema.hash(),
+        &model,
+        &config,
+        checkpoint_path.as_deref(),
+    )?;
     let mut card = model_card(
         args,
         schema,
@@ -370,6 +414,190 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
         "steps": trainer.step,
         "trainSeconds": train_seconds,
         "samplesPerSecond": (train.len() * args.epochs) as f64 / train_seconds.max(1e-9),
+    });
+    emit(result.clone());
+    write_termination_message(&args.termination_log, &result);
+    Ok(())
+}
+
+/// The trainer a run starts from: its checkpoint when one exists (a restarted gang continues), else the
+/// warm-start artifact's weights, else a fresh seeded model; with the warm-start artifact's digest.
+fn initial_trainer(
+    args: &TrainArgs,
+    schema_hash: &str,
+    model: &ModelConfig,
+    config: &TrainConfig,
+    checkpoint_path: Option<&Path>,
+) -> anyhow::Result<(Trainer<CpuBackend>, Position, Option<String>)> {
+    if let Some(path) = checkpoint_path.filter(|path| path.exists()) {
+        let (trainer, position) = resume(path, schema_hash, Some(args.rank))?;
+        return Ok((trainer, position, None));
+    }
+    let Some(path) = &args.warm_start else {
+        let trainer = Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default());
+        return Ok((trainer, Position::default(), None));
+    };
+    let bytes = artifact::read_file(path, args.warm_start_sha256.as_deref())?;
+    let saved = artifact::decode::<CpuBackend>(&bytes, &Default::default())
+        .with_context(|| format!("warm start from {}", path.display()))?;
+    if saved.card.feature_schema_hash != schema_hash {
+        bail!(
+            "{}: the warm-start model was trained on another feature schema",
+            path.display()
+        );
+    }
+    let digest = artifact::sha256_hex(&bytes);
+    let trainer = Trainer::warm_start(saved, model, config.clone(), Default::default())?;
+    Ok((trainer, Position::default(), Some(digest)))
+}
+
+/// One rank of a synchronous data-parallel gang: rank `r` of `W` trains on the `r`-th of `W` equal shares of
+/// every global batch, and the gang reduces gradients each step through rank 0's collective, so the result
+/// matches one process training with the same global batch. Rank 0 also checkpoints (every rank resumes
+/// from its `checkpoint.fwc`), evaluates and writes the artifact.
+fn data_parallel_command(args: &TrainArgs) -> anyhow::Result<()> {
+    let chief = args.data_parallel.as_deref().unwrap_or_default();
+    if args.workers == 0 || args.rank >= args.workers {
+        bail!(
+            "--rank {} is outside 0..{} workers",
+            args.rank,
+            args.workers
+        );
+    }
+    let started = Instant::now();
+    let prepared = prepare(args)?;
+    let checkpoint_path = args
+        .checkpoint_dir
+        .as_ref()
+        .map(|dir| dir.join("checkpoint.fwc"));
+    let (mut trainer, start, warm_start_digest) = initial_trainer(
+        args,
+        &prepared.schema.hash(),
+        &prepared.model,
+        &prepared.config,
+        checkpoint_path.as_deref(),
+    )?;
+    let (rank, workers) = (args.rank as usize, args.workers as usize);
+    let factor_dim = if prepared.model.uses_factors() {
+        prepared.model.embedding_dim
+    } else {
+        0
+    };
+    let mut chief_side = None;
+    let mut reducer = if rank == 0 {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("starting the runtime")?;
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(args.listen))
+            .with_context(|| format!("listening on {}", args.listen))?;
+        emit(
+            json!({"event": "listening", "rank": 0, "addr": listener.local_addr().map(|a| a.to_string()).unwrap_or_default()}),
+        );
+        let collective = std::sync::Arc::new(collective::Collective::new(
+            args.workers,
+            trainer.step,
+            flywheel_ml::reduce::dense_len(&trainer.model),
+            factor_dim,
+            args.worker_timeout,
+        ));
+        let server = collective::spawn_server(&runtime, collective.clone(), listener);
+        let reducer = collective::Reducer::Chief {
+            handle: runtime.handle().clone(),
+            collective: collective.clone(),
+            step: trainer.step,
+        };
+        chief_side = Some((runtime, collective, server));
+        reducer
+    } else {
+        collective::Reducer::Peer(Box::new(collective::Peer::connect(
+            chief,
+            args.rank,
+            trainer.step,
+            args.connect_timeout,
+            args.worker_timeout * 2,
+        )?))
+    };
+    let mut card = model_card(
+        args,
+        prepared.schema.clone(),
+        prepared.model.clone(),
+        prepared.config.clone(),
+        (prepared.train.len(), 0),
+        warm_start_digest,
+    );
+    emit(json!({
+        "event": "loaded", "rank": rank, "trainRows": prepared.train.len(),
+        "seconds": started.elapsed().as_secs_f64(),
+    }));
+    let training_started = Instant::now();
+    let on_progress = |progress: &flywheel_ml::train::Progress| {
+        if progress.step.is_multiple_of(args.progress_every.max(1))
+            || progress.step == progress.total_steps
+        {
+            emit(json!({
+                "event": "progress", "rank": rank, "epoch": progress.epoch, "step": progress.step,
+                "totalSteps": progress.total_steps, "loss": progress.loss,
+                "samplesPerSecond": progress.samples_per_second,
+            }));
+        }
+    };
+    let save = checkpoint_path.as_ref().filter(|_| rank == 0).map(|path| {
+        let card = &card;
+        (
+            args.checkpoint_every,
+            move |trainer: &Trainer<CpuBackend>, position: Position| -> anyhow::Result<()> {
+                let bytes = trainer.checkpoint(card, position)?;
+                artifact::write_file(path, &bytes)?;
+                emit(json!({"event": "checkpoint", "step": trainer.step, "path": path}));
+                Ok(())
+            },
+        )
+    });
+    let train = &prepared.train;
+    trainer.fit_with(train, start, on_progress, save, |trainer, batch| {
+        let share = &batch[batch.len() * rank / workers..batch.len() * (rank + 1) / workers];
+        Ok(trainer.train_step_reduced(&mut reducer, train, share)?)
+    })?;
+    let train_seconds = training_started.elapsed().as_secs_f64();
+    let samples = train.len() * prepared.config.epochs.saturating_sub(start.epoch);
+    let Some((runtime, collective, server)) = chief_side else {
+        if let collective::Reducer::Peer(peer) = &mut reducer {
+            peer.finish()?;
+        }
+        let result = json!({"event": "done", "rank": rank, "steps": trainer.step, "trainSeconds": train_seconds});
+        emit(result.clone());
+        write_termination_message(&args.termination_log, &result);
+        return Ok(());
+    };
+    let missing = runtime.block_on(collective.wait_for_peers(args.worker_timeout));
+    if !missing.is_empty() {
+        emit(
+            json!({"event": "warning", "message": format!("rank(s) {missing:?} did not report their end")}),
+        );
+    }
+    server.abort();
+    let eval = read_encoded(&args.eval, &prepared.schema, &prepared.columns)?;
+    let metrics = trainer.evaluate(&eval);
+    card.lineage.eval_rows = eval.len();
+    card.metrics = metrics.clone();
+    card.step = trainer.step;
+    let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, false)?;
+    let artifact_path = args.output.join("model.fwm");
+    let sha256 = artifact::write_file(&artifact_path, &bytes)?;
+    let result = json!({
+        "event": "done",
+        "rank": 0,
+        "workers": workers,
+        "artifact": artifact_path,
+        "sha256": sha256,
+        "featureSchemaHash": card.feature_schema_hash,
+        "metrics": metrics,
+        "steps": trainer.step,
+        "trainSeconds": train_seconds,
+        "samplesPerSecond": samples as f64 / train_seconds.max(1e-9),
     });
     emit(result.clone());
     write_termination_message(&args.termination_log, &result);
@@ -531,14 +759,19 @@ struct Prepared {
     config: TrainConfig,
 }
 
-fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
-    let schema_text = std::fs::read_to_string(&args.schema)
-        .with_context(|| format!("reading {}", args.schema.display()))?;
+fn read_schema(path: &Path) -> anyhow::Result<FeatureSchema> {
+    let schema_text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let schema: FeatureSchema = serde_json::from_str(&schema_text)
-        .with_context(|| format!("{}: not a feature schema", args.schema.display()))?;
+        .with_context(|| format!("{}: not a feature schema", path.display()))?;
     schema
         .validate()
-        .with_context(|| format!("{}", args.schema.display()))?;
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(schema)
+}
+
+fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
+    let schema = read_schema(&args.schema)?;
     let columns = Columns {
         label: args.label.clone(),
         group: Some(args.group.clone()),

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use flywheel_ml::embedding::{EmbeddingTable, SparseOptimizer};
 use flywheel_ml::train::{TableKind, Tables};
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 pub mod proto {
@@ -343,9 +342,13 @@ pub async fn serve(
     let mut stop = finished_rx.clone();
     let server = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = stop.wait_for(|done| *done).await;
-        });
+        // Workers wait on every pull and push: Nagle's delay would dominate those round trips.
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = stop.wait_for(|done| *done).await;
+            },
+        );
     let watchdog = async {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;

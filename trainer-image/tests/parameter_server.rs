@@ -2,95 +2,17 @@
 //! single-process run; shards exit 0 when the workers are done; losing a shard fails the workers, and losing a
 //! worker fails the shards, each with a message naming what was lost.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
+use common::{BIN, auc, free_port, generate, log, s, spawn, train_args, wait};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_flywheel-trainer");
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flywheel-ps-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap_or_else(|err| panic!("{err}"));
-    dir
-}
-
-fn s(path: &Path) -> String {
-    path.display().to_string()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|err| panic!("{err}"))
-}
-
-fn generate(dir: &Path, rows: &str) {
-    let out = Command::new(BIN)
-        .args([
-            "generate",
-            "--rows",
-            rows,
-            "--users",
-            "300",
-            "--items",
-            "80",
-            "--buckets",
-            "2000",
-            "--out",
-            &s(dir),
-        ])
-        .output()
-        .unwrap_or_else(|err| panic!("{err}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn train_args(dir: &Path, name: &str) -> Vec<String> {
-    [
-        "train",
-        "--train",
-        &s(&dir.join("train.parquet")),
-        "--eval",
-        &s(&dir.join("eval.parquet")),
-        "--schema",
-        &s(&dir.join("schema.json")),
-        "--output",
-        &s(&dir.join(name)),
-        "--termination-log",
-        &s(&dir.join(format!("{name}.result"))),
-        "--hidden",
-        "16",
-        "--embedding-dim",
-        "4",
-        "--batch-size",
-        "256",
-        "--epochs",
-        "2",
-        "--seed",
-        "3",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect()
-}
-
-fn spawn(args: &[String], log: &Path) -> Child {
-    let file = std::fs::File::create(log).unwrap_or_else(|err| panic!("{err}"));
-    let err = file.try_clone().unwrap_or_else(|err| panic!("{err}"));
-    Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::from(file))
-        .stderr(Stdio::from(err))
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"))
+fn scratch(name: &str) -> std::path::PathBuf {
+    common::scratch("ps", name)
 }
 
 fn shard(dir: &Path, index: usize, port: u16, extra: &[&str]) -> Child {
@@ -131,32 +53,6 @@ fn worker_with(dir: &Path, rank: usize, ports: &[u16], extra: &[&str]) -> Child 
         "2".into(),
     ]);
     spawn(&args, &dir.join(format!("worker{rank}.log")))
-}
-
-fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return status;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn log(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
-}
-
-fn auc(dir: &Path, name: &str) -> f64 {
-    let text = std::fs::read_to_string(dir.join(format!("{name}.result"))).unwrap_or_default();
-    let result: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    result["metrics"]["auc"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no AUC in {name}: {text}"))
 }
 
 #[test]

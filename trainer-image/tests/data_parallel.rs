@@ -1,0 +1,148 @@
+//! The synchronous data-parallel topology as real processes on 127.0.0.1: 2 ranks reach the AUC of a
+//! single-process run with the same global batch; losing a rank fails the chief with a message naming it, and
+//! the restarted gang resumes from the chief's checkpoint.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use common::{
+    auc, event, free_port, generate, log, result, s, spawn, train_args, wait, wait_for_log,
+};
+
+fn rank(dir: &Path, rank: usize, port: u16, extra: &[&str]) -> Child {
+    let name = format!("rank{rank}");
+    let mut args = train_args(dir, &name);
+    let chief = format!("127.0.0.1:{port}");
+    args.extend(
+        [
+            "--data-parallel",
+            &chief,
+            "--listen",
+            &chief,
+            "--rank",
+            &rank.to_string(),
+            "--workers",
+            "2",
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string()),
+    );
+    spawn(&args, &dir.join(format!("{name}.log")))
+}
+
+fn single(dir: &Path) -> f64 {
+    let out = Command::new(common::BIN)
+        .args(train_args(dir, "single"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    auc(dir, "single")
+}
+
+fn succeeds(dir: &Path, gang: &mut [Child]) {
+    for (index, child) in gang.iter_mut().enumerate() {
+        let status = wait(child, Duration::from_secs(240));
+        assert!(
+            status.success(),
+            "rank {index}: {}",
+            log(dir, &format!("rank{index}"))
+        );
+    }
+}
+
+#[test]
+fn two_ranks_match_a_single_worker() {
+    let dir = common::scratch("dp", "match");
+    generate(&dir, "40000");
+    let single_auc = single(&dir);
+    let port = free_port();
+    let mut gang = [rank(&dir, 0, port, &[]), rank(&dir, 1, port, &[])];
+    succeeds(&dir, &mut gang);
+    let parallel_auc = auc(&dir, "rank0");
+    eprintln!("single AUC {single_auc:.5}, 2-rank data-parallel AUC {parallel_auc:.5}");
+    assert!(
+        (single_auc - parallel_auc).abs() <= 0.01,
+        "single {single_auc} vs data-parallel {parallel_auc}"
+    );
+    let chief = result(&dir, "rank0");
+    assert_eq!(chief["workers"], 2, "{chief}");
+    assert_eq!(result(&dir, "rank1")["event"], "done");
+    assert_eq!(
+        chief["steps"],
+        result(&dir, "single")["steps"],
+        "the gang takes the single worker's global batches"
+    );
+}
+
+#[test]
+fn a_lost_rank_fails_the_gang_which_resumes_from_the_checkpoint() {
+    let dir = common::scratch("dp", "lost");
+    generate(&dir, "40000");
+    let single_auc = single(&dir);
+    let checkpoints = s(&dir.join("checkpoints"));
+    let extra = [
+        "--checkpoint-dir",
+        checkpoints.as_str(),
+        "--checkpoint-every",
+        "20",
+        "--worker-timeout",
+        "3s",
+        "--progress-every",
+        "1",
+    ];
+    let port = free_port();
+    let mut chief = rank(&dir, 0, port, &extra);
+    let mut peer = rank(&dir, 1, port, &extra);
+    wait_for_log(
+        &dir,
+        "rank0",
+        "\"event\":\"checkpoint\"",
+        Duration::from_secs(120),
+    );
+    let _ = peer.kill();
+    let _ = peer.wait();
+    let status = wait(&mut chief, Duration::from_secs(60));
+    assert!(!status.success(), "the chief must fail when a rank is lost");
+    let message = log(&dir, "rank0");
+    assert!(
+        message.contains("rank(s) [1] sent no gradients") && message.contains("a worker was lost"),
+        "{message}"
+    );
+
+    let port = free_port();
+    let mut gang = [rank(&dir, 0, port, &extra), rank(&dir, 1, port, &extra)];
+    succeeds(&dir, &mut gang);
+    for name in ["rank0", "rank1"] {
+        let resumed = event(&dir, name, "resumed")
+            .unwrap_or_else(|| panic!("{name} did not resume: {}", log(&dir, name)));
+        assert!(resumed["step"].as_u64().unwrap_or(0) >= 20, "{resumed}");
+    }
+    let restarted_auc = auc(&dir, "rank0");
+    eprintln!("single AUC {single_auc:.5}, restarted data-parallel AUC {restarted_auc:.5}");
+    assert!((single_auc - restarted_auc).abs() <= 0.01);
+}
+
+#[test]
+fn a_rank_without_its_chief_fails_naming_the_address() {
+    let dir = common::scratch("dp", "no-chief");
+    generate(&dir, "2000");
+    let port = free_port();
+    let mut peer = rank(&dir, 1, port, &["--connect-timeout", "1s"]);
+    let status = wait(&mut peer, Duration::from_secs(60));
+    assert!(!status.success());
+    let message = log(&dir, "rank1");
+    assert!(
+        message.contains(&format!(
+            "data-parallel chief at 127.0.0.1:{port} is unreachable"
+        )),
+        "{message}"
+    );
+}
