@@ -8,9 +8,11 @@ use kube_cel::Validator;
 use serde_json::{Value, json};
 
 fn example(file: &str) -> Value {
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
-        .join(file);
+    let path = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("../examples")
+    .join(file);
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
     serde_saphyr::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()))

@@ -25,7 +25,11 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
-/// Root of the repository (for scripts, examples and CRDs).
+/// Root of the repository (for scripts, examples and CRDs). Cargo's run-time value comes first: a binary
+/// reused from a shared target dir may have been compiled in another checkout.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("..")
 }

@@ -28,8 +28,10 @@ struct Case {
 const TOLERANCE: f64 = 1e-9;
 
 fn cases() -> Vec<Case> {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/metrics.json");
+    let path = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("tests/reference/metrics.json");
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
     let reference: Reference = serde_json::from_str(&text).unwrap_or_else(|err| panic!("{err}"));

@@ -222,9 +222,12 @@ pub(crate) mod examples {
     use serde::de::DeserializeOwned;
 
     pub fn load<T: DeserializeOwned>(file: &str, generation: i64) -> T {
-        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../examples")
-            .join(file);
+        let path = std::path::PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../examples")
+        .join(file);
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
         let mut value: serde_json::Value =

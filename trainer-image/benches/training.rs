@@ -11,6 +11,10 @@ use flywheel_ml::train::{EncodedDataset, TrainConfig, Trainer};
 
 type Cpu = Autodiff<Flex>;
 
+// The same allocator as the trainer binary: burn's per-step temporaries page-fault under glibc's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let rows: usize = std::env::var("FLYWHEEL_BENCH_ROWS")
         .ok()

@@ -34,6 +34,9 @@ use crate::dataset::{Columns, read_encoded, write_impressions};
 
 type CpuBackend = Autodiff<Flex>;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "flywheel-trainer",
