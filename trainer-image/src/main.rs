@@ -402,25 +402,16 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
     });
     trainer.fit_from(&train, start, on_progress, save)?;
     let train_seconds = training_started.elapsed().as_secs_f64();
-    let metrics = trainer.evaluate(&eval);
-    card.metrics = metrics.clone();
+    card.metrics = trainer.evaluate(&eval);
     card.step = trainer.step;
-    let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, false)?;
-    let artifact_path = args.output.join("model.fwm");
-    let sha256 = artifact::write_file(&artifact_path, &bytes)?;
-    let result = json!({
-        "event": "done",
-        "artifact": artifact_path,
-        "sha256": sha256,
-        "featureSchemaHash": card.feature_schema_hash,
-        "metrics": metrics,
-        "steps": trainer.step,
-        "trainSeconds": train_seconds,
-        "samplesPerSecond": (train.len() * args.epochs) as f64 / train_seconds.max(1e-9),
-    });
-    emit(result.clone());
-    write_termination_message(&args.termination_log, &result);
-    Ok(())
+    publish(
+        args,
+        &card,
+        &trainer,
+        train.len() * args.epochs,
+        train_seconds,
+        json!({}),
+    )
 }
 
 /// The trainer a run starts from: its checkpoint when one exists (a restarted gang continues), else the
@@ -583,28 +574,17 @@ fn data_parallel_command(args: &TrainArgs) -> anyhow::Result<()> {
     }
     server.abort();
     let eval = read_encoded(&args.eval, &prepared.schema, &prepared.columns)?;
-    let metrics = trainer.evaluate(&eval);
     card.lineage.eval_rows = eval.len();
-    card.metrics = metrics.clone();
+    card.metrics = trainer.evaluate(&eval);
     card.step = trainer.step;
-    let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, false)?;
-    let artifact_path = args.output.join("model.fwm");
-    let sha256 = artifact::write_file(&artifact_path, &bytes)?;
-    let result = json!({
-        "event": "done",
-        "rank": 0,
-        "workers": workers,
-        "artifact": artifact_path,
-        "sha256": sha256,
-        "featureSchemaHash": card.feature_schema_hash,
-        "metrics": metrics,
-        "steps": trainer.step,
-        "trainSeconds": train_seconds,
-        "samplesPerSecond": samples as f64 / train_seconds.max(1e-9),
-    });
-    emit(result.clone());
-    write_termination_message(&args.termination_log, &result);
-    Ok(())
+    publish(
+        args,
+        &card,
+        &trainer,
+        samples,
+        train_seconds,
+        json!({"workers": workers}),
+    )
 }
 
 fn sparse_optimizer(kind: &str, learning_rate: f32) -> anyhow::Result<SparseOptimizer> {
@@ -833,25 +813,41 @@ fn finish_as_chief(
         store.export(flywheel_ml::train::TableKind::Factors, factors)?;
     }
     let eval = read_encoded(&args.eval, &schema, &columns)?;
-    let metrics = trainer.evaluate(&eval);
     let mut card = model_card(args, schema, model, config, (train.len(), eval.len()), None);
-    card.metrics = metrics.clone();
+    card.metrics = trainer.evaluate(&eval);
     card.step = trainer.step;
-    let bytes = artifact::encode(&card, &trainer.model, &trainer.tables, false)?;
+    publish(args, &card, &trainer, samples, train_seconds, json!({}))?;
+    store.done()?;
+    Ok(())
+}
+
+/// Writes the chief's artifact and reports the result: a JSON line on stdout and the termination message the
+/// operator reads. `extra` fields (e.g. the gang size) join the standard ones.
+fn publish(
+    args: &TrainArgs,
+    card: &ModelCard,
+    trainer: &Trainer<CpuBackend>,
+    samples: usize,
+    train_seconds: f64,
+    extra: serde_json::Value,
+) -> anyhow::Result<()> {
+    let bytes = artifact::encode(card, &trainer.model, &trainer.tables, false)?;
     let artifact_path = args.output.join("model.fwm");
     let sha256 = artifact::write_file(&artifact_path, &bytes)?;
-    store.done()?;
-    let result = json!({
+    let mut result = json!({
         "event": "done",
         "rank": 0,
         "artifact": artifact_path,
         "sha256": sha256,
         "featureSchemaHash": card.feature_schema_hash,
-        "metrics": metrics,
+        "metrics": card.metrics,
         "steps": trainer.step,
         "trainSeconds": train_seconds,
         "samplesPerSecond": samples as f64 / train_seconds.max(1e-9),
     });
+    if let (Some(result), serde_json::Value::Object(extra)) = (result.as_object_mut(), extra) {
+        result.extend(extra);
+    }
     emit(result.clone());
     write_termination_message(&args.termination_log, &result);
     Ok(())
