@@ -125,8 +125,12 @@ pub struct GPUQuotaStatus {
     pub used_summary: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub admitted: Vec<JobRef>,
+    /// Waiting jobs in admission order (the first is admitted next), each with why it waits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queued: Vec<JobRef>,
+    /// Jobs that name this quota but can never be admitted by it, each with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<JobRef>,
     #[serde(default)]
     pub admitted_count: u32,
     #[serde(default)]
@@ -134,9 +138,16 @@ pub struct GPUQuotaStatus {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct JobRef {
     pub namespace: String,
     pub name: String,
+    /// The job's UID: a job deleted and re-created under the same name is a new job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// Why a queued or rejected job is not admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl GPUQuotaSpec {

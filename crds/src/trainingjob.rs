@@ -139,6 +139,10 @@ pub struct DatasetUris {
     /// Label column (e.g. `clicked`).
     #[schemars(length(min = 1, max = 63))]
     pub label: String,
+    /// Feature schema JSON the features are encoded with; defaults to `schema.json` beside `train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
+    pub schema: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -370,9 +374,13 @@ pub struct TrainingJobStatus {
     pub progress: Option<TrainingProgress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<OfflineMetrics>,
-    /// Gang restarts so far, and why.
+    /// Gang restarts after a failure so far (counted against `backoffLimit`), and why.
     #[serde(default)]
     pub restarts: u32,
+    /// Generation of the gang's pods: every restart, preemption or resume after suspension starts a new one,
+    /// and pods of an older attempt are removed before the new attempt's pods are made.
+    #[serde(default)]
+    pub attempt: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restart_reasons: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -38,7 +38,9 @@ fn pod(name: &str, image: &str, script: &str) -> Result<Pod, serde_json::Error> 
             "containers": [{
                 "name": "main", "image": image,
                 "command": ["sh", "-c", script],
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "env": [
+                    {"name": "TERMINATION_LOG", "value": "/dev/termination-log"},
                     {"name": "GREETING", "value": "hello"},
                     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                 ],
@@ -78,7 +80,8 @@ fn terminated(pod: &Pod) -> Option<(i32, String)> {
 #[tokio::test]
 async fn own_image_runs_with_the_pod_env_and_reports_its_exit() -> TestResult {
     let (_client, pods) = start("kubelet-ok").await?;
-    let script = r#"echo "$GREETING from $POD_NAME"; exit 0"#;
+    // The termination message is what the container writes to its terminationMessagePath.
+    let script = r#"echo "$GREETING from $POD_NAME" >"$TERMINATION_LOG"; exit 0"#;
     pods.create(
         &PostParams::default(),
         &pod("ok", "registry.example/flywheel-trainer:0.1.0", script)?,
@@ -98,6 +101,7 @@ async fn failing_container_fails_the_pod_with_its_code_and_output() -> TestResul
     )
     .await?;
     let done = phase_of(&pods, "fails", "Failed").await?;
+    // Nothing written to the termination file: FallbackToLogsOnError reports the output's tail.
     assert_eq!(terminated(&done), Some((3, "boom\n".to_owned())));
     Ok(())
 }

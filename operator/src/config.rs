@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::trainingjob::TrainerSettings;
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "flywheel-operator",
@@ -39,6 +41,26 @@ pub struct Config {
     #[arg(long, env = "FLYWHEEL_NO_LEADER_ELECTION")]
     pub no_leader_election: bool,
 
+    /// Image of training pods when a TrainingJob names none.
+    #[arg(long, env = "FLYWHEEL_TRAINER_IMAGE")]
+    pub trainer_image: Option<String>,
+
+    /// PersistentVolumeClaim mounted into every training pod at `--storage-path`: where the `file://` URIs
+    /// of data, checkpoints and artifacts live. Without it, pods see those paths on their node.
+    #[arg(long, env = "FLYWHEEL_STORAGE_CLAIM")]
+    pub storage_claim: Option<String>,
+
+    #[arg(
+        long,
+        env = "FLYWHEEL_STORAGE_PATH",
+        default_value = "/var/lib/flywheel"
+    )]
+    pub storage_path: String,
+
+    /// ServiceAccount of training pods (they need no API access; its token is not mounted).
+    #[arg(long, env = "FLYWHEEL_TRAINER_SERVICE_ACCOUNT")]
+    pub trainer_service_account: Option<String>,
+
     /// Log format: `json` (default, for log pipelines) or `text`.
     #[arg(long, env = "FLYWHEEL_LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
@@ -55,6 +77,16 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 impl Config {
+    pub fn trainer_settings(&self) -> TrainerSettings {
+        let defaults = TrainerSettings::default();
+        TrainerSettings {
+            image: self.trainer_image.clone().unwrap_or(defaults.image),
+            storage_claim: self.storage_claim.clone(),
+            storage_path: self.storage_path.clone(),
+            service_account: self.trainer_service_account.clone(),
+        }
+    }
+
     pub fn identity(&self) -> String {
         if let Some(identity) = &self.identity {
             return identity.clone();

@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 
 use crate::metrics::Metrics;
 use crate::plan::{Plan, REASON_INVALID_SPEC};
+use crate::trainingjob::TrainerSettings;
 
 /// The one field manager of everything the operator writes with server-side apply.
 pub const FIELD_MANAGER: &str = "flywheel-operator";
@@ -30,10 +31,17 @@ pub struct Context {
     pub client: Client,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// What every training gang's pods get: image, shared storage.
+    pub trainer: TrainerSettings,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, identity: &str) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        identity: &str,
+        trainer: TrainerSettings,
+    ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
             instance: Some(identity.to_owned()),
@@ -43,6 +51,7 @@ impl Context {
             client,
             metrics,
             recorder,
+            trainer,
         }
     }
 }
@@ -53,6 +62,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("encoding status: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl Error {
@@ -65,6 +76,7 @@ impl Error {
             Error::Kube(kube::Error::Api(_)) => "api",
             Error::Kube(_) => "transport",
             Error::Encode(_) => "encode",
+            Error::Conflict(_) => "conflict",
         }
     }
 }
@@ -120,6 +132,12 @@ where
     Ok(plan
         .requeue
         .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Drops `managedFields` from watched objects: the operator never reads them, and on pods they are a large
+/// share of the memory a store holds.
+pub fn strip_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// Tells every running controller to finish its in-flight reconciles and stop.

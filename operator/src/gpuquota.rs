@@ -1,22 +1,36 @@
-//! GPUQuota controller. Today: validates the spec and reports it; usage accounting and admission come with
-//! the TrainingJob gang-admission work.
+//! GPUQuota controller: validates the quota and decides gang admission for every TrainingJob that names it
+//! (see [`crate::admission`]). The decision lives in the quota's status (`admitted`, `queued` in order,
+//! `rejected`), which the TrainingJob controller reads: one writer per quota, so two jobs can never both take
+//! the last GPUs.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use flywheel_crds::GPUQuota;
+use flywheel_crds::TrainingJob;
 use flywheel_crds::common::ConditionStatus;
-use flywheel_crds::gpuquota::GPUQuotaStatus;
+use flywheel_crds::gpuquota::{GPUQuotaStatus, GpuLimit, JobRef};
+use flywheel_crds::trainingjob::TrainingPhase;
+use futures::StreamExt;
 use jiff::Timestamp;
-use kube::Api;
-use kube::runtime::controller::Action;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::{Selector, SelectorExt};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use tracing::warn;
 
-use crate::controller::{Context, Error, apply_plan, run_controller};
-use crate::plan::{Plan, spec_conditions};
+use crate::admission::{Candidate, Decision, decide};
+use crate::controller::{Context, Error, apply_plan, strip_managed_fields};
+use crate::plan::{Plan, PlannedEvent, spec_conditions};
+use crate::trainingjob::KUEUE_QUEUE_LABEL;
 
 pub const KIND: &str = "GPUQuota";
 
 pub struct Observed<'a> {
     pub quota: &'a GPUQuota,
+    pub candidates: Vec<Candidate>,
     pub now: Timestamp,
 }
 
@@ -25,13 +39,41 @@ pub fn plan(observed: &Observed<'_>) -> Plan<GPUQuotaStatus> {
     let generation = quota.metadata.generation;
     let mut status = quota.status.clone().unwrap_or_default();
     status.observed_generation = generation;
-    let events = spec_conditions(
+    let validation = quota.spec.validate();
+    let mut events = spec_conditions(
         &mut status.conditions,
-        &quota.spec.validate(),
+        &validation,
         generation,
         observed.now,
         (ConditionStatus::True, "SpecAccepted", "the spec is valid"),
     );
+    if validation.is_err() {
+        // An invalid quota admits nothing new; jobs it admitted keep running.
+        return Plan {
+            status,
+            events,
+            requeue: None,
+        };
+    }
+    let decision = decide(
+        &quota.name_any(),
+        &quota.spec,
+        &status.admitted,
+        &status.queued,
+        &observed.candidates,
+    );
+    for (victim, by) in &decision.preempted {
+        events.push(PlannedEvent {
+            warning: false,
+            reason: "Preempted",
+            action: "Admit",
+            note: format!(
+                "{}/{} gives its GPUs to higher-priority {}/{}",
+                victim.namespace, victim.name, by.namespace, by.name
+            ),
+        });
+    }
+    apply_decision(&mut status, &quota.spec.limits, decision);
     Plan {
         status,
         events,
@@ -39,12 +81,123 @@ pub fn plan(observed: &Observed<'_>) -> Plan<GPUQuotaStatus> {
     }
 }
 
-pub async fn reconcile(quota: Arc<GPUQuota>, ctx: Arc<Context>) -> Result<Action, Error> {
+fn apply_decision(status: &mut GPUQuotaStatus, limits: &[GpuLimit], decision: Decision) {
+    status.used = decision
+        .used
+        .iter()
+        .map(|(resource, count)| GpuLimit {
+            resource: resource.clone(),
+            count: u32::try_from(*count).unwrap_or(u32::MAX),
+        })
+        .collect();
+    status.used_summary = Some(
+        limits
+            .iter()
+            .map(|limit| {
+                format!(
+                    "{} {}/{}",
+                    limit.resource,
+                    decision
+                        .used
+                        .get(&limit.resource)
+                        .copied()
+                        .unwrap_or_default(),
+                    limit.count
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    status.admitted_count = u32::try_from(decision.admitted.len()).unwrap_or(u32::MAX);
+    status.queued_count = u32::try_from(decision.queued.len()).unwrap_or(u32::MAX);
+    status.admitted = decision.admitted;
+    status.queued = decision.queued;
+    status.rejected = decision.rejected;
+}
+
+/// Whether the job still competes for the quota: not finished, not suspended, and not left to Kueue.
+fn competes(job: &TrainingJob) -> bool {
+    let finished = matches!(
+        job.status.as_ref().and_then(|s| s.phase),
+        Some(TrainingPhase::Succeeded | TrainingPhase::Failed)
+    );
+    !finished
+        && !job.spec.suspend
+        && job.metadata.deletion_timestamp.is_none()
+        && !job.labels().contains_key(KUEUE_QUEUE_LABEL)
+        && job.spec.validate().is_ok()
+}
+
+/// Whether the quota covers `namespace`: listed by name, or matched by the selector.
+pub fn covers(quota: &GPUQuota, namespace: &str, namespaces: &Store<Namespace>) -> bool {
+    if quota.spec.namespaces.names.iter().any(|n| n == namespace) {
+        return true;
+    }
+    let Some(selector) = &quota.spec.namespaces.selector else {
+        return false;
+    };
+    let Ok(selector) = Selector::try_from(selector.clone()) else {
+        return false;
+    };
+    namespaces
+        .get(&ObjectRef::new(namespace))
+        .is_some_and(|ns| selector.matches(ns.labels()))
+}
+
+/// The jobs that name `quota` and still compete for it.
+pub fn candidates(
+    quota: &GPUQuota,
+    jobs: &Store<TrainingJob>,
+    namespaces: &Store<Namespace>,
+) -> Vec<Candidate> {
+    let name = quota.name_any();
+    jobs.state()
+        .iter()
+        .filter(|job| job.spec.queue.as_deref() == Some(name.as_str()) && competes(job))
+        .map(|job| {
+            let namespace = job.namespace().unwrap_or_default();
+            Candidate {
+                namespace_covered: covers(quota, &namespace, namespaces),
+                namespace,
+                name: job.name_any(),
+                uid: job.uid().unwrap_or_default(),
+                priority: job.spec.priority,
+                created: job
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(Timestamp::UNIX_EPOCH, |t| t.0),
+                demand: job
+                    .spec
+                    .topology
+                    .gpu_demand()
+                    .map(|(resource, count)| (resource.to_owned(), count)),
+            }
+        })
+        .collect()
+}
+
+pub struct Stores {
+    pub jobs: Store<TrainingJob>,
+    pub namespaces: Store<Namespace>,
+}
+
+pub async fn reconcile(
+    quota: Arc<GPUQuota>,
+    ctx: Arc<Context>,
+    stores: &Stores,
+) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started(KIND);
     let plan = plan(&Observed {
         quota: &quota,
+        candidates: candidates(&quota, &stores.jobs, &stores.namespaces),
         now: Timestamp::now(),
     });
+    for used in &plan.status.used {
+        let limit = quota.spec.limit_of(&used.resource).unwrap_or_default();
+        ctx.metrics
+            .set_quota_usage(&quota.name_any(), &used.resource, used.count, limit);
+    }
     let api = Api::all(ctx.client.clone());
     apply_plan(
         &ctx,
@@ -57,8 +210,113 @@ pub async fn reconcile(quota: Arc<GPUQuota>, ctx: Arc<Context>) -> Result<Action
     .await
 }
 
+/// Requeue after a failed reconcile.
+const ERROR_REQUEUE: Duration = Duration::from_secs(10);
+
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
-    run_controller::<GPUQuota, _, _>(KIND, ctx, stop, reconcile).await;
+    let client = ctx.client.clone();
+    let (jobs, jobs_writer) = reflector::store();
+    let job_events = watcher(
+        Api::<TrainingJob>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(strip_managed_fields)
+    .reflect(jobs_writer)
+    .touched_objects();
+    let (namespaces, namespaces_writer) = reflector::store();
+    let namespace_events = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(strip_managed_fields)
+    .reflect(namespaces_writer)
+    .touched_objects();
+    let controller = Controller::new(Api::<GPUQuota>::all(client), watcher::Config::default());
+    let quotas = controller.store();
+    let stores = Arc::new(Stores { jobs, namespaces });
+    controller
+        // A job's arrival, change or deletion concerns the quota it names.
+        .watches_stream(job_events, |job: TrainingJob| {
+            job.spec.queue.map(|queue| ObjectRef::new(&queue))
+        })
+        // A namespace's labels decide which selector-scoped quotas cover it.
+        .watches_stream(namespace_events, move |_: Namespace| {
+            quotas
+                .state()
+                .iter()
+                .filter(|quota| quota.spec.namespaces.selector.is_some())
+                .map(|quota| ObjectRef::from_obj(quota.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(stop)
+        .run(
+            move |quota, ctx| {
+                let stores = stores.clone();
+                async move { reconcile(quota, ctx, &stores).await }
+            },
+            |quota: Arc<GPUQuota>, error: &Error, ctx: Arc<Context>| {
+                ctx.metrics.reconcile_failed(KIND, error.label());
+                warn!(kind = KIND, name = %quota.name_any(), error = %error, "reconcile failed");
+                Action::requeue(ERROR_REQUEUE)
+            },
+            ctx,
+        )
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                warn!(kind = KIND, error = %err, "controller error");
+            }
+        })
+        .await;
+}
+
+/// Where a job stands in its quota's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standing {
+    Admitted,
+    /// Waiting; `position` 1 is admitted next.
+    Queued {
+        reason: String,
+        position: u32,
+    },
+    Rejected {
+        reason: String,
+    },
+    /// The quota has not decided on this job yet.
+    Undecided,
+}
+
+/// Looks the job up in the quota's last decision.
+pub fn standing(
+    status: Option<&GPUQuotaStatus>,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+) -> Standing {
+    let Some(status) = status else {
+        return Standing::Undecided;
+    };
+    let is = |job: &JobRef| {
+        job.namespace == namespace
+            && job.name == name
+            && job.uid.as_deref().is_none_or(|u| u == uid)
+    };
+    if status.admitted.iter().any(is) {
+        return Standing::Admitted;
+    }
+    if let Some(index) = status.queued.iter().position(is) {
+        return Standing::Queued {
+            reason: status.queued[index].reason.clone().unwrap_or_default(),
+            position: u32::try_from(index + 1).unwrap_or(u32::MAX),
+        };
+    }
+    if let Some(job) = status.rejected.iter().find(|job| is(job)) {
+        return Standing::Rejected {
+            reason: job.reason.clone().unwrap_or_default(),
+        };
+    }
+    Standing::Undecided
 }
 
 #[cfg(test)]
@@ -71,11 +329,16 @@ mod tests {
         let quota: GPUQuota = load("gpuquota.yaml", 1);
         let plan = plan(&Observed {
             quota: &quota,
+            candidates: Vec::new(),
             now: Timestamp::UNIX_EPOCH,
         });
         assert_eq!(
             condition(&plan.status.conditions, "Ready"),
             ("True", "the spec is valid", Some(1))
+        );
+        assert_eq!(
+            plan.status.used_summary.as_deref(),
+            Some("nvidia.com/gpu 0/8, nvidia.com/mig-1g.10gb 0/14")
         );
     }
 
@@ -83,12 +346,13 @@ mod tests {
     fn duplicate_and_unknown_resources_are_named() {
         let mut quota: GPUQuota = load("gpuquota.yaml", 1);
         quota.spec.limits[1].resource = "nvidia.com/gpu".into();
-        quota.spec.limits.push(flywheel_crds::gpuquota::GpuLimit {
+        quota.spec.limits.push(GpuLimit {
             resource: "intel.com/gpu".into(),
             count: 1,
         });
         let plan = plan(&Observed {
             quota: &quota,
+            candidates: Vec::new(),
             now: Timestamp::UNIX_EPOCH,
         });
         let (_, message, _) = condition(&plan.status.conditions, "InvalidSpec");
@@ -99,6 +363,88 @@ mod tests {
         assert!(
             message.contains("spec.limits[2].resource: unknown GPU resource `intel.com/gpu`"),
             "{message}"
+        );
+    }
+
+    fn candidate(name: &str, priority: i32, gpus: u64) -> Candidate {
+        Candidate {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: name.into(),
+            priority,
+            // Created in name order, so admission order is predictable.
+            created: Timestamp::from_second(i64::from(name.as_bytes()[0]))
+                .unwrap_or(Timestamp::UNIX_EPOCH),
+            demand: Some(("nvidia.com/gpu".into(), gpus)),
+            namespace_covered: true,
+        }
+    }
+
+    #[test]
+    fn decision_is_written_to_status_and_read_back_as_standing() {
+        let quota: GPUQuota = load("gpuquota.yaml", 1);
+        let plan = plan(&Observed {
+            quota: &quota,
+            candidates: vec![
+                candidate("a", 0, 4),
+                candidate("b", 0, 4),
+                candidate("c", 0, 4),
+            ],
+            now: Timestamp::UNIX_EPOCH,
+        });
+        let status = &plan.status;
+        assert_eq!((status.admitted_count, status.queued_count), (2, 1));
+        assert_eq!(
+            status.used_summary.as_deref(),
+            Some("nvidia.com/gpu 8/8, nvidia.com/mig-1g.10gb 0/14")
+        );
+        assert_eq!(
+            standing(Some(status), "default", "a", "a"),
+            Standing::Admitted
+        );
+        assert_eq!(
+            standing(Some(status), "default", "c", "c"),
+            Standing::Queued {
+                reason: "waiting for 4 nvidia.com/gpu: 8 of 8 in use".into(),
+                position: 1
+            }
+        );
+        assert_eq!(
+            standing(Some(status), "default", "c", "other-uid"),
+            Standing::Undecided
+        );
+    }
+
+    #[test]
+    fn preemption_is_announced() {
+        let mut quota: GPUQuota = load("gpuquota.yaml", 1);
+        quota.status = Some(GPUQuotaStatus {
+            admitted: ["a", "b"]
+                .iter()
+                .map(|name| JobRef {
+                    namespace: "default".into(),
+                    name: (*name).into(),
+                    uid: Some((*name).into()),
+                    reason: None,
+                })
+                .collect(),
+            ..GPUQuotaStatus::default()
+        });
+        let plan = plan(&Observed {
+            quota: &quota,
+            candidates: vec![
+                candidate("a", 0, 4),
+                candidate("b", 0, 4),
+                candidate("vip", 9, 4),
+            ],
+            now: Timestamp::UNIX_EPOCH,
+        });
+        assert!(
+            plan.events
+                .iter()
+                .any(|e| e.reason == "Preempted" && e.note.contains("default/b")),
+            "{:?}",
+            plan.events
         );
     }
 }

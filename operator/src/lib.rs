@@ -1,6 +1,7 @@
 //! The Flywheel operator: one controller per kind, each written as observe → pure plan → apply, run only by
 //! the replica that holds the leader Lease.
 
+pub mod admission;
 pub mod config;
 pub mod controller;
 pub mod featureview;

@@ -61,7 +61,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("building the Kubernetes client")?;
-    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), &identity));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        &identity,
+        config.trainer_settings(),
+    ));
     let outcome = if config.no_leader_election {
         health.set_ready(true);
         let mut shutdown = Shutdown::default();

@@ -25,6 +25,17 @@ pub struct SpecLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub quota: String,
+    pub resource: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     reconciliations: Family<KindLabels, Counter>,
@@ -32,6 +43,11 @@ pub struct Metrics {
     duration: Family<KindLabels, Histogram>,
     invalid_specs: Family<SpecLabels, Counter>,
     leader: Gauge,
+    jobs_by_phase: Family<PhaseLabels, Gauge>,
+    admission_wait: Histogram,
+    gang_restarts: Counter,
+    quota_used: Family<QuotaLabels, Gauge>,
+    quota_limit: Family<QuotaLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -75,6 +91,36 @@ impl Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
+        let jobs_by_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "training_jobs",
+            "TrainingJobs by phase",
+            jobs_by_phase.clone(),
+        );
+        let admission_wait = Histogram::new(exponential_buckets(0.05, 2.0, 16));
+        registry.register(
+            "training_job_admission_wait_seconds",
+            "Time from a TrainingJob's creation (or its return to the queue) to its admission",
+            admission_wait.clone(),
+        );
+        let gang_restarts = Counter::default();
+        registry.register(
+            "training_job_gang_restarts",
+            "Whole-gang restarts after a member failed",
+            gang_restarts.clone(),
+        );
+        let quota_used = Family::<QuotaLabels, Gauge>::default();
+        registry.register(
+            "gpuquota_used",
+            "GPUs held by admitted jobs, per quota and resource",
+            quota_used.clone(),
+        );
+        let quota_limit = Family::<QuotaLabels, Gauge>::default();
+        registry.register(
+            "gpuquota_limit",
+            "GPU limit per quota and resource",
+            quota_limit.clone(),
+        );
         Metrics {
             registry,
             reconciliations,
@@ -82,6 +128,11 @@ impl Metrics {
             duration,
             invalid_specs,
             leader,
+            jobs_by_phase,
+            admission_wait,
+            gang_restarts,
+            quota_used,
+            quota_limit,
         }
     }
 
@@ -109,6 +160,41 @@ impl Metrics {
 
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
+    }
+
+    pub fn set_jobs_by_phase(&self, counts: &std::collections::BTreeMap<&'static str, i64>) {
+        for phase in [
+            "Pending",
+            "Queued",
+            "Running",
+            "Restarting",
+            "Suspended",
+            "Succeeded",
+            "Failed",
+        ] {
+            self.jobs_by_phase
+                .get_or_create(&PhaseLabels { phase })
+                .set(counts.get(phase).copied().unwrap_or_default());
+        }
+    }
+
+    pub fn job_admitted(&self, waited: std::time::Duration) {
+        self.admission_wait.observe(waited.as_secs_f64());
+    }
+
+    pub fn gang_restarted(&self) {
+        self.gang_restarts.inc();
+    }
+
+    pub fn set_quota_usage(&self, quota: &str, resource: &str, used: u32, limit: u32) {
+        let labels = QuotaLabels {
+            quota: quota.to_owned(),
+            resource: resource.to_owned(),
+        };
+        self.quota_used.get_or_create(&labels).set(i64::from(used));
+        self.quota_limit
+            .get_or_create(&labels)
+            .set(i64::from(limit));
     }
 
     pub fn encode(&self) -> Result<String, std::fmt::Error> {

@@ -7,13 +7,15 @@
 //! - `encode`: writes a data set's model inputs after the transforms (for reference implementations);
 //! - `movielens`: converts MovieLens-100k into a CTR data set.
 //!
-//! Progress goes to stdout as JSON lines; the final result also goes to the termination-message file
+//! Progress goes to stdout as JSON lines, and with `--status-listen` the chief also serves its latest progress
+//! at `GET /progress` for the operator to poll; the final result also goes to the termination-message file
 //! (`/dev/termination-log` unless `--termination-log` says otherwise), where the operator reads it.
 
 mod collective;
 mod dataset;
 mod movielens;
 mod ps;
+mod status;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -31,6 +33,7 @@ use flywheel_ml::train::{Position, TrainConfig, Trainer};
 use serde_json::json;
 
 use crate::dataset::{Columns, read_encoded, write_impressions};
+use crate::status::{Phase, ProgressReporter};
 
 type CpuBackend = Autodiff<Flex>;
 
@@ -214,6 +217,10 @@ struct TrainArgs {
     /// How long to keep trying to reach the shards (or the data-parallel chief) at start.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     connect_timeout: std::time::Duration,
+    /// Where the chief (rank 0) serves its latest progress as JSON at `GET /progress` for the operator to poll
+    /// (conventionally 0.0.0.0:7071); other ranks ignore it, and nothing is served when unset.
+    #[arg(long, env = "FLYWHEEL_STATUS_LISTEN")]
+    status_listen: Option<std::net::SocketAddr>,
 }
 
 fn parse_architecture(text: &str) -> Result<Architecture, String> {
@@ -233,12 +240,7 @@ fn main() -> std::process::ExitCode {
             eval_fraction,
             out,
         } => generate_command(rows, seed, users, items, buckets, eval_fraction, &out),
-        Command::Train(args) if !args.ps.is_empty() && args.data_parallel.is_some() => Err(
-            anyhow::anyhow!("--ps and --data-parallel are two topologies: give one"),
-        ),
-        Command::Train(args) if !args.ps.is_empty() => ps_worker_command(&args),
-        Command::Train(args) if args.data_parallel.is_some() => data_parallel_command(&args),
-        Command::Train(args) => train_command(&args),
+        Command::Train(args) => train(&args),
         Command::Ps(args) => ps_command(&args),
         Command::Movielens { from, out } => movielens::convert(&from, &out).map_err(Into::into).map(
             |(train_rows, eval_rows, click_rate)| {
@@ -333,7 +335,27 @@ fn encode_command(
     Ok(())
 }
 
-fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
+/// Trains in the topology the flags choose, reporting progress throughout (and serving the chief's, with
+/// `--status-listen`).
+fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    if !args.ps.is_empty() && args.data_parallel.is_some() {
+        bail!("--ps and --data-parallel are two topologies: give one");
+    }
+    // The chief's progress stands for the job's: the other ranks only log theirs.
+    let status_listen = args.status_listen.filter(|_| args.rank == 0);
+    let mut progress = ProgressReporter::start(args.rank, args.progress_every, status_listen)?;
+    if !args.ps.is_empty() {
+        ps_worker_command(args, &mut progress)?;
+    } else if args.data_parallel.is_some() {
+        data_parallel_command(args, &mut progress)?;
+    } else {
+        train_command(args, &mut progress)?;
+    }
+    progress.phase(Phase::Done);
+    Ok(())
+}
+
+fn train_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyhow::Result<()> {
     let started = Instant::now();
     let Prepared {
         schema,
@@ -368,25 +390,14 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
     );
     card.step = trainer.step;
     let training_started = Instant::now();
-    let mut window_samples = 0usize;
-    let mut window_started = Instant::now();
-    let on_progress = |progress: &flywheel_ml::train::Progress| {
-        window_samples += args.batch_size;
-        if progress.step.is_multiple_of(args.progress_every.max(1))
-            || progress.step + 1 == progress.total_steps
-        {
-            let seconds = window_started.elapsed().as_secs_f64().max(1e-9);
-            emit(json!({
-                "event": "progress",
-                "epoch": progress.epoch,
-                "step": progress.step + 1,
-                "totalSteps": progress.total_steps,
-                "samplesPerSecond": window_samples as f64 / seconds,
-                "loss": progress.loss,
-            }));
-            window_samples = 0;
-            window_started = Instant::now();
-        }
+    let on_progress = |step: &flywheel_ml::train::Progress| {
+        progress.record_step(
+            step.epoch,
+            step.step,
+            step.total_steps,
+            args.batch_size,
+            step.loss,
+        );
     };
     let save = checkpoint_path.as_ref().map(|path| {
         let card = &card;
@@ -402,6 +413,7 @@ fn train_command(args: &TrainArgs) -> anyhow::Result<()> {
     });
     trainer.fit_from(&train, start, on_progress, save)?;
     let train_seconds = training_started.elapsed().as_secs_f64();
+    progress.phase(Phase::Evaluating);
     card.metrics = trainer.evaluate(&eval);
     card.step = trainer.step;
     publish(
@@ -449,7 +461,7 @@ fn initial_trainer(
 /// every global batch, and the gang reduces gradients each step through rank 0's collective, so the result
 /// matches one process training with the same global batch. Rank 0 also checkpoints (every rank resumes
 /// from its `checkpoint.fwc`), evaluates and writes the artifact.
-fn data_parallel_command(args: &TrainArgs) -> anyhow::Result<()> {
+fn data_parallel_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyhow::Result<()> {
     let chief = args.data_parallel.as_deref().unwrap_or_default();
     if args.workers == 0 || args.rank >= args.workers {
         bail!(
@@ -527,16 +539,15 @@ fn data_parallel_command(args: &TrainArgs) -> anyhow::Result<()> {
         "seconds": started.elapsed().as_secs_f64(),
     }));
     let training_started = Instant::now();
-    let on_progress = |progress: &flywheel_ml::train::Progress| {
-        if progress.step.is_multiple_of(args.progress_every.max(1))
-            || progress.step == progress.total_steps
-        {
-            emit(json!({
-                "event": "progress", "rank": rank, "epoch": progress.epoch, "step": progress.step,
-                "totalSteps": progress.total_steps, "loss": progress.loss,
-                "samplesPerSecond": progress.samples_per_second,
-            }));
-        }
+    // Every rank counts the whole global batch, so each reports the gang's throughput.
+    let on_progress = |step: &flywheel_ml::train::Progress| {
+        progress.record_step(
+            step.epoch,
+            step.step,
+            step.total_steps,
+            args.batch_size,
+            step.loss,
+        );
     };
     let save = checkpoint_path.as_ref().filter(|_| rank == 0).map(|path| {
         let card = &card;
@@ -573,6 +584,7 @@ fn data_parallel_command(args: &TrainArgs) -> anyhow::Result<()> {
         );
     }
     server.abort();
+    progress.phase(Phase::Evaluating);
     let eval = read_encoded(&args.eval, &prepared.schema, &prepared.columns)?;
     card.lineage.eval_rows = eval.len();
     card.metrics = trainer.evaluate(&eval);
@@ -625,7 +637,7 @@ fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
 
 /// Trains this worker's share of the data against the parameter-server shards; the chief (rank 0) then waits
 /// for the other workers, assembles the model from the shards, evaluates it and writes the artifact.
-fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
+fn ps_worker_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyhow::Result<()> {
     if args.warm_start.is_some() {
         bail!("--warm-start is not supported with --ps yet");
     }
@@ -670,6 +682,10 @@ fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
         None,
     );
     let (rank, workers) = (args.rank as usize, args.workers as usize);
+    // This worker's steps: every epoch it trains the rows `i mod W == R` (R, R + W, ...) in batches.
+    let rows_per_epoch = train.len().saturating_sub(rank).div_ceil(workers);
+    let total_steps =
+        rows_per_epoch.div_ceil(config.batch_size.max(1)) as u64 * config.epochs as u64;
     let started = Instant::now();
     let mut samples = 0usize;
     for epoch in start.epoch..config.epochs {
@@ -703,12 +719,7 @@ fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
                     store.sync_dense(flywheel_ml::model::dense_parameters(&trainer.model))?;
                 trainer.model = flywheel_ml::model::with_dense_parameters(trainer.model, &global)?;
             }
-            if trainer.step.is_multiple_of(args.progress_every.max(1)) {
-                emit(json!({
-                    "event": "progress", "rank": rank, "epoch": epoch, "step": trainer.step, "loss": loss,
-                    "samplesPerSecond": samples as f64 / started.elapsed().as_secs_f64().max(1e-9),
-                }));
-            }
+            progress.record_step(epoch, trainer.step, total_steps, batch.len(), loss);
         }
     }
     store.sync_dense(flywheel_ml::model::dense_parameters(&trainer.model))?;
@@ -721,6 +732,7 @@ fn ps_worker_command(args: &TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     store.wait_for_workers(args.workers - 1)?;
+    progress.phase(Phase::Evaluating);
     let global = store.sync_dense(Vec::new())?;
     trainer.model = flywheel_ml::model::with_dense_parameters(trainer.model, &global)?;
     let prepared = Prepared {

@@ -1,9 +1,14 @@
 //! The trainer binary end to end: generated data trains into a verifiable artifact and termination message;
-//! bad inputs fail with a message naming the file and the column.
+//! bad inputs fail with a message naming the file and the column; the chief serves its live progress.
 
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{Field, Schema};
@@ -366,5 +371,119 @@ fn warm_start_checks_the_artifact_digest_and_records_it() {
         stderr(&other_shape).contains("cannot warm-start"),
         "{}",
         stderr(&other_shape)
+    );
+}
+
+/// Gives `flag` the value `value` in `args`, replacing the value it had.
+fn set_flag(args: &mut Vec<String>, flag: &str, value: &str) {
+    let at = args.iter().position(|arg| arg == flag);
+    match at.and_then(|at| args.get_mut(at + 1)) {
+        Some(old) => *old = value.to_owned(),
+        None => args.extend([flag.to_owned(), value.to_owned()]),
+    }
+}
+
+/// A plain HTTP/1.0 GET of `path` on `addr`: the status code and body, or None while nothing answers.
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+#[test]
+fn the_chief_serves_its_live_status() {
+    let dir = common::scratch("cli", "status");
+    common::generate(&dir, "30000");
+    // Enough epochs of small batches to outlast the polling many times over; the test stops it when done.
+    let mut args = common::train_args(&dir, "model");
+    set_flag(&mut args, "--epochs", "200");
+    set_flag(&mut args, "--batch-size", "32");
+    set_flag(&mut args, "--progress-every", "10");
+    // Port 0: the trainer reports the port it got, so no other process can take it first.
+    set_flag(&mut args, "--status-listen", "127.0.0.1:0");
+    let mut child = common::spawn(&args, &dir.join("model.log"));
+    let started = Instant::now();
+    let mut addr = None;
+    let progress = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no step served: {}",
+            common::log(&dir, "model")
+        );
+        assert!(
+            !matches!(child.try_wait(), Ok(Some(_))),
+            "the trainer ended before a step was served: {}",
+            common::log(&dir, "model")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        if addr.is_none() {
+            addr = common::event(&dir, "model", "statusListening")
+                .and_then(|event| event["addr"].as_str().map(str::to_owned));
+        }
+        let Some(addr) = &addr else { continue };
+        if let Some((status, body)) = http_get(addr, "/progress") {
+            assert_eq!(status, 200, "{body}");
+            let progress: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            let step = progress["step"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no step in {body}"));
+            if step > 0 {
+                break progress;
+            }
+            assert_eq!(progress["phase"], "loading", "{body}");
+        }
+    };
+    let not_found = addr
+        .and_then(|addr| http_get(&addr, "/metrics"))
+        .map(|(status, _)| status);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let step = progress["step"].as_u64().unwrap_or_default();
+    let total_steps = progress["totalSteps"].as_u64().unwrap_or_default();
+    assert!(total_steps >= step, "{progress}");
+    assert!(
+        progress["epoch"].as_u64().is_some_and(|epoch| epoch < 200),
+        "{progress}"
+    );
+    assert!(
+        progress["loss"].as_f64().is_some_and(f64::is_finite),
+        "{progress}"
+    );
+    assert!(
+        progress["samplesPerSecond"]
+            .as_f64()
+            .is_some_and(|rate| rate > 0.0),
+        "{progress}"
+    );
+    assert!(
+        ["training", "evaluating", "done"]
+            .contains(&progress["phase"].as_str().unwrap_or_default()),
+        "{progress}"
+    );
+    assert_eq!(not_found, Some(404));
+}
+
+#[test]
+fn a_status_address_in_use_is_a_clear_error() {
+    let dir = scratch("status-in-use");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|err| panic!("{err}"));
+    let addr = taken
+        .local_addr()
+        .unwrap_or_else(|err| panic!("{err}"))
+        .to_string();
+    let out = train_with(&dir, "model", &["--status-listen", &addr]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("binding the status endpoint {addr}: ")),
+        "{}",
+        stderr(&out)
     );
 }

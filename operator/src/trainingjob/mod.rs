@@ -1,0 +1,303 @@
+//! TrainingJob controller: turns a job into a gang of trainer pods admitted under its GPUQuota, restarts the
+//! whole gang from its checkpoint when a member fails, and registers the result as a ModelVersion.
+//!
+//! Admission: a job naming a quota runs only once the quota's status lists it as admitted (see
+//! [`crate::gpuquota`]). A job labelled `kueue.x-k8s.io/queue-name` is left to Kueue: Flywheel's quota does
+//! not consider it, Kueue admits it by setting `spec.suspend: false`, and the label is passed to every pod.
+
+pub mod gang;
+pub mod plan;
+pub mod progress;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_crds::trainingjob::{TrainingPhase, TrainingProgress};
+use flywheel_crds::{GPUQuota, ModelVersion, TrainingJob};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource, ResourceExt};
+use tracing::{info, warn};
+
+pub use gang::{KUEUE_QUEUE_LABEL, TrainerSettings};
+pub use plan::{Observed, TrainingPlan, WarmStart, plan};
+
+use crate::controller::{Context, Error, FIELD_MANAGER, apply_plan, strip_managed_fields};
+use gang::{CHIEF, LABEL_JOB};
+
+pub const KIND: &str = "TrainingJob";
+
+/// Requeue after a failed reconcile.
+const ERROR_REQUEUE: Duration = Duration::from_secs(10);
+/// How often the jobs-by-phase gauge is recounted.
+const PHASE_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+pub struct Stores {
+    pub pods: Store<Pod>,
+    pub quotas: Store<GPUQuota>,
+}
+
+fn owned_pods<'a>(job: &TrainingJob, pods: &'a [Arc<Pod>]) -> Vec<&'a Pod> {
+    let namespace = job.namespace();
+    let uid = job.uid();
+    pods.iter()
+        .map(Arc::as_ref)
+        .filter(|pod| {
+            pod.namespace() == namespace
+                && pod
+                    .owner_references()
+                    .iter()
+                    .any(|owner| Some(&owner.uid) == uid.as_ref() && owner.controller == Some(true))
+        })
+        .collect()
+}
+
+async fn warm_start(ctx: &Context, job: &TrainingJob) -> Result<WarmStart, Error> {
+    let finished = matches!(
+        job.status.as_ref().and_then(|s| s.phase),
+        Some(TrainingPhase::Succeeded | TrainingPhase::Failed)
+    );
+    let Some(parent) = job.spec.warm_start_from.as_ref().filter(|_| !finished) else {
+        return Ok(WarmStart::NotRequested);
+    };
+    let api: Api<ModelVersion> =
+        Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    Ok(match api.get_opt(&parent.name).await? {
+        Some(version) => WarmStart::Found {
+            uri: version.spec.artifact.uri,
+            sha256: version.spec.artifact.sha256,
+        },
+        None => WarmStart::Missing(parent.name.clone()),
+    })
+}
+
+async fn chief_progress(pods: &[&Pod], job: &TrainingJob) -> Option<TrainingProgress> {
+    let attempt = job.status.as_ref().map_or(0, |s| s.attempt).to_string();
+    let chief = pods.iter().find(|pod| {
+        pod.name_any() == CHIEF.pod_name(&job.name_any())
+            && pod.labels().get(gang::LABEL_ATTEMPT) == Some(&attempt)
+            && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    })?;
+    let ip = chief.status.as_ref()?.pod_ip.as_deref()?;
+    progress::poll(ip).await
+}
+
+/// Registers the produced ModelVersion. Its name is the job's; when a ModelVersion of that name exists from
+/// another job (a deleted job's namesake), the job's UID prefix makes the name unique. Returns the name used.
+async fn register(ctx: &Context, version: &ModelVersion, job_uid: &str) -> Result<String, Error> {
+    let namespace = version.namespace().unwrap_or_default();
+    let api: Api<ModelVersion> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut candidate = version.clone();
+    let base = version.name_any();
+    for name in [
+        base.clone(),
+        format!("{base}-{}", &job_uid[..job_uid.len().min(8)]),
+    ] {
+        candidate.metadata.name = Some(name.clone());
+        match api.create(&PostParams::default(), &candidate).await {
+            Ok(_) => return Ok(name),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let existing = api.get(&name).await?;
+                if existing
+                    .annotations()
+                    .get(plan::ANNOTATION_JOB_UID)
+                    .map(String::as_str)
+                    == Some(job_uid)
+                {
+                    return Ok(name);
+                }
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Err(Error::Conflict(format!(
+        "ModelVersions {base} and {base}-<uid> both exist and come from other jobs"
+    )))
+}
+
+pub async fn reconcile(
+    job: Arc<TrainingJob>,
+    ctx: Arc<Context>,
+    stores: Arc<Stores>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    let namespace = job.namespace().unwrap_or_default();
+    let all_pods = stores.pods.state();
+    let pods = owned_pods(&job, &all_pods);
+    let quota = job
+        .spec
+        .queue
+        .as_ref()
+        .and_then(|name| stores.quotas.get(&ObjectRef::new(name)));
+    let progress = chief_progress(&pods, &job).await;
+    let warm_start = warm_start(&ctx, &job).await?;
+    let mut decided = plan(&Observed {
+        job: &job,
+        pods,
+        quota: quota.as_deref(),
+        warm_start,
+        progress,
+        settings: &ctx.trainer,
+        now: Timestamp::now(),
+    });
+
+    if let Some(version) = &decided.model_version {
+        let name = register(&ctx, version, &job.uid().unwrap_or_default()).await?;
+        decided.plan.status.model_version = Some(name);
+    }
+    if let Some(waited) = decided.admitted_after {
+        ctx.metrics.job_admitted(waited);
+    }
+    if decided.restarted {
+        ctx.metrics.gang_restarted();
+    }
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let status_before = job.status.clone();
+    // Status first: the attempt it records is what tells the next reconcile which pods are stale.
+    let action = apply_plan(
+        &ctx,
+        &Api::<TrainingJob>::namespaced(ctx.client.clone(), &namespace),
+        job.as_ref(),
+        KIND,
+        status_before.as_ref(),
+        decided.plan,
+    )
+    .await?;
+    for name in &decided.delete_pods {
+        match pods_api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => info!(job = %job.name_any(), pod = %name, "deleted pod"),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    if let Some(service) = &decided.service {
+        let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+        services
+            .patch(
+                &service.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(service),
+            )
+            .await?;
+    }
+    for pod in &decided.create_pods {
+        match pods_api.create(&PostParams::default(), pod).await {
+            Ok(_) => {}
+            // The store lagged behind a pod this operator made: it exists, which is what we want.
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
+            // Refused by admission (a missing RuntimeClass, a policy): the user must see why nothing runs.
+            Err(kube::Error::Api(status)) if matches!(status.code, 403 | 422) => {
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "PodRejected".to_owned(),
+                    note: Some(status.message.chars().take(1000).collect()),
+                    action: "CreatePod".to_owned(),
+                    secondary: None,
+                };
+                if let Err(err) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
+                    warn!(job = %job.name_any(), error = %err, "could not record event");
+                }
+                return Err(kube::Error::Api(status).into());
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    if !decided.create_pods.is_empty() {
+        info!(job = %job.name_any(), pods = decided.create_pods.len(), "created pods");
+    }
+    Ok(action)
+}
+
+/// The quotas' decisions concern these jobs: every job naming the quota.
+fn jobs_of_quota(jobs: &Store<TrainingJob>, quota: &GPUQuota) -> Vec<ObjectRef<TrainingJob>> {
+    let name = quota.name_any();
+    jobs.state()
+        .iter()
+        .filter(|job| job.spec.queue.as_deref() == Some(name.as_str()))
+        .map(|job| ObjectRef::from_obj(job.as_ref()))
+        .collect()
+}
+
+fn count_phases(ctx: &Context, jobs: &Store<TrainingJob>) {
+    let mut counts = std::collections::BTreeMap::<&'static str, i64>::new();
+    for job in jobs.state() {
+        let phase = match job.status.as_ref().and_then(|s| s.phase) {
+            Some(TrainingPhase::Queued) => "Queued",
+            Some(TrainingPhase::Running) => "Running",
+            Some(TrainingPhase::Restarting) => "Restarting",
+            Some(TrainingPhase::Suspended) => "Suspended",
+            Some(TrainingPhase::Succeeded) => "Succeeded",
+            Some(TrainingPhase::Failed) => "Failed",
+            None => "Pending",
+        };
+        *counts.entry(phase).or_default() += 1;
+    }
+    ctx.metrics.set_jobs_by_phase(&counts);
+}
+
+pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (jobs, jobs_writer) = reflector::store();
+    let job_events = watcher(
+        Api::<TrainingJob>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(strip_managed_fields)
+    .reflect(jobs_writer)
+    .applied_objects();
+    let (pods, pods_writer) = reflector::store();
+    let pod_events = watcher(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(LABEL_JOB),
+    )
+    .default_backoff()
+    .modify(strip_managed_fields)
+    .reflect(pods_writer)
+    .touched_objects();
+    let (quotas, quotas_writer) = reflector::store();
+    let quota_events = watcher(Api::<GPUQuota>::all(client), watcher::Config::default())
+        .default_backoff()
+        .modify(strip_managed_fields)
+        .reflect(quotas_writer)
+        .touched_objects();
+    let stores = Arc::new(Stores { pods, quotas });
+    let mapper_jobs = jobs.clone();
+    let controller = Controller::for_stream(job_events, jobs.clone())
+        .owns_stream(pod_events)
+        .watches_stream(quota_events, move |quota: GPUQuota| {
+            jobs_of_quota(&mapper_jobs, &quota)
+        })
+        .graceful_shutdown_on(stop)
+        .run(
+            move |job, ctx| reconcile(job, ctx, stores.clone()),
+            |job: Arc<TrainingJob>, error: &Error, ctx: Arc<Context>| {
+                ctx.metrics.reconcile_failed(KIND, error.label());
+                warn!(kind = KIND, name = %job.name_any(), namespace = job.namespace(), error = %error, "reconcile failed");
+                Action::requeue(ERROR_REQUEUE)
+            },
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                warn!(kind = KIND, error = %err, "controller error");
+            }
+        });
+    let gauge = async move {
+        loop {
+            tokio::time::sleep(PHASE_GAUGE_INTERVAL).await;
+            count_phases(&ctx, &jobs);
+        }
+    };
+    futures::pin_mut!(controller, gauge);
+    futures::future::select(controller, gauge).await;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,822 @@
+//! The TrainingJob phase machine as a pure function: from the job, its pods, its quota's admission decision
+//! and the chief's progress to the status, the pods to create or delete, and the ModelVersion to register.
+//!
+//! Queued → (admitted) Running → Succeeded | (a member failed) Restarting → Running … → Failed once
+//! `backoffLimit` restarts are spent. Preemption and suspension take the gang down without counting a restart;
+//! every new gang is a new `attempt`, and pods of an older attempt are gone before the next attempt's start.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flywheel_crds::GPUQuota;
+use flywheel_crds::ModelVersion;
+use flywheel_crds::TrainingJob;
+use flywheel_crds::common::{ConditionStatus, condition, find_condition, set_condition};
+use flywheel_crds::modelversion::{Artifact, ArtifactFormat, Lineage, ModelVersionSpec};
+use flywheel_crds::trainingjob::{
+    OfflineMetrics, QueueStatus, ReplicaStatus, TrainingJobStatus, TrainingPhase, TrainingProgress,
+};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::ResourceExt;
+use serde::Deserialize;
+
+use super::gang::{
+    self, CHIEF, GangContext, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, LABEL_INDEX, LABEL_ROLE, Member,
+    Role, TrainerSettings,
+};
+use crate::gpuquota::{Standing, standing};
+use crate::plan::{Plan, PlannedEvent, spec_conditions};
+
+pub const CONDITION_ADMITTED: &str = "Admitted";
+pub const CONDITION_COMPLETE: &str = "Complete";
+pub const CONDITION_FAILED: &str = "Failed";
+/// Annotation on a produced ModelVersion naming the TrainingJob's UID (a registry entry outlives the job,
+/// so it carries no ownerReference).
+pub const ANNOTATION_JOB_UID: &str = "flywheel.dev/training-job-uid";
+pub const LABEL_MODEL: &str = "flywheel.dev/model";
+/// Restart reasons kept in status (the newest).
+const MAX_RESTART_REASONS: usize = 10;
+/// How often a running job's progress is polled.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+/// How soon to look again while pods of an older attempt terminate.
+const TERMINATION_POLL: Duration = Duration::from_secs(2);
+
+/// The ModelVersion a job warm-starts from, as far as the operator knows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WarmStart {
+    NotRequested,
+    Missing(String),
+    Found { uri: String, sha256: String },
+}
+
+pub struct Observed<'a> {
+    pub job: &'a TrainingJob,
+    /// Pods this job owns, of any attempt.
+    pub pods: Vec<&'a Pod>,
+    /// The quota the job names, when it names one and it exists.
+    pub quota: Option<&'a GPUQuota>,
+    pub warm_start: WarmStart,
+    /// The chief's latest progress, when it could be read.
+    pub progress: Option<TrainingProgress>,
+    pub settings: &'a TrainerSettings,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingPlan {
+    pub plan: Plan<TrainingJobStatus>,
+    /// Applied (create or update) whenever pods are created.
+    pub service: Option<Service>,
+    pub create_pods: Vec<Pod>,
+    pub delete_pods: Vec<String>,
+    pub model_version: Option<ModelVersion>,
+    /// How long the job waited for admission, on the reconcile that admitted it.
+    pub admitted_after: Option<Duration>,
+    /// A gang restart after a failure was decided.
+    pub restarted: bool,
+}
+
+/// What the chief writes to its termination message when it finishes (trainer's `publish`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChiefResult {
+    pub artifact: String,
+    pub sha256: String,
+    pub feature_schema_hash: String,
+    #[serde(default)]
+    pub metrics: ChiefMetrics,
+    #[serde(default)]
+    pub steps: u64,
+    #[serde(default)]
+    pub samples_per_second: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChiefMetrics {
+    pub auc: Option<f64>,
+    pub gauc: Option<f64>,
+    pub log_loss: Option<f64>,
+    pub calibration: Option<f64>,
+    #[serde(default)]
+    pub samples: u64,
+}
+
+/// Parses the chief's termination message: the last line that is a JSON object with the result.
+pub fn chief_result(message: &str) -> Result<ChiefResult, String> {
+    message
+        .lines()
+        .rev()
+        .filter(|line| line.trim_start().starts_with('{'))
+        .find_map(|line| serde_json::from_str::<ChiefResult>(line).ok())
+        .ok_or_else(|| {
+            let last = message.lines().last().unwrap_or("(empty)");
+            format!("the chief finished without a result: {last}")
+        })
+}
+
+fn phase_of(status: &TrainingJobStatus) -> Option<TrainingPhase> {
+    status.phase
+}
+
+fn attempt_of(pod: &Pod) -> Option<u32> {
+    pod.labels().get(LABEL_ATTEMPT)?.parse().ok()
+}
+
+fn member_of(pod: &Pod) -> Option<Member> {
+    let labels = pod.labels();
+    Some(Member {
+        role: Role::parse(labels.get(LABEL_ROLE)?)?,
+        index: labels.get(LABEL_INDEX)?.parse().ok()?,
+    })
+}
+
+fn pod_phase(pod: &Pod) -> &str {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending")
+}
+
+fn is_live(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none() && !matches!(pod_phase(pod), "Succeeded" | "Failed")
+}
+
+/// The trainer's termination message, or failing that a description of how the container ended.
+fn termination(pod: &Pod) -> (Option<i32>, String) {
+    let terminated = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|statuses| statuses.iter().find(|c| c.name == gang::CONTAINER))
+        .and_then(|c| c.state.as_ref())
+        .and_then(|state| state.terminated.as_ref());
+    match terminated {
+        Some(t) => (
+            Some(t.exit_code),
+            t.message
+                .clone()
+                .filter(|m| !m.trim().is_empty())
+                .or_else(|| t.reason.clone())
+                .unwrap_or_default(),
+        ),
+        None => (
+            None,
+            pod.status
+                .as_ref()
+                .and_then(|s| s.message.clone().or_else(|| s.reason.clone()))
+                .unwrap_or_default(),
+        ),
+    }
+}
+
+fn failure_reason(pod: &Pod) -> String {
+    let (code, message) = termination(pod);
+    let last = message
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("no message")
+        .trim();
+    match code {
+        Some(code) => format!("{} exited {code}: {last}", pod.name_any()),
+        None => format!("{} failed: {last}", pod.name_any()),
+    }
+}
+
+/// Whether the job may run now, and if not why.
+enum Admission {
+    Admitted,
+    Waiting {
+        reason: String,
+        position: Option<u32>,
+        rejected: bool,
+    },
+}
+
+fn admission(observed: &Observed<'_>) -> Admission {
+    let job = observed.job;
+    if job.labels().contains_key(KUEUE_QUEUE_LABEL) {
+        // Kueue admits by flipping spec.suspend, which is handled before this.
+        return Admission::Admitted;
+    }
+    let Some(queue) = &job.spec.queue else {
+        return Admission::Admitted;
+    };
+    let Some(quota) = observed.quota else {
+        return Admission::Waiting {
+            reason: format!("GPUQuota `{queue}` does not exist"),
+            position: None,
+            rejected: false,
+        };
+    };
+    match standing(
+        quota.status.as_ref(),
+        &job.namespace().unwrap_or_default(),
+        &job.name_any(),
+        &job.uid().unwrap_or_default(),
+    ) {
+        Standing::Admitted => Admission::Admitted,
+        Standing::Queued { reason, position } => Admission::Waiting {
+            reason,
+            position: Some(position),
+            rejected: false,
+        },
+        Standing::Rejected { reason } => Admission::Waiting {
+            reason,
+            position: None,
+            rejected: true,
+        },
+        Standing::Undecided => Admission::Waiting {
+            reason: format!("waiting for GPUQuota `{queue}` to decide"),
+            position: None,
+            rejected: false,
+        },
+    }
+}
+
+struct Builder<'o, 'a> {
+    observed: &'o Observed<'a>,
+    status: TrainingJobStatus,
+    events: Vec<PlannedEvent>,
+    delete_pods: Vec<String>,
+    create_pods: Vec<Pod>,
+    service: Option<Service>,
+    model_version: Option<ModelVersion>,
+    admitted_after: Option<Duration>,
+    restarted: bool,
+    requeue: Option<Duration>,
+}
+
+impl Builder<'_, '_> {
+    fn event(&mut self, warning: bool, reason: &'static str, action: &'static str, note: String) {
+        self.events.push(PlannedEvent {
+            warning,
+            reason,
+            action,
+            note,
+        });
+    }
+
+    fn set(&mut self, type_: &str, status: ConditionStatus, reason: &str, message: String) {
+        set_condition(
+            &mut self.status.conditions,
+            condition(
+                type_,
+                status,
+                reason,
+                message,
+                self.observed.job.metadata.generation,
+                self.observed.now,
+            ),
+        );
+    }
+
+    fn enter(&mut self, phase: TrainingPhase) {
+        self.status.phase = Some(phase);
+    }
+
+    /// Deletes the gang's pods (finished ones too unless `keep_finished`, which keeps a failed job's pods for
+    /// inspection). Taking down pods of the current attempt starts a new attempt, so the next gang is new.
+    fn take_down(&mut self, keep_finished: bool) -> bool {
+        let current = self.status.attempt;
+        let mut had_current = false;
+        for pod in &self.observed.pods {
+            if pod.metadata.deletion_timestamp.is_some() || (keep_finished && !is_live(pod)) {
+                continue;
+            }
+            had_current |= attempt_of(pod) == Some(current);
+            self.delete_pods.push(pod.name_any());
+        }
+        if had_current && !keep_finished {
+            self.status.attempt += 1;
+        }
+        had_current
+    }
+
+    fn finish(&mut self, phase: TrainingPhase) {
+        self.enter(phase);
+        if self.status.completion_time.is_none() {
+            self.status.completion_time = Some(Time(self.observed.now));
+        }
+        self.status.queue = None;
+    }
+
+    fn fail(&mut self, reason: &str, message: String) {
+        self.take_down(true);
+        self.finish(TrainingPhase::Failed);
+        self.set(
+            CONDITION_FAILED,
+            ConditionStatus::True,
+            reason,
+            message.clone(),
+        );
+        self.event(true, "Failed", "Train", message);
+    }
+
+    fn replicas(&mut self, current: &[&Pod]) {
+        let topology = &self.observed.job.spec.topology;
+        let members = gang::members(topology);
+        let mut replicas: BTreeMap<Role, ReplicaStatus> = BTreeMap::new();
+        for member in &members {
+            replicas
+                .entry(member.role)
+                .or_insert_with(|| ReplicaStatus {
+                    role: member.role.as_str().to_owned(),
+                    desired: 0,
+                    active: 0,
+                    succeeded: 0,
+                    failed: 0,
+                })
+                .desired += 1;
+        }
+        for pod in current {
+            let Some(member) = member_of(pod) else {
+                continue;
+            };
+            if let Some(replica) = replicas.get_mut(&member.role) {
+                match pod_phase(pod) {
+                    "Succeeded" => replica.succeeded += 1,
+                    "Failed" => replica.failed += 1,
+                    _ if pod.metadata.deletion_timestamp.is_none() => replica.active += 1,
+                    _ => {}
+                }
+            }
+        }
+        self.status.replicas = replicas.into_values().collect();
+    }
+}
+
+pub fn plan(observed: &Observed<'_>) -> TrainingPlan {
+    let job = observed.job;
+    let mut status = job.status.clone().unwrap_or_default();
+    status.observed_generation = job.metadata.generation;
+    status.topology = Some(job.spec.topology.summary());
+    let validation = job.spec.validate();
+    let mut builder = Builder {
+        observed,
+        status,
+        events: Vec::new(),
+        delete_pods: Vec::new(),
+        create_pods: Vec::new(),
+        service: None,
+        model_version: None,
+        admitted_after: None,
+        restarted: false,
+        requeue: None,
+    };
+    if validation.is_ok() {
+        advance(&mut builder);
+    }
+    let ready = readiness(&builder.status);
+    let mut events = spec_conditions(
+        &mut builder.status.conditions,
+        &validation,
+        job.metadata.generation,
+        observed.now,
+        (ready.0, ready.1, &ready.2),
+    );
+    events.append(&mut builder.events);
+    TrainingPlan {
+        plan: Plan {
+            status: builder.status,
+            events,
+            requeue: builder.requeue,
+        },
+        service: builder.service,
+        create_pods: builder.create_pods,
+        delete_pods: builder.delete_pods,
+        model_version: builder.model_version,
+        admitted_after: builder.admitted_after,
+        restarted: builder.restarted,
+    }
+}
+
+/// `Ready` mirrors the phase: true once the job has produced its ModelVersion.
+fn readiness(status: &TrainingJobStatus) -> (ConditionStatus, &'static str, String) {
+    let failed_message = || {
+        find_condition(&status.conditions, CONDITION_FAILED)
+            .map(|c| c.message.clone())
+            .unwrap_or_else(|| "the job failed".to_owned())
+    };
+    match status.phase {
+        Some(TrainingPhase::Succeeded) => (
+            ConditionStatus::True,
+            "Succeeded",
+            format!(
+                "produced ModelVersion {}",
+                status.model_version.as_deref().unwrap_or("(unknown)")
+            ),
+        ),
+        Some(TrainingPhase::Failed) => (ConditionStatus::False, "Failed", failed_message()),
+        Some(TrainingPhase::Queued) => (
+            ConditionStatus::False,
+            "Queued",
+            status
+                .queue
+                .as_ref()
+                .map(|q| q.reason.clone())
+                .filter(|r| !r.is_empty())
+                .unwrap_or_else(|| "waiting for admission".to_owned()),
+        ),
+        Some(TrainingPhase::Suspended) => (
+            ConditionStatus::False,
+            "Suspended",
+            "spec.suspend is true".to_owned(),
+        ),
+        Some(TrainingPhase::Restarting) => (
+            ConditionStatus::False,
+            "Restarting",
+            status
+                .restart_reasons
+                .last()
+                .cloned()
+                .unwrap_or_else(|| "restarting the gang".to_owned()),
+        ),
+        Some(TrainingPhase::Running) => (
+            ConditionStatus::False,
+            "Running",
+            "training; Ready once the ModelVersion exists".to_owned(),
+        ),
+        None => (
+            ConditionStatus::False,
+            "Pending",
+            "not started yet".to_owned(),
+        ),
+    }
+}
+
+fn advance(b: &mut Builder<'_, '_>) {
+    let observed = b.observed;
+    let job = observed.job;
+    match phase_of(&b.status) {
+        Some(TrainingPhase::Succeeded) => {
+            // Parameter servers must never outlive the job (they hold memory and, on clusters, nodes).
+            for pod in &observed.pods {
+                if member_of(pod).is_some_and(|m| m.role == Role::Server)
+                    && pod.metadata.deletion_timestamp.is_none()
+                {
+                    b.delete_pods.push(pod.name_any());
+                }
+            }
+            return;
+        }
+        Some(TrainingPhase::Failed) => {
+            b.take_down(true);
+            return;
+        }
+        _ => {}
+    }
+    let paths = match gang::paths(&job.name_any(), &job.spec) {
+        Ok(paths) => paths,
+        Err(message) => {
+            b.fail("UnsupportedData", message);
+            return;
+        }
+    };
+    if job.spec.suspend {
+        if b.take_down(false) {
+            b.event(
+                false,
+                "Suspended",
+                "Suspend",
+                "spec.suspend is true: the gang was removed; it resumes from its checkpoint".into(),
+            );
+        }
+        b.enter(TrainingPhase::Suspended);
+        b.status.queue = None;
+        b.set(
+            CONDITION_ADMITTED,
+            ConditionStatus::False,
+            "Suspended",
+            "spec.suspend is true".into(),
+        );
+        return;
+    }
+    match admission(observed) {
+        Admission::Waiting {
+            reason,
+            position,
+            rejected,
+        } => {
+            if b.take_down(false) {
+                b.event(
+                    true,
+                    "Evicted",
+                    "Admit",
+                    format!("the gang lost its admission and was removed: {reason}"),
+                );
+            }
+            let since = b
+                .status
+                .queue
+                .as_ref()
+                .and_then(|q| q.since.clone())
+                .or(Some(Time(observed.now)));
+            b.enter(TrainingPhase::Queued);
+            b.status.queue = Some(QueueStatus {
+                reason: reason.clone(),
+                position,
+                since,
+            });
+            b.set(
+                CONDITION_ADMITTED,
+                ConditionStatus::False,
+                if rejected { "NotAdmissible" } else { "Queued" },
+                reason,
+            );
+            return;
+        }
+        Admission::Admitted => {}
+    }
+    let warm_start = match &observed.warm_start {
+        WarmStart::NotRequested => None,
+        WarmStart::Found { uri, sha256 } => Some((uri.as_str(), sha256.as_str())),
+        WarmStart::Missing(name) => {
+            b.enter(TrainingPhase::Queued);
+            b.status.queue = Some(QueueStatus {
+                reason: format!("waiting for ModelVersion `{name}` (spec.warmStartFrom)"),
+                position: None,
+                since: b
+                    .status
+                    .queue
+                    .as_ref()
+                    .and_then(|q| q.since.clone())
+                    .or(Some(Time(observed.now))),
+            });
+            return;
+        }
+    };
+    if matches!(phase_of(&b.status), None | Some(TrainingPhase::Queued)) {
+        let waited_since = b
+            .status
+            .queue
+            .as_ref()
+            .and_then(|q| q.since.as_ref())
+            .map(|t| t.0)
+            .or_else(|| job.metadata.creation_timestamp.as_ref().map(|t| t.0))
+            .unwrap_or(observed.now);
+        b.admitted_after = observed.now.duration_since(waited_since).try_into().ok();
+        b.event(
+            false,
+            "Admitted",
+            "Admit",
+            match &job.spec.queue {
+                Some(queue) => format!("admitted by GPUQuota {queue}"),
+                None => "admitted".to_owned(),
+            },
+        );
+    }
+    b.status.queue = None;
+    b.set(
+        CONDITION_ADMITTED,
+        ConditionStatus::True,
+        "Admitted",
+        match &job.spec.queue {
+            Some(queue) if !job.labels().contains_key(KUEUE_QUEUE_LABEL) => {
+                format!("admitted by GPUQuota {queue}")
+            }
+            _ if job.labels().contains_key(KUEUE_QUEUE_LABEL) => {
+                "admission is left to Kueue (kueue.x-k8s.io/queue-name)".to_owned()
+            }
+            _ => "no GPUs requested: no quota needed".to_owned(),
+        },
+    );
+    run_gang(b, &paths, warm_start);
+}
+
+fn run_gang(b: &mut Builder<'_, '_>, paths: &gang::Paths, warm_start: Option<(&str, &str)>) {
+    let observed = b.observed;
+    let job = observed.job;
+    let attempt = b.status.attempt;
+    let older: Vec<&Pod> = observed
+        .pods
+        .iter()
+        .copied()
+        .filter(|pod| attempt_of(pod).is_none_or(|a| a < attempt))
+        .collect();
+    if !older.is_empty() {
+        // The new gang reuses the members' DNS names: start it only once the old one is gone.
+        for pod in &older {
+            if pod.metadata.deletion_timestamp.is_none() {
+                b.delete_pods.push(pod.name_any());
+            }
+        }
+        if b.status.phase != Some(TrainingPhase::Restarting) {
+            b.enter(TrainingPhase::Restarting);
+        }
+        b.requeue = Some(TERMINATION_POLL);
+        return;
+    }
+    let current: Vec<&Pod> = observed
+        .pods
+        .iter()
+        .copied()
+        .filter(|pod| attempt_of(pod) == Some(attempt))
+        .collect();
+    b.replicas(&current);
+    let members = gang::members(&job.spec.topology);
+    let failed = current.iter().find(|pod| pod_phase(pod) == "Failed");
+    let workers_done = members
+        .iter()
+        .filter(|m| m.role == Role::Worker)
+        .all(|member| {
+            current
+                .iter()
+                .any(|pod| member_of(pod) == Some(*member) && pod_phase(pod) == "Succeeded")
+        });
+    let outcome = if let Some(pod) = failed {
+        Err(failure_reason(pod))
+    } else if workers_done {
+        let chief = current
+            .iter()
+            .find(|pod| member_of(pod) == Some(CHIEF))
+            .map(|pod| termination(pod).1)
+            .unwrap_or_default();
+        match chief_result(&chief) {
+            Ok(result) => Ok(Some(result)),
+            Err(reason) => Err(reason),
+        }
+    } else {
+        Ok(None)
+    };
+    match outcome {
+        Err(reason) => restart_or_fail(b, reason),
+        Ok(Some(result)) => succeed(b, &result, warm_start),
+        Ok(None) => {
+            let gang_context = GangContext {
+                attempt,
+                paths,
+                settings: observed.settings,
+                quota: job
+                    .spec
+                    .queue
+                    .as_deref()
+                    .zip(observed.quota)
+                    .map(|(name, quota)| (name, &quota.spec.isolation)),
+                warm_start,
+            };
+            for member in &members {
+                if !current.iter().any(|pod| member_of(pod) == Some(*member)) {
+                    b.create_pods.push(gang::pod(job, *member, &gang_context));
+                }
+            }
+            if !b.create_pods.is_empty() {
+                b.service = Some(gang::service(job));
+            }
+            if b.status.start_time.is_none() {
+                b.status.start_time = Some(Time(observed.now));
+            }
+            if b.status.phase != Some(TrainingPhase::Running) {
+                b.event(
+                    false,
+                    "Started",
+                    "Train",
+                    format!("attempt {attempt}: {} pods", members.len()),
+                );
+            }
+            b.enter(TrainingPhase::Running);
+            if let Some(progress) = &observed.progress {
+                b.status.progress = Some(progress.clone());
+            }
+            b.requeue = Some(PROGRESS_INTERVAL);
+        }
+    }
+}
+
+fn restart_or_fail(b: &mut Builder<'_, '_>, reason: String) {
+    let limit = b.observed.job.spec.backoff_limit;
+    if b.status.restarts >= limit {
+        b.fail(
+            "BackoffLimitExceeded",
+            format!("backoffLimit ({limit}) reached: {reason}"),
+        );
+        return;
+    }
+    b.take_down(false);
+    b.status.restarts += 1;
+    b.status.restart_reasons.push(reason.clone());
+    let excess = b
+        .status
+        .restart_reasons
+        .len()
+        .saturating_sub(MAX_RESTART_REASONS);
+    b.status.restart_reasons.drain(..excess);
+    b.restarted = true;
+    b.enter(TrainingPhase::Restarting);
+    b.requeue = Some(TERMINATION_POLL);
+    b.event(
+        true,
+        "GangRestart",
+        "Train",
+        format!(
+            "restart {} of {limit} from the last checkpoint: {reason}",
+            b.status.restarts
+        ),
+    );
+}
+
+fn succeed(b: &mut Builder<'_, '_>, result: &ChiefResult, warm_start: Option<(&str, &str)>) {
+    let job = b.observed.job;
+    let metrics = OfflineMetrics {
+        auc: result.metrics.auc,
+        gauc: result.metrics.gauc,
+        log_loss: result.metrics.log_loss,
+        calibration: result.metrics.calibration,
+        eval_samples: Some(result.metrics.samples),
+    };
+    let name = job.name_any();
+    let uri = if result.artifact.contains("://") {
+        result.artifact.clone()
+    } else {
+        format!("file://{}", result.artifact)
+    };
+    let mut version = ModelVersion::new(
+        &name,
+        ModelVersionSpec {
+            model_name: job.spec.model.name.clone(),
+            artifact: Artifact {
+                uri,
+                sha256: result.sha256.clone(),
+                format: ArtifactFormat::FlywheelV1,
+            },
+            feature_schema_hash: result.feature_schema_hash.clone(),
+            lineage: Lineage {
+                training_job: Some(name.clone()),
+                feature_view: job.spec.data.feature_view.as_ref().map(|v| v.name.clone()),
+                data_range: job
+                    .spec
+                    .data
+                    .feature_view
+                    .as_ref()
+                    .map(|v| v.train_range.clone()),
+                seed: Some(job.spec.seed),
+                code_version: Some(
+                    job.spec
+                        .image
+                        .clone()
+                        .unwrap_or_else(|| b.observed.settings.image.clone()),
+                ),
+                parent: warm_start
+                    .and(job.spec.warm_start_from.as_ref())
+                    .map(|parent| parent.name.clone()),
+            },
+            metrics: metrics.clone(),
+            validation: Default::default(),
+        },
+    );
+    version.metadata = ObjectMeta {
+        name: Some(name.clone()),
+        namespace: job.namespace(),
+        labels: Some(BTreeMap::from([
+            (LABEL_MODEL.to_owned(), job.spec.model.name.clone()),
+            (gang::LABEL_JOB.to_owned(), name.clone()),
+        ])),
+        annotations: Some(BTreeMap::from([(
+            ANNOTATION_JOB_UID.to_owned(),
+            job.uid().unwrap_or_default(),
+        )])),
+        ..ObjectMeta::default()
+    };
+    b.model_version = Some(version);
+    b.status.metrics = Some(metrics);
+    b.status.model_version = Some(name.clone());
+    let total = b.status.progress.as_ref().and_then(|p| p.total_steps);
+    b.status.progress = Some(TrainingProgress {
+        step: result.steps,
+        total_steps: total.or(Some(result.steps)),
+        epoch: b.status.progress.as_ref().and_then(|p| p.epoch),
+        percent: Some("100%".to_owned()),
+        samples_per_second: result.samples_per_second,
+        loss: b.status.progress.as_ref().and_then(|p| p.loss),
+    });
+    // Parameter servers are done when the workers are; remove them now rather than wait for them to exit.
+    for pod in &b.observed.pods {
+        if member_of(pod).is_some_and(|m| m.role == Role::Server)
+            && pod.metadata.deletion_timestamp.is_none()
+        {
+            b.delete_pods.push(pod.name_any());
+        }
+    }
+    b.finish(TrainingPhase::Succeeded);
+    b.set(
+        CONDITION_COMPLETE,
+        ConditionStatus::True,
+        "ModelVersionCreated",
+        format!("produced ModelVersion {name}"),
+    );
+    b.event(
+        false,
+        "Succeeded",
+        "Train",
+        format!(
+            "produced ModelVersion {name} (AUC {})",
+            result
+                .metrics
+                .auc
+                .map_or_else(|| "n/a".to_owned(), |auc| format!("{auc:.4}"))
+        ),
+    );
+}

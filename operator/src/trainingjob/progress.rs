@@ -1,0 +1,120 @@
+//! Reads a running job's progress from its chief worker (`GET http://<pod IP>:7071/progress`), so pods need no
+//! write access to the TrainingJob. Best effort: a chief that is starting, busy or gone yields `None` and the
+//! status keeps the last progress it had.
+
+use std::time::Duration;
+
+use flywheel_crds::trainingjob::TrainingProgress;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::gang::STATUS_PORT;
+
+/// A chief that does not answer this fast is busy; the next poll will do.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The chief's `/progress` body (trainer-image `status` module).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Report {
+    step: u64,
+    #[serde(default)]
+    total_steps: Option<u64>,
+    #[serde(default)]
+    epoch: Option<u32>,
+    #[serde(default)]
+    loss: Option<f64>,
+    #[serde(default)]
+    samples_per_second: Option<f64>,
+}
+
+fn to_progress(report: Report) -> TrainingProgress {
+    let percent = report
+        .total_steps
+        .filter(|total| *total > 0)
+        .map(|total| format!("{}%", (report.step.min(total) * 100) / total));
+    TrainingProgress {
+        step: report.step,
+        total_steps: report.total_steps,
+        epoch: report.epoch,
+        percent,
+        samples_per_second: report.samples_per_second.filter(|v| v.is_finite()),
+        loss: report.loss.filter(|v| v.is_finite()),
+    }
+}
+
+/// Parses a `/progress` body.
+pub fn parse(body: &[u8]) -> Option<TrainingProgress> {
+    serde_json::from_slice::<Report>(body).ok().map(to_progress)
+}
+
+pub async fn poll(pod_ip: &str) -> Option<TrainingProgress> {
+    match tokio::time::timeout(TIMEOUT, fetch(pod_ip)).await {
+        Ok(Ok(body)) => parse(&body),
+        Ok(Err(err)) => {
+            debug!(pod_ip, error = %err, "progress not available");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+async fn fetch(pod_ip: &str) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
+    let host = if pod_ip.contains(':') {
+        format!("[{pod_ip}]:{STATUS_PORT}")
+    } else {
+        format!("{pod_ip}:{STATUS_PORT}")
+    };
+    let stream = TcpStream::connect(&host).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(connection);
+    let request = hyper::Request::get("/progress")
+        .header(hyper::header::HOST, host)
+        .body(Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    if !response.status().is_success() {
+        driver.abort();
+        return Err(format!("status {}", response.status()).into());
+    }
+    let body = response.into_body().collect().await?.to_bytes();
+    driver.abort();
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_becomes_progress_with_a_percentage() {
+        let progress = parse(
+            br#"{"step":250,"totalSteps":1000,"epoch":1,"loss":0.45,"samplesPerSecond":70000.5,"phase":"training"}"#,
+        );
+        assert_eq!(
+            progress,
+            Some(TrainingProgress {
+                step: 250,
+                total_steps: Some(1000),
+                epoch: Some(1),
+                percent: Some("25%".into()),
+                samples_per_second: Some(70000.5),
+                loss: Some(0.45),
+            })
+        );
+    }
+
+    #[test]
+    fn a_report_before_the_first_step_has_no_loss() {
+        let progress = parse(br#"{"step":0,"totalSteps":0,"epoch":0,"loss":null,"samplesPerSecond":null,"phase":"loading"}"#);
+        assert_eq!(
+            progress.map(|p| (p.step, p.percent, p.loss)),
+            Some((0, None, None))
+        );
+        assert_eq!(parse(b"not json"), None);
+    }
+}

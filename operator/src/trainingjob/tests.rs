@@ -1,0 +1,464 @@
+//! Plan tests: every phase transition of a TrainingJob, without a server.
+
+use flywheel_crds::gpuquota::{GPUQuotaStatus, JobRef};
+use flywheel_crds::trainingjob::{DatasetUris, TrainingData, TrainingJobStatus, TrainingPhase};
+use flywheel_crds::{GPUQuota, TrainingJob};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus,
+};
+use kube::ResourceExt;
+
+use super::gang::{self, LABEL_ATTEMPT, Paths, TrainerSettings};
+use super::plan::{Observed, TrainingPlan, WarmStart, chief_result, plan};
+use crate::plan::examples::{condition, load};
+
+const RESULT: &str = r#"{"event":"done","rank":0,"artifact":"/data/models/ps-job/model.fwm","sha256":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","featureSchemaHash":"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","metrics":{"auc":0.71,"gauc":0.65,"logLoss":0.5,"calibration":1.01,"samples":2000},"steps":120,"trainSeconds":3.0,"samplesPerSecond":40000.0}"#;
+
+/// The PS example, on a ready-made dataset (what the trainer reads today).
+fn ps_job() -> TrainingJob {
+    let mut job: TrainingJob = load("trainingjob-ps.yaml", 1);
+    job.metadata.name = Some("ps-job".into());
+    job.metadata.namespace = Some("team".into());
+    job.metadata.uid = Some("uid-ps".into());
+    job.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Timestamp::UNIX_EPOCH,
+    ));
+    job.spec.data = TrainingData {
+        feature_view: None,
+        dataset: Some(DatasetUris {
+            train: "file:///data/ctr/train.parquet".into(),
+            eval: "file:///data/ctr/eval.parquet".into(),
+            label: "clicked".into(),
+            schema: None,
+        }),
+    };
+    job.spec.output.artifact_uri = "file:///data/models/".into();
+    job
+}
+
+fn gpu_job(name: &str) -> TrainingJob {
+    let mut job: TrainingJob = load("trainingjob-gpu.yaml", 1);
+    job.metadata.name = Some(name.into());
+    job.metadata.namespace = Some("default".into());
+    job.metadata.uid = Some(format!("uid-{name}"));
+    job.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Timestamp::UNIX_EPOCH,
+    ));
+    job
+}
+
+fn with_status(mut job: TrainingJob, status: TrainingJobStatus) -> TrainingJob {
+    job.status = Some(status);
+    job
+}
+
+fn observe<'a>(
+    job: &'a TrainingJob,
+    pods: &'a [Pod],
+    quota: Option<&'a GPUQuota>,
+    settings: &'a TrainerSettings,
+) -> TrainingPlan {
+    plan(&Observed {
+        job,
+        pods: pods.iter().collect(),
+        quota,
+        warm_start: WarmStart::NotRequested,
+        progress: None,
+        settings,
+        now: Timestamp::from_second(100).unwrap_or(Timestamp::UNIX_EPOCH),
+    })
+}
+
+/// The gang's pods as the operator made them for `attempt`, each in `phase`.
+fn gang_pods(job: &TrainingJob, attempt: u32, phase: &str) -> Vec<Pod> {
+    let paths: Paths = gang::paths(&job.name_any(), &job.spec).unwrap_or_else(|e| panic!("{e}"));
+    let settings = TrainerSettings::default();
+    let context = gang::GangContext {
+        attempt,
+        paths: &paths,
+        settings: &settings,
+        quota: None,
+        warm_start: None,
+    };
+    gang::members(&job.spec.topology)
+        .into_iter()
+        .map(|member| {
+            let mut pod = gang::pod(job, member, &context);
+            pod.status = Some(PodStatus {
+                phase: Some(phase.into()),
+                ..PodStatus::default()
+            });
+            pod
+        })
+        .collect()
+}
+
+fn terminate(pod: &mut Pod, phase: &str, exit_code: i32, message: &str) {
+    pod.status = Some(PodStatus {
+        phase: Some(phase.into()),
+        container_statuses: Some(vec![ContainerStatus {
+            name: gang::CONTAINER.into(),
+            state: Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code,
+                    message: Some(message.into()),
+                    ..ContainerStateTerminated::default()
+                }),
+                ..ContainerState::default()
+            }),
+            ..ContainerStatus::default()
+        }]),
+        ..PodStatus::default()
+    });
+}
+
+fn quota_admitting(admitted: &[&TrainingJob], queued: &[(&TrainingJob, &str)]) -> GPUQuota {
+    let mut quota: GPUQuota = load("gpuquota.yaml", 1);
+    let reference = |job: &TrainingJob, reason: Option<&str>| JobRef {
+        namespace: job.namespace().unwrap_or_default(),
+        name: job.name_any(),
+        uid: job.uid(),
+        reason: reason.map(str::to_owned),
+    };
+    quota.status = Some(GPUQuotaStatus {
+        admitted: admitted.iter().map(|job| reference(job, None)).collect(),
+        queued: queued
+            .iter()
+            .map(|(job, reason)| reference(job, Some(reason)))
+            .collect(),
+        ..GPUQuotaStatus::default()
+    });
+    quota
+}
+
+#[test]
+fn topology_summary_and_validation_are_reported() {
+    let settings = TrainerSettings::default();
+    let job = ps_job();
+    let decided = observe(&job, &[], None, &settings);
+    assert_eq!(decided.plan.status.topology.as_deref(), Some("ps 2x4"));
+    let mut invalid = gpu_job("gpu");
+    invalid.spec.queue = None;
+    invalid.metadata.generation = Some(2);
+    let decided = observe(&invalid, &[], None, &settings);
+    let (status, message, generation) = condition(&decided.plan.status.conditions, "InvalidSpec");
+    assert_eq!((status, generation), ("True", Some(2)));
+    assert!(message.contains("spec.queue"), "{message}");
+    assert!(
+        decided.create_pods.is_empty(),
+        "an invalid job runs nothing"
+    );
+}
+
+#[test]
+fn evaluation_before_training_end_is_invalid() {
+    let mut job: TrainingJob = load("trainingjob-ps.yaml", 1);
+    if let Some(view) = &mut job.spec.data.feature_view {
+        view.eval_range.start = view.train_range.start.clone();
+    }
+    let settings = TrainerSettings::default();
+    let decided = observe(&job, &[], None, &settings);
+    let (_, message, _) = condition(&decided.plan.status.conditions, "InvalidSpec");
+    assert!(
+        message.contains("spec.data.featureView.evalRange.start"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_cpu_job_without_a_queue_starts_its_whole_gang_at_once() {
+    let settings = TrainerSettings::default();
+    let job = ps_job();
+    let decided = observe(&job, &[], None, &settings);
+    assert_eq!(decided.plan.status.phase, Some(TrainingPhase::Running));
+    let names: Vec<String> = decided.create_pods.iter().map(|p| p.name_any()).collect();
+    assert_eq!(
+        names,
+        [
+            "ps-job-ps-0",
+            "ps-job-ps-1",
+            "ps-job-worker-0",
+            "ps-job-worker-1",
+            "ps-job-worker-2",
+            "ps-job-worker-3"
+        ]
+    );
+    assert!(decided.service.is_some());
+    assert_eq!(
+        condition(&decided.plan.status.conditions, "Ready").0,
+        "False",
+        "Ready waits for the ModelVersion"
+    );
+    assert!(decided.plan.requeue.is_some(), "progress is polled");
+}
+
+#[test]
+fn a_gpu_job_waits_in_its_quota_queue_with_reason_and_position() {
+    let settings = TrainerSettings::default();
+    let first = gpu_job("first");
+    let second = gpu_job("second");
+    let quota = quota_admitting(
+        &[&first],
+        &[(&second, "waiting for 8 nvidia.com/gpu: 8 of 8 in use")],
+    );
+    let decided = observe(&second, &[], Some(&quota), &settings);
+    assert_eq!(decided.plan.status.phase, Some(TrainingPhase::Queued));
+    let queue = decided
+        .plan
+        .status
+        .queue
+        .clone()
+        .unwrap_or_else(|| panic!("no queue status"));
+    assert_eq!(queue.position, Some(1));
+    assert_eq!(queue.reason, "waiting for 8 nvidia.com/gpu: 8 of 8 in use");
+    assert!(decided.create_pods.is_empty());
+    let admitted = observe(&first, &[], Some(&quota), &settings);
+    assert_eq!(admitted.create_pods.len(), 2);
+    assert_eq!(admitted.admitted_after.map(|d| d.as_secs()), Some(100));
+    let isolated = admitted.create_pods[0].spec.clone().unwrap_or_default();
+    assert_eq!(
+        isolated.node_selector.unwrap_or_default()["flywheel.dev/pool"],
+        "ranking-gpu",
+        "the quota's isolation is injected"
+    );
+}
+
+#[test]
+fn a_missing_quota_keeps_the_job_queued() {
+    let settings = TrainerSettings::default();
+    let job = gpu_job("lonely");
+    let decided = observe(&job, &[], None, &settings);
+    assert_eq!(decided.plan.status.phase, Some(TrainingPhase::Queued));
+    assert_eq!(
+        condition(&decided.plan.status.conditions, "Admitted").1,
+        "GPUQuota `ranking-team` does not exist"
+    );
+}
+
+#[test]
+fn success_registers_a_model_version_and_removes_the_parameter_servers() {
+    let settings = TrainerSettings::default();
+    let job = with_status(
+        ps_job(),
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            ..TrainingJobStatus::default()
+        },
+    );
+    let mut pods = gang_pods(&job, 0, "Running");
+    for pod in pods.iter_mut().filter(|p| p.name_any().contains("worker")) {
+        let message = if pod.name_any().ends_with("worker-0") {
+            RESULT
+        } else {
+            "{\"event\":\"done\",\"rank\":1}"
+        };
+        terminate(pod, "Succeeded", 0, message);
+    }
+    let decided = observe(&job, &pods, None, &settings);
+    let status = &decided.plan.status;
+    assert_eq!(status.phase, Some(TrainingPhase::Succeeded));
+    assert_eq!(status.model_version.as_deref(), Some("ps-job"));
+    assert_eq!(status.metrics.as_ref().and_then(|m| m.auc), Some(0.71));
+    assert_eq!(condition(&status.conditions, "Ready").0, "True");
+    assert_eq!(decided.delete_pods, ["ps-job-ps-0", "ps-job-ps-1"]);
+    let version = decided
+        .model_version
+        .unwrap_or_else(|| panic!("no ModelVersion"));
+    assert!(
+        version.metadata.owner_references.is_none(),
+        "a registry entry outlives its job"
+    );
+    assert_eq!(
+        version.spec.artifact.uri,
+        "file:///data/models/ps-job/model.fwm"
+    );
+    assert_eq!(version.spec.metrics.eval_samples, Some(2000));
+    assert_eq!(version.spec.lineage.training_job.as_deref(), Some("ps-job"));
+    assert_eq!(version.spec.model_name, "ctr");
+
+    // The next reconcile finds the job finished: only lingering servers are removed.
+    let done = with_status(job.clone(), decided.plan.status.clone());
+    let again = observe(&done, &pods, None, &settings);
+    assert!(again.model_version.is_none());
+    assert!(again.create_pods.is_empty());
+    assert_eq!(again.delete_pods, ["ps-job-ps-0", "ps-job-ps-1"]);
+}
+
+#[test]
+fn a_failed_member_restarts_the_whole_gang_as_a_new_attempt() {
+    let settings = TrainerSettings::default();
+    let job = with_status(
+        ps_job(),
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            ..TrainingJobStatus::default()
+        },
+    );
+    let mut pods = gang_pods(&job, 0, "Running");
+    if let Some(pod) = pods.iter_mut().find(|p| p.name_any() == "ps-job-worker-1") {
+        terminate(pod, "Failed", 137, "training\nkilled by signal 9");
+    }
+    let decided = observe(&job, &pods, None, &settings);
+    let status = &decided.plan.status;
+    assert_eq!(status.phase, Some(TrainingPhase::Restarting));
+    assert_eq!((status.restarts, status.attempt), (1, 1));
+    assert_eq!(
+        status.restart_reasons,
+        ["ps-job-worker-1 exited 137: killed by signal 9"]
+    );
+    assert_eq!(decided.delete_pods.len(), 6, "the whole gang goes");
+    assert!(decided.restarted);
+
+    // Old pods still terminating: nothing new starts yet.
+    let restarting = with_status(job.clone(), status.clone());
+    let waiting = observe(&restarting, &pods, None, &settings);
+    assert!(waiting.create_pods.is_empty());
+    // Old pods gone: the next attempt starts.
+    let resumed = observe(&restarting, &[], None, &settings);
+    assert_eq!(resumed.create_pods.len(), 6);
+    assert!(
+        resumed
+            .create_pods
+            .iter()
+            .all(|p| p.labels()[LABEL_ATTEMPT] == "1")
+    );
+    assert_eq!(resumed.plan.status.phase, Some(TrainingPhase::Running));
+}
+
+#[test]
+fn exceeding_the_backoff_limit_fails_with_the_reason() {
+    let settings = TrainerSettings::default();
+    let mut job = ps_job();
+    job.spec.backoff_limit = 1;
+    let job = with_status(
+        job,
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            restarts: 1,
+            attempt: 1,
+            ..TrainingJobStatus::default()
+        },
+    );
+    let mut pods = gang_pods(&job, 1, "Running");
+    if let Some(pod) = pods.iter_mut().find(|p| p.name_any() == "ps-job-worker-0") {
+        terminate(
+            pod,
+            "Failed",
+            1,
+            "flywheel-trainer: reading /data/ctr/train.parquet: No such file",
+        );
+    }
+    let decided = observe(&job, &pods, None, &settings);
+    let status = &decided.plan.status;
+    assert_eq!(status.phase, Some(TrainingPhase::Failed));
+    let (_, message, _) = condition(&status.conditions, "Failed");
+    assert_eq!(
+        message,
+        "backoffLimit (1) reached: ps-job-worker-0 exited 1: flywheel-trainer: reading /data/ctr/train.parquet: No such file"
+    );
+    assert_eq!(condition(&status.conditions, "Ready").1, message);
+    assert_eq!(
+        decided.delete_pods.len(),
+        5,
+        "live pods go, the failed one stays for its logs"
+    );
+    assert!(status.completion_time.is_some());
+}
+
+#[test]
+fn a_chief_without_a_result_is_a_failure() {
+    let settings = TrainerSettings::default();
+    let mut job = ps_job();
+    job.spec.topology =
+        flywheel_crds::trainingjob::Topology::Single(flywheel_crds::trainingjob::SingleTopology {});
+    let job = with_status(job, TrainingJobStatus::default());
+    let mut pods = gang_pods(&job, 0, "Running");
+    terminate(&mut pods[0], "Succeeded", 0, "");
+    let decided = observe(&job, &pods, None, &settings);
+    assert_eq!(decided.plan.status.phase, Some(TrainingPhase::Restarting));
+    assert!(
+        decided.plan.status.restart_reasons[0].starts_with("the chief finished without a result"),
+        "{:?}",
+        decided.plan.status.restart_reasons
+    );
+}
+
+#[test]
+fn preemption_takes_the_gang_down_without_counting_a_restart() {
+    let settings = TrainerSettings::default();
+    let job = with_status(
+        gpu_job("victim"),
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            ..TrainingJobStatus::default()
+        },
+    );
+    let vip = gpu_job("vip");
+    let quota = quota_admitting(
+        &[&vip],
+        &[(&job, "preempted by default/vip (priority 100)")],
+    );
+    let pods = gang_pods(&job, 0, "Running");
+    let decided = observe(&job, &pods, Some(&quota), &settings);
+    let status = &decided.plan.status;
+    assert_eq!(status.phase, Some(TrainingPhase::Queued));
+    assert_eq!((status.restarts, status.attempt), (0, 1));
+    assert_eq!(decided.delete_pods.len(), 2);
+    assert!(decided.plan.events.iter().any(|e| e.reason == "Evicted"));
+}
+
+#[test]
+fn suspension_removes_the_pods_and_resumption_starts_a_new_attempt() {
+    let settings = TrainerSettings::default();
+    let mut job = with_status(
+        ps_job(),
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            ..TrainingJobStatus::default()
+        },
+    );
+    job.spec.suspend = true;
+    let pods = gang_pods(&job, 0, "Running");
+    let decided = observe(&job, &pods, None, &settings);
+    assert_eq!(decided.plan.status.phase, Some(TrainingPhase::Suspended));
+    assert_eq!(decided.delete_pods.len(), 6);
+    let mut resumed = with_status(job.clone(), decided.plan.status.clone());
+    resumed.spec.suspend = false;
+    let decided = observe(&resumed, &[], None, &settings);
+    assert_eq!(decided.create_pods.len(), 6);
+    assert_eq!(decided.create_pods[0].labels()[LABEL_ATTEMPT], "1");
+}
+
+#[test]
+fn kueue_managed_jobs_skip_the_flywheel_quota_and_keep_the_label() {
+    let settings = TrainerSettings::default();
+    let mut job = gpu_job("kueued");
+    job.labels_mut()
+        .insert(gang::KUEUE_QUEUE_LABEL.into(), "team-queue".into());
+    let decided = observe(&job, &[], None, &settings);
+    assert_eq!(decided.create_pods.len(), 2);
+    assert_eq!(
+        decided.create_pods[0].labels()[gang::KUEUE_QUEUE_LABEL],
+        "team-queue"
+    );
+}
+
+#[test]
+fn feature_view_data_is_refused_until_datasets_can_be_built() {
+    let settings = TrainerSettings::default();
+    let job: TrainingJob = load("trainingjob-ps.yaml", 1);
+    let decided = observe(&job, &[], None, &settings);
+    assert_eq!(decided.plan.status.phase, Some(TrainingPhase::Failed));
+    let (_, message, _) = condition(&decided.plan.status.conditions, "Failed");
+    assert!(message.starts_with("spec.data.featureView"), "{message}");
+}
+
+#[test]
+fn the_chief_result_is_the_last_json_line_of_its_message() {
+    let message = format!("{{\"event\":\"progress\",\"step\":3}}\n{RESULT}\n");
+    let result = chief_result(&message).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(result.steps, 120);
+    assert_eq!(result.metrics.calibration, Some(1.01));
+    assert!(chief_result("panicked at main.rs").is_err());
+}
