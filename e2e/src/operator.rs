@@ -68,6 +68,10 @@ impl OperatorProcess {
         })
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL: a crash, with no chance to release the Lease.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
