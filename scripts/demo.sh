@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local end-to-end demo: a fresh control plane on 127.0.0.1, the Flywheel CRDs, the operator, a kubelet
-# stand-in, every manifest of examples/, and `kubectl get flywheel`.
+# stand-in, every manifest of examples/, a parameter-server TrainingJob that trains on generated data under a
+# GPUQuota and leaves a ModelVersion, and `kubectl get flywheel`.
 #   scripts/demo.sh          run and tear down
 #   scripts/demo.sh --keep   leave it running and print how to reach it
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -34,12 +35,46 @@ echo $! >>"$state/pids"
 
 step "applying examples/"
 "$kubectl" apply -f examples/
-for kind in featureviews trainingjobs modelversions rollouts gpuquotas; do
+for kind in featureviews modelversions rollouts gpuquotas; do
   "$kubectl" wait --for condition=Ready --timeout=60s "$kind" --all
 done
 
+step "generating CTR training data"
+data="$state/data"
+"$FLYWHEEL_BIN_DIR/flywheel-trainer" generate --rows 100000 --users 2000 --items 400 --buckets 20000 --out "$data"
+
+step "a parameter-server TrainingJob (2 servers, 2 workers) admitted under the ranking-team GPUQuota"
+"$kubectl" apply -f - <<EOT
+apiVersion: flywheel.dev/v1alpha1
+kind: TrainingJob
+metadata:
+  name: ctr-demo
+spec:
+  data:
+    dataset:
+      train: file://$data/train.parquet
+      eval: file://$data/eval.parquet
+      label: clicked
+  model: {name: ctr, architecture: deepfm, embeddingDim: 8, hiddenLayers: [64, 32]}
+  optimizer: {kind: adagrad, learningRate: 0.002, sparseLearningRate: 0.05}
+  epochs: 2
+  batchSize: 512
+  seed: 42
+  topology:
+    parameterServer: {servers: 2, workers: 2}
+  queue: ranking-team
+  checkpoint: {uri: "file://$state/checkpoints/", everySteps: 100}
+  output: {artifactUri: "file://$state/models/"}
+EOT
+"$kubectl" wait --for condition=Admitted --timeout=60s trainingjob/ctr-demo
+"$kubectl" get pods -l flywheel.dev/training-job=ctr-demo -o wide
+step "training for real (the kubelet stand-in runs flywheel-trainer as the pods' processes)"
+"$kubectl" wait --for condition=Ready --timeout=600s trainingjob/ctr-demo
+"$kubectl" get pods -l flywheel.dev/training-job=ctr-demo
+
 step "kubectl get flywheel"
 "$kubectl" get flywheel -o wide
+"$kubectl" get modelversion ctr-demo -o jsonpath='{.spec.artifact}{"\n"}{.spec.metrics}{"\n"}'
 
 if [[ -n "$keep" ]]; then
   cat <<EOT
@@ -47,7 +82,8 @@ if [[ -n "$keep" ]]; then
 The demo is still running. Try:
   export KUBECONFIG=$kubeconfig
   $kubectl get flywheel
-  $kubectl describe rollout ctr
+  $kubectl describe trainingjob ctr-demo
+  $kubectl get gpuquota ranking-team -o yaml
 Operator logs: $state/operator.log
 Stop it with:  e2e/scripts/stop-cluster.sh $state --purge
 EOT
