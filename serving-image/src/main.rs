@@ -1,12 +1,386 @@
-//! `flywheel-serving`: the online data plane a Rollout's pods run (serve, route, ingest).
-//! Not built yet: this binary exists so the workspace, images and kubelet stand-in have their final names.
+//! `flywheel-serving`: the online data plane a Rollout's pods run. `serve` answers the Open Inference Protocol
+//! (REST and gRPC) for one model version; `route` splits traffic between versions' servers.
 
-use std::process::ExitCode;
+mod admin;
+mod batcher;
+mod feedback;
+mod grpc;
+mod kafka;
+mod metrics;
+mod model;
+mod proxy;
+mod request;
+mod rest;
+mod routes;
+mod server;
 
-fn main() -> ExitCode {
-    eprintln!(
-        "flywheel-serving {}: no roles are implemented yet (serve, route, ingest)",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::model::ModelSource;
+use crate::server::{FeedbackSettings, Limits, Server};
+
+#[derive(Parser)]
+#[command(name = "flywheel-serving", version, about)]
+struct Cli {
+    /// Tokio worker threads (default: one per core).
+    #[arg(long, env = "FLYWHEEL_RUNTIME_THREADS", global = true)]
+    runtime_threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one model version over the Open Inference Protocol (REST and gRPC).
+    Serve(Box<ServeArgs>),
+    /// Route inference traffic between model-version servers by exact, sticky weights.
+    Route(RouteArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The model (endpoint) name clients call: `/v2/models/<name>/infer`.
+    #[arg(long, env = "FLYWHEEL_MODEL_NAME")]
+    model_name: String,
+    /// ModelVersion served at start (with --model-uri).
+    #[arg(long, env = "FLYWHEEL_MODEL_VERSION")]
+    model_version: Option<String>,
+    /// Artifact path.
+    #[arg(long, env = "FLYWHEEL_MODEL_URI")]
+    model_uri: Option<PathBuf>,
+    /// Expected artifact SHA-256 (default: the `.sha256` file beside the artifact).
+    #[arg(long, env = "FLYWHEEL_MODEL_SHA256")]
+    model_sha256: Option<String>,
+    /// Expected feature schema hash.
+    #[arg(long, env = "FLYWHEEL_FEATURE_SCHEMA_HASH")]
+    feature_schema_hash: Option<String>,
+    /// A JSON model source (`version`, `uri`, `sha256`, `featureSchemaHash`), watched: a change hot-swaps.
+    #[arg(long, env = "FLYWHEEL_MODEL_CONFIG")]
+    model_config: Option<PathBuf>,
+    #[arg(long, env = "FLYWHEEL_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    http_listen: SocketAddr,
+    #[arg(long, env = "FLYWHEEL_GRPC_LISTEN", default_value = "0.0.0.0:8081")]
+    grpc_listen: SocketAddr,
+    /// Metrics and admin endpoints (never on the inference ports).
+    #[arg(long, env = "FLYWHEEL_ADMIN_LISTEN", default_value = "0.0.0.0:8082")]
+    admin_listen: SocketAddr,
+    /// Threads that score micro-batches.
+    #[arg(long, env = "FLYWHEEL_SCORER_THREADS", default_value_t = 1)]
+    scorer_threads: usize,
+    /// Rows one request may carry.
+    #[arg(long, default_value_t = 1024)]
+    max_request_rows: usize,
+    /// Rows merged into one micro-batch.
+    #[arg(long, default_value_t = 2048)]
+    max_batch_rows: usize,
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// How long after a prediction a click still counts; unclicked predictions become negatives after it.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    attribution_window: Duration,
+    /// Predictions remembered for feedback at most (the oldest are forgotten first).
+    #[arg(long, default_value_t = 1_000_000)]
+    pending_capacity: usize,
+    /// Span of the online AUC and calibration window.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    quality_window: Duration,
+    #[arg(long, default_value_t = 200_000)]
+    quality_samples: usize,
+    /// Kafka bootstrap servers for the prediction log and the click topic.
+    #[arg(long, env = "FLYWHEEL_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    #[arg(long, env = "FLYWHEEL_PREDICTION_LOG_TOPIC")]
+    prediction_log_topic: Option<String>,
+    /// Records the prediction log buffers before dropping (never blocking a request).
+    #[arg(long, default_value_t = 100_000)]
+    prediction_log_capacity: usize,
+    #[arg(long, env = "FLYWHEEL_CLICKS_TOPIC")]
+    clicks_topic: Option<String>,
+    /// Consumer group of the click topic (default: one per pod, as each replica joins its own predictions).
+    #[arg(long, env = "FLYWHEEL_CLICKS_GROUP")]
+    clicks_group: Option<String>,
+    #[arg(long, default_value = "latest")]
+    clicks_offset_reset: String,
+}
+
+#[derive(clap::Args)]
+struct RouteArgs {
+    /// Inference traffic, REST (HTTP/1.1) and gRPC (h2c) on one port.
+    #[arg(long, env = "FLYWHEEL_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    #[arg(long, env = "FLYWHEEL_ADMIN_LISTEN", default_value = "0.0.0.0:8082")]
+    admin_listen: SocketAddr,
+    /// Route configuration (JSON: backends with weights, optional mirror), watched for changes.
+    #[arg(long, env = "FLYWHEEL_ROUTES")]
+    config: PathBuf,
+    /// Request header whose value keeps a caller on one backend.
+    #[arg(long, env = "FLYWHEEL_STICKY_HEADER", default_value = "x-user-id")]
+    sticky_header: String,
+    /// Largest body buffered for mirroring.
+    #[arg(long, default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 90s, 30m or 2h"))?;
+    let seconds = match unit {
+        "ms" => return Ok(Duration::from_millis(number)),
+        "s" | "" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        _ => return Err(format!("`{text}`: unit must be ms, s, m or h")),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(threads) = cli.runtime_threads {
+        runtime.worker_threads(threads.max(1));
+    }
+    let result = runtime
+        .build()
+        .context("starting the async runtime")
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                match cli.command {
+                    Command::Serve(args) => serve(*args).await,
+                    Command::Route(args) => route(args).await,
+                }
+            })
+        });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("flywheel-serving: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(metrics::ServingMetrics::new(&args.model_name));
+    let prediction_log = match (&args.kafka_brokers, &args.prediction_log_topic) {
+        (Some(brokers), Some(topic)) => Some(
+            kafka::PredictionLog::new(
+                brokers,
+                topic,
+                args.prediction_log_capacity,
+                metrics.clone(),
+            )
+            .context("prediction log producer")?,
+        ),
+        (None, Some(_)) => anyhow::bail!("--prediction-log-topic needs --kafka-brokers"),
+        _ => None,
+    };
+    let batcher = batcher::Batcher::start(args.scorer_threads, args.max_batch_rows)
+        .context("starting scorer threads")?;
+    let server = Arc::new(Server::new(
+        args.model_name.clone(),
+        Limits {
+            max_rows: args.max_request_rows,
+            max_body_bytes: args.max_body_bytes,
+        },
+        batcher,
+        &FeedbackSettings {
+            window: args.attribution_window,
+            capacity: args.pending_capacity,
+            quality_window: args.quality_window,
+            quality_samples: args.quality_samples,
+        },
+        metrics.clone(),
+        prediction_log,
+    ));
+
+    // The initial model: from flags, or from the watched config file.
+    let mut initial_config = None;
+    if let Some(path) = &args.model_config {
+        let contents = std::fs::read(path)
+            .with_context(|| format!("reading model config {}", path.display()))?;
+        load_config(&server, &contents).await;
+        initial_config = Some(contents);
+    } else if let (Some(version), Some(uri)) = (&args.model_version, &args.model_uri) {
+        let source = ModelSource {
+            version: version.clone(),
+            uri: uri.clone(),
+            sha256: args.model_sha256.clone(),
+            feature_schema_hash: args.feature_schema_hash.clone(),
+        };
+        let loader = server.clone();
+        let _ = tokio::task::spawn_blocking(move || loader.load(&source)).await;
+    } else {
+        anyhow::bail!("give --model-version and --model-uri, or --model-config");
+    }
+
+    let http = TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("binding {}", args.http_listen))?;
+    let grpc = TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", args.grpc_listen))?;
+    let admin = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", args.admin_listen))?;
+    tracing::info!(http = %args.http_listen, grpc = %args.grpc_listen, admin = %args.admin_listen, "serving");
+
+    if let Some(path) = args.model_config.clone() {
+        let watched = server.clone();
+        tokio::spawn(admin::watch_file(path, initial_config, move |contents| {
+            let server = watched.clone();
+            let contents = contents.to_vec();
+            tokio::spawn(async move { load_config(&server, &contents).await });
+        }));
+    }
+    let refresher = server.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            refresher.refresh_quality();
+        }
+    });
+    if let (Some(brokers), Some(topic)) = (args.kafka_brokers.clone(), args.clicks_topic.clone()) {
+        let group = args.clicks_group.clone().unwrap_or_else(|| {
+            format!(
+                "flywheel-serving-{}-{}",
+                args.model_name,
+                std::env::var("HOSTNAME").unwrap_or_else(|_| std::process::id().to_string())
+            )
+        });
+        let joiner = server.clone();
+        let reset = args.clicks_offset_reset.clone();
+        tokio::spawn(async move {
+            let result = kafka::consume_clicks(
+                &brokers,
+                &topic,
+                &group,
+                &reset,
+                joiner.metrics.clone(),
+                |click| {
+                    joiner.feedback("kafka", &click.request_id, click.clicked);
+                },
+            )
+            .await;
+            if let Err(error) = result {
+                tracing::error!(%error, "click topic consumer stopped");
+            }
+        });
+    }
+
+    let rest = axum::serve(http, rest::router(server.clone()));
+    let admin = axum::serve(admin, admin::server_router(server.clone()));
+    let grpc = tonic::transport::Server::builder()
+        .add_service(
+            grpc::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(
+                grpc::InferenceService {
+                    server: server.clone(),
+                },
+            )
+            .max_decoding_message_size(args.max_body_bytes),
+        )
+        .add_service(grpc::feedback::feedback_server::FeedbackServer::new(
+            grpc::FeedbackService {
+                server: server.clone(),
+            },
+        ))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            shutdown_signal(),
+        );
+    tokio::select! {
+        result = rest.with_graceful_shutdown(shutdown_signal()) => result.context("REST server")?,
+        result = admin => result.context("admin server")?,
+        result = grpc => result.context("gRPC server")?,
+    }
+    Ok(())
+}
+
+async fn load_config(server: &Arc<Server>, contents: &[u8]) {
+    match serde_json::from_slice::<ModelSource>(contents) {
+        Ok(source) => {
+            let loader = server.clone();
+            let _ = tokio::task::spawn_blocking(move || loader.load(&source)).await;
+        }
+        Err(error) => {
+            server.metrics.model_load("failed");
+            tracing::error!(%error, "model config is not a model source; keeping the current model");
+        }
+    }
+}
+
+async fn route(args: RouteArgs) -> anyhow::Result<()> {
+    let contents = std::fs::read(&args.config)
+        .with_context(|| format!("reading route config {}", args.config.display()))?;
+    let plan = admin::parse_routes(&contents)
+        .map_err(|message| anyhow::anyhow!("{}: {message}", args.config.display()))?;
+    let header = http::header::HeaderName::from_bytes(args.sticky_header.as_bytes())
+        .with_context(|| format!("--sticky-header {}", args.sticky_header))?;
+    tracing::info!(routes = %proxy::describe(&plan), "routing");
+    let proxy = Arc::new(proxy::Proxy::new(plan, header, args.max_body_bytes));
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let admin = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", args.admin_listen))?;
+    let watched = proxy.clone();
+    tokio::spawn(admin::watch_file(
+        args.config.clone(),
+        Some(contents),
+        move |contents| match admin::parse_routes(contents) {
+            Ok(plan) => {
+                tracing::info!(routes = %proxy::describe(&plan), "routes reloaded");
+                watched.set_plan(plan);
+            }
+            Err(error) => {
+                watched.rejected_plan();
+                tracing::error!(%error, "route config rejected; keeping the current routes");
+            }
+        },
+    ));
+    let admin = axum::serve(admin, admin::router_router(proxy.clone()));
+    tokio::select! {
+        result = proxy::serve(listener, proxy) => result.context("router")?,
+        result = admin => result.context("admin server")?,
+        () = shutdown_signal() => {}
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
 }

@@ -83,6 +83,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Score a Parquet data set with a model artifact (batch inference): one click probability per row, in row
+    /// order, as a JSON array. The same function the trainer evaluates with, so online scores can be checked
+    /// against it.
+    Score {
+        /// The artifact (`model.fwm`); its `.sha256` beside it is verified.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "clicked")]
+        label: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write the model inputs of a Parquet data set after the schema's transforms (`c<i>`, `x<j>`, `label`,
     /// `group`), so a reference implementation outside Flywheel trains on exactly the same features.
     Encode {
@@ -254,6 +268,12 @@ fn main() -> std::process::ExitCode {
             group,
             out,
         } => encode_command(&data, &schema, label, group, &out),
+        Command::Score {
+            model,
+            data,
+            label,
+            out,
+        } => score_command(&model, &data, label, &out),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -332,6 +352,22 @@ fn encode_command(
     emit(
         json!({"event": "encoded", "rows": encoded.len(), "fields": encoded.fields, "numeric": encoded.numeric_width, "out": out}),
     );
+    Ok(())
+}
+
+fn score_command(model: &Path, data: &Path, label: String, out: &Path) -> anyhow::Result<()> {
+    let digest_path = PathBuf::from(format!("{}.sha256", model.display()));
+    let digest = std::fs::read_to_string(&digest_path)
+        .with_context(|| format!("reading {}", digest_path.display()))?;
+    let bytes = artifact::read_file(model, digest.split_whitespace().next())?;
+    let saved = artifact::decode::<Flex>(&bytes, &Default::default())?;
+    let columns = Columns { label, group: None };
+    let encoded = read_encoded(data, &saved.card.schema, &columns)?;
+    let scores =
+        flywheel_ml::train::predict(&saved.model, &saved.tables, &encoded, &Default::default());
+    std::fs::write(out, serde_json::to_vec(&scores)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    emit(json!({"event": "scored", "rows": scores.len(), "out": out}));
     Ok(())
 }
 

@@ -1,0 +1,147 @@
+//! Kafka paths of the server: the prediction log (what was scored, with the transformed features, so training
+//! can replay exactly what serving saw) and the click topic (labels joined to predictions by request id).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::Message;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::ServingMetrics;
+
+/// One scored row as the prediction log carries it (JSON, keyed by request id).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PredictionRecord {
+    pub request_id: String,
+    pub model: String,
+    pub version: String,
+    pub score: f64,
+    /// Embedding indices after the transforms, in schema order.
+    pub categorical: Vec<u64>,
+    /// Dense inputs after the transforms, in schema order.
+    pub numeric: Vec<f32>,
+    pub timestamp_ms: u64,
+}
+
+/// A message on the click topic.
+#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClickEvent {
+    pub request_id: String,
+    #[serde(default = "clicked_by_default")]
+    pub clicked: bool,
+}
+
+fn clicked_by_default() -> bool {
+    true
+}
+
+struct DeliveryCounter {
+    metrics: Arc<ServingMetrics>,
+}
+
+impl ClientContext for DeliveryCounter {}
+
+impl ProducerContext for DeliveryCounter {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {
+        if let Err((error, _)) = result {
+            tracing::debug!(%error, "prediction log delivery failed");
+            self.metrics.prediction_log("failed");
+        }
+    }
+}
+
+/// Producer of the prediction log. librdkafka's own queue, bounded at `capacity` records, is the buffer:
+/// `log` never blocks, and a full queue drops the record and counts it.
+pub struct PredictionLog {
+    producer: ThreadedProducer<DeliveryCounter>,
+    topic: String,
+    metrics: Arc<ServingMetrics>,
+}
+
+impl PredictionLog {
+    pub fn new(
+        brokers: &str,
+        topic: &str,
+        capacity: usize,
+        metrics: Arc<ServingMetrics>,
+    ) -> Result<PredictionLog, KafkaError> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("queue.buffering.max.messages", capacity.max(1).to_string())
+            .set("linger.ms", "20")
+            .set("message.timeout.ms", "30000")
+            .create_with_context(DeliveryCounter {
+                metrics: metrics.clone(),
+            })?;
+        Ok(PredictionLog {
+            producer,
+            topic: topic.to_owned(),
+            metrics,
+        })
+    }
+
+    pub fn log(&self, record: &PredictionRecord) {
+        let Ok(payload) = serde_json::to_vec(record) else {
+            self.metrics.prediction_log("failed");
+            return;
+        };
+        let message = BaseRecord::to(&self.topic)
+            .key(record.request_id.as_bytes())
+            .payload(&payload);
+        match self.producer.send(message) {
+            Ok(()) => self.metrics.prediction_log("queued"),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                self.metrics.prediction_log("dropped");
+            }
+            Err((error, _)) => {
+                tracing::debug!(%error, "prediction log record not queued");
+                self.metrics.prediction_log("failed");
+            }
+        }
+    }
+}
+
+/// Consumes the click topic forever, handing each event to `on_click`. Every replica reads every click (its
+/// own consumer group), since each holds only its own predictions.
+pub async fn consume_clicks(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    offset_reset: &str,
+    metrics: Arc<ServingMetrics>,
+    on_click: impl Fn(ClickEvent) + Send,
+) -> Result<(), KafkaError> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", offset_reset)
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    loop {
+        match consumer.recv().await {
+            Ok(message) => {
+                match message
+                    .payload()
+                    .map(serde_json::from_slice::<ClickEvent>)
+                {
+                    Some(Ok(event)) => on_click(event),
+                    _ => metrics.feedback("kafka", "malformed", 1),
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, topic, "click topic");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The inference server's shared state and the protocol-independent request path: take the current model,
+//! validate and encode, score in a micro-batch, remember the predictions for feedback, log them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::batcher::Batcher;
+use crate::feedback::{Attribution, Labeled, QualityWindow};
+use crate::kafka::{PredictionLog, PredictionRecord};
+use crate::metrics::ServingMetrics;
+use crate::model::{ModelSlot, ModelSource, ServedModel};
+use crate::request::{self, InferRequest, RequestError};
+
+pub struct Limits {
+    pub max_rows: usize,
+    pub max_body_bytes: usize,
+}
+
+pub struct Server {
+    pub model_name: String,
+    pub slot: ModelSlot,
+    pub metrics: Arc<ServingMetrics>,
+    pub limits: Limits,
+    batcher: Batcher,
+    attribution: Mutex<Attribution>,
+    quality: Mutex<QualityWindow>,
+    prediction_log: Option<PredictionLog>,
+    request_ids: AtomicU64,
+    boot: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error("{0}")]
+    Invalid(#[from] RequestError),
+    #[error("model `{0}` is not served here")]
+    UnknownModel(String),
+    #[error("no model is loaded: {0}")]
+    NotReady(String),
+    #[error("scoring failed: the scorer threads stopped")]
+    Internal,
+}
+
+impl InferError {
+    /// The outcome label of the requests metric (gRPC status names).
+    pub fn code(&self) -> &'static str {
+        match self {
+            InferError::Invalid(_) => "INVALID_ARGUMENT",
+            InferError::UnknownModel(_) => "NOT_FOUND",
+            InferError::NotReady(_) => "UNAVAILABLE",
+            InferError::Internal => "INTERNAL",
+        }
+    }
+}
+
+/// Scores of one request.
+pub struct Scored {
+    pub id: String,
+    pub version: String,
+    pub scores: Vec<f64>,
+}
+
+pub struct FeedbackSettings {
+    pub window: Duration,
+    pub capacity: usize,
+    pub quality_window: Duration,
+    pub quality_samples: usize,
+}
+
+impl Server {
+    pub fn new(
+        model_name: String,
+        limits: Limits,
+        batcher: Batcher,
+        feedback: &FeedbackSettings,
+        metrics: Arc<ServingMetrics>,
+        prediction_log: Option<PredictionLog>,
+    ) -> Server {
+        Server {
+            model_name,
+            slot: ModelSlot::default(),
+            metrics,
+            limits,
+            batcher,
+            attribution: Mutex::new(Attribution::new(feedback.window, feedback.capacity)),
+            quality: Mutex::new(QualityWindow::new(
+                feedback.quality_window,
+                feedback.quality_samples,
+            )),
+            prediction_log,
+            request_ids: AtomicU64::new(0),
+            boot: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    /// Loads a model version beside the current one and switches to it (the current one keeps serving when
+    /// the new one fails to load or verify).
+    pub fn load(&self, source: &ModelSource) -> Result<Arc<ServedModel>, String> {
+        let result = self.slot.load(source);
+        match &result {
+            Ok(model) => {
+                self.metrics.model_load("ok");
+                tracing::info!(version = model.version(), sha256 = %model.sha256, "serving model");
+            }
+            Err(error) => {
+                self.metrics.model_load("failed");
+                tracing::error!(%error, "model not loaded; the previous one keeps serving");
+            }
+        }
+        result
+    }
+
+    /// The model a request names (its name, and its version when given).
+    pub fn model_for(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Arc<ServedModel>, InferError> {
+        if name != self.model_name {
+            return Err(InferError::UnknownModel(name.to_owned()));
+        }
+        let model = self.slot.current().ok_or_else(|| {
+            InferError::NotReady(
+                self.slot
+                    .status()
+                    .last_error
+                    .unwrap_or_else(|| "still loading".to_owned()),
+            )
+        })?;
+        match version {
+            Some(version) if !version.is_empty() && version != model.version() => Err(
+                InferError::UnknownModel(format!("{name} version {version}")),
+            ),
+            _ => Ok(model),
+        }
+    }
+
+    pub async fn infer(
+        &self,
+        model: Arc<ServedModel>,
+        request: InferRequest,
+    ) -> Result<Scored, InferError> {
+        let data = request::encode(&model.card.schema, &request, self.limits.max_rows)?;
+        let logged = self.prediction_log.as_ref().map(|_| data.clone());
+        let scores = self
+            .batcher
+            .score(model.clone(), data)
+            .await
+            .map_err(|_| InferError::Internal)?;
+        let id = request.id.unwrap_or_else(|| self.new_request_id());
+        let version = model.version().to_owned();
+        self.metrics.scored(&version, &scores);
+        self.remember(&id, &version, &scores);
+        if let (Some(log), Some(data)) = (&self.prediction_log, logged) {
+            let timestamp_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            for (row, &score) in scores.iter().enumerate() {
+                log.log(&PredictionRecord {
+                    request_id: row_id(&id, row, scores.len()),
+                    model: self.model_name.clone(),
+                    version: version.clone(),
+                    score,
+                    categorical: data.categorical[row * data.fields..(row + 1) * data.fields]
+                        .to_vec(),
+                    numeric: data.numeric
+                        [row * data.numeric_width..(row + 1) * data.numeric_width]
+                        .to_vec(),
+                    timestamp_ms,
+                });
+            }
+        }
+        Ok(Scored {
+            id,
+            version,
+            scores,
+        })
+    }
+
+    fn new_request_id(&self) -> String {
+        let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}-{n:x}", self.boot)
+    }
+
+    fn remember(&self, id: &str, version: &str, scores: &[f64]) {
+        let now = Instant::now();
+        let mut attribution = self.lock_attribution();
+        for (row, &score) in scores.iter().enumerate() {
+            attribution.record(row_id(id, row, scores.len()), version, score, now);
+        }
+    }
+
+    /// Joins a label to its prediction; `false` when the id is unknown, already labeled or expired.
+    pub fn feedback(&self, source: &'static str, request_id: &str, clicked: bool) -> bool {
+        let labeled = self
+            .lock_attribution()
+            .label(request_id, clicked, Instant::now());
+        match labeled {
+            Some(labeled) => {
+                self.metrics.feedback(source, "matched", 1);
+                self.account(&[labeled]);
+                true
+            }
+            None => {
+                self.metrics.feedback(source, "unmatched", 1);
+                false
+            }
+        }
+    }
+
+    fn account(&self, labeled: &[Labeled]) {
+        let now = Instant::now();
+        let mut quality = self.lock_quality();
+        for label in labeled {
+            self.metrics
+                .labeled(&label.version, label.score, label.clicked);
+            quality.add(label, now);
+        }
+    }
+
+    /// Ends expired attribution windows (negatives) and refreshes the online quality gauges.
+    pub fn refresh_quality(&self) {
+        let now = Instant::now();
+        let (negatives, pending) = {
+            let mut attribution = self.lock_attribution();
+            (attribution.expire(now), attribution.pending())
+        };
+        self.account(&negatives);
+        self.metrics.pending(pending);
+        let measured = self.lock_quality().measure(now);
+        for (version, quality) in &measured {
+            self.metrics.quality(version, quality);
+        }
+    }
+
+    fn lock_attribution(&self) -> std::sync::MutexGuard<'_, Attribution> {
+        self.attribution
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_quality(&self) -> std::sync::MutexGuard<'_, QualityWindow> {
+        self.quality
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The id feedback uses for one row: the request id, or `<id>/<row>` in a batch of several rows.
+pub fn row_id(id: &str, row: usize, rows: usize) -> String {
+    if rows == 1 {
+        id.to_owned()
+    } else {
+        format!("{id}/{row}")
+    }
+}
