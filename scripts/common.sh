@@ -16,4 +16,6 @@ prepare_system() {
   "$repo/e2e/scripts/install-system-deps.sh"
   step "kube-apiserver, kube-controller-manager, kubectl v1.20.2 (cached in $FLYWHEEL_CACHE)"
   "$repo/e2e/scripts/build-kube.sh"
+  step "tansu (Kafka-protocol broker for the serving tests; cached in $FLYWHEEL_CACHE)"
+  "$repo/e2e/scripts/build-tansu.sh"
 }

@@ -118,13 +118,15 @@ impl GrpcInferenceService for InferenceService {
         let result = async {
             let model = server.model_for(&request.model_name, Some(&request.model_version))?;
             let decoded = decode(request)?;
-            Ok::<_, InferError>(server.infer(model, decoded).await?)
+            server.infer(model, decoded).await
         }
         .await;
         let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(scored) => {
-                server.metrics.request(&scored.version, "grpc", "OK", seconds);
+                server
+                    .metrics
+                    .request(&scored.version, "grpc", "OK", seconds);
                 let mut output = InferOutputTensor {
                     name: "score".into(),
                     datatype: "FP64".into(),
@@ -133,13 +135,8 @@ impl GrpcInferenceService for InferenceService {
                 };
                 let mut raw_output_contents = Vec::new();
                 if raw {
-                    raw_output_contents.push(
-                        scored
-                            .scores
-                            .iter()
-                            .flat_map(|s| s.to_le_bytes())
-                            .collect(),
-                    );
+                    raw_output_contents
+                        .push(scored.scores.iter().flat_map(|s| s.to_le_bytes()).collect());
                 } else {
                     output.contents = Some(InferTensorContents {
                         fp64_contents: scored.scores,
@@ -233,12 +230,20 @@ fn typed_column(tensor: &InferInputTensor) -> Result<Column, RequestError> {
                 })
                 .collect::<Result<_, _>>()?,
         ),
-        (Datatype::Int, "UINT8" | "UINT16" | "UINT32") => {
-            Column::Int(contents.uint_contents.iter().map(|&v| i64::from(v)).collect())
-        }
-        (Datatype::Int, _) => {
-            Column::Int(contents.int_contents.iter().map(|&v| i64::from(v)).collect())
-        }
+        (Datatype::Int, "UINT8" | "UINT16" | "UINT32") => Column::Int(
+            contents
+                .uint_contents
+                .iter()
+                .map(|&v| i64::from(v))
+                .collect(),
+        ),
+        (Datatype::Int, _) => Column::Int(
+            contents
+                .int_contents
+                .iter()
+                .map(|&v| i64::from(v))
+                .collect(),
+        ),
         (Datatype::Float, "FP32") => Column::Float(
             contents
                 .fp32_contents
@@ -271,7 +276,7 @@ fn raw_column(tensor: &InferInputTensor, bytes: &[u8]) -> Result<Column, Request
         "INT64" | "UINT64" | "FP64" => 8,
         _ => 0,
     };
-    if width > 0 && bytes.len() % width != 0 {
+    if width > 0 && !bytes.len().is_multiple_of(width) {
         return Err(bad(format!(
             "{} raw bytes are not a whole number of {} values",
             bytes.len(),
@@ -420,7 +425,9 @@ mod tests {
         assert_eq!(typed, raw);
         let strings = decode(ModelInferRequest {
             inputs: vec![tensor("s", "BYTES", vec![2])],
-            raw_input_contents: vec![[&2u32.to_le_bytes()[..], b"ab", &0u32.to_le_bytes()].concat()],
+            raw_input_contents: vec![
+                [&2u32.to_le_bytes()[..], b"ab", &0u32.to_le_bytes()].concat(),
+            ],
             ..ModelInferRequest::default()
         });
         assert!(

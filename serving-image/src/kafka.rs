@@ -129,15 +129,10 @@ pub async fn consume_clicks(
     consumer.subscribe(&[topic])?;
     loop {
         match consumer.recv().await {
-            Ok(message) => {
-                match message
-                    .payload()
-                    .map(serde_json::from_slice::<ClickEvent>)
-                {
-                    Some(Ok(event)) => on_click(event),
-                    _ => metrics.feedback("kafka", "malformed", 1),
-                }
-            }
+            Ok(message) => match message.payload().map(serde_json::from_slice::<ClickEvent>) {
+                Some(Ok(event)) => on_click(event),
+                _ => metrics.feedback("kafka", "malformed", 1),
+            },
             Err(error) => {
                 tracing::warn!(%error, topic, "click topic");
                 tokio::time::sleep(Duration::from_secs(1)).await;

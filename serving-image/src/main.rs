@@ -1,19 +1,6 @@
 //! `flywheel-serving`: the online data plane a Rollout's pods run. `serve` answers the Open Inference Protocol
 //! (REST and gRPC) for one model version; `route` splits traffic between versions' servers.
 
-mod admin;
-mod batcher;
-mod feedback;
-mod grpc;
-mod kafka;
-mod metrics;
-mod model;
-mod proxy;
-mod request;
-mod rest;
-mod routes;
-mod server;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,8 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use crate::model::ModelSource;
-use crate::server::{FeedbackSettings, Limits, Server};
+use flywheel_serving::model::ModelSource;
+use flywheel_serving::server::{FeedbackSettings, Limits, Server};
+use flywheel_serving::{admin, batcher, grpc, kafka, metrics, proxy, rest};
 
 #[derive(Parser)]
 #[command(name = "flywheel-serving", version, about)]

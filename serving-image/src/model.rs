@@ -106,7 +106,11 @@ fn sidecar_digest(artifact: &Path) -> Result<String, LoadError> {
         path: path.clone(),
         source,
     })?;
-    Ok(text.split_whitespace().next().unwrap_or_default().to_owned())
+    Ok(text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
 }
 
 /// What readiness reports about loading.

@@ -445,7 +445,13 @@ fn response_code(grpc: bool, headers: &HeaderMap, status: StatusCode) -> String 
 fn failure_response(grpc: bool, message: &str) -> Response<ProxyBody> {
     let printable: String = message
         .chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .collect();
     let mut response = if grpc {
         let mut response = Response::new(full(Bytes::new()));
@@ -493,7 +499,15 @@ fn scores_of(grpc: bool, body: &[u8]) -> Option<Vec<f64>> {
                     .collect(),
             );
         }
-        Some(response.outputs.first()?.contents.as_ref()?.fp64_contents.clone())
+        Some(
+            response
+                .outputs
+                .first()?
+                .contents
+                .as_ref()?
+                .fp64_contents
+                .clone(),
+        )
     } else {
         let json: serde_json::Value = serde_json::from_slice(body).ok()?;
         json.get("outputs")?
@@ -517,10 +531,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) -> std::io::Result<
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(request).await) }
             });
-            if let Err(error) =
-                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
+            if let Err(error) = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
             {
                 tracing::debug!(%error, "client connection ended");
             }

@@ -16,7 +16,7 @@ pub enum Column {
 }
 
 impl Column {
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         match self {
             Column::Int(v) => v.len(),
             Column::Float(v) => v.len(),
@@ -276,9 +276,7 @@ mod tests {
 
     fn column_for(name: &str, rows: usize) -> Column {
         match name {
-            "gender" | "device" => {
-                Column::Str((0..rows).map(|i| format!("{name}{i}")).collect())
-            }
+            "gender" | "device" => Column::Str((0..rows).map(|i| format!("{name}{i}")).collect()),
             "price" => Column::Float(vec![9.5; rows]),
             _ => Column::Int(vec![3; rows]),
         }
@@ -313,10 +311,16 @@ mod tests {
         let check = |mutate: &dyn Fn(&mut InferRequest), expected: &str| {
             let mut bad = request(2);
             mutate(&mut bad);
-            let message = encode(&schema, &bad, 10).map(|_| ()).unwrap_err().to_string();
+            let message = encode(&schema, &bad, 10)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
             assert!(message.contains(expected), "{message} lacks {expected}");
         };
-        check(&|r| r.inputs.retain(|i| i.name != "hour"), "`hour` is missing");
+        check(
+            &|r| r.inputs.retain(|i| i.name != "hour"),
+            "`hour` is missing",
+        );
         check(
             &|r| {
                 r.inputs.push(Input {

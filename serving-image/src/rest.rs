@@ -26,7 +26,10 @@ pub fn router(server: Arc<Server>) -> Router {
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/infer", post(infer))
-        .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(infer_version),
+        )
         .route("/v1/feedback", post(feedback))
         .with_state(server)
 }
@@ -86,10 +89,7 @@ pub fn metadata_of(server: &Server, model: &ServedModel) -> Json {
     })
 }
 
-async fn model_metadata(
-    State(server): State<Arc<Server>>,
-    Path(name): Path<String>,
-) -> Response {
+async fn model_metadata(State(server): State<Arc<Server>>, Path(name): Path<String>) -> Response {
     match server.model_for(&name, None) {
         Ok(model) => axum::Json(metadata_of(&server, &model)).into_response(),
         Err(err) => error(status_of(&err), err),
@@ -304,7 +304,9 @@ async fn feedback(State(server): State<Arc<Server>>, body: Body) -> Response {
         Err(err) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("feedback must be {{\"requestId\", \"clicked\"}} or {{\"labels\": [...]}}: {err}"),
+                format!(
+                    "feedback must be {{\"requestId\", \"clicked\"}} or {{\"labels\": [...]}}: {err}"
+                ),
             );
         }
     };

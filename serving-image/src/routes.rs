@@ -234,12 +234,7 @@ mod tests {
 
     #[test]
     fn invalid_configs_name_the_field() {
-        let message = |c: RouteConfig| {
-            RoutePlan::new(c)
-                .map(|_| ())
-                .unwrap_err()
-                .to_string()
-        };
+        let message = |c: RouteConfig| RoutePlan::new(c).map(|_| ()).unwrap_err().to_string();
         assert_eq!(
             message(config(&[10.0, 80.0])),
             "backends: weights add up to 90%, they must add up to 100%"

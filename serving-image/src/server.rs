@@ -166,8 +166,7 @@ impl Server {
                     score,
                     categorical: data.categorical[row * data.fields..(row + 1) * data.fields]
                         .to_vec(),
-                    numeric: data.numeric
-                        [row * data.numeric_width..(row + 1) * data.numeric_width]
+                    numeric: data.numeric[row * data.numeric_width..(row + 1) * data.numeric_width]
                         .to_vec(),
                     timestamp_ms,
                 });
