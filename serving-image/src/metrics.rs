@@ -1,6 +1,6 @@
 //! The inference server's Prometheus metrics (prometheus-client), served on the admin port at /metrics. The
-//! names and labels are a contract: Rollout analysis and the chart's PrometheusRules query them (see
-//! docs/serving-metrics.md).
+//! names and labels are a contract: Rollout analysis and the chart's PrometheusRules query them (the
+//! README's "Serving metrics" lists them).
 
 use std::sync::atomic::AtomicU64;
 
