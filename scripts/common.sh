@@ -18,4 +18,6 @@ prepare_system() {
   "$repo/e2e/scripts/build-kube.sh"
   step "tansu (Kafka-protocol broker for the serving tests; cached in $FLYWHEEL_CACHE)"
   "$repo/e2e/scripts/build-tansu.sh"
+  step "tritonclient (an off-the-shelf Open Inference Protocol client for the serving tests)"
+  "$repo/e2e/scripts/install-tritonclient.sh" >/dev/null
 }

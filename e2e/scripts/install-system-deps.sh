@@ -11,6 +11,8 @@ command -v dpkg-source >/dev/null || need+=(dpkg-dev)
 [[ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ]] || need+=(golang-github-modern-go-reflect2-dev)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v python3 >/dev/null || need+=(python3)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v pgrep >/dev/null || need+=(procps)
 if ((${#need[@]})); then

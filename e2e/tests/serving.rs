@@ -232,6 +232,68 @@ async fn online_scores_equal_the_trainers_offline_scores_over_rest_and_grpc() ->
 }
 
 #[tokio::test]
+async fn the_off_the_shelf_triton_client_scores_like_the_trainer() -> TestResult {
+    let dir = temp_dir("triton");
+    let data = dataset(&dir.join("data"), 2_000, 19)?;
+    let artifact = train(&data.dir, &dir.join("v1"), 1)?;
+    let offline = offline_scores(&artifact, &data.dir)?;
+    let flags = model_flags("v1", &artifact);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = Server::start(&dir, "serve", &flags).await?;
+    let rows: Vec<Value> = data.eval[..20]
+        .iter()
+        .map(|r| {
+            json!({"user_id": r.user_id, "item_id": r.item_id, "category": r.category, "age": r.age,
+                        "gender": r.gender, "device": r.device, "hour": r.hour, "price": r.price})
+        })
+        .collect();
+    let rows_file = dir.join("rows.json");
+    std::fs::write(&rows_file, Value::Array(rows).to_string())?;
+    let python = std::process::Command::new("bash")
+        .arg(flywheel_e2e::repo_root().join("e2e/scripts/install-tritonclient.sh"))
+        .output()?;
+    assert!(
+        python.status.success(),
+        "{}",
+        String::from_utf8_lossy(&python.stderr)
+    );
+    let python = String::from_utf8_lossy(&python.stdout).trim().to_owned();
+    let output = std::process::Command::new(python)
+        .arg(flywheel_e2e::repo_root().join("e2e/scripts/tritonclient_infer.py"))
+        .args([server.grpc.to_string(), server.http.to_string()])
+        .arg(&rows_file)
+        .output()?;
+    assert!(
+        output.status.success(),
+        "tritonclient failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&output.stdout)?;
+    for protocol in ["grpc", "http"] {
+        let scores: Vec<f64> = answer[protocol]
+            .as_array()
+            .map(|s| s.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        assert_eq!(scores.len(), 20, "{protocol}: {answer}");
+        let worst = scores
+            .iter()
+            .zip(&offline)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= 1e-6,
+            "{protocol}: tritonclient scores differ from offline by {worst}"
+        );
+    }
+    assert_eq!(
+        answer["metadata"]["inputs"].as_array().map(Vec::len),
+        Some(8)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[tokio::test]
 async fn bad_input_gets_invalid_argument_naming_the_input_and_nothing_breaks() -> TestResult {
     let dir = temp_dir("bad-input");
     let data = dataset(&dir.join("data"), 2_000, 3)?;
