@@ -386,3 +386,43 @@ impl Broker {
         .map(|_| ())
     }
 }
+
+/// Debian's redis-server on a free port, in memory only.
+pub struct Redis {
+    _process: Process,
+    pub port: u16,
+}
+
+impl Redis {
+    pub async fn start(dir: &Path) -> Result<Redis, ServingError> {
+        let port = free_port()?;
+        let process = Process::spawn(
+            "redis",
+            Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"]),
+            &dir.join("redis.log"),
+        )?;
+        until("redis listening", Duration::from_secs(20), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(|_| ())
+                .map_err(|err| err.to_string())
+        })
+        .await?;
+        Ok(Redis {
+            _process: process,
+            port,
+        })
+    }
+
+    /// Runs one command with `redis-cli`.
+    pub fn command(&self, args: &[&str]) -> Result<String, ServingError> {
+        run(
+            Command::new("redis-cli")
+                .args(["-p", &self.port.to_string()])
+                .args(args),
+            "redis-cli",
+        )
+    }
+}

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use flywheel_e2e::serving::{
-    Broker, HttpClient, Process, Server, dataset, free_port, metric, offline_scores, rest_body,
-    train,
+    Broker, HttpClient, Process, Redis, Server, dataset, free_port, metric, offline_scores,
+    rest_body, train,
 };
 use flywheel_e2e::wait::until;
 use flywheel_e2e::{bin_dir, operator::http_get};
@@ -289,6 +289,130 @@ async fn the_off_the_shelf_triton_client_scores_like_the_trainer() -> TestResult
         answer["metadata"]["inputs"].as_array().map(Vec::len),
         Some(8)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[tokio::test]
+async fn entity_features_come_from_the_online_store_when_the_request_lacks_them() -> TestResult {
+    let dir = temp_dir("online");
+    let redis = Redis::start(&dir).await?;
+    let data = dataset(&dir.join("data"), 2_000, 23)?;
+    let artifact = train(&data.dir, &dir.join("v1"), 1)?;
+    let offline = offline_scores(&artifact, &data.dir)?;
+    let rows = &data.eval[..30];
+    for row in rows {
+        redis.command(&[
+            "HSET",
+            &format!("user:{}", row.user_id),
+            "age",
+            &row.age.to_string(),
+            "gender",
+            row.gender,
+        ])?;
+    }
+    let mut flags = model_flags("v1", &artifact);
+    flags.extend(
+        [
+            "--online-store",
+            &format!("redis://127.0.0.1:{}", redis.port),
+            "--online-entity",
+            "user_id",
+            "--online-features",
+            "age,gender",
+            "--online-key-prefix",
+            "user:",
+        ]
+        .map(String::from),
+    );
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = Server::start(&dir, "serve", &flags).await?;
+    let client = HttpClient::default();
+    let without_entity_features = |rows: &[flywheel_ml::synthetic::Impression]| {
+        let mut body = rest_body(None, rows);
+        if let Some(inputs) = body["inputs"].as_array_mut() {
+            inputs.retain(|input| input["name"] != "age" && input["name"] != "gender");
+        }
+        body
+    };
+    let (code, answer) = client
+        .post(
+            server.http,
+            "/v2/models/ctr/infer",
+            &without_entity_features(rows),
+            &[],
+        )
+        .await?;
+    assert_eq!(code, 200, "{answer}");
+    let scores = scores_of(&answer);
+    let worst = scores
+        .iter()
+        .zip(&offline)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert_eq!(scores.len(), 30);
+    assert!(
+        worst <= 1e-6,
+        "scores with online features differ from offline by {worst}"
+    );
+    // Values in the request win over the store.
+    let (code, answer) = client
+        .post(
+            server.http,
+            "/v2/models/ctr/infer",
+            &rest_body(None, rows),
+            &[],
+        )
+        .await?;
+    assert_eq!((code, scores_of(&answer)), (200, scores.clone()));
+    // An unknown entity scores with missing values; a bad stored value names the feature; a dead store is 503.
+    let mut stranger = rows[0].clone();
+    stranger.user_id = 999_999;
+    let (code, _) = client
+        .post(
+            server.http,
+            "/v2/models/ctr/infer",
+            &without_entity_features(&[stranger]),
+            &[],
+        )
+        .await?;
+    assert_eq!(code, 200);
+    redis.command(&["HSET", &format!("user:{}", rows[1].user_id), "age", "old"])?;
+    let (code, answer) = client
+        .post(
+            server.http,
+            "/v2/models/ctr/infer",
+            &without_entity_features(&rows[1..2]),
+            &[],
+        )
+        .await?;
+    assert_eq!(code, 400);
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("input `age`: online store value `old`"),
+        "{answer}"
+    );
+    let text = server.metrics().await?;
+    assert_eq!(
+        metric(
+            &text,
+            "flywheel_serving_online_store_lookups_total",
+            &["outcome=\"miss\""]
+        ),
+        Some(1.0)
+    );
+    drop(redis);
+    let (code, answer) = client
+        .post(
+            server.http,
+            "/v2/models/ctr/infer",
+            &without_entity_features(rows),
+            &[],
+        )
+        .await?;
+    assert_eq!(code, 503, "{answer}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

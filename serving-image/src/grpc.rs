@@ -32,7 +32,9 @@ fn status_of(err: &InferError) -> Status {
     match err {
         InferError::Invalid(_) => Status::invalid_argument(err.to_string()),
         InferError::UnknownModel(_) => Status::not_found(err.to_string()),
-        InferError::NotReady(_) => Status::unavailable(err.to_string()),
+        InferError::NotReady(_) | InferError::OnlineStore(_) => {
+            Status::unavailable(err.to_string())
+        }
         InferError::Internal => Status::internal(err.to_string()),
     }
 }

@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod kafka;
 pub mod metrics;
 pub mod model;
+pub mod online;
 pub mod proxy;
 pub mod request;
 pub mod rest;

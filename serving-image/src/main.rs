@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 
 use flywheel_serving::model::ModelSource;
 use flywheel_serving::server::{FeedbackSettings, Limits, Server};
-use flywheel_serving::{admin, batcher, grpc, kafka, metrics, proxy, rest};
+use flywheel_serving::{admin, batcher, grpc, kafka, metrics, online, proxy, rest};
 
 #[derive(Parser)]
 #[command(name = "flywheel-serving", version, about)]
@@ -96,6 +96,21 @@ struct ServeArgs {
     clicks_group: Option<String>,
     #[arg(long, default_value = "latest")]
     clicks_offset_reset: String,
+    /// Online store (Redis URL) to fill entity features a request does not carry.
+    #[arg(long, env = "FLYWHEEL_ONLINE_STORE")]
+    online_store: Option<String>,
+    /// The request input whose value is the entity key.
+    #[arg(long, env = "FLYWHEEL_ONLINE_ENTITY", default_value = "user_id")]
+    online_entity: String,
+    /// Features read from the online store, comma-separated.
+    #[arg(long, env = "FLYWHEEL_ONLINE_FEATURES", value_delimiter = ',')]
+    online_features: Vec<String>,
+    /// Key of an entity's hash: this prefix and the entity value.
+    #[arg(long, env = "FLYWHEEL_ONLINE_KEY_PREFIX", default_value = "")]
+    online_key_prefix: String,
+    /// A lookup slower than this fails the request (UNAVAILABLE).
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    online_timeout: Duration,
 }
 
 #[derive(clap::Args)]
@@ -184,6 +199,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(_)) => anyhow::bail!("--prediction-log-topic needs --kafka-brokers"),
         _ => None,
     };
+    let online_store = match &args.online_store {
+        Some(url) => Some(
+            online::OnlineStore::connect(
+                online::OnlineSettings {
+                    url: url.clone(),
+                    prefix: args.online_key_prefix.clone(),
+                    entity: args.online_entity.clone(),
+                    features: args.online_features.clone(),
+                    timeout: args.online_timeout,
+                },
+                metrics.clone(),
+            )
+            .await
+            .context("connecting to the online store")?,
+        ),
+        None => None,
+    };
     let batcher = batcher::Batcher::start(args.scorer_threads, args.max_batch_rows)
         .context("starting scorer threads")?;
     let server = Arc::new(Server::new(
@@ -201,6 +233,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         metrics.clone(),
         prediction_log,
+        online_store,
     ));
 
     // The initial model: from flags, or from the watched config file.

@@ -65,6 +65,7 @@ pub struct ServingMetrics {
     pending: Gauge,
     prediction_log: Family<OutcomeLabels, Counter>,
     model_loads: Family<OutcomeLabels, Counter>,
+    online_store: Family<OutcomeLabels, Counter>,
 }
 
 impl ServingMetrics {
@@ -158,6 +159,12 @@ impl ServingMetrics {
             "Model artifact loads, by outcome (ok, failed)",
             model_loads.clone(),
         );
+        let online_store = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "online_store_lookups",
+            "Online store entity lookups, by outcome (hit, miss: no such entity, error: request failed)",
+            online_store.clone(),
+        );
         ServingMetrics {
             registry,
             model: model.to_owned(),
@@ -175,6 +182,7 @@ impl ServingMetrics {
             pending,
             prediction_log,
             model_loads,
+            online_store,
         }
     }
 
@@ -257,6 +265,12 @@ impl ServingMetrics {
         self.model_loads
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
+    }
+
+    pub fn online_store(&self, outcome: &'static str, count: u64) {
+        self.online_store
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(count);
     }
 
     pub fn encode(&self) -> String {

@@ -13,6 +13,30 @@ pub enum Column {
     Float(Vec<f64>),
     Str(Vec<String>),
     Bool(Vec<bool>),
+    /// Values already typed by the schema, possibly missing (filled from the online store).
+    Values(Vec<OwnedValue>),
+}
+
+/// A raw feature value that owns its text.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OwnedValue {
+    Missing,
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bool(bool),
+}
+
+impl std::fmt::Display for OwnedValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OwnedValue::Missing => Ok(()),
+            OwnedValue::Int(v) => write!(f, "{v}"),
+            OwnedValue::Float(v) => write!(f, "{v}"),
+            OwnedValue::Str(v) => f.write_str(v),
+            OwnedValue::Bool(v) => write!(f, "{v}"),
+        }
+    }
 }
 
 impl Column {
@@ -22,6 +46,7 @@ impl Column {
             Column::Float(v) => v.len(),
             Column::Str(v) => v.len(),
             Column::Bool(v) => v.len(),
+            Column::Values(v) => v.len(),
         }
     }
 
@@ -31,6 +56,13 @@ impl Column {
             Column::Float(v) => v.get(row).map_or(Value::Missing, |x| Value::Float(*x)),
             Column::Str(v) => v.get(row).map_or(Value::Missing, |x| Value::Str(x)),
             Column::Bool(v) => v.get(row).map_or(Value::Missing, |x| Value::Bool(*x)),
+            Column::Values(v) => match v.get(row) {
+                None | Some(OwnedValue::Missing) => Value::Missing,
+                Some(OwnedValue::Int(x)) => Value::Int(*x),
+                Some(OwnedValue::Float(x)) => Value::Float(*x),
+                Some(OwnedValue::Str(x)) => Value::Str(x),
+                Some(OwnedValue::Bool(x)) => Value::Bool(*x),
+            },
         }
     }
 }
@@ -159,6 +191,7 @@ fn fits(value_type: ValueType, column: &Column) -> bool {
             | (ValueType::Float64, Column::Float(_) | Column::Int(_))
             | (ValueType::String, Column::Str(_))
             | (ValueType::Bool, Column::Bool(_))
+            | (_, Column::Values(_))
     )
 }
 
@@ -168,6 +201,7 @@ fn column_type_name(column: &Column) -> &'static str {
         Column::Float(_) => "a floating-point type",
         Column::Str(_) => "BYTES",
         Column::Bool(_) => "BOOL",
+        Column::Values(_) => "online store values",
     }
 }
 

@@ -42,7 +42,7 @@ fn status_of(err: &InferError) -> StatusCode {
     match err {
         InferError::Invalid(_) => StatusCode::BAD_REQUEST,
         InferError::UnknownModel(_) => StatusCode::NOT_FOUND,
-        InferError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+        InferError::NotReady(_) | InferError::OnlineStore(_) => StatusCode::SERVICE_UNAVAILABLE,
         InferError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

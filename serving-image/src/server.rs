@@ -10,6 +10,7 @@ use crate::feedback::{Attribution, Labeled, QualityWindow};
 use crate::kafka::{PredictionLog, PredictionRecord};
 use crate::metrics::ServingMetrics;
 use crate::model::{ModelSlot, ModelSource, ServedModel};
+use crate::online::{OnlineError, OnlineStore};
 use crate::request::{self, InferRequest, RequestError};
 
 pub struct Limits {
@@ -26,6 +27,7 @@ pub struct Server {
     attribution: Mutex<Attribution>,
     quality: Mutex<QualityWindow>,
     prediction_log: Option<PredictionLog>,
+    online_store: Option<OnlineStore>,
     request_ids: AtomicU64,
     boot: u64,
 }
@@ -38,8 +40,19 @@ pub enum InferError {
     UnknownModel(String),
     #[error("no model is loaded: {0}")]
     NotReady(String),
+    #[error("{0}")]
+    OnlineStore(String),
     #[error("scoring failed: the scorer threads stopped")]
     Internal,
+}
+
+impl From<OnlineError> for InferError {
+    fn from(err: OnlineError) -> Self {
+        match err {
+            OnlineError::Request(invalid) => InferError::Invalid(invalid),
+            other => InferError::OnlineStore(other.to_string()),
+        }
+    }
 }
 
 impl InferError {
@@ -48,7 +61,7 @@ impl InferError {
         match self {
             InferError::Invalid(_) => "INVALID_ARGUMENT",
             InferError::UnknownModel(_) => "NOT_FOUND",
-            InferError::NotReady(_) => "UNAVAILABLE",
+            InferError::NotReady(_) | InferError::OnlineStore(_) => "UNAVAILABLE",
             InferError::Internal => "INTERNAL",
         }
     }
@@ -76,6 +89,7 @@ impl Server {
         feedback: &FeedbackSettings,
         metrics: Arc<ServingMetrics>,
         prediction_log: Option<PredictionLog>,
+        online_store: Option<OnlineStore>,
     ) -> Server {
         Server {
             model_name,
@@ -89,6 +103,7 @@ impl Server {
                 feedback.quality_samples,
             )),
             prediction_log,
+            online_store,
             request_ids: AtomicU64::new(0),
             boot: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -141,8 +156,11 @@ impl Server {
     pub async fn infer(
         &self,
         model: Arc<ServedModel>,
-        request: InferRequest,
+        mut request: InferRequest,
     ) -> Result<Scored, InferError> {
+        if let Some(store) = &self.online_store {
+            store.fill(&model.card.schema, &mut request).await?;
+        }
         let data = request::encode(&model.card.schema, &request, self.limits.max_rows)?;
         let logged = self.prediction_log.as_ref().map(|_| data.clone());
         let scores = self
