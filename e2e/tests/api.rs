@@ -386,3 +386,63 @@ async fn metrics_scrape_parses_as_prometheus_text() -> TestResult {
     assert_eq!(leader[0]["value"][1], "1");
     Ok(())
 }
+
+#[tokio::test]
+async fn model_version_gates_validate_or_reject_against_the_alias_holder() -> TestResult {
+    let (client, namespace) = setup("gates").await?;
+    let api = api_for(&client, "ModelVersion", &namespace)?;
+    let phase_of = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            until(&format!("{name} to get a verdict"), SETTLE, || {
+                let api = api.clone();
+                async move {
+                    let object = api.get(name).await.map_err(|e| e.to_string())?;
+                    let status = object.data.get("status").cloned().unwrap_or_default();
+                    match status["phase"].as_str() {
+                        Some("Validated" | "Rejected") => Ok(status),
+                        _ => Err(status.to_string()),
+                    }
+                }
+            })
+            .await
+        }
+    };
+    let mut good = example("modelversion.yaml")?;
+    set(&mut good, "/metadata/name", json!("ctr-good"));
+    create(&client, &namespace, &good).await??;
+    let status = phase_of("ctr-good").await?;
+    assert_eq!(status["phase"], "Validated", "{status}");
+    assert_eq!(status["gateResults"].as_array().map(Vec::len), Some(3));
+
+    let mut worse = example("modelversion.yaml")?;
+    set(&mut worse, "/metadata/name", json!("ctr-worse"));
+    set(&mut worse, "/spec/metrics/auc", json!(0.70));
+    set(
+        &mut worse,
+        "/spec/validation/gates/0",
+        json!({"metric": "auc", "baseline": {"modelVersion": "ctr-good"}, "maxDecrease": 0.002}),
+    );
+    create(&client, &namespace, &worse).await??;
+    let status = phase_of("ctr-worse").await?;
+    assert_eq!(status["phase"], "Rejected", "{status}");
+    let auc = &status["gateResults"][0];
+    assert_eq!(auc["verdict"], "Fail");
+    assert_eq!(
+        auc["threshold"],
+        ">= 0.779000 (baseline ctr-good 0.781 - 0.002)"
+    );
+    let validated = status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Validated"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(validated["status"], "False", "{validated}");
+    assert!(
+        validated["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("auc 0.7 failed")
+    );
+    Ok(())
+}

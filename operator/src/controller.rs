@@ -174,7 +174,29 @@ pub async fn run_controller<K, F, Fut>(
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
     let api: Api<K> = Api::all(ctx.client.clone());
-    Controller::new(api, watcher::Config::default())
+    run_controller_with(
+        kind,
+        Controller::new(api, watcher::Config::default()),
+        ctx,
+        stop,
+        reconcile,
+    )
+    .await;
+}
+
+/// [`run_controller`] for a controller built by the caller (to keep its store, or add watches).
+pub async fn run_controller_with<K, F, Fut>(
+    kind: &'static str,
+    controller: Controller<K>,
+    ctx: Arc<Context>,
+    stop: impl Future<Output = ()> + Send + Sync + 'static,
+    reconcile: F,
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    F: FnMut(Arc<K>, Arc<Context>) -> Fut,
+    Fut: Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    controller
         .graceful_shutdown_on(stop)
         .run(reconcile, move |object: Arc<K>, error: &Error, ctx: Arc<Context>| {
             ctx.metrics.reconcile_failed(kind, error.label());

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod config;
 pub mod controller;
 pub mod featureview;
+pub mod gates;
 pub mod gpuquota;
 pub mod http;
 pub mod leader;

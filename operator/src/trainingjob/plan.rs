@@ -678,6 +678,7 @@ fn run_gang(b: &mut Builder<'_, '_>, paths: &gang::Paths, warm_start: Option<(&s
                 );
             }
             b.enter(TrainingPhase::Running);
+            scheduling(b, &current);
             if let Some(progress) = &observed.progress {
                 b.status.progress = Some(progress.clone());
             }
@@ -685,6 +686,59 @@ fn run_gang(b: &mut Builder<'_, '_>, paths: &gang::Paths, warm_start: Option<(&s
         }
     }
 }
+
+/// `PodsScheduled`: an admitted gang whose pods the scheduler cannot place (no node has the GPUs asked for,
+/// a taint, …) says so instead of looking like it trains; the Warning is raised once per episode.
+fn scheduling(b: &mut Builder<'_, '_>, current: &[&Pod]) {
+    let unschedulable: Vec<(String, String)> = current
+        .iter()
+        .filter_map(|pod| {
+            let scheduled = pod
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "PodScheduled")?;
+            (scheduled.status == "False" && scheduled.reason.as_deref() == Some("Unschedulable"))
+                .then(|| {
+                    (
+                        pod.name_any(),
+                        scheduled.message.clone().unwrap_or_default(),
+                    )
+                })
+        })
+        .collect();
+    let was_unschedulable = find_condition(&b.status.conditions, CONDITION_PODS_SCHEDULED)
+        .is_some_and(|c| c.status == ConditionStatus::False.as_str());
+    match unschedulable.first() {
+        Some((pod, message)) => {
+            let text = format!(
+                "{} of {} pods cannot be scheduled; {pod}: {message}",
+                unschedulable.len(),
+                current.len()
+            );
+            if !was_unschedulable {
+                b.event(true, "Unschedulable", "Schedule", text.clone());
+            }
+            b.set(
+                CONDITION_PODS_SCHEDULED,
+                ConditionStatus::False,
+                "Unschedulable",
+                text,
+            );
+        }
+        None if !current.is_empty() => b.set(
+            CONDITION_PODS_SCHEDULED,
+            ConditionStatus::True,
+            "Scheduled",
+            "every pod of the gang is scheduled or waiting for the scheduler".to_owned(),
+        ),
+        None => {}
+    }
+}
+
+pub const CONDITION_PODS_SCHEDULED: &str = "PodsScheduled";
 
 fn restart_or_fail(b: &mut Builder<'_, '_>, reason: String) {
     let limit = b.observed.job.spec.backoff_limit;

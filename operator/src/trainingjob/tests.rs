@@ -5,7 +5,7 @@ use flywheel_crds::trainingjob::{DatasetUris, TrainingData, TrainingJobStatus, T
 use flywheel_crds::{GPUQuota, TrainingJob};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus,
+    ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodCondition, PodStatus,
 };
 use kube::ResourceExt;
 
@@ -221,6 +221,70 @@ fn a_gpu_job_waits_in_its_quota_queue_with_reason_and_position() {
         isolated.node_selector.unwrap_or_default()["flywheel.dev/pool"],
         "ranking-gpu",
         "the quota's isolation is injected"
+    );
+}
+
+#[test]
+fn an_admitted_gang_the_scheduler_cannot_place_says_so() {
+    let settings = TrainerSettings::default();
+    let job = gpu_job("first");
+    let quota = quota_admitting(&[&job], &[]);
+    let mut pods = gang_pods(&job, 1, "Pending");
+    let job = with_status(
+        job,
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            attempt: 1,
+            ..TrainingJobStatus::default()
+        },
+    );
+    if let Some(status) = pods[0].status.as_mut() {
+        status.conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some("0/3 nodes are available: 3 Insufficient nvidia.com/gpu.".into()),
+            ..PodCondition::default()
+        }]);
+    }
+    let stuck = observe(&job, &pods, Some(&quota), &settings);
+    let (status, message, _) = condition(&stuck.plan.status.conditions, "PodsScheduled");
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("1 of 2 pods cannot be scheduled")
+            && message.contains("Insufficient nvidia.com/gpu"),
+        "{message}"
+    );
+    assert!(
+        stuck
+            .plan
+            .events
+            .iter()
+            .any(|e| e.reason == "Unschedulable" && e.warning)
+    );
+    let again = observe(
+        &with_status(job.clone(), stuck.plan.status.clone()),
+        &pods,
+        Some(&quota),
+        &settings,
+    );
+    assert!(
+        again
+            .plan
+            .events
+            .iter()
+            .all(|e| e.reason != "Unschedulable"),
+        "the Warning is raised once"
+    );
+    let placed = observe(
+        &job,
+        &gang_pods(&job, 1, "Running"),
+        Some(&quota),
+        &settings,
+    );
+    assert_eq!(
+        condition(&placed.plan.status.conditions, "PodsScheduled").0,
+        "True"
     );
 }
 
