@@ -153,6 +153,10 @@ pub struct Analysis {
     #[serde(default = "default_inconclusive_limit")]
     #[schemars(range(min = 0, max = 100))]
     pub inconclusive_limit: u32,
+    /// Failed queries (Prometheus unreachable, a bad query) in a row that pause the rollout.
+    #[serde(default = "default_consecutive_error_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub consecutive_error_limit: u32,
     #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub metrics: Vec<AnalysisMetric>,
 }
@@ -171,6 +175,10 @@ fn default_min_samples() -> u64 {
 
 fn default_failure_limit() -> u32 {
     1
+}
+
+fn default_consecutive_error_limit() -> u32 {
+    4
 }
 
 fn default_inconclusive_limit() -> u32 {
@@ -311,6 +319,21 @@ pub struct RolloutStatus {
     pub measurements: Vec<Measurement>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort_reason: Option<String>,
+    /// Analysis rounds passed in the current step.
+    #[serde(default)]
+    pub step_analysis_runs: u32,
+    /// Queries that failed in a row.
+    #[serde(default)]
+    pub consecutive_errors: u32,
+    /// When the last analysis round ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_analysis_at: Option<Time>,
+    /// The last manual action handled (the `flywheel.dev/action` annotation's value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<String>,
+    /// Why the rollout is paused, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

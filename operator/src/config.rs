@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::traffic::ServingSettings;
 use crate::trainingjob::TrainerSettings;
 
 #[derive(Parser, Debug, Clone)]
@@ -61,6 +62,10 @@ pub struct Config {
     #[arg(long, env = "FLYWHEEL_TRAINER_SERVICE_ACCOUNT")]
     pub trainer_service_account: Option<String>,
 
+    /// Image of serving pods (`flywheel-serving`) when a Rollout names none.
+    #[arg(long, env = "FLYWHEEL_SERVING_IMAGE")]
+    pub serving_image: Option<String>,
+
     /// Log format: `json` (default, for log pipelines) or `text`.
     #[arg(long, env = "FLYWHEEL_LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,
@@ -84,6 +89,19 @@ impl Config {
             storage_claim: self.storage_claim.clone(),
             storage_path: self.storage_path.clone(),
             service_account: self.trainer_service_account.clone(),
+        }
+    }
+
+    pub fn serving_settings(&self) -> ServingSettings {
+        ServingSettings {
+            image: self.serving_image.clone().unwrap_or_else(|| {
+                format!(
+                    "ghcr.io/flywheel-dev/flywheel-serving:{}",
+                    env!("CARGO_PKG_VERSION")
+                )
+            }),
+            storage_claim: self.storage_claim.clone(),
+            storage_path: self.storage_path.clone(),
         }
     }
 

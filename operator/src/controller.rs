@@ -16,8 +16,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, warn};
 
+use crate::alerts::AlertBoard;
 use crate::metrics::Metrics;
 use crate::plan::{Plan, REASON_INVALID_SPEC};
+use crate::traffic::ServingSettings;
 use crate::trainingjob::TrainerSettings;
 
 /// The one field manager of everything the operator writes with server-side apply.
@@ -25,7 +27,7 @@ pub const FIELD_MANAGER: &str = "flywheel-operator";
 
 /// Requeue after a failed reconcile. kube-runtime's scheduler deduplicates, so a burst of failures for one
 /// object costs one retry.
-const ERROR_REQUEUE: Duration = Duration::from_secs(10);
+pub const ERROR_REQUEUE: Duration = Duration::from_secs(10);
 
 pub struct Context {
     pub client: Client,
@@ -33,6 +35,10 @@ pub struct Context {
     pub recorder: Recorder,
     /// What every training gang's pods get: image, shared storage.
     pub trainer: TrainerSettings,
+    /// What every serving pod gets: image, the artifacts' storage.
+    pub serving: ServingSettings,
+    /// Alerts reported by Alertmanager's webhook.
+    pub alerts: Arc<AlertBoard>,
 }
 
 impl Context {
@@ -41,6 +47,8 @@ impl Context {
         metrics: Arc<Metrics>,
         identity: &str,
         trainer: TrainerSettings,
+        serving: ServingSettings,
+        alerts: Arc<AlertBoard>,
     ) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_owned(),
@@ -52,6 +60,8 @@ impl Context {
             metrics,
             recorder,
             trainer,
+            serving,
+            alerts,
         }
     }
 }

@@ -39,13 +39,15 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
+    alerts: Arc<crate::alerts::AlertBoard>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(health);
+        .with_state(health)
+        .merge(crate::alerts::router(alerts));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -2,6 +2,8 @@
 //! the replica that holds the leader Lease.
 
 pub mod admission;
+pub mod alerts;
+pub mod analysis;
 pub mod config;
 pub mod controller;
 pub mod featureview;
@@ -14,4 +16,5 @@ pub mod modelversion;
 pub mod plan;
 pub mod rollout;
 pub mod telemetry;
+pub mod traffic;
 pub mod trainingjob;

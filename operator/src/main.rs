@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow};
 use clap::Parser;
+use flywheel_operator::alerts::AlertBoard;
 use flywheel_operator::config::Config;
 use flywheel_operator::controller::{Context, Shutdown, run_all};
 use flywheel_operator::http::{self, Health};
@@ -41,9 +42,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", config.http_addr))?;
     info!(addr = %listener.local_addr()?, identity, "serving /metrics, /healthz, /readyz");
     let (stop_http, http_stopped) = oneshot::channel::<()>();
+    let alerts = Arc::new(AlertBoard::default());
     let http_server = tokio::spawn(http::serve(
         listener,
         health.clone(),
+        alerts.clone(),
         http_stopped.map(|_| ()),
     ));
 
@@ -66,6 +69,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics.clone(),
         &identity,
         config.trainer_settings(),
+        config.serving_settings(),
+        alerts,
     ));
     let outcome = if config.no_leader_election {
         health.set_ready(true);

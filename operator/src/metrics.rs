@@ -46,6 +46,7 @@ pub struct Metrics {
     jobs_by_phase: Family<PhaseLabels, Gauge>,
     admission_wait: Histogram,
     gang_restarts: Counter,
+    rollout_aborts: Counter,
     quota_used: Family<QuotaLabels, Gauge>,
     quota_limit: Family<QuotaLabels, Gauge>,
 }
@@ -103,6 +104,12 @@ impl Metrics {
             "Time from a TrainingJob's creation (or its return to the queue) to its admission",
             admission_wait.clone(),
         );
+        let rollout_aborts = Counter::default();
+        registry.register(
+            "rollout_aborts",
+            "Canaries aborted and rolled back (analysis failure, alert, or by hand)",
+            rollout_aborts.clone(),
+        );
         let gang_restarts = Counter::default();
         registry.register(
             "training_job_gang_restarts",
@@ -131,6 +138,7 @@ impl Metrics {
             jobs_by_phase,
             admission_wait,
             gang_restarts,
+            rollout_aborts,
             quota_used,
             quota_limit,
         }
@@ -180,6 +188,10 @@ impl Metrics {
 
     pub fn job_admitted(&self, waited: std::time::Duration) {
         self.admission_wait.observe(waited.as_secs_f64());
+    }
+
+    pub fn rollout_aborted(&self) {
+        self.rollout_aborts.inc();
     }
 
     pub fn gang_restarted(&self) {

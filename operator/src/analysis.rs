@@ -1,0 +1,386 @@
+//! Rollout analysis: the PromQL of each metric (built-ins over the serving metrics, or the user's query with
+//! `{{stable}}`, `{{canary}}`, `{{rollout}}`, `{{namespace}}`, `{{interval}}` filled in), the verdict of one
+//! measurement, and a small client of the Prometheus HTTP API.
+
+use std::time::Duration;
+
+use flywheel_crds::rollout::{AnalysisMetric, BuiltinMetric, MeasurementVerdict};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+/// The versions and endpoint a query is about.
+pub struct QueryContext<'a> {
+    pub rollout: &'a str,
+    pub namespace: &'a str,
+    pub stable: &'a str,
+    pub canary: &'a str,
+    /// The analysis interval as PromQL range text (`60s`).
+    pub interval: String,
+}
+
+fn selector(context: &QueryContext<'_>, version: &str) -> String {
+    format!("model=\"{}\",version=\"{version}\"", context.rollout)
+}
+
+/// The PromQL of a metric.
+pub fn query(metric: &AnalysisMetric, context: &QueryContext<'_>) -> String {
+    let canary = selector(context, context.canary);
+    let stable = selector(context, context.stable);
+    let interval = &context.interval;
+    match (metric.builtin, &metric.query) {
+        (Some(BuiltinMetric::AucDrop), _) => format!(
+            "avg(flywheel_serving_online_auc{{{stable}}}) - avg(flywheel_serving_online_auc{{{canary}}})"
+        ),
+        (Some(BuiltinMetric::CalibrationDeviation), _) => {
+            format!("abs(avg(flywheel_serving_online_calibration{{{canary}}}) - 1)")
+        }
+        (Some(BuiltinMetric::LatencyP99), _) => format!(
+            "histogram_quantile(0.99, sum by (le) (rate(flywheel_serving_request_duration_seconds_bucket{{{canary}}}[{interval}])))"
+        ),
+        (Some(BuiltinMetric::ErrorRate), _) => format!(
+            "sum(rate(flywheel_serving_requests_total{{{canary},code!=\"OK\"}}[{interval}])) / sum(rate(flywheel_serving_requests_total{{{canary}}}[{interval}]))"
+        ),
+        (None, Some(text)) => text
+            .replace("{{stable}}", context.stable)
+            .replace("{{canary}}", context.canary)
+            .replace("{{rollout}}", context.rollout)
+            .replace("{{namespace}}", context.namespace)
+            .replace("{{interval}}", interval),
+        (None, None) => String::new(),
+    }
+}
+
+/// Labeled predictions of the canary in its quality window: below `minSamples` a measurement is inconclusive.
+pub fn samples_query(context: &QueryContext<'_>) -> String {
+    format!(
+        "sum(flywheel_serving_online_window_samples{{{}}})",
+        selector(context, context.canary)
+    )
+}
+
+/// Whether a built-in needs labeled samples (quality metrics do; latency and errors do not).
+pub fn needs_labels(metric: &AnalysisMetric) -> bool {
+    matches!(
+        metric.builtin,
+        Some(BuiltinMetric::AucDrop | BuiltinMetric::CalibrationDeviation)
+    )
+}
+
+/// The answer to one query.
+#[derive(Clone, Debug, PartialEq)]
+pub enum QueryResult {
+    /// The first sample's value (NaN included).
+    Value(f64),
+    /// No series matched.
+    Empty,
+    /// The query failed.
+    Error(String),
+}
+
+/// One metric's measurement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Verdict {
+    pub value: Option<f64>,
+    pub verdict: MeasurementVerdict,
+    pub message: String,
+}
+
+/// Judges a metric's result against its bounds. Too few labeled samples, no series and NaN are inconclusive,
+/// never failed: a canary is only rolled back on evidence.
+pub fn judge(
+    metric: &AnalysisMetric,
+    result: &QueryResult,
+    samples: Option<f64>,
+    min_samples: u64,
+) -> Verdict {
+    if needs_labels(metric) {
+        let have = samples.filter(|s| s.is_finite()).unwrap_or(0.0);
+        if have < min_samples as f64 {
+            return Verdict {
+                value: None,
+                verdict: MeasurementVerdict::Inconclusive,
+                message: format!("{have} labeled samples, {min_samples} needed"),
+            };
+        }
+    }
+    match result {
+        QueryResult::Error(error) => Verdict {
+            value: None,
+            verdict: MeasurementVerdict::Error,
+            message: error.clone(),
+        },
+        QueryResult::Empty => Verdict {
+            value: None,
+            verdict: MeasurementVerdict::Inconclusive,
+            message: "the query returned no data".to_owned(),
+        },
+        QueryResult::Value(value) if !value.is_finite() => Verdict {
+            value: None,
+            verdict: MeasurementVerdict::Inconclusive,
+            message: format!("the query returned {value}"),
+        },
+        QueryResult::Value(value) => {
+            let value = *value;
+            let below = metric.min.filter(|min| value < *min);
+            let above = metric.max.filter(|max| value > *max);
+            let (verdict, message) = match (below, above) {
+                (Some(min), _) => (
+                    MeasurementVerdict::Failed,
+                    format!("{} = {value} < min {min}", metric.name),
+                ),
+                (_, Some(max)) => (
+                    MeasurementVerdict::Failed,
+                    format!("{} = {value} > max {max}", metric.name),
+                ),
+                _ => (
+                    MeasurementVerdict::Successful,
+                    format!("{} = {value} within bounds", metric.name),
+                ),
+            };
+            Verdict {
+                value: Some(value),
+                verdict,
+                message,
+            }
+        }
+    }
+}
+
+/// PromQL duration text of an interval.
+pub fn range(interval: Duration) -> String {
+    format!("{}s", interval.as_secs().max(1))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrometheusError {
+    #[error("prometheus URL {0} is not http://host:port[/path]")]
+    Url(String),
+    #[error("prometheus {0}")]
+    Transport(String),
+    #[error("prometheus answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("prometheus answer is not understood: {0}")]
+    Decode(String),
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    status: String,
+    #[serde(default)]
+    data: Option<AnswerData>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AnswerData {
+    result_type: String,
+    result: serde_json::Value,
+}
+
+/// Parses an instant-query answer: a vector's first sample, a scalar, or nothing.
+pub fn parse_answer(body: &[u8]) -> Result<QueryResult, PrometheusError> {
+    let answer: Answer =
+        serde_json::from_slice(body).map_err(|err| PrometheusError::Decode(err.to_string()))?;
+    if answer.status != "success" {
+        return Ok(QueryResult::Error(
+            answer.error.unwrap_or_else(|| answer.status.clone()),
+        ));
+    }
+    let Some(data) = answer.data else {
+        return Ok(QueryResult::Empty);
+    };
+    let sample = match data.result_type.as_str() {
+        "vector" => data.result.get(0).and_then(|s| s.get("value")).cloned(),
+        "scalar" => Some(data.result),
+        other => {
+            return Ok(QueryResult::Error(format!(
+                "a {other} result; analysis queries must return one number"
+            )));
+        }
+    };
+    let Some(sample) = sample else {
+        return Ok(QueryResult::Empty);
+    };
+    let text = sample
+        .get(1)
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| PrometheusError::Decode(sample.to_string()))?;
+    // Prometheus writes NaN and ±Inf as text, which Rust parses too.
+    text.parse::<f64>()
+        .map(QueryResult::Value)
+        .map_err(|_| PrometheusError::Decode(format!("sample value {text}")))
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
+/// Runs an instant query against `base` (`http://host:port[/prefix]`), within `timeout`.
+pub async fn instant_query(base: &str, promql: &str, timeout: Duration) -> QueryResult {
+    match tokio::time::timeout(timeout, fetch(base, promql)).await {
+        Ok(Ok(body)) => {
+            parse_answer(&body).unwrap_or_else(|err| QueryResult::Error(err.to_string()))
+        }
+        Ok(Err(err)) => QueryResult::Error(err.to_string()),
+        Err(_) => QueryResult::Error(format!("prometheus did not answer within {timeout:?}")),
+    }
+}
+
+async fn fetch(base: &str, promql: &str) -> Result<Bytes, PrometheusError> {
+    let rest = base
+        .strip_prefix("http://")
+        .ok_or_else(|| PrometheusError::Url(base.to_owned()))?;
+    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let prefix = prefix.trim_end_matches('/');
+    let path = if prefix.is_empty() {
+        format!("/api/v1/query?query={}", percent_encode(promql))
+    } else {
+        format!("/{prefix}/api/v1/query?query={}", percent_encode(promql))
+    };
+    let transport = |err: &dyn std::fmt::Display| PrometheusError::Transport(err.to_string());
+    let stream = TcpStream::connect(authority)
+        .await
+        .map_err(|e| transport(&e))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| transport(&e))?;
+    tokio::spawn(connection);
+    let request = hyper::Request::get(path)
+        .header(hyper::header::HOST, authority)
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| transport(&e))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| transport(&e))?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| transport(&e))?
+        .to_bytes();
+    // Prometheus answers bad queries with 400 and a JSON error body, which parse_answer reports.
+    if status != 200 && status != 400 && status != 422 {
+        return Err(PrometheusError::Status {
+            status,
+            body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+        });
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metric(
+        builtin: Option<BuiltinMetric>,
+        min: Option<f64>,
+        max: Option<f64>,
+    ) -> AnalysisMetric {
+        AnalysisMetric {
+            name: "m".into(),
+            builtin,
+            query: None,
+            min,
+            max,
+        }
+    }
+
+    fn context() -> QueryContext<'static> {
+        QueryContext {
+            rollout: "ctr",
+            namespace: "ml",
+            stable: "ctr-v1",
+            canary: "ctr-v2",
+            interval: "60s".into(),
+        }
+    }
+
+    #[test]
+    fn builtins_compare_the_canary_with_the_stable_version() {
+        let drop = query(
+            &metric(Some(BuiltinMetric::AucDrop), None, Some(0.005)),
+            &context(),
+        );
+        assert_eq!(
+            drop,
+            "avg(flywheel_serving_online_auc{model=\"ctr\",version=\"ctr-v1\"}) - avg(flywheel_serving_online_auc{model=\"ctr\",version=\"ctr-v2\"})"
+        );
+        let mut custom = metric(None, None, Some(1.0));
+        custom.query =
+            Some("rate(x{version=\"{{canary}}\",ns=\"{{namespace}}\"}[{{interval}}])".into());
+        assert_eq!(
+            query(&custom, &context()),
+            "rate(x{version=\"ctr-v2\",ns=\"ml\"}[60s])"
+        );
+    }
+
+    #[test]
+    fn only_evidence_fails_a_measurement() {
+        let auc = metric(Some(BuiltinMetric::AucDrop), None, Some(0.005));
+        let verdict =
+            |result: QueryResult, samples: f64| judge(&auc, &result, Some(samples), 1000).verdict;
+        assert_eq!(
+            verdict(QueryResult::Value(0.02), 5000.0),
+            MeasurementVerdict::Failed
+        );
+        assert_eq!(
+            verdict(QueryResult::Value(0.001), 5000.0),
+            MeasurementVerdict::Successful
+        );
+        assert_eq!(
+            verdict(QueryResult::Value(0.02), 10.0),
+            MeasurementVerdict::Inconclusive
+        );
+        assert_eq!(
+            verdict(QueryResult::Value(f64::NAN), 5000.0),
+            MeasurementVerdict::Inconclusive
+        );
+        assert_eq!(
+            verdict(QueryResult::Empty, 5000.0),
+            MeasurementVerdict::Inconclusive
+        );
+        assert_eq!(
+            verdict(QueryResult::Error("down".into()), 5000.0),
+            MeasurementVerdict::Error
+        );
+        let latency = metric(Some(BuiltinMetric::LatencyP99), None, Some(0.025));
+        assert_eq!(
+            judge(&latency, &QueryResult::Value(0.01), None, 1000).verdict,
+            MeasurementVerdict::Successful,
+            "latency needs no labels"
+        );
+        let failed = judge(&auc, &QueryResult::Value(0.02), Some(5000.0), 1000);
+        assert_eq!(failed.message, "m = 0.02 > max 0.005");
+    }
+
+    #[test]
+    fn answers_parse_to_a_value_nothing_or_an_error() {
+        let vector = br#"{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"0.25"]}]}}"#;
+        assert_eq!(parse_answer(vector).ok(), Some(QueryResult::Value(0.25)));
+        let empty = br#"{"status":"success","data":{"resultType":"vector","result":[]}}"#;
+        assert_eq!(parse_answer(empty).ok(), Some(QueryResult::Empty));
+        let nan = br#"{"status":"success","data":{"resultType":"scalar","result":[1,"NaN"]}}"#;
+        assert!(matches!(parse_answer(nan), Ok(QueryResult::Value(v)) if v.is_nan()));
+        let bad = br#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
+        assert_eq!(
+            parse_answer(bad).ok(),
+            Some(QueryResult::Error("parse error".into()))
+        );
+        assert_eq!(percent_encode("a b{c=\"d\"}"), "a%20b%7Bc%3D%22d%22%7D");
+    }
+}

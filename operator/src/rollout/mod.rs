@@ -1,0 +1,395 @@
+//! Rollout controller: observe (the target ModelVersion from a cache, firing alerts, an analysis round against
+//! Prometheus when one is due), plan (`plan.rs`, pure), apply: the serving workloads and the router's route
+//! table first, so status never claims a weight that is not in force, then status and Events. An abort also
+//! pushes the new route table to every router pod at once, not waiting for the mounted ConfigMap to refresh.
+
+pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_crds::rollout::{RolloutPhase, RolloutStatus};
+use flywheel_crds::{ModelVersion, Rollout};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use serde_json::Value;
+use tracing::warn;
+
+use crate::analysis::{self, QueryContext, QueryResult};
+use crate::controller::{
+    Context, ERROR_REQUEUE, Error, FIELD_MANAGER, apply_plan, strip_managed_fields,
+};
+use crate::traffic::{self, LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
+
+pub const KIND: &str = "Rollout";
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn canary_live(status: &RolloutStatus) -> bool {
+    status.canary_version.is_some()
+        && matches!(
+            status.phase,
+            Some(RolloutPhase::Progressing | RolloutPhase::Paused)
+        )
+}
+
+/// The versions taking traffic, with weights, for a status.
+fn split_of(status: &RolloutStatus) -> Option<Vec<(String, u32)>> {
+    let stable = status.stable_version.as_deref()?;
+    let canary = status
+        .canary_version
+        .as_deref()
+        .filter(|_| canary_live(status))
+        .map(|canary| (canary, status.canary_weight));
+    Some(traffic::split(canary, stable))
+}
+
+/// Alerts of `spec.alerts` firing in Prometheus for this rollout's model.
+async fn firing_in_prometheus(rollout: &Rollout, prometheus: &str) -> Vec<String> {
+    let name = rollout.name_any();
+    let mut firing = Vec::new();
+    for alert in &rollout.spec.alerts {
+        let query = format!(
+            "count(ALERTS{{alertstate=\"firing\",alertname=\"{alert}\",model=\"{name}\"}})"
+        );
+        if let QueryResult::Value(count) =
+            analysis::instant_query(prometheus, &query, QUERY_TIMEOUT).await
+            && count > 0.0
+        {
+            firing.push(alert.clone());
+        }
+    }
+    firing
+}
+
+async fn run_analysis(rollout: &Rollout) -> Option<Vec<(String, analysis::Verdict)>> {
+    let spec = rollout.spec.analysis.as_ref()?;
+    let status = rollout.status.as_ref()?;
+    let name = rollout.name_any();
+    let namespace = rollout.namespace().unwrap_or_default();
+    let context = QueryContext {
+        rollout: &name,
+        namespace: &namespace,
+        stable: status.stable_version.as_deref().unwrap_or_default(),
+        canary: status.canary_version.as_deref().unwrap_or_default(),
+        interval: analysis::range(spec.interval.parse().unwrap_or(Duration::from_secs(60))),
+    };
+    let samples = if spec.metrics.iter().any(analysis::needs_labels) {
+        match analysis::instant_query(
+            &spec.prometheus,
+            &analysis::samples_query(&context),
+            QUERY_TIMEOUT,
+        )
+        .await
+        {
+            QueryResult::Value(value) => Some(value),
+            _ => Some(0.0),
+        }
+    } else {
+        None
+    };
+    let mut results = Vec::new();
+    for metric in &spec.metrics {
+        let query = analysis::query(metric, &context);
+        let result = analysis::instant_query(&spec.prometheus, &query, QUERY_TIMEOUT).await;
+        results.push((
+            metric.name.clone(),
+            analysis::judge(metric, &result, samples, spec.min_samples),
+        ));
+    }
+    Some(results)
+}
+
+pub async fn reconcile(
+    rollout: Arc<Rollout>,
+    ctx: Arc<Context>,
+    versions: Store<ModelVersion>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started(KIND);
+    let namespace = rollout.namespace().unwrap_or_default();
+    let name = rollout.name_any();
+    let version =
+        |version: &str| versions.get(&ObjectRef::<ModelVersion>::new(version).within(&namespace));
+    let target = version(&rollout.spec.model_version);
+    let now = Timestamp::now();
+    let status = rollout.status.clone().unwrap_or_default();
+    let mut firing = ctx.alerts.firing(&(namespace.clone(), name.clone()));
+    if canary_live(&status)
+        && let Some(analysis) = &rollout.spec.analysis
+        && !rollout.spec.alerts.is_empty()
+    {
+        firing.extend(firing_in_prometheus(&rollout, &analysis.prometheus).await);
+    }
+    let analysis = if plan::analysis_due(&rollout, now) {
+        run_analysis(&rollout).await
+    } else {
+        None
+    };
+    let planned = plan::plan(&plan::Observed {
+        rollout: &rollout,
+        target: target.as_deref(),
+        analysis,
+        firing,
+        now,
+    });
+    let before = split_of(&status);
+    let after = split_of(&planned.plan.status);
+    if let Some(split) = &after {
+        let mut served: BTreeSet<String> = split.iter().map(|(v, _)| v.clone()).collect();
+        // A canary keeps its pods while it is live, even before its first weight.
+        if let Some(canary) = planned
+            .plan
+            .status
+            .canary_version
+            .as_ref()
+            .filter(|_| canary_live(&planned.plan.status))
+        {
+            served.insert(canary.clone());
+        }
+        let found: BTreeMap<String, ModelVersion> = served
+            .iter()
+            .filter_map(|v| version(v).map(|mv| (v.clone(), mv.as_ref().clone())))
+            .collect();
+        let table = traffic::route_table(&name, &namespace, split);
+        if planned.aborted.is_some() || before.as_ref() != Some(split) {
+            push_routes(&ctx, &namespace, &name, &table).await;
+        }
+        apply_workloads(&ctx, &rollout, &namespace, &found, &table).await?;
+        let versions_before: BTreeSet<&String> = [
+            status.stable_version.as_ref(),
+            status.canary_version.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let versions_after: BTreeSet<&String> = [
+            planned.plan.status.stable_version.as_ref(),
+            planned
+                .plan
+                .status
+                .canary_version
+                .as_ref()
+                .filter(|_| canary_live(&planned.plan.status)),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if rollout.status.is_none() || versions_before != versions_after {
+            remove_unserved(&ctx, &namespace, &name, &served).await?;
+        }
+    }
+    if let Some(reason) = &planned.aborted {
+        ctx.metrics.rollout_aborted();
+        warn!(namespace, name, reason, "canary aborted");
+    }
+    let api = Api::namespaced(ctx.client.clone(), &namespace);
+    apply_plan(
+        &ctx,
+        &api,
+        rollout.as_ref(),
+        KIND,
+        rollout.status.as_ref(),
+        planned.plan,
+    )
+    .await
+}
+
+async fn apply_workloads(
+    ctx: &Context,
+    rollout: &Rollout,
+    namespace: &str,
+    versions: &BTreeMap<String, ModelVersion>,
+    table: &Value,
+) -> Result<(), Error> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let routes = traffic::routes_config_map(rollout, table)?;
+    config_maps
+        .patch(&routes.name_any(), &params, &Patch::Apply(&routes))
+        .await?;
+    for version in versions.values() {
+        let deployment = traffic::version_deployment(rollout, version, &ctx.serving)?;
+        deployments
+            .patch(&deployment.name_any(), &params, &Patch::Apply(&deployment))
+            .await?;
+        let service = traffic::version_service(rollout, &version.name_any())?;
+        services
+            .patch(&service.name_any(), &params, &Patch::Apply(&service))
+            .await?;
+    }
+    if rollout.spec.traffic.router.is_some() {
+        let (router, service) = traffic::router(rollout, &ctx.serving)?;
+        deployments
+            .patch(&router.name_any(), &params, &Patch::Apply(&router))
+            .await?;
+        services
+            .patch(&service.name_any(), &params, &Patch::Apply(&service))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes the Deployments and Services of versions this rollout no longer serves (a promoted rollout's old
+/// stable, an aborted canary).
+async fn remove_unserved(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    served: &BTreeSet<String>,
+) -> Result<(), Error> {
+    let selector = ListParams::default().labels(&format!("{LABEL_ROLLOUT}={name},{LABEL_VERSION}"));
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    for deployment in deployments.list(&selector).await? {
+        if !served.contains(
+            deployment
+                .labels()
+                .get(LABEL_VERSION)
+                .map_or("", String::as_str),
+        ) {
+            ignore_missing(
+                deployments
+                    .delete(&deployment.name_any(), &DeleteParams::default())
+                    .await,
+            )?;
+        }
+    }
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+    for service in services.list(&selector).await? {
+        if !served.contains(
+            service
+                .labels()
+                .get(LABEL_VERSION)
+                .map_or("", String::as_str),
+        ) {
+            ignore_missing(
+                services
+                    .delete(&service.name_any(), &DeleteParams::default())
+                    .await,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn ignore_missing<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Sends the route table to every running router pod's admin endpoint (best effort: the ConfigMap is the
+/// durable copy every router also reloads).
+async fn push_routes(ctx: &Context, namespace: &str, name: &str, table: &Value) {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let selector =
+        ListParams::default().labels(&format!("{LABEL_ROLLOUT}={name},{LABEL_ROLE}=router"));
+    let Ok(list) = pods.list(&selector).await else {
+        return;
+    };
+    let body = table.to_string();
+    let pushes = list.items.into_iter().filter_map(|pod| {
+        let ip = pod.status.and_then(|s| s.pod_ip)?;
+        let body = body.clone();
+        Some(async move {
+            let result = tokio::time::timeout(PUSH_TIMEOUT, put_routes(&ip, body)).await;
+            if !matches!(result, Ok(Ok(()))) {
+                warn!(
+                    pod_ip = ip,
+                    "router did not take the new routes; it reloads them from the ConfigMap"
+                );
+            }
+        })
+    });
+    futures::future::join_all(pushes).await;
+}
+
+async fn put_routes(
+    ip: &str,
+    body: String,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let authority = format!("{ip}:{}", traffic::ADMIN_PORT);
+    let stream = tokio::net::TcpStream::connect(&authority).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = hyper::Request::put("/admin/routes")
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    let response = sender.send_request(request).await?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("status {}", response.status()).into())
+    }
+}
+
+pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
+    let client = ctx.client.clone();
+    let (versions, versions_writer) = reflector::store();
+    let version_events = watcher(
+        Api::<ModelVersion>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(strip_managed_fields)
+    .reflect(versions_writer)
+    .touched_objects();
+    let controller = Controller::new(Api::<Rollout>::all(client), watcher::Config::default());
+    let rollouts = controller.store();
+    let wakeups = ctx.alerts.take_wakeups();
+    let woken = futures::stream::unfold(wakeups, |receiver| async move {
+        let mut receiver = receiver?;
+        let key = receiver.recv().await?;
+        Some((key, Some(receiver)))
+    })
+    .map(|(namespace, name)| ObjectRef::<Rollout>::new(&name).within(&namespace));
+    controller
+        .watches_stream(version_events, move |version: ModelVersion| {
+            let namespace = version.namespace();
+            let name = version.name_any();
+            rollouts
+                .state()
+                .into_iter()
+                .filter(|rollout| rollout.namespace() == namespace)
+                .filter(|rollout| {
+                    let status = rollout.status.clone().unwrap_or_default();
+                    rollout.spec.model_version == name
+                        || status.stable_version.as_deref() == Some(name.as_str())
+                        || status.canary_version.as_deref() == Some(name.as_str())
+                })
+                .map(|rollout| ObjectRef::from_obj(rollout.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_on(woken)
+        .graceful_shutdown_on(stop)
+        .run(
+            move |rollout, ctx| reconcile(rollout, ctx, versions.clone()),
+            |rollout: Arc<Rollout>, error: &Error, ctx: Arc<Context>| {
+                ctx.metrics.reconcile_failed(KIND, error.label());
+                warn!(kind = KIND, name = %rollout.name_any(), namespace = rollout.namespace(), error = %error, "reconcile failed");
+                Action::requeue(ERROR_REQUEUE)
+            },
+            ctx,
+        )
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                warn!(kind = KIND, error = %err, "controller error");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,842 @@
+//! The Rollout state machine, pure: which version is stable, which is the canary and at what weight, from the
+//! spec, the status (all progress lives there), the target ModelVersion's verdict, this round's analysis,
+//! firing alerts and a manual action. No I/O and no clock: the caller passes `now` and what it observed.
+//!
+//! A progression starts when `spec.modelVersion` names a Validated version other than the stable one. Each
+//! `setWeight` step holds until `analysis.count` rounds passed; a `pause` until its duration ran out (or, without
+//! one, until promoted). Analysis runs every `interval` after `initialDelay` while a canary takes traffic:
+//! failures beyond `failureLimit` and any configured alert abort (canary weight 0, `Degraded`); inconclusive
+//! rounds beyond `inconclusiveLimit` and errors beyond `consecutiveErrorLimit` pause. After the last step the
+//! canary becomes stable.
+
+use std::time::Duration;
+
+use flywheel_crds::common::{ConditionStatus, condition, set_condition};
+use flywheel_crds::modelversion::ModelVersionPhase;
+use flywheel_crds::rollout::{
+    CanaryStep, Measurement, MeasurementVerdict, RolloutPhase, RolloutStatus,
+};
+use flywheel_crds::{ModelVersion, Rollout};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::analysis::Verdict;
+use crate::plan::{Plan, PlannedEvent, spec_conditions};
+
+/// Annotation carrying a manual action: `promote`, `promote-full`, `abort` or `retry`, optionally followed by
+/// `:<anything>` so the same action can be given again.
+pub const ACTION_ANNOTATION: &str = "flywheel.dev/action";
+pub const CONDITION_HEALTHY: &str = "Healthy";
+/// Measurements kept in status (the oldest go first).
+pub const MAX_MEASUREMENTS: usize = 100;
+const IDLE_REQUEUE: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Promote,
+    PromoteFull,
+    Abort,
+    Retry,
+}
+
+pub struct Observed<'a> {
+    pub rollout: &'a Rollout,
+    /// The ModelVersion `spec.modelVersion` names, when it exists.
+    pub target: Option<&'a ModelVersion>,
+    /// This reconcile's analysis round (metric name, verdict), when one was due and ran.
+    pub analysis: Option<Vec<(String, Verdict)>>,
+    /// Alert names firing for this rollout (Prometheus `ALERTS` and the Alertmanager webhook).
+    pub firing: Vec<String>,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutPlan {
+    pub plan: Plan<RolloutStatus>,
+    /// The canary was aborted on this reconcile.
+    pub aborted: Option<String>,
+}
+
+/// The manual action the annotation asks for, unless it was already handled.
+pub fn pending_action(rollout: &Rollout) -> Option<(String, Action)> {
+    let value = rollout
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ACTION_ANNOTATION)?;
+    let handled = rollout.status.as_ref().and_then(|s| s.last_action.as_ref());
+    if handled == Some(value) {
+        return None;
+    }
+    let action = match value.split(':').next().unwrap_or_default() {
+        "promote" => Action::Promote,
+        "promote-full" => Action::PromoteFull,
+        "abort" => Action::Abort,
+        "retry" => Action::Retry,
+        _ => return None,
+    };
+    Some((value.clone(), action))
+}
+
+fn duration(text: &flywheel_crds::common::Duration) -> Duration {
+    text.parse().unwrap_or(Duration::ZERO)
+}
+
+fn elapsed_since(since: Option<&Time>, now: Timestamp) -> Duration {
+    since
+        .map(|t| now.duration_since(t.0))
+        .and_then(|d| Duration::try_from(d).ok())
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Whether an analysis round is due now (the caller then queries Prometheus and plans with the results).
+pub fn analysis_due(rollout: &Rollout, now: Timestamp) -> bool {
+    let (Some(analysis), Some(status)) = (&rollout.spec.analysis, &rollout.status) else {
+        return false;
+    };
+    if status.canary_version.is_none()
+        || status.canary_weight == 0
+        || !matches!(
+            status.phase,
+            Some(RolloutPhase::Progressing | RolloutPhase::Paused)
+        )
+        || halted(rollout, status)
+    {
+        return false;
+    }
+    let delay = analysis
+        .initial_delay
+        .as_ref()
+        .map_or(Duration::ZERO, duration);
+    if elapsed_since(status.step_started_at.as_ref(), now) < delay {
+        return false;
+    }
+    status.last_analysis_at.is_none()
+        || elapsed_since(status.last_analysis_at.as_ref(), now) >= duration(&analysis.interval)
+}
+
+/// Analysis stopped for a human: too many inconclusive rounds or errors.
+fn halted(rollout: &Rollout, status: &RolloutStatus) -> bool {
+    rollout.spec.analysis.as_ref().is_some_and(|analysis| {
+        status.inconclusive_measurements > analysis.inconclusive_limit
+            || status.consecutive_errors > analysis.consecutive_error_limit
+    })
+}
+
+struct Builder<'a> {
+    observed: &'a Observed<'a>,
+    status: RolloutStatus,
+    events: Vec<PlannedEvent>,
+    aborted: Option<String>,
+}
+
+impl Builder<'_> {
+    fn event(&mut self, warning: bool, reason: &'static str, note: String) {
+        self.events.push(PlannedEvent {
+            warning,
+            reason,
+            action: "Rollout",
+            note,
+        });
+    }
+
+    fn start_progression(&mut self, version: &str) {
+        let now = self.observed.now;
+        self.status.canary_version = Some(version.to_owned());
+        self.status.current_step = Some(0);
+        self.status.canary_weight = 0;
+        self.status.step_started_at = Some(Time(now));
+        self.status.failed_measurements = 0;
+        self.status.inconclusive_measurements = 0;
+        self.status.consecutive_errors = 0;
+        self.status.step_analysis_runs = 0;
+        self.status.last_analysis_at = None;
+        self.status.measurements.clear();
+        self.status.abort_reason = None;
+        self.status.pause_reason = None;
+        self.status.phase = Some(RolloutPhase::Progressing);
+        let stable = self.status.stable_version.clone().unwrap_or_default();
+        self.event(
+            false,
+            "Progressing",
+            format!("rolling out {version} over {stable}"),
+        );
+    }
+
+    fn abort(&mut self, reason: String) {
+        self.status.canary_weight = 0;
+        self.status.phase = Some(RolloutPhase::Degraded);
+        self.status.pause_reason = None;
+        self.status.abort_reason = Some(reason.clone());
+        let canary = self.status.canary_version.clone().unwrap_or_default();
+        self.event(true, "Aborted", format!("{canary} rolled back: {reason}"));
+        self.aborted = Some(reason);
+    }
+
+    fn finish(&mut self) {
+        let Some(canary) = self.status.canary_version.take() else {
+            return;
+        };
+        let previous = self.status.stable_version.replace(canary.clone());
+        self.status.canary_weight = 0;
+        self.status.current_step = Some(self.observed.rollout.spec.effective_steps().len() as u32);
+        self.status.phase = Some(RolloutPhase::Healthy);
+        self.status.pause_reason = None;
+        self.event(
+            false,
+            "Promoted",
+            format!(
+                "{canary} is stable (was {})",
+                previous.unwrap_or_else(|| "none".to_owned())
+            ),
+        );
+    }
+
+    fn pause(&mut self, reason: String) {
+        if self.status.phase != Some(RolloutPhase::Paused) {
+            self.event(false, "Paused", reason.clone());
+        }
+        self.status.phase = Some(RolloutPhase::Paused);
+        self.status.pause_reason = Some(reason);
+    }
+
+    fn next_step(&mut self) {
+        let steps = self.observed.rollout.spec.effective_steps();
+        let next = self.status.current_step.unwrap_or(0) + 1;
+        self.status.current_step = Some(next);
+        self.status.step_started_at = Some(Time(self.observed.now));
+        self.status.step_analysis_runs = 0;
+        self.status.pause_reason = None;
+        self.status.phase = Some(RolloutPhase::Progressing);
+        if next as usize >= steps.len() {
+            self.finish();
+        }
+    }
+
+    fn record(&mut self, results: &[(String, Verdict)]) {
+        let step = self.status.current_step.unwrap_or(0);
+        for (metric, verdict) in results {
+            self.status.measurements.push(Measurement {
+                metric: metric.clone(),
+                step,
+                time: Time(self.observed.now),
+                value: verdict.value,
+                verdict: verdict.verdict,
+                message: Some(verdict.message.clone()),
+            });
+        }
+        let excess = self
+            .status
+            .measurements
+            .len()
+            .saturating_sub(MAX_MEASUREMENTS);
+        self.status.measurements.drain(..excess);
+        self.status.last_analysis_at = Some(Time(self.observed.now));
+    }
+
+    /// Judges one analysis round; returns whether it passed.
+    fn judge_round(&mut self, results: &[(String, Verdict)]) -> bool {
+        let Some(analysis) = &self.observed.rollout.spec.analysis else {
+            return true;
+        };
+        self.record(results);
+        let with = |verdict: MeasurementVerdict| {
+            results
+                .iter()
+                .find(|(_, v)| v.verdict == verdict)
+                .map(|(name, v)| format!("{name}: {}", v.message))
+        };
+        if let Some(failure) = with(MeasurementVerdict::Failed) {
+            self.status.failed_measurements += 1;
+            self.status.consecutive_errors = 0;
+            if self.status.failed_measurements > analysis.failure_limit {
+                self.abort(format!(
+                    "analysis failed {} times (failureLimit {}): {failure}",
+                    self.status.failed_measurements, analysis.failure_limit
+                ));
+            }
+            return false;
+        }
+        if let Some(error) = with(MeasurementVerdict::Error) {
+            self.status.consecutive_errors += 1;
+            if self.status.consecutive_errors > analysis.consecutive_error_limit {
+                self.pause(format!(
+                    "{} analysis errors in a row (consecutiveErrorLimit {}): {error}",
+                    self.status.consecutive_errors, analysis.consecutive_error_limit
+                ));
+            }
+            return false;
+        }
+        self.status.consecutive_errors = 0;
+        if let Some(inconclusive) = with(MeasurementVerdict::Inconclusive) {
+            self.status.inconclusive_measurements += 1;
+            if self.status.inconclusive_measurements > analysis.inconclusive_limit {
+                self.pause(format!(
+                    "analysis inconclusive {} times (inconclusiveLimit {}): {inconclusive}",
+                    self.status.inconclusive_measurements, analysis.inconclusive_limit
+                ));
+            }
+            return false;
+        }
+        true
+    }
+
+    /// Advances the current step as far as it can go now.
+    fn progress(&mut self) {
+        let rollout = self.observed.rollout;
+        let steps = rollout.spec.effective_steps();
+        let index = self.status.current_step.unwrap_or(0) as usize;
+        let Some(step) = steps.get(index) else {
+            self.finish();
+            return;
+        };
+        let halted = halted(rollout, &self.status);
+        match step {
+            CanaryStep::SetWeight(weight) => {
+                self.status.canary_weight = *weight;
+                let needed = rollout.spec.analysis.as_ref().map_or(0, |a| a.count);
+                if !halted && self.status.step_analysis_runs >= needed {
+                    self.next_step();
+                }
+            }
+            CanaryStep::Pause(pause) => match &pause.duration {
+                Some(length) if !halted => {
+                    if elapsed_since(self.status.step_started_at.as_ref(), self.observed.now)
+                        >= duration(length)
+                    {
+                        self.next_step();
+                    }
+                }
+                Some(_) => {}
+                None => self.pause(format!(
+                    "step {index} waits to be promoted (kubectl annotate rollout {} {ACTION_ANNOTATION}=promote --overwrite)",
+                    rollout.metadata.name.as_deref().unwrap_or_default()
+                )),
+            },
+        }
+    }
+}
+
+/// The next time something happens by itself: an analysis round or the end of a timed pause.
+fn requeue_after(rollout: &Rollout, status: &RolloutStatus, now: Timestamp) -> Duration {
+    if !matches!(
+        status.phase,
+        Some(RolloutPhase::Progressing | RolloutPhase::Paused)
+    ) {
+        return IDLE_REQUEUE;
+    }
+    let mut next = IDLE_REQUEUE;
+    if let Some(analysis) = &rollout.spec.analysis {
+        let interval = duration(&analysis.interval);
+        let delay = analysis
+            .initial_delay
+            .as_ref()
+            .map_or(Duration::ZERO, duration);
+        let in_step = elapsed_since(status.step_started_at.as_ref(), now);
+        let until = if status.last_analysis_at.is_none() {
+            delay.saturating_sub(in_step)
+        } else {
+            interval.saturating_sub(elapsed_since(status.last_analysis_at.as_ref(), now))
+        };
+        next = next.min(until);
+    }
+    let steps = rollout.spec.effective_steps();
+    if let Some(CanaryStep::Pause(pause)) = steps.get(status.current_step.unwrap_or(0) as usize)
+        && let Some(length) = &pause.duration
+    {
+        next = next.min(
+            duration(length).saturating_sub(elapsed_since(status.step_started_at.as_ref(), now)),
+        );
+    }
+    next.max(Duration::from_millis(200))
+}
+
+pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
+    let rollout = observed.rollout;
+    let generation = rollout.metadata.generation;
+    let mut status = rollout.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+    let validation = rollout.spec.validate();
+    let valid = validation.is_ok();
+    let events = spec_conditions(
+        &mut status.conditions,
+        &validation,
+        generation,
+        observed.now,
+        (ConditionStatus::True, "SpecAccepted", "the spec is valid"),
+    );
+    let mut b = Builder {
+        observed,
+        status,
+        events,
+        aborted: None,
+    };
+    if valid {
+        decide(&mut b);
+    }
+    let steps = rollout.spec.effective_steps().len();
+    b.status.step_summary = Some(format!(
+        "{}/{steps}",
+        b.status.current_step.unwrap_or(0).min(steps as u32)
+    ));
+    let (healthy, reason, message) = match b.status.phase {
+        Some(RolloutPhase::Healthy) => (
+            ConditionStatus::True,
+            "Healthy",
+            format!(
+                "serving {}",
+                b.status.stable_version.as_deref().unwrap_or_default()
+            ),
+        ),
+        Some(RolloutPhase::Progressing) => (
+            ConditionStatus::False,
+            "Progressing",
+            format!(
+                "{} at {}%",
+                b.status.canary_version.as_deref().unwrap_or_default(),
+                b.status.canary_weight
+            ),
+        ),
+        Some(RolloutPhase::Paused) => (
+            ConditionStatus::False,
+            "Paused",
+            b.status.pause_reason.clone().unwrap_or_default(),
+        ),
+        Some(RolloutPhase::Degraded) => (
+            ConditionStatus::False,
+            "Aborted",
+            b.status.abort_reason.clone().unwrap_or_default(),
+        ),
+        None => (
+            ConditionStatus::False,
+            "NothingServed",
+            b.status
+                .pause_reason
+                .clone()
+                .unwrap_or_else(|| "no version served yet".to_owned()),
+        ),
+    };
+    set_condition(
+        &mut b.status.conditions,
+        condition(
+            CONDITION_HEALTHY,
+            healthy,
+            reason,
+            message,
+            generation,
+            observed.now,
+        ),
+    );
+    let requeue = requeue_after(rollout, &b.status, observed.now);
+    RolloutPlan {
+        plan: Plan {
+            status: b.status,
+            events: b.events,
+            requeue: Some(requeue),
+        },
+        aborted: b.aborted,
+    }
+}
+
+fn target_verdict(observed: &Observed<'_>) -> Result<(), String> {
+    let name = &observed.rollout.spec.model_version;
+    match observed.target {
+        None => Err(format!("ModelVersion {name} does not exist")),
+        Some(version) => match version.status.as_ref().and_then(|s| s.phase) {
+            Some(ModelVersionPhase::Validated) => Ok(()),
+            Some(ModelVersionPhase::Rejected) => Err(format!(
+                "ModelVersion {name} is Rejected by its validation gates; only Validated versions roll out"
+            )),
+            _ => Err(format!("ModelVersion {name} is not Validated yet")),
+        },
+    }
+}
+
+fn decide(b: &mut Builder<'_>) {
+    let observed = b.observed;
+    let rollout = observed.rollout;
+    let target = rollout.spec.model_version.as_str();
+    let action = pending_action(rollout);
+    if let Some((value, _)) = &action {
+        b.status.last_action = Some(value.clone());
+    }
+    let action = action.map(|(_, action)| action);
+    let Some(stable) = b.status.stable_version.clone() else {
+        // The first version is served directly: there is nothing to compare a canary with.
+        match target_verdict(observed) {
+            Ok(()) => {
+                b.status.stable_version = Some(target.to_owned());
+                b.status.phase = Some(RolloutPhase::Healthy);
+                b.status.pause_reason = None;
+                b.event(false, "Serving", format!("serving {target}"));
+            }
+            Err(reason) => b.status.pause_reason = Some(reason),
+        }
+        return;
+    };
+    if target == stable {
+        if let Some(canary) = b.status.canary_version.take() {
+            b.status.canary_weight = 0;
+            b.status.pause_reason = None;
+            b.event(
+                false,
+                "Reverted",
+                format!("spec.modelVersion is back to {stable}; {canary} removed"),
+            );
+        }
+        b.status.phase = Some(RolloutPhase::Healthy);
+        b.status.abort_reason = None;
+        return;
+    }
+    let in_flight = b.status.canary_version.as_deref() == Some(target);
+    if !in_flight {
+        match target_verdict(observed) {
+            Ok(()) => b.start_progression(target),
+            Err(reason) => {
+                // Nothing changes for users: the stable version keeps all traffic.
+                b.status.canary_version = None;
+                b.status.canary_weight = 0;
+                b.status.phase = Some(RolloutPhase::Healthy);
+                b.status.pause_reason = Some(reason);
+                return;
+            }
+        }
+    }
+    if b.status.phase == Some(RolloutPhase::Degraded) {
+        if action == Some(Action::Retry) {
+            b.start_progression(target);
+        } else {
+            return;
+        }
+    }
+    if let Some(alert) = observed
+        .firing
+        .iter()
+        .find(|alert| rollout.spec.alerts.contains(alert))
+    {
+        b.abort(format!("alert {alert} is firing"));
+        return;
+    }
+    match action {
+        Some(Action::Abort) => {
+            b.abort("aborted by hand".to_owned());
+            return;
+        }
+        Some(Action::PromoteFull) => {
+            b.finish();
+            return;
+        }
+        Some(Action::Promote) => {
+            b.event(
+                false,
+                "Promoted",
+                format!(
+                    "step {} skipped by hand",
+                    b.status.current_step.unwrap_or(0)
+                ),
+            );
+            b.next_step();
+            if b.status.canary_version.is_none() {
+                return;
+            }
+        }
+        Some(Action::Retry) | None => {}
+    }
+    if let Some(results) = &observed.analysis {
+        let passed = b.judge_round(results);
+        if b.aborted.is_some() {
+            return;
+        }
+        if passed {
+            b.status.step_analysis_runs += 1;
+        }
+    }
+    if b.status.phase == Some(RolloutPhase::Paused)
+        && b.status.pause_reason.is_some()
+        && halted(rollout, &b.status)
+    {
+        return;
+    }
+    b.progress();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::examples::load;
+    use flywheel_crds::modelversion::ModelVersionStatus;
+    use flywheel_crds::rollout::{Analysis, AnalysisMetric, BuiltinMetric};
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    fn version(name: &str, phase: ModelVersionPhase) -> ModelVersion {
+        let mut version: ModelVersion = load("modelversion.yaml", 1);
+        version.metadata.name = Some(name.into());
+        version.status = Some(ModelVersionStatus {
+            phase: Some(phase),
+            ..ModelVersionStatus::default()
+        });
+        version
+    }
+
+    /// A rollout of `target` over a stable `ctr-v1`, default steps, analysis every 10 s, 2 rounds per step.
+    fn rollout(target: &str) -> Rollout {
+        let mut rollout: Rollout = load("rollout.yaml", 1);
+        rollout.spec.model_version = target.into();
+        rollout.spec.strategy.canary.steps.clear();
+        rollout.spec.analysis = Some(Analysis {
+            prometheus: "http://prometheus:9090".into(),
+            interval: "10s".into(),
+            initial_delay: None,
+            count: 2,
+            min_samples: 100,
+            failure_limit: 0,
+            inconclusive_limit: 1,
+            consecutive_error_limit: 2,
+            metrics: vec![AnalysisMetric {
+                name: "auc-drop".into(),
+                builtin: Some(BuiltinMetric::AucDrop),
+                query: None,
+                min: None,
+                max: Some(0.005),
+            }],
+        });
+        rollout.status = Some(RolloutStatus {
+            stable_version: Some("ctr-v1".into()),
+            phase: Some(RolloutPhase::Healthy),
+            ..RolloutStatus::default()
+        });
+        rollout
+    }
+
+    fn round(verdict: MeasurementVerdict, value: f64) -> Option<Vec<(String, Verdict)>> {
+        Some(vec![(
+            "auc-drop".into(),
+            Verdict {
+                value: Some(value),
+                verdict,
+                message: format!("auc-drop = {value}"),
+            },
+        )])
+    }
+
+    /// Plans once and stores the status back, like the controller does.
+    fn step(
+        rollout: &mut Rollout,
+        target: &ModelVersion,
+        analysis: Option<Vec<(String, Verdict)>>,
+        firing: &[&str],
+        now: Timestamp,
+    ) -> RolloutPlan {
+        let planned = plan(&Observed {
+            rollout,
+            target: Some(target),
+            analysis,
+            firing: firing.iter().map(|s| s.to_string()).collect(),
+            now,
+        });
+        rollout.status = Some(planned.plan.status.clone());
+        planned
+    }
+
+    fn status(rollout: &Rollout) -> RolloutStatus {
+        rollout.status.clone().unwrap_or_default()
+    }
+
+    #[test]
+    fn the_first_validated_version_is_served_directly() {
+        let mut rollout = rollout("ctr-v1");
+        rollout.status = None;
+        let target = version("ctr-v1", ModelVersionPhase::Validated);
+        step(&mut rollout, &target, None, &[], at(0));
+        let s = status(&rollout);
+        assert_eq!(
+            (s.stable_version.as_deref(), s.phase),
+            (Some("ctr-v1"), Some(RolloutPhase::Healthy))
+        );
+    }
+
+    #[test]
+    fn a_good_canary_walks_every_step_and_becomes_stable() {
+        let mut rollout = rollout("ctr-v2");
+        let target = version("ctr-v2", ModelVersionPhase::Validated);
+        step(&mut rollout, &target, None, &[], at(0));
+        let mut weights = vec![status(&rollout).canary_weight];
+        assert_eq!(status(&rollout).phase, Some(RolloutPhase::Progressing));
+        let mut now = 0;
+        while status(&rollout).canary_version.is_some() {
+            now += 10;
+            assert!(analysis_due(&rollout, at(now)), "analysis due at {now}");
+            step(
+                &mut rollout,
+                &target,
+                round(MeasurementVerdict::Successful, 0.001),
+                &[],
+                at(now),
+            );
+            weights.push(status(&rollout).canary_weight);
+            assert!(now < 200, "never finished: {:?}", status(&rollout));
+        }
+        weights.dedup();
+        assert_eq!(weights, vec![1, 5, 20, 100, 0]);
+        let s = status(&rollout);
+        assert_eq!(
+            (s.stable_version.as_deref(), s.phase),
+            (Some("ctr-v2"), Some(RolloutPhase::Healthy))
+        );
+        assert_eq!(s.measurements.len(), 8, "2 rounds x 4 steps");
+    }
+
+    #[test]
+    fn a_failing_round_aborts_at_once_and_stays_degraded() {
+        let mut rollout = rollout("ctr-v2");
+        let target = version("ctr-v2", ModelVersionPhase::Validated);
+        step(&mut rollout, &target, None, &[], at(0));
+        let planned = step(
+            &mut rollout,
+            &target,
+            round(MeasurementVerdict::Failed, 0.02),
+            &[],
+            at(10),
+        );
+        assert!(planned.aborted.is_some());
+        let s = status(&rollout);
+        assert_eq!(
+            (s.phase, s.canary_weight),
+            (Some(RolloutPhase::Degraded), 0)
+        );
+        assert!(
+            s.abort_reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains("auc-drop = 0.02")
+        );
+        assert!(
+            planned
+                .plan
+                .events
+                .iter()
+                .any(|e| e.reason == "Aborted" && e.warning)
+        );
+        assert!(!analysis_due(&rollout, at(100)));
+        step(&mut rollout, &target, None, &[], at(20));
+        assert_eq!(
+            status(&rollout).phase,
+            Some(RolloutPhase::Degraded),
+            "no new progression of the same version"
+        );
+        rollout.metadata.annotations =
+            Some([(ACTION_ANNOTATION.to_owned(), "retry".to_owned())].into());
+        step(&mut rollout, &target, None, &[], at(30));
+        let s = status(&rollout);
+        assert_eq!(
+            (s.phase, s.canary_weight, s.failed_measurements),
+            (Some(RolloutPhase::Progressing), 1, 0)
+        );
+    }
+
+    #[test]
+    fn too_few_samples_pause_and_never_roll_back() {
+        let mut rollout = rollout("ctr-v2");
+        let target = version("ctr-v2", ModelVersionPhase::Validated);
+        step(&mut rollout, &target, None, &[], at(0));
+        step(
+            &mut rollout,
+            &target,
+            round(MeasurementVerdict::Inconclusive, 0.0),
+            &[],
+            at(10),
+        );
+        assert_eq!(status(&rollout).phase, Some(RolloutPhase::Progressing));
+        let planned = step(
+            &mut rollout,
+            &target,
+            round(MeasurementVerdict::Inconclusive, 0.0),
+            &[],
+            at(20),
+        );
+        assert!(planned.aborted.is_none());
+        let s = status(&rollout);
+        assert_eq!((s.phase, s.canary_weight), (Some(RolloutPhase::Paused), 1));
+        assert!(
+            s.pause_reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains("inconclusive 2 times")
+        );
+        assert!(
+            !analysis_due(&rollout, at(100)),
+            "a halted analysis waits for a human"
+        );
+    }
+
+    #[test]
+    fn a_firing_alert_aborts_without_waiting_for_analysis() {
+        let mut rollout = rollout("ctr-v2");
+        let target = version("ctr-v2", ModelVersionPhase::Validated);
+        step(&mut rollout, &target, None, &[], at(0));
+        step(&mut rollout, &target, None, &["SomethingElse"], at(1));
+        assert_eq!(
+            status(&rollout).phase,
+            Some(RolloutPhase::Progressing),
+            "only configured alerts count"
+        );
+        let planned = step(
+            &mut rollout,
+            &target,
+            None,
+            &["FlywheelCalibrationDeviation"],
+            at(2),
+        );
+        assert_eq!(
+            planned.aborted.as_deref(),
+            Some("alert FlywheelCalibrationDeviation is firing")
+        );
+        assert_eq!(status(&rollout).canary_weight, 0);
+    }
+
+    #[test]
+    fn only_validated_versions_start_a_progression() {
+        let mut rollout = rollout("ctr-v2");
+        let target = version("ctr-v2", ModelVersionPhase::Rejected);
+        step(&mut rollout, &target, None, &[], at(0));
+        let s = status(&rollout);
+        assert_eq!(
+            (s.canary_version, s.phase),
+            (None, Some(RolloutPhase::Healthy))
+        );
+        assert!(
+            s.pause_reason
+                .as_deref()
+                .unwrap_or_default()
+                .contains("Rejected")
+        );
+    }
+
+    #[test]
+    fn a_pause_without_duration_waits_for_promote() {
+        let mut rollout = rollout("ctr-v2");
+        rollout.spec.analysis = None;
+        rollout.spec.strategy.canary.steps = vec![
+            CanaryStep::SetWeight(10),
+            CanaryStep::Pause(flywheel_crds::rollout::Pause { duration: None }),
+            CanaryStep::SetWeight(100),
+        ];
+        let target = version("ctr-v2", ModelVersionPhase::Validated);
+        step(&mut rollout, &target, None, &[], at(0));
+        step(&mut rollout, &target, None, &[], at(5));
+        let s = status(&rollout);
+        assert_eq!((s.phase, s.canary_weight), (Some(RolloutPhase::Paused), 10));
+        rollout.metadata.annotations =
+            Some([(ACTION_ANNOTATION.to_owned(), "promote".to_owned())].into());
+        step(&mut rollout, &target, None, &[], at(6));
+        let s = status(&rollout);
+        assert_eq!(
+            (s.stable_version.as_deref(), s.phase),
+            (Some("ctr-v2"), Some(RolloutPhase::Healthy))
+        );
+        assert_eq!(s.last_action.as_deref(), Some("promote"));
+    }
+}

@@ -1,0 +1,311 @@
+//! The serving workloads of a Rollout and its traffic split, pure: one Deployment and Service of
+//! `flywheel-serving serve` per served ModelVersion, and the built-in router (`flywheel-serving route`) behind
+//! the Service named after the Rollout, whose route table (a ConfigMap) carries the weights. Canary first, so
+//! its sticky bucket range only grows.
+
+use std::collections::BTreeMap;
+
+use flywheel_crds::{ModelVersion, Rollout};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::Resource;
+use serde_json::{Value, json};
+use xxhash_rust::xxh3::xxh3_64;
+
+pub const LABEL_ROLLOUT: &str = "flywheel.dev/rollout";
+pub const LABEL_VERSION: &str = "flywheel.dev/model-version";
+pub const LABEL_ROLE: &str = "flywheel.dev/role";
+pub const HTTP_PORT: i32 = 8080;
+pub const GRPC_PORT: i32 = 8081;
+pub const ADMIN_PORT: i32 = 8082;
+const ROUTES_FILE: &str = "routes.json";
+
+/// Settings every serving pod gets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServingSettings {
+    pub image: String,
+    /// The claim the artifacts are on (the trainer's storage), mounted read-only at `storage_path`.
+    pub storage_claim: Option<String>,
+    pub storage_path: String,
+}
+
+/// The served versions and their weights, in bucket order (canary first).
+pub fn split(canary: Option<(&str, u32)>, stable: &str) -> Vec<(String, u32)> {
+    match canary {
+        Some((canary, weight)) if weight >= 100 => vec![(canary.to_owned(), 100)],
+        Some((canary, weight)) if weight > 0 => vec![
+            (canary.to_owned(), weight),
+            (stable.to_owned(), 100 - weight),
+        ],
+        _ => vec![(stable.to_owned(), 100)],
+    }
+}
+
+/// A DNS-label name `<rollout>-<version>`, shortened with a hash when too long.
+pub fn workload_name(rollout: &str, version: &str) -> String {
+    let name = format!("{rollout}-{version}");
+    if name.len() <= 63 {
+        return name;
+    }
+    let hash = format!("{:08x}", xxh3_64(name.as_bytes()) as u32);
+    let keep = 63 - hash.len() - 1;
+    format!("{}-{hash}", name[..keep].trim_end_matches('-'))
+}
+
+/// The router's route table for `split`.
+pub fn route_table(rollout: &str, namespace: &str, split: &[(String, u32)]) -> Value {
+    let backends: Vec<Value> = split
+        .iter()
+        .map(|(version, weight)| {
+            let host = format!("{}.{namespace}.svc", workload_name(rollout, version));
+            json!({
+                "name": version,
+                "http": format!("http://{host}:{HTTP_PORT}"),
+                "grpc": format!("http://{host}:{GRPC_PORT}"),
+                "weight": weight,
+            })
+        })
+        .collect();
+    json!({ "backends": backends })
+}
+
+fn owner(rollout: &Rollout) -> Value {
+    serde_json::to_value(rollout.controller_owner_ref(&()).unwrap_or_default()).unwrap_or_default()
+}
+
+fn storage(settings: &ServingSettings) -> (Value, Value) {
+    match &settings.storage_claim {
+        Some(claim) => (
+            json!([{"name": "storage", "persistentVolumeClaim": {"claimName": claim, "readOnly": true}}]),
+            json!([{"name": "storage", "mountPath": settings.storage_path, "readOnly": true}]),
+        ),
+        None => (json!([]), json!([])),
+    }
+}
+
+fn security() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// The path of a `file://` artifact URI (the serving pods see the same volume as the trainer).
+pub fn artifact_path(uri: &str) -> &str {
+    uri.strip_prefix("file://").unwrap_or(uri)
+}
+
+/// The Deployment serving one ModelVersion.
+pub fn version_deployment(
+    rollout: &Rollout,
+    version: &ModelVersion,
+    settings: &ServingSettings,
+) -> Result<Deployment, serde_json::Error> {
+    let name = rollout.metadata.name.clone().unwrap_or_default();
+    let version_name = version.metadata.name.clone().unwrap_or_default();
+    let labels = json!({LABEL_ROLLOUT: name, LABEL_VERSION: version_name, LABEL_ROLE: "serve"});
+    let image = rollout
+        .spec
+        .serving
+        .image
+        .clone()
+        .unwrap_or_else(|| settings.image.clone());
+    let (volumes, mounts) = storage(settings);
+    let mut container = json!({
+        "name": "serve",
+        "image": image,
+        "args": [
+            "serve",
+            "--model-name", name,
+            "--model-version", version_name,
+            "--model-uri", artifact_path(&version.spec.artifact.uri),
+            "--model-sha256", version.spec.artifact.sha256,
+            "--feature-schema-hash", version.spec.feature_schema_hash,
+            "--max-request-rows", rollout.spec.serving.max_batch_size.to_string(),
+        ],
+        "ports": [
+            {"name": "http", "containerPort": HTTP_PORT},
+            {"name": "grpc", "containerPort": GRPC_PORT},
+            {"name": "admin", "containerPort": ADMIN_PORT},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 2},
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": HTTP_PORT}, "periodSeconds": 10},
+        "securityContext": security(),
+        "volumeMounts": mounts,
+    });
+    if let Some(resources) = &rollout.spec.serving.resources {
+        container["resources"] = serde_json::to_value(resources)?;
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": workload_name(&name, &version_name),
+            "labels": labels,
+            "ownerReferences": [owner(rollout)],
+        },
+        "spec": {
+            "replicas": rollout.spec.serving.replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": ADMIN_PORT.to_string()},
+                },
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }))
+}
+
+/// The Service in front of one version's pods (the router's backend).
+pub fn version_service(rollout: &Rollout, version: &str) -> Result<Service, serde_json::Error> {
+    let name = rollout.metadata.name.clone().unwrap_or_default();
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": workload_name(&name, version),
+            "labels": {LABEL_ROLLOUT: name, LABEL_VERSION: version},
+            "ownerReferences": [owner(rollout)],
+        },
+        "spec": {
+            "selector": {LABEL_ROLLOUT: name, LABEL_VERSION: version, LABEL_ROLE: "serve"},
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT},
+                {"name": "admin", "port": ADMIN_PORT, "targetPort": ADMIN_PORT},
+            ],
+        },
+    }))
+}
+
+pub fn routes_name(rollout: &str) -> String {
+    workload_name(rollout, "routes")
+}
+
+/// The router's route table as a ConfigMap (mounted by the router, which reloads it when it changes).
+pub fn routes_config_map(rollout: &Rollout, table: &Value) -> Result<ConfigMap, serde_json::Error> {
+    let name = rollout.metadata.name.clone().unwrap_or_default();
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": routes_name(&name),
+            "labels": {LABEL_ROLLOUT: name, LABEL_ROLE: "routes"},
+            "ownerReferences": [owner(rollout)],
+        },
+        "data": {ROUTES_FILE: table.to_string()},
+    }))
+}
+
+/// The router Deployment and the Service clients call (named after the Rollout).
+pub fn router(
+    rollout: &Rollout,
+    settings: &ServingSettings,
+) -> Result<(Deployment, Service), serde_json::Error> {
+    let name = rollout.metadata.name.clone().unwrap_or_default();
+    let labels = json!({LABEL_ROLLOUT: name, LABEL_ROLE: "router"});
+    let router = rollout.spec.traffic.router.clone().unwrap_or_default();
+    let image = rollout
+        .spec
+        .serving
+        .image
+        .clone()
+        .unwrap_or_else(|| settings.image.clone());
+    let deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": workload_name(&name, "router"),
+            "labels": labels,
+            "ownerReferences": [owner(rollout)],
+        },
+        "spec": {
+            "replicas": router.replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": ADMIN_PORT.to_string()},
+                },
+                "spec": {
+                    "automountServiceAccountToken": false,
+                    "containers": [{
+                        "name": "route",
+                        "image": image,
+                        "args": ["route", "--config", format!("/etc/flywheel/{ROUTES_FILE}"), "--sticky-header", router.sticky_header],
+                        "ports": [
+                            {"name": "http", "containerPort": HTTP_PORT},
+                            {"name": "admin", "containerPort": ADMIN_PORT},
+                        ],
+                        "securityContext": security(),
+                        "volumeMounts": [{"name": "routes", "mountPath": "/etc/flywheel", "readOnly": true}],
+                    }],
+                    "volumes": [{"name": "routes", "configMap": {"name": routes_name(&name)}}],
+                },
+            },
+        },
+    }))?;
+    let service = serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "labels": {LABEL_ROLLOUT: name},
+            "ownerReferences": [owner(rollout)],
+        },
+        "spec": {
+            "selector": labels,
+            "ports": [
+                {"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": HTTP_PORT},
+            ],
+        },
+    }))?;
+    Ok((deployment, service))
+}
+
+/// Versions and their ModelVersions, for the workloads of `split`.
+pub fn served<'a>(
+    split: &[(String, u32)],
+    versions: &'a BTreeMap<String, ModelVersion>,
+) -> Vec<&'a ModelVersion> {
+    split
+        .iter()
+        .filter_map(|(version, _)| versions.get(version))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_canary_comes_first_and_weights_add_up() {
+        assert_eq!(
+            split(Some(("v2", 5)), "v1"),
+            vec![("v2".into(), 5), ("v1".into(), 95)]
+        );
+        assert_eq!(split(Some(("v2", 0)), "v1"), vec![("v1".into(), 100)]);
+        assert_eq!(split(Some(("v2", 100)), "v1"), vec![("v2".into(), 100)]);
+        assert_eq!(split(None, "v1"), vec![("v1".into(), 100)]);
+        let table = route_table("ctr", "ml", &split(Some(("v2", 20)), "v1"));
+        assert_eq!(table["backends"][0]["http"], "http://ctr-v2.ml.svc:8080");
+        assert_eq!(table["backends"][1]["weight"], 80);
+    }
+
+    #[test]
+    fn long_names_stay_dns_labels() {
+        let name = workload_name(&"r".repeat(40), &"v".repeat(40));
+        assert!(name.len() <= 63, "{name}");
+        assert_ne!(name, workload_name(&"r".repeat(40), &"w".repeat(40)));
+    }
+}
