@@ -127,9 +127,9 @@ pub fn version_deployment(
             "--max-request-rows", rollout.spec.serving.max_batch_size.to_string(),
         ],
         "ports": [
-            {"name": "http", "containerPort": HTTP_PORT},
-            {"name": "grpc", "containerPort": GRPC_PORT},
-            {"name": "admin", "containerPort": ADMIN_PORT},
+            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
         ],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": HTTP_PORT}, "periodSeconds": 2},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": HTTP_PORT}, "periodSeconds": 10},
@@ -179,9 +179,9 @@ pub fn version_service(rollout: &Rollout, version: &str) -> Result<Service, serd
         "spec": {
             "selector": {LABEL_ROLLOUT: name, LABEL_VERSION: version, LABEL_ROLE: "serve"},
             "ports": [
-                {"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},
-                {"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT},
-                {"name": "admin", "port": ADMIN_PORT, "targetPort": ADMIN_PORT},
+                {"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT, "protocol": "TCP"},
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": GRPC_PORT, "protocol": "TCP"},
+                {"name": "admin", "port": ADMIN_PORT, "targetPort": ADMIN_PORT, "protocol": "TCP"},
             ],
         },
     }))
@@ -243,8 +243,8 @@ pub fn router(
                         "image": image,
                         "args": ["route", "--config", format!("/etc/flywheel/{ROUTES_FILE}"), "--sticky-header", router.sticky_header],
                         "ports": [
-                            {"name": "http", "containerPort": HTTP_PORT},
-                            {"name": "admin", "containerPort": ADMIN_PORT},
+                            {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+                            {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
                         ],
                         "securityContext": security(),
                         "volumeMounts": [{"name": "routes", "mountPath": "/etc/flywheel", "readOnly": true}],
@@ -265,8 +265,8 @@ pub fn router(
         "spec": {
             "selector": labels,
             "ports": [
-                {"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},
-                {"name": "grpc", "port": GRPC_PORT, "targetPort": HTTP_PORT},
+                {"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT, "protocol": "TCP"},
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": HTTP_PORT, "protocol": "TCP"},
             ],
         },
     }))?;

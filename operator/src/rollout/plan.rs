@@ -527,6 +527,9 @@ fn decide(b: &mut Builder<'_>) {
             return;
         }
         Some(Action::Promote) => {
+            // A human decided: a halted analysis starts counting afresh.
+            b.status.inconclusive_measurements = 0;
+            b.status.consecutive_errors = 0;
             b.event(
                 false,
                 "Promoted",
