@@ -33,10 +33,13 @@ fn operator(cluster: &TestCluster) -> Result<u16, String> {
         .map_err(Clone::clone)
 }
 
-/// Serving metrics per version, as the test sets them: (online AUC, calibration, labeled samples).
+/// One version's serving metrics: online AUC, calibration, labeled samples.
+type Quality = (f64, f64, f64);
+
+/// Serving metrics per version, as the test sets them.
 #[derive(Clone, Default)]
 struct Exporter {
-    versions: Arc<Mutex<BTreeMap<String, (f64, f64, f64)>>>,
+    versions: Arc<Mutex<BTreeMap<String, Quality>>>,
 }
 
 impl Exporter {
@@ -231,15 +234,26 @@ async fn routes(setup: &Setup) -> Result<BTreeMap<String, u64>, Box<dyn std::err
 
 async fn serving_from(setup: &Setup, version: &str) -> Result<Value, Box<dyn std::error::Error>> {
     // Analysis reads what Prometheus scraped: wait until every version the exporter has is there.
-    let expected = setup.exporter.versions.lock().unwrap_or_else(|e| e.into_inner()).len();
+    let expected = setup
+        .exporter
+        .versions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .len();
     let prometheus = &setup.prometheus;
-    until("Prometheus scraped the exporter", Duration::from_secs(30), || async move {
-        let series = prometheus
-            .query("flywheel_serving_online_window_samples")
-            .await
-            .map_err(|e| e.to_string())?;
-        (series.len() == expected).then_some(()).ok_or(format!("{} series", series.len()))
-    })
+    until(
+        "Prometheus scraped the exporter",
+        Duration::from_secs(30),
+        || async move {
+            let series = prometheus
+                .query("flywheel_serving_online_window_samples")
+                .await
+                .map_err(|e| e.to_string())?;
+            (series.len() == expected)
+                .then_some(())
+                .ok_or(format!("{} series", series.len()))
+        },
+    )
     .await?;
     create(
         &setup.client,
