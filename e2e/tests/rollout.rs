@@ -327,6 +327,62 @@ async fn a_good_canary_walks_1_5_20_100_and_becomes_stable() -> TestResult {
         routes(&setup).await?,
         BTreeMap::from([("ctr-v2".into(), 100)])
     );
+    let versions = api_for(&setup.client, "ModelVersion", &setup.namespace)?;
+    let aliases = until(
+        "production moved to ctr-v2",
+        Duration::from_secs(10),
+        || {
+            let versions = versions.clone();
+            async move {
+                let v1 = versions.get("ctr-v1").await.map_err(|e| e.to_string())?;
+                let v2 = versions.get("ctr-v2").await.map_err(|e| e.to_string())?;
+                let aliases = (
+                    v1.data["status"]["aliases"].clone(),
+                    v2.data["status"]["aliases"].clone(),
+                );
+                (aliases.0.is_null() && aliases.1 == json!(["production"]))
+                    .then_some(aliases.clone())
+                    .ok_or(format!("{aliases:?}"))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(aliases.1, json!(["production"]));
+    // The served version cannot be deleted while the Rollout serves it; the old one can.
+    versions.delete("ctr-v2", &Default::default()).await?;
+    let blocked = until("deletion blocked", Duration::from_secs(10), || {
+        let versions = versions.clone();
+        async move {
+            let v2 = versions.get("ctr-v2").await.map_err(|e| e.to_string())?;
+            let in_use = v2.data["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "InUse"))
+                .cloned()
+                .unwrap_or_default();
+            in_use["message"]
+                .as_str()
+                .filter(|m| m.starts_with("deletion waits"))
+                .map(str::to_owned)
+                .ok_or(in_use.to_string())
+        }
+    })
+    .await?;
+    assert!(blocked.contains("served by ctr (stable)"), "{blocked}");
+    versions.delete("ctr-v1", &Default::default()).await?;
+    until(
+        "the unserved version deleted",
+        Duration::from_secs(10),
+        || {
+            let versions = versions.clone();
+            async move {
+                match versions.get("ctr-v1").await {
+                    Err(_) => Ok(()),
+                    Ok(_) => Err("ctr-v1 still there".to_owned()),
+                }
+            }
+        },
+    )
+    .await?;
     until(
         "the old version scaled down",
         Duration::from_secs(10),

@@ -1,23 +1,30 @@
 //! ModelVersion controller: validates the spec, pins the artifact accepted first so a later edit of it is
 //! refused (the controller-side mirror of the CEL immutability rule), and evaluates the validation gates into
-//! `Validated` or `Rejected`. Aliases and the in-use finalizer come with the Rollout controller.
+//! `Validated` or `Rejected`, and derives from the Rollouts of its namespace which of them serve it: the
+//! `production` (stable) and `canary` aliases with their promotion history, `servedBy`, and the in-use
+//! finalizer that keeps a served version from being deleted.
 
 use std::sync::Arc;
 
 use flywheel_crds::ModelVersion;
+use flywheel_crds::Rollout;
 use flywheel_crds::common::ConditionStatus;
 use flywheel_crds::common::{condition, set_condition};
 use flywheel_crds::modelversion::{
-    AcceptedArtifact, Baseline, ModelVersionPhase, ModelVersionStatus,
+    AcceptedArtifact, Baseline, IN_USE_FINALIZER, ModelVersionPhase, ModelVersionStatus,
+    PromotionRecord,
 };
+use flywheel_crds::rollout::RolloutPhase;
 use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 
-use kube::runtime::reflector::Store;
-use kube::runtime::{Controller, watcher};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 
-use crate::controller::{Context, Error, apply_plan, run_controller_with};
+use crate::controller::{Context, Error, apply_plan, run_controller_with, strip_managed_fields};
 use crate::gates::{self, ResolvedBaseline};
 use crate::plan::{Plan, PlannedEvent, spec_conditions};
 
@@ -27,6 +34,8 @@ pub struct Observed<'a> {
     pub version: &'a ModelVersion,
     /// The other ModelVersions of its namespace (gate baselines).
     pub others: &'a [Arc<ModelVersion>],
+    /// The Rollouts of its namespace (aliases, in-use).
+    pub rollouts: &'a [Arc<Rollout>],
     pub now: Timestamp,
 }
 
@@ -138,6 +147,7 @@ pub fn plan(observed: &Observed<'_>) -> Plan<ModelVersionStatus> {
         status.phase = Some(phase);
         status.gate_results = results;
     }
+    usage(observed, &mut status, &mut events);
     Plan {
         status,
         events,
@@ -146,26 +156,170 @@ pub fn plan(observed: &Observed<'_>) -> Plan<ModelVersionStatus> {
 }
 
 pub const CONDITION_VALIDATED: &str = "Validated";
+pub const CONDITION_IN_USE: &str = "InUse";
+pub const ALIAS_PRODUCTION: &str = "production";
+pub const ALIAS_CANARY: &str = "canary";
+const MAX_HISTORY: usize = 20;
+
+/// Which Rollouts serve this version, as stable (`production`) or as a live canary (`canary`).
+fn usage(observed: &Observed<'_>, status: &mut ModelVersionStatus, events: &mut Vec<PlannedEvent>) {
+    let name = observed
+        .version
+        .metadata
+        .name
+        .as_deref()
+        .unwrap_or_default();
+    let mut served_by = Vec::new();
+    let mut aliases: Vec<(String, String)> = Vec::new();
+    for rollout in observed.rollouts {
+        let Some(rollout_status) = &rollout.status else {
+            continue;
+        };
+        let rollout_name = rollout.metadata.name.clone().unwrap_or_default();
+        if rollout_status.stable_version.as_deref() == Some(name) {
+            served_by.push(format!("{rollout_name} (stable)"));
+            aliases.push((ALIAS_PRODUCTION.to_owned(), rollout_name.clone()));
+        }
+        let canary_live = matches!(
+            rollout_status.phase,
+            Some(RolloutPhase::Progressing | RolloutPhase::Paused)
+        );
+        if canary_live && rollout_status.canary_version.as_deref() == Some(name) {
+            served_by.push(format!("{rollout_name} (canary)"));
+            aliases.push((ALIAS_CANARY.to_owned(), rollout_name));
+        }
+    }
+    let now = Time(observed.now);
+    let new_aliases: Vec<String> = {
+        let mut names: Vec<String> = aliases.iter().map(|(alias, _)| alias.clone()).collect();
+        names.sort();
+        names.dedup();
+        names
+    };
+    for (alias, rollout) in &aliases {
+        if !status.aliases.contains(alias) {
+            status.promotion_history.push(PromotionRecord {
+                alias: alias.clone(),
+                action: "Promoted".to_owned(),
+                rollout: Some(rollout.clone()),
+                time: now.clone(),
+            });
+            if alias == ALIAS_PRODUCTION {
+                events.push(PlannedEvent {
+                    warning: false,
+                    reason: "Promoted",
+                    action: "Alias",
+                    note: format!("{alias} (rollout {rollout})"),
+                });
+            }
+        }
+    }
+    for alias in &status.aliases {
+        if !new_aliases.contains(alias) {
+            status.promotion_history.push(PromotionRecord {
+                alias: alias.clone(),
+                action: "Demoted".to_owned(),
+                rollout: None,
+                time: now.clone(),
+            });
+        }
+    }
+    let excess = status.promotion_history.len().saturating_sub(MAX_HISTORY);
+    status.promotion_history.drain(..excess);
+    status.aliases_summary = (!new_aliases.is_empty()).then(|| new_aliases.join(","));
+    status.aliases = new_aliases;
+    status.served_by = served_by;
+    let deleting = observed.version.metadata.deletion_timestamp.is_some();
+    let generation = observed.version.metadata.generation;
+    if status.served_by.is_empty() {
+        set_condition(
+            &mut status.conditions,
+            condition(
+                CONDITION_IN_USE,
+                ConditionStatus::False,
+                "NotServed",
+                "no Rollout serves this version",
+                generation,
+                observed.now,
+            ),
+        );
+    } else {
+        let message = if deleting {
+            format!(
+                "deletion waits: served by {}; move the Rollout to another version first",
+                status.served_by.join(", ")
+            )
+        } else {
+            format!("served by {}", status.served_by.join(", "))
+        };
+        let was = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_IN_USE)
+            .map(|c| c.message.clone());
+        if deleting && was.as_deref() != Some(message.as_str()) {
+            events.push(PlannedEvent {
+                warning: true,
+                reason: "DeletionBlocked",
+                action: "Delete",
+                note: message.clone(),
+            });
+        }
+        set_condition(
+            &mut status.conditions,
+            condition(
+                CONDITION_IN_USE,
+                ConditionStatus::True,
+                "Served",
+                message,
+                generation,
+                observed.now,
+            ),
+        );
+    }
+}
+
+/// The finalizer's field manager: separate from status, so applying `[]` removes only Flywheel's entry.
+const FINALIZER_MANAGER: &str = "flywheel-operator-finalizer";
 
 pub async fn reconcile(
     version: Arc<ModelVersion>,
     ctx: Arc<Context>,
-    store: &Store<ModelVersion>,
+    stores: &Stores,
 ) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started(KIND);
     let namespace = version.namespace();
-    let others: Vec<Arc<ModelVersion>> = store
+    let others: Vec<Arc<ModelVersion>> = stores
+        .versions
         .state()
         .into_iter()
         .filter(|other| other.namespace() == namespace)
         .collect();
+    let rollouts: Vec<Arc<Rollout>> = stores
+        .rollouts
+        .state()
+        .into_iter()
+        .filter(|rollout| rollout.namespace() == namespace)
+        .collect();
     let plan = plan(&Observed {
         version: &version,
         others: &others,
+        rollouts: &rollouts,
         now: Timestamp::now(),
     });
-    let api = Api::namespaced(ctx.client.clone(), &version.namespace().unwrap_or_default());
-    apply_plan(
+    let in_use = !plan.status.served_by.is_empty();
+    let has_finalizer = version.finalizers().iter().any(|f| f == IN_USE_FINALIZER);
+    let api: Api<ModelVersion> =
+        Api::namespaced(ctx.client.clone(), &namespace.clone().unwrap_or_default());
+    if in_use && !has_finalizer {
+        set_finalizer(&api, &version, true).await?;
+    }
+    if !in_use && has_finalizer && version.metadata.deletion_timestamp.is_some() {
+        // Nothing serves it any more: let the deletion finish (the object, status included, goes away).
+        set_finalizer(&api, &version, false).await?;
+        return Ok(Action::await_change());
+    }
+    let action = apply_plan(
         &ctx,
         &api,
         version.as_ref(),
@@ -173,19 +327,85 @@ pub async fn reconcile(
         version.status.as_ref(),
         plan,
     )
-    .await
+    .await?;
+    if !in_use && has_finalizer {
+        set_finalizer(&api, &version, false).await?;
+    }
+    Ok(action)
+}
+
+async fn set_finalizer(
+    api: &Api<ModelVersion>,
+    version: &ModelVersion,
+    present: bool,
+) -> Result<(), Error> {
+    let finalizers: Vec<&str> = if present {
+        vec![IN_USE_FINALIZER]
+    } else {
+        Vec::new()
+    };
+    let patch = serde_json::json!({
+        "apiVersion": "flywheel.dev/v1alpha1",
+        "kind": "ModelVersion",
+        "metadata": {"name": version.name_any(), "finalizers": finalizers},
+    });
+    api.patch(
+        &version.name_any(),
+        &PatchParams::apply(FINALIZER_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+pub struct Stores {
+    versions: Store<ModelVersion>,
+    rollouts: Store<Rollout>,
 }
 
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
-    // The controller's own cache of every ModelVersion resolves gate baselines without extra requests.
+    // The controller's own cache of every ModelVersion resolves gate baselines; a cache of Rollouts gives
+    // aliases and use, and a Rollout's change re-reconciles the versions it names or served.
     let controller = Controller::new(
         Api::<ModelVersion>::all(ctx.client.clone()),
         watcher::Config::default(),
     );
-    let store = controller.store();
+    let versions = controller.store();
+    let (rollouts, rollouts_writer) = reflector::store();
+    let rollout_events = watcher(
+        Api::<Rollout>::all(ctx.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(strip_managed_fields)
+    .reflect(rollouts_writer)
+    .touched_objects();
+    let mapper_versions = versions.clone();
+    let controller = controller.watches_stream(rollout_events, move |rollout: Rollout| {
+        let namespace = rollout.namespace();
+        let rollout_name = rollout.name_any();
+        let status = rollout.status.clone().unwrap_or_default();
+        mapper_versions
+            .state()
+            .into_iter()
+            .filter(|version| version.namespace() == namespace)
+            .filter(|version| {
+                let name = version.name_any();
+                status.stable_version.as_deref() == Some(name.as_str())
+                    || status.canary_version.as_deref() == Some(name.as_str())
+                    || version.status.as_ref().is_some_and(|s| {
+                        s.served_by
+                            .iter()
+                            .any(|by| by.split(' ').next() == Some(rollout_name.as_str()))
+                    })
+            })
+            .map(|version| ObjectRef::from_obj(version.as_ref()))
+            .collect::<Vec<_>>()
+    });
+    let stores = Arc::new(Stores { versions, rollouts });
     run_controller_with(KIND, controller, ctx, stop, move |version, ctx| {
-        let store = store.clone();
-        async move { reconcile(version, ctx, &store).await }
+        let stores = stores.clone();
+        async move { reconcile(version, ctx, &stores).await }
     })
     .await;
 }
@@ -201,6 +421,7 @@ mod tests {
         let plan = plan(&Observed {
             version: &version,
             others: &[],
+            rollouts: &[],
             now: Timestamp::UNIX_EPOCH,
         });
         let accepted = plan.status.accepted_artifact.clone();
@@ -217,6 +438,7 @@ mod tests {
         let first = plan(&Observed {
             version: &version,
             others: &[],
+            rollouts: &[],
             now: Timestamp::UNIX_EPOCH,
         });
         version.status = Some(first.status);
@@ -226,6 +448,7 @@ mod tests {
         let second = plan(&Observed {
             version: &version,
             others: &[],
+            rollouts: &[],
             now: Timestamp::UNIX_EPOCH,
         });
         assert_eq!(
@@ -244,6 +467,7 @@ mod tests {
         let plan = plan(&Observed {
             version: &version,
             others: &[],
+            rollouts: &[],
             now: Timestamp::UNIX_EPOCH,
         });
         assert!(plan.status.accepted_artifact.is_none());
@@ -253,6 +477,7 @@ mod tests {
         plan(&Observed {
             version,
             others,
+            rollouts: &[],
             now: Timestamp::UNIX_EPOCH,
         })
     }
@@ -336,5 +561,43 @@ mod tests {
         let (status, message, _) = condition(&plan.status.conditions, "Validated");
         assert_eq!(status, "Unknown");
         assert!(message.contains("ctr-v0 not found"), "{message}");
+    }
+
+    #[test]
+    fn the_stable_version_of_a_rollout_holds_production_and_loses_it_when_replaced() {
+        let mut version: ModelVersion = load("modelversion.yaml", 1);
+        version.metadata.name = Some("ctr-v1".into());
+        let mut rollout: Rollout = load("rollout.yaml", 1);
+        rollout.status = Some(flywheel_crds::rollout::RolloutStatus {
+            stable_version: Some("ctr-v1".into()),
+            phase: Some(RolloutPhase::Healthy),
+            ..Default::default()
+        });
+        let rollouts = vec![Arc::new(rollout.clone())];
+        let served = plan(&Observed {
+            version: &version,
+            others: &[],
+            rollouts: &rollouts,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        assert_eq!(served.status.aliases, vec!["production"]);
+        assert_eq!(served.status.served_by, vec!["ctr (stable)"]);
+        assert_eq!(served.status.promotion_history[0].action, "Promoted");
+        assert_eq!(condition(&served.status.conditions, "InUse").0, "True");
+        version.status = Some(served.status);
+        if let Some(status) = rollout.status.as_mut() {
+            status.stable_version = Some("ctr-v2".into());
+        }
+        version.metadata.deletion_timestamp = None;
+        let replaced = plan(&Observed {
+            version: &version,
+            others: &[],
+            rollouts: &[Arc::new(rollout)],
+            now: Timestamp::UNIX_EPOCH,
+        });
+        assert!(replaced.status.aliases.is_empty() && replaced.status.served_by.is_empty());
+        assert_eq!(replaced.status.promotion_history.len(), 2);
+        assert_eq!(replaced.status.promotion_history[1].action, "Demoted");
+        assert_eq!(condition(&replaced.status.conditions, "InUse").0, "False");
     }
 }
