@@ -6,6 +6,7 @@ pub mod fixtures;
 pub mod kubelet;
 pub mod operator;
 pub mod prometheus;
+pub mod rollouts;
 pub mod serving;
 pub mod wait;
 

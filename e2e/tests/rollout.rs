@@ -1,273 +1,39 @@
 //! Rollouts against a real kube-apiserver and a real Prometheus (Debian's) scraping an exporter of the serving
 //! metrics whose values each test sets: progressions, aborts on analysis and on an Alertmanager webhook,
-//! inconclusive analysis, and the route table the router reads.
+//! inconclusive analysis, aliases and the in-use finalizer, and the route table the router reads.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use flywheel_e2e::cluster::TestCluster;
-use flywheel_e2e::fixtures::{api_for, create, example, set};
+use flywheel_e2e::fixtures::api_for;
 use flywheel_e2e::operator::OperatorProcess;
-use flywheel_e2e::prometheus::PrometheusServer;
+use flywheel_e2e::rollouts::{
+    Setup, model_version, rollout_status, routes, serving_from, set_target, wait_status,
+};
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DynamicObject, Patch, PatchParams};
-use kube::{Api, Client};
-use serde_json::{Value, json};
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 static OPERATOR: OnceLock<Result<OperatorProcess, String>> = OnceLock::new();
 
-fn operator(cluster: &TestCluster) -> Result<u16, String> {
-    OPERATOR
+async fn setup(prefix: &str) -> Result<Setup, Box<dyn std::error::Error>> {
+    let cluster = TestCluster::shared()?;
+    let operator_port = OPERATOR
         .get_or_init(|| {
             OperatorProcess::spawn(cluster, "rollout-tests", &["--no-leader-election"])
                 .map_err(|e| e.to_string())
         })
         .as_ref()
         .map(|operator| operator.http_port)
-        .map_err(Clone::clone)
-}
-
-/// One version's serving metrics: online AUC, calibration, labeled samples.
-type Quality = (f64, f64, f64);
-
-/// Serving metrics per version, as the test sets them.
-#[derive(Clone, Default)]
-struct Exporter {
-    versions: Arc<Mutex<BTreeMap<String, Quality>>>,
-}
-
-impl Exporter {
-    async fn start() -> Result<(Exporter, u16), Box<dyn std::error::Error>> {
-        let exporter = Exporter::default();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let port = listener.local_addr()?.port();
-        let serving = exporter.clone();
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let body = serving.render();
-                tokio::spawn(async move {
-                    let mut request = [0u8; 4096];
-                    let _ = stream.read(&mut request).await;
-                    let response = format!(
-                        "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(response.as_bytes()).await;
-                });
-            }
-        });
-        Ok((exporter, port))
-    }
-
-    fn set(&self, version: &str, auc: f64, calibration: f64, samples: f64) {
-        self.versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(version.to_owned(), (auc, calibration, samples));
-    }
-
-    fn render(&self) -> String {
-        let versions = self
-            .versions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut text = String::new();
-        for (version, (auc, calibration, samples)) in versions {
-            let labels = format!("model=\"ctr\",version=\"{version}\"");
-            text += &format!("flywheel_serving_online_auc{{{labels}}} {auc}\n");
-            text += &format!("flywheel_serving_online_calibration{{{labels}}} {calibration}\n");
-            text += &format!("flywheel_serving_online_window_samples{{{labels}}} {samples}\n");
-        }
-        text
-    }
-}
-
-struct Setup {
-    client: Client,
-    namespace: String,
-    exporter: Exporter,
-    operator_port: u16,
-    prometheus: PrometheusServer,
-    prometheus_port: u16,
-}
-
-async fn setup(prefix: &str) -> Result<Setup, Box<dyn std::error::Error>> {
-    let cluster = TestCluster::shared()?;
-    let operator_port = operator(cluster)?;
-    let client = cluster.client().await?;
-    let namespace = cluster.namespace(&client, prefix).await?;
-    let (exporter, exporter_port) = Exporter::start().await?;
-    let prometheus = PrometheusServer::start(&[("serving", exporter_port)]).await?;
-    let prometheus_port = prometheus.port;
-    Ok(Setup {
-        client,
-        namespace,
-        exporter,
-        operator_port,
-        prometheus,
-        prometheus_port,
-    })
-}
-
-async fn model_version(setup: &Setup, name: &str) -> TestResult {
-    let mut version = example("modelversion.yaml")?;
-    set(&mut version, "/metadata/name", json!(name));
-    create(&setup.client, &setup.namespace, &version).await??;
-    let api = api_for(&setup.client, "ModelVersion", &setup.namespace)?;
-    until(
-        &format!("{name} validated"),
-        Duration::from_secs(30),
-        || {
-            let api = api.clone();
-            async move {
-                let object = api.get(name).await.map_err(|e| e.to_string())?;
-                let phase = object.data["status"]["phase"].clone();
-                (phase == "Validated")
-                    .then_some(())
-                    .ok_or(phase.to_string())
-            }
-        },
-    )
-    .await?;
-    Ok(())
-}
-
-/// The Rollout `ctr` of `version`, analysed every second by Prometheus, aborting on the calibration alert.
-fn rollout_manifest(setup: &Setup, version: &str, min_samples: u64) -> Value {
-    json!({
-        "apiVersion": "flywheel.dev/v1alpha1",
-        "kind": "Rollout",
-        "metadata": {"name": "ctr"},
-        "spec": {
-            "modelVersion": version,
-            "serving": {"replicas": 1},
-            "analysis": {
-                "prometheus": format!("http://127.0.0.1:{}", setup.prometheus_port),
-                "interval": "1s",
-                "count": 2,
-                "minSamples": min_samples,
-                "failureLimit": 0,
-                "inconclusiveLimit": 2,
-                "metrics": [
-                    {"name": "auc-drop", "builtin": "aucDrop", "max": 0.005},
-                    {"name": "calibration", "builtin": "calibrationDeviation", "max": 0.1},
-                ],
-            },
-            "alerts": ["FlywheelCalibrationDeviation"],
-        },
-    })
-}
-
-async fn rollout_status(setup: &Setup) -> Result<Value, Box<dyn std::error::Error>> {
-    let api = api_for(&setup.client, "Rollout", &setup.namespace)?;
-    let object: DynamicObject = api.get("ctr").await?;
-    Ok(object.data.get("status").cloned().unwrap_or_default())
-}
-
-async fn wait_status(
-    setup: &Setup,
-    what: &str,
-    limit: Duration,
-    check: impl Fn(&Value) -> bool,
-) -> Result<Value, Box<dyn std::error::Error>> {
-    let api = api_for(&setup.client, "Rollout", &setup.namespace)?;
-    let check = &check;
-    Ok(until(what, limit, || {
-        let api = api.clone();
-        async move {
-            let object = api.get("ctr").await.map_err(|e| e.to_string())?;
-            let status = object.data.get("status").cloned().unwrap_or_default();
-            if check(&status) {
-                Ok(status)
-            } else {
-                Err(status.to_string())
-            }
-        }
-    })
-    .await?)
-}
-
-async fn set_target(setup: &Setup, version: &str) -> TestResult {
-    let api = api_for(&setup.client, "Rollout", &setup.namespace)?;
-    api.patch(
-        "ctr",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"modelVersion": version}})),
-    )
-    .await?;
-    Ok(())
-}
-
-/// The weights of the router's route table, by version.
-async fn routes(setup: &Setup) -> Result<BTreeMap<String, u64>, Box<dyn std::error::Error>> {
-    let maps: Api<ConfigMap> = Api::namespaced(setup.client.clone(), &setup.namespace);
-    let map = maps.get("ctr-routes").await?;
-    let text = map
-        .data
-        .unwrap_or_default()
-        .get("routes.json")
-        .cloned()
-        .unwrap_or_default();
-    let table: Value = serde_json::from_str(&text)?;
-    Ok(table["backends"]
-        .as_array()
-        .map(|backends| {
-            backends
-                .iter()
-                .map(|b| {
-                    (
-                        b["name"].as_str().unwrap_or_default().to_owned(),
-                        b["weight"].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default())
-}
-
-async fn serving_from(setup: &Setup, version: &str) -> Result<Value, Box<dyn std::error::Error>> {
-    // Analysis reads what Prometheus scraped: wait until every version the exporter has is there.
-    let expected = setup
-        .exporter
-        .versions
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .len();
-    let prometheus = &setup.prometheus;
-    until(
-        "Prometheus scraped the exporter",
-        Duration::from_secs(30),
-        || async move {
-            let series = prometheus
-                .query("flywheel_serving_online_window_samples")
-                .await
-                .map_err(|e| e.to_string())?;
-            (series.len() == expected)
-                .then_some(())
-                .ok_or(format!("{} series", series.len()))
-        },
-    )
-    .await?;
-    create(
-        &setup.client,
-        &setup.namespace,
-        &rollout_manifest(setup, version, 1000),
-    )
-    .await??;
-    wait_status(
-        setup,
-        &format!("{version} stable"),
-        Duration::from_secs(30),
-        |s| s["stableVersion"] == version && s["phase"] == "Healthy",
-    )
-    .await
+        .map_err(Clone::clone)?;
+    Setup::start(cluster, prefix, operator_port).await
 }
 
 #[tokio::test]
