@@ -90,6 +90,33 @@ impl OperatorProcess {
         self.child.wait()
     }
 
+    /// Reconciles run so far, all kinds (from its /metrics).
+    pub async fn reconciliations(&self) -> std::io::Result<u64> {
+        let (_, body) = self.get("/metrics").await?;
+        Ok(body
+            .lines()
+            .filter(|line| line.starts_with("flywheel_operator_reconciliations_total"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum())
+    }
+
+    /// A memory figure of the process from /proc (`VmRSS`, `VmHWM`), in KiB.
+    pub fn memory_kib(&self, field: &str) -> std::io::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(field)?
+                    .trim_start_matches(':')
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .ok_or_else(|| std::io::Error::other(format!("no {field} in /proc status")))
+    }
+
     /// GET of a path on the metrics/probe port: (status code, body).
     pub async fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
         http_get(self.http_port, path).await

@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     // Let the operator start and settle before the clock starts.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let reconciles_before = reconciliations(&operator).await?;
+    let reconciles_before = operator.reconciliations().await?;
 
     let api: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
     let started = Instant::now();
@@ -78,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut peak_rss = 0;
     let settled = loop {
-        peak_rss = peak_rss.max(rss_kib(operator.pid(), "VmRSS")?);
+        peak_rss = peak_rss.max(operator.memory_kib("VmRSS")?);
         match correct(&api, gpus, started).await? {
             Ok(elapsed) => break elapsed,
             Err(first_wrong) if started.elapsed() > DEADLINE => {
@@ -88,8 +88,8 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    let reconciles = reconciliations(&operator).await? - reconciles_before;
-    let high_water = rss_kib(operator.pid(), "VmHWM")?;
+    let reconciles = operator.reconciliations().await? - reconciles_before;
+    let high_water = operator.memory_kib("VmHWM")?;
     println!();
     println!(
         "| jobs | GPUs in quota | applied in | all admitted/queued correctly after | reconciles | reconciles/s | operator RSS (peak) |"
@@ -179,28 +179,4 @@ async fn correct(
         }
     }
     Ok(Ok(started.elapsed()))
-}
-
-async fn reconciliations(operator: &OperatorProcess) -> anyhow::Result<u64> {
-    let (_, body) = operator.get("/metrics").await?;
-    Ok(body
-        .lines()
-        .filter(|line| line.starts_with("flywheel_operator_reconciliations_total"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum())
-}
-
-fn rss_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(field)?
-                .trim_start_matches(':')
-                .trim()
-                .strip_suffix(" kB")?
-                .parse()
-                .ok()
-        })
-        .context("no memory figure in /proc/<pid>/status")
 }
