@@ -36,6 +36,14 @@ pub struct QuotaLabels {
     pub resource: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutVersionLabels {
+    pub namespace: String,
+    pub rollout: String,
+    pub version: String,
+    pub role: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     reconciliations: Family<KindLabels, Counter>,
@@ -47,6 +55,7 @@ pub struct Metrics {
     admission_wait: Histogram,
     gang_restarts: Counter,
     rollout_aborts: Counter,
+    rollout_versions: Family<RolloutVersionLabels, Gauge>,
     quota_used: Family<QuotaLabels, Gauge>,
     quota_limit: Family<QuotaLabels, Gauge>,
 }
@@ -110,6 +119,12 @@ impl Metrics {
             "Canaries aborted and rolled back (analysis failure, alert, or by hand)",
             rollout_aborts.clone(),
         );
+        let rollout_versions = Family::<RolloutVersionLabels, Gauge>::default();
+        registry.register(
+            "rollout_version",
+            "1 for each version a Rollout serves, by role (stable, canary): joins serving metrics to roles",
+            rollout_versions.clone(),
+        );
         let gang_restarts = Counter::default();
         registry.register(
             "training_job_gang_restarts",
@@ -139,6 +154,7 @@ impl Metrics {
             admission_wait,
             gang_restarts,
             rollout_aborts,
+            rollout_versions,
             quota_used,
             quota_limit,
         }
@@ -188,6 +204,34 @@ impl Metrics {
 
     pub fn job_admitted(&self, waited: std::time::Duration) {
         self.admission_wait.observe(waited.as_secs_f64());
+    }
+
+    /// Publishes which versions a Rollout serves in which role, replacing what it published before.
+    pub fn set_rollout_versions(
+        &self,
+        namespace: &str,
+        rollout: &str,
+        before: [(Option<&str>, &'static str); 2],
+        after: [(Option<&str>, &'static str); 2],
+    ) {
+        let labels = |version: &str, role| RolloutVersionLabels {
+            namespace: namespace.to_owned(),
+            rollout: rollout.to_owned(),
+            version: version.to_owned(),
+            role,
+        };
+        for (version, role) in before {
+            if let Some(version) = version {
+                self.rollout_versions.remove(&labels(version, role));
+            }
+        }
+        for (version, role) in after {
+            if let Some(version) = version {
+                self.rollout_versions
+                    .get_or_create(&labels(version, role))
+                    .set(1);
+            }
+        }
     }
 
     pub fn rollout_aborted(&self) {

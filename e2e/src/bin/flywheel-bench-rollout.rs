@@ -79,6 +79,28 @@ async fn restart_progression(setup: &Setup, round: usize) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Polls Prometheus every 5 ms until the canary's online AUC is `value`; the moment it was seen.
+async fn until_scraped(setup: &Setup, value: f64) -> anyhow::Result<Instant> {
+    let since = Instant::now();
+    loop {
+        let series = setup
+            .prometheus
+            .query("flywheel_serving_online_auc{version=\"ctr-v2\"}")
+            .await?;
+        let seen = series
+            .first()
+            .and_then(|s| s["value"][1].as_str())
+            .and_then(|v| v.parse::<f64>().ok());
+        if seen == Some(value) {
+            return Ok(Instant::now());
+        }
+        if since.elapsed() > Duration::from_secs(30) {
+            bail!("Prometheus never saw {value}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn summary(samples: &mut [Duration]) -> String {
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -131,24 +153,12 @@ async fn main() -> anyhow::Result<()> {
     let mut by_change = Vec::new();
     for round in 0..ROUNDS {
         setup.exporter.set("ctr-v2", 0.80, 1.0, 5_000.0);
+        until_scraped(&setup, 0.80).await?;
         restart_progression(&setup, ROUNDS + round).await?;
         let changed = Instant::now();
         setup.exporter.set("ctr-v2", 0.78, 1.0, 5_000.0);
         // The failing sample is in Prometheus from the first query that sees it.
-        let scraped = loop {
-            let series = setup
-                .prometheus
-                .query("flywheel_serving_online_auc{version=\"ctr-v2\"}")
-                .await?;
-            let value = series
-                .first()
-                .and_then(|s| s["value"][1].as_str())
-                .and_then(|v| v.parse::<f64>().ok());
-            if value == Some(0.78) {
-                break Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+        let scraped = until_scraped(&setup, 0.78).await?;
         let rolled_back = until_rolled_back(&setup, scraped).await?;
         by_sample.push(rolled_back);
         by_change.push(changed.elapsed());

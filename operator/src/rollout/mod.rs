@@ -186,6 +186,27 @@ pub async fn reconcile(
             remove_unserved(&ctx, &namespace, &name, &served).await?;
         }
     }
+    let roles = |status: &RolloutStatus| {
+        let canary = status
+            .canary_version
+            .clone()
+            .filter(|_| canary_live(status));
+        (status.stable_version.clone(), canary)
+    };
+    let (stable_before, canary_before) = roles(&status);
+    let (stable_after, canary_after) = roles(&planned.plan.status);
+    ctx.metrics.set_rollout_versions(
+        &namespace,
+        &name,
+        [
+            (stable_before.as_deref(), "stable"),
+            (canary_before.as_deref(), "canary"),
+        ],
+        [
+            (stable_after.as_deref(), "stable"),
+            (canary_after.as_deref(), "canary"),
+        ],
+    );
     if let Some(reason) = &planned.aborted {
         ctx.metrics.rollout_aborted();
         warn!(namespace, name, reason, "canary aborted");
@@ -366,11 +387,14 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
                 .state()
                 .into_iter()
                 .filter(|rollout| rollout.namespace() == namespace)
+                // Only Rollouts waiting for this version (to be Validated, or to exist) care about its
+                // changes; the versions they already serve change status with every Rollout that serves
+                // them, and mapping those would re-reconcile every Rollout on each.
                 .filter(|rollout| {
                     let status = rollout.status.clone().unwrap_or_default();
                     rollout.spec.model_version == name
-                        || status.stable_version.as_deref() == Some(name.as_str())
-                        || status.canary_version.as_deref() == Some(name.as_str())
+                        && status.stable_version.as_deref() != Some(name.as_str())
+                        && status.canary_version.as_deref() != Some(name.as_str())
                 })
                 .map(|rollout| ObjectRef::from_obj(rollout.as_ref()))
                 .collect::<Vec<_>>()
