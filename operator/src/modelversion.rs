@@ -366,11 +366,16 @@ pub struct Stores {
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     // The controller's own cache of every ModelVersion resolves gate baselines; a cache of Rollouts gives
     // aliases and use, and a Rollout's change re-reconciles the versions it names or served.
-    let controller = Controller::new(
+    let (versions, versions_writer) = reflector::store();
+    let version_events = watcher(
         Api::<ModelVersion>::all(ctx.client.clone()),
         watcher::Config::default(),
-    );
-    let versions = controller.store();
+    )
+    .default_backoff()
+    .modify(strip_managed_fields)
+    .reflect(versions_writer)
+    .applied_objects();
+    let controller = Controller::for_stream(version_events, versions.clone());
     let (rollouts, rollouts_writer) = reflector::store();
     let rollout_events = watcher(
         Api::<Rollout>::all(ctx.client.clone()),

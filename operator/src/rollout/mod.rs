@@ -370,8 +370,14 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
     .modify(strip_managed_fields)
     .reflect(versions_writer)
     .touched_objects();
-    let controller = Controller::new(Api::<Rollout>::all(client), watcher::Config::default());
-    let rollouts = controller.store();
+    // Cached without managedFields: with server-side apply they are most of an object's size.
+    let (rollouts, rollouts_writer) = reflector::store();
+    let rollout_events = watcher(Api::<Rollout>::all(client), watcher::Config::default())
+        .default_backoff()
+        .modify(strip_managed_fields)
+        .reflect(rollouts_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(rollout_events, rollouts.clone());
     let wakeups = ctx.alerts.take_wakeups();
     let woken = futures::stream::unfold(wakeups, |receiver| async move {
         let mut receiver = receiver?;
