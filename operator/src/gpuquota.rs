@@ -250,6 +250,7 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
                 .map(|quota| ObjectRef::from_obj(quota.as_ref()))
                 .collect::<Vec<_>>()
         })
+        .with_config(crate::controller::controller_config())
         .graceful_shutdown_on(stop)
         .run(
             move |quota, ctx| {

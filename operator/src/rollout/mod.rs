@@ -406,6 +406,7 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
                 .collect::<Vec<_>>()
         })
         .reconcile_on(woken)
+        .with_config(crate::controller::controller_config())
         .graceful_shutdown_on(stop)
         .run(
             move |rollout, ctx| reconcile(rollout, ctx, versions.clone()),

@@ -303,6 +303,7 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
         .watches_stream(quota_events, move |quota: GPUQuota| {
             jobs_of_quota(&mapper_jobs, &quota)
         })
+        .with_config(crate::controller::controller_config())
         .graceful_shutdown_on(stop)
         .run(
             move |job, ctx| reconcile(job, ctx, stores.clone()),
