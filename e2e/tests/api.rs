@@ -271,6 +271,28 @@ async fn canary_weights_not_increasing_get_invalid_spec() -> TestResult {
 }
 
 #[tokio::test]
+async fn an_analysis_metric_with_builtin_and_query_gets_invalid_spec() -> TestResult {
+    let mut rollout = example("rollout.yaml")?;
+    set(
+        &mut rollout,
+        "/spec/analysis/metrics/1",
+        json!({"name": "calibration", "builtin": "calibrationDeviation", "query": "vector(1)", "max": 0.1}),
+    );
+    assert_invalid_spec(rollout, "spec.analysis.metrics[1]").await
+}
+
+#[tokio::test]
+async fn a_pause_with_a_bad_duration_is_refused_by_the_schema() -> TestResult {
+    let mut rollout = example("rollout.yaml")?;
+    set(
+        &mut rollout,
+        "/spec/strategy/canary/steps/1",
+        json!({"pause": {"duration": "ten minutes"}}),
+    );
+    assert_refused(rollout, "duration").await
+}
+
+#[tokio::test]
 async fn logistic_with_hidden_layers_gets_invalid_spec() -> TestResult {
     let mut job = example("trainingjob-ps.yaml")?;
     set(&mut job, "/spec/model/architecture", json!("logistic"));
