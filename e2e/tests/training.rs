@@ -220,6 +220,26 @@ fn phase(job: &TrainingJob) -> Option<TrainingPhase> {
     job.status.as_ref().and_then(|s| s.phase)
 }
 
+/// The job's pods once at least `count` exist (status is written before the pods are created).
+async fn gang_of(
+    client: &Client,
+    namespace: &str,
+    job: &str,
+    count: usize,
+) -> Result<Vec<Pod>, flywheel_e2e::wait::Timeout> {
+    until(&format!("{job}'s {count} pods"), SETTLE, || async {
+        let pods = pods_of(client, namespace, job)
+            .await
+            .map_err(|e| e.to_string())?;
+        if pods.len() >= count {
+            Ok(pods)
+        } else {
+            Err(format!("{} pods", pods.len()))
+        }
+    })
+    .await
+}
+
 async fn pods_of(client: &Client, namespace: &str, job: &str) -> Result<Vec<Pod>, kube::Error> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     Ok(pods
@@ -276,7 +296,7 @@ async fn a_parameter_server_gang_trains_for_real_and_leaves_a_model_version() ->
             .collect::<Vec<_>>(),
         [("worker", 2), ("server", 2)]
     );
-    let pods = pods_of(&s.client, &s.namespace, "ps-train").await?;
+    let pods = gang_of(&s.client, &s.namespace, "ps-train", 4).await?;
     assert_eq!(
         pods.len(),
         4,
@@ -847,7 +867,7 @@ async fn a_higher_priority_job_preempts_when_the_quota_allows_it() -> TestResult
         SETTLE,
     )
     .await?;
-    let victim_pods = pods_of(&s.client, &s.namespace, "low-b").await?.len();
+    let victim_pods = gang_of(&s.client, &s.namespace, "low-b", 2).await?.len();
     assert_eq!(victim_pods, 2);
     create_job(
         &s.client,
