@@ -36,13 +36,18 @@ fn scores_of(answer: &Value) -> Vec<f64> {
         .unwrap_or_default()
 }
 
-fn model_flags(version: &str, artifact: &Path) -> Vec<String> {
-    vec![
-        "--model-version".into(),
-        version.into(),
-        "--model-uri".into(),
-        artifact.display().to_string(),
-    ]
+/// `flywheel-serving serve` of `artifact` as model version `version`, with `extra` flags.
+async fn serve_model(
+    dir: &Path,
+    name: &str,
+    version: &str,
+    artifact: &Path,
+    extra: &[&str],
+) -> Result<Server, flywheel_e2e::serving::ServingError> {
+    let uri = artifact.display().to_string();
+    let mut flags = vec!["--model-version", version, "--model-uri", &uri];
+    flags.extend_from_slice(extra);
+    Server::start(dir, name, &flags).await
 }
 
 /// A gRPC request of `rows` with typed contents (`raw` = false) or raw little-endian bytes (Triton's form).
@@ -146,9 +151,7 @@ async fn online_scores_equal_the_trainers_offline_scores_over_rest_and_grpc() ->
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
     let offline = offline_scores(&artifact, &data.dir)?;
     assert_eq!(offline.len(), data.eval.len());
-    let flags = model_flags("v1", &artifact);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = Server::start(&dir, "serve", &flags).await?;
+    let server = serve_model(&dir, "serve", "v1", &artifact, &[]).await?;
     let client = HttpClient::default();
     let (code, ready) = client
         .send("GET", server.http, "/v2/health/ready", None, &[])
@@ -237,9 +240,7 @@ async fn the_off_the_shelf_triton_client_scores_like_the_trainer() -> TestResult
     let data = dataset(&dir.join("data"), 2_000, 19)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
     let offline = offline_scores(&artifact, &data.dir)?;
-    let flags = model_flags("v1", &artifact);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = Server::start(&dir, "serve", &flags).await?;
+    let server = serve_model(&dir, "serve", "v1", &artifact, &[]).await?;
     let rows: Vec<Value> = data.eval[..20]
         .iter()
         .map(|r| {
@@ -311,9 +312,12 @@ async fn entity_features_come_from_the_online_store_when_the_request_lacks_them(
             row.gender,
         ])?;
     }
-    let mut flags = model_flags("v1", &artifact);
-    flags.extend(
-        [
+    let server = serve_model(
+        &dir,
+        "serve",
+        "v1",
+        &artifact,
+        &[
             "--online-store",
             &format!("redis://127.0.0.1:{}", redis.port),
             "--online-entity",
@@ -322,11 +326,9 @@ async fn entity_features_come_from_the_online_store_when_the_request_lacks_them(
             "age,gender",
             "--online-key-prefix",
             "user:",
-        ]
-        .map(String::from),
-    );
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = Server::start(&dir, "serve", &flags).await?;
+        ],
+    )
+    .await?;
     let client = HttpClient::default();
     let without_entity_features = |rows: &[flywheel_ml::synthetic::Impression]| {
         let mut body = rest_body(None, rows);
@@ -422,10 +424,14 @@ async fn bad_input_gets_invalid_argument_naming_the_input_and_nothing_breaks() -
     let dir = temp_dir("bad-input");
     let data = dataset(&dir.join("data"), 2_000, 3)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
-    let mut flags = model_flags("v1", &artifact);
-    flags.extend(["--max-request-rows", "64", "--max-body-bytes", "65536"].map(String::from));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = Server::start(&dir, "serve", &flags).await?;
+    let server = serve_model(
+        &dir,
+        "serve",
+        "v1",
+        &artifact,
+        &["--max-request-rows", "64", "--max-body-bytes", "65536"],
+    )
+    .await?;
     let client = HttpClient::default();
     let good = rest_body(None, &data.eval[..2]);
     let cases: Vec<(&str, Value, &str)> = vec![
@@ -777,9 +783,7 @@ async fn labels_fed_back_give_the_online_auc_and_calibration_of_the_ml_core() ->
     let dir = temp_dir("feedback");
     let data = dataset(&dir.join("data"), 3_000, 11)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
-    let flags = model_flags("v1", &artifact);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = Server::start(&dir, "serve", &flags).await?;
+    let server = serve_model(&dir, "serve", "v1", &artifact, &[]).await?;
     let client = HttpClient::default();
     let rows = &data.eval[..400];
     let mut scores = Vec::new();
@@ -900,9 +904,12 @@ async fn predictions_are_logged_to_kafka_and_clicks_come_back_from_a_topic() -> 
     broker.create_topic("clicks")?;
     let data = dataset(&dir.join("data"), 2_000, 13)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
-    let mut flags = model_flags("v1", &artifact);
-    flags.extend(
-        [
+    let server = serve_model(
+        &dir,
+        "serve",
+        "v1",
+        &artifact,
+        &[
             "--kafka-brokers",
             &broker.address,
             "--prediction-log-topic",
@@ -911,11 +918,9 @@ async fn predictions_are_logged_to_kafka_and_clicks_come_back_from_a_topic() -> 
             "clicks",
             "--clicks-offset-reset",
             "earliest",
-        ]
-        .map(String::from),
-    );
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let server = Server::start(&dir, "serve", &flags).await?;
+        ],
+    )
+    .await?;
     let client = HttpClient::default();
     let mut answered = std::collections::BTreeMap::new();
     for (i, row) in data.eval[..20].iter().enumerate() {
@@ -1049,12 +1054,8 @@ async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_w
     let data = dataset(&dir.join("data"), 2_000, 17)?;
     let artifact = train(&data.dir, &dir.join("model"), 1)?;
     let start = |version: &'static str| {
-        let flags = model_flags(version, &artifact);
-        let dir = dir.clone();
-        async move {
-            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-            Server::start(&dir, &format!("serve-{version}"), &flags).await
-        }
+        let (dir, artifact) = (dir.clone(), artifact.clone());
+        async move { serve_model(&dir, &format!("serve-{version}"), version, &artifact, &[]).await }
     };
     let stable = start("v1").await?;
     let canary = start("v2").await?;
