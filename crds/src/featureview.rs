@@ -300,6 +300,15 @@ pub struct DriftPolicy {
     pub ks_threshold: f64,
 }
 
+impl Default for DriftPolicy {
+    fn default() -> Self {
+        DriftPolicy {
+            psi_threshold: default_psi_threshold(),
+            ks_threshold: default_ks_threshold(),
+        }
+    }
+}
+
 fn default_psi_threshold() -> f64 {
     0.25
 }
@@ -337,13 +346,49 @@ pub struct FeatureViewStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MaterializationRun {
+    /// When the run finished.
     pub time: Time,
+    /// Source events in the run's window.
     pub rows: i64,
+    /// Entities written to the online store.
+    #[serde(default)]
+    pub entities_written: i64,
     pub duration_seconds: f64,
+    /// Newest event time materialized (RFC 3339, µs): the next run reads events after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window_start: Option<Time>,
+    pub watermark: Option<String>,
+    /// The Job that ran it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window_end: Option<Time>,
+    pub job: Option<String>,
+}
+
+/// What a materialization run reports in its container's termination message: the contract between
+/// `flywheel-trainer materialize` and the FeatureView controller.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MaterializationReport {
+    pub rows: i64,
+    pub entities_written: i64,
+    /// Entities not written because their newest value is already older than the TTL.
+    pub expired: i64,
+    /// Offline partitions (re)written.
+    pub partitions: Vec<String>,
+    /// Newest event time materialized (RFC 3339, µs); absent when the source had nothing new.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watermark: Option<String>,
+    pub duration_seconds: f64,
+    pub schema_hash: String,
+    /// Statistics of the drift baseline.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statistics: Vec<FeatureStatistics>,
+    /// Drift of this run's rows against the baseline (empty on the run that made the baseline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drift: Vec<FeatureDrift>,
+    /// Whether this run's rows became the baseline.
+    pub baseline_created: bool,
+    /// Whether statistics or drift were cut to fit the termination message (4 KiB).
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -371,7 +416,67 @@ pub struct FeatureDrift {
     pub drifted: bool,
 }
 
+impl Feature {
+    /// The type the feature yields, when its transform or aggregation fixes it: categorical transforms and
+    /// counts yield integers, numeric transforms and sums, means, minima and maxima yield floats.
+    pub fn yields(&self) -> Option<FeatureValueType> {
+        if let Some(transform) = &self.transform {
+            return Some(match transform {
+                Transform::HashBucket(_) | Transform::Bucketize(_) | Transform::Cross(_) => {
+                    FeatureValueType::Int64
+                }
+                Transform::Log1p(_) | Transform::Standardize(_) => FeatureValueType::Float64,
+            });
+        }
+        self.aggregation
+            .as_ref()
+            .map(|aggregation| match aggregation.function {
+                AggregationFunction::Count | AggregationFunction::DistinctCount => {
+                    FeatureValueType::Int64
+                }
+                AggregationFunction::Sum
+                | AggregationFunction::Mean
+                | AggregationFunction::Min
+                | AggregationFunction::Max => FeatureValueType::Float64,
+            })
+    }
+
+    /// Why `valueType` cannot hold what the feature yields, if it cannot.
+    fn type_mismatch(&self) -> Option<String> {
+        match self.yields() {
+            Some(yields) if yields != self.value_type => Some(format!(
+                "is {:?} but the feature yields {yields:?}",
+                self.value_type
+            )),
+            Some(_) => None,
+            None => matches!(
+                self.value_type,
+                FeatureValueType::Int64List
+                    | FeatureValueType::Float64List
+                    | FeatureValueType::StringList
+            )
+            .then(|| {
+                format!(
+                    "{:?} features are not materialized yet; use a scalar type",
+                    self.value_type
+                )
+            }),
+        }
+    }
+}
+
 impl FeatureViewSpec {
+    /// SHA-256 (hex) of the view's schema: its entities and features (names, types, columns, transforms and
+    /// aggregations) as canonical JSON. It changes exactly when what a model reads from the view changes.
+    pub fn schema_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let canonical = serde_json::to_vec(&(&self.entities, &self.features)).unwrap_or_default();
+        Sha256::digest(&canonical)
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
+
     /// The rules OpenAPI cannot express on a 1.20 server (each mirrors a CEL rule or a cross-field check).
     pub fn validate(&self) -> Result<(), SpecViolations> {
         let mut violations = SpecViolations::default();
@@ -430,6 +535,9 @@ impl FeatureViewSpec {
             if let Some(aggregation) = &feature.aggregation {
                 violations
                     .check_duration(&format!("{field}.aggregation.window"), &aggregation.window);
+            }
+            if let Some(message) = feature.type_mismatch() {
+                violations.push(format!("{field}.valueType"), message);
             }
         }
         if self.source.batch.is_none() && self.source.stream.is_none() {

@@ -140,7 +140,7 @@ pub fn ks(first: &[f64], second: &[f64]) -> Option<f64> {
 }
 
 /// The `q`-quantile of sorted data with linear interpolation (numpy's default).
-fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+pub fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
     let position = q * (sorted.len() - 1) as f64;
     let lower = position.floor() as usize;
     let upper = position.ceil() as usize;

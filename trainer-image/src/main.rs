@@ -5,7 +5,8 @@
 //!   worker (`--ps`), or as a rank of a synchronous data-parallel gang (`--data-parallel`);
 //! - `ps`: serves one parameter-server shard;
 //! - `encode`: writes a data set's model inputs after the transforms (for reference implementations);
-//! - `movielens`: converts MovieLens-100k into a CTR data set.
+//! - `movielens`: converts MovieLens-100k into a CTR data set;
+//! - `materialize`, `build-dataset`, `generate-events`: a FeatureView's batch side (see `featurestore`).
 //!
 //! Progress goes to stdout as JSON lines, and with `--status-listen` the chief also serves its latest progress
 //! at `GET /progress` for the operator to poll; the final result also goes to the termination-message file
@@ -13,6 +14,7 @@
 
 mod collective;
 mod dataset;
+mod featurestore;
 mod movielens;
 mod ps;
 mod status;
@@ -97,6 +99,14 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Materialize a FeatureView: source events → offline feature table (Parquet, by date) + online store
+    /// (Redis), statistics and drift; the report is the termination message.
+    Materialize(Box<featurestore::MaterializeArgs>),
+    /// Build a training set: point-in-time correct features for labeled events, or sample joining of
+    /// impressions, clicks and conversions.
+    BuildDataset(Box<featurestore::BuildDatasetArgs>),
+    /// Write synthetic feature events (`events.parquet`) and labeled events (`labels.parquet`).
+    GenerateEvents(featurestore::GenerateEventsArgs),
     /// Write the model inputs of a Parquet data set after the schema's transforms (`c<i>`, `x<j>`, `label`,
     /// `group`), so a reference implementation outside Flywheel trains on exactly the same features.
     Encode {
@@ -255,6 +265,9 @@ fn main() -> std::process::ExitCode {
             out,
         } => generate_command(rows, seed, users, items, buckets, eval_fraction, &out),
         Command::Train(args) => train(&args),
+        Command::Materialize(args) => featurestore::materialize(&args),
+        Command::BuildDataset(args) => featurestore::build_dataset(&args),
+        Command::GenerateEvents(args) => featurestore::generate_events(&args),
         Command::Ps(args) => ps_command(&args),
         Command::Movielens { from, out } => movielens::convert(&from, &out).map_err(Into::into).map(
             |(train_rows, eval_rows, click_rate)| {

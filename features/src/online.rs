@@ -1,0 +1,106 @@
+//! The online store layout in Redis, shared by batch materialization and streaming ingestion:
+//!
+//! - an entity's features are the hash `<prefix><entity key>`: one field per feature holding its value as text
+//!   (null values are absent fields), which is what `flywheel-serving` reads, plus [`AS_OF_FIELD`], the time the
+//!   values hold at;
+//! - the hash expires at its newest event's time plus the view's TTL, so stale values read as missing;
+//! - a write replaces the hash only if it is as new as the stored one ([`WRITE_SCRIPT`], atomic in Redis), so
+//!   re-running a materialization or replaying a stream rewrites the same values, and an older batch never
+//!   overwrites newer streamed values;
+//! - streaming keeps each entity's recent events in the sorted set `<hash key>#events` (score: event time,
+//!   member: the event), which makes replays idempotent: a replayed event is the same member.
+
+use crate::value::{EntityKey, FeatureValue};
+use crate::view::{Micros, View};
+
+/// Hash field holding the time (µs since the epoch) the entity's values hold at.
+pub const AS_OF_FIELD: &str = "_as_of_us";
+
+/// KEYS[1] the hash; ARGV[1] as-of time, ARGV[2] expiry (ms since the epoch), ARGV[3] the as-of field's name,
+/// ARGV[4..] field/value pairs.
+/// Returns 1 when written, 0 when the stored values are newer.
+pub const WRITE_SCRIPT: &str = r"
+local stored = redis.call('HGET', KEYS[1], ARGV[3])
+if stored and tonumber(stored) > tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[1], unpack(ARGV, 4))
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+return 1
+";
+
+/// One entity's values, ready to write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OnlineRow {
+    pub key: String,
+    pub as_of: Micros,
+    /// Milliseconds since the epoch after which the values are stale.
+    pub expire_at_ms: i64,
+    pub fields: Vec<(String, String)>,
+}
+
+impl View {
+    /// The Redis key of an entity's hash.
+    pub fn online_key(&self, entity: &EntityKey) -> String {
+        format!("{}{entity}", self.key_prefix)
+    }
+
+    /// The sorted set of an entity's recent events (streaming ingestion).
+    pub fn events_key(&self, entity: &EntityKey) -> String {
+        format!("{}{entity}#events", self.key_prefix)
+    }
+
+    /// The row to write for `entity`, whose `values` (in feature order) hold at `as_of` and whose newest event
+    /// is at `newest_event`.
+    pub fn online_row(
+        &self,
+        entity: &EntityKey,
+        as_of: Micros,
+        newest_event: Micros,
+        values: &[FeatureValue],
+    ) -> OnlineRow {
+        let fields = self
+            .features
+            .iter()
+            .zip(values)
+            .filter_map(|(feature, value)| Some((feature.name.clone(), value.to_text()?)))
+            .collect();
+        OnlineRow {
+            key: self.online_key(entity),
+            as_of,
+            expire_at_ms: expiry_ms(newest_event, self.ttl),
+            fields,
+        }
+    }
+}
+
+/// The first millisecond after `newest_event + ttl`: the values are valid through that instant.
+pub fn expiry_ms(newest_event: Micros, ttl: Micros) -> i64 {
+    newest_event.saturating_add(ttl).div_euclid(1_000) + 1
+}
+
+/// Whether a row whose newest event is at `newest_event` is already stale at `now`.
+pub fn is_expired(newest_event: Micros, ttl: Micros, now: Micros) -> bool {
+    now - newest_event > ttl
+}
+
+/// Appends the conditional write of each row to `pipeline`; each answers 1 (written) or 0 (stored is newer).
+pub fn add_writes(pipeline: &mut redis::Pipeline, rows: &[OnlineRow]) {
+    for row in rows {
+        let command = pipeline
+            .cmd("EVAL")
+            .arg(WRITE_SCRIPT)
+            .arg(1)
+            .arg(&row.key)
+            .arg(row.as_of)
+            .arg(row.expire_at_ms)
+            .arg(AS_OF_FIELD);
+        for (field, value) in &row.fields {
+            command.arg(field).arg(value);
+        }
+    }
+}
+
+/// Now, in microseconds since the epoch.
+pub fn now_micros() -> Micros {
+    jiff::Timestamp::now().as_microsecond()
+}

@@ -1,0 +1,234 @@
+//! Per-feature statistics (status, and the drift baseline) and drift of new data against that baseline: PSI and
+//! KS for numeric features (the ML core's definitions, equal to numpy/scipy), PSI over category shares for
+//! strings.
+
+use std::collections::HashMap;
+
+use flywheel_crds::featureview::{FeatureDrift, FeatureStatistics};
+use flywheel_ml::metrics::{PSI_EMPTY_BIN_SHARE, ks, psi, quantile_sorted};
+use serde::{Deserialize, Serialize};
+
+use crate::value::FeatureValue;
+
+/// Order statistics a numeric baseline keeps: enough for PSI's deciles and a KS accurate to 1e-4.
+pub const BASELINE_SAMPLE: usize = 10_000;
+/// Categories a string baseline keeps by share; the rest pool into one "other" bin.
+pub const BASELINE_CATEGORIES: usize = 32;
+/// Bins of numeric PSI.
+pub const PSI_BINS: usize = 10;
+
+/// Count, missing rate, and for numbers mean, standard deviation (population) and deciles p0…p100.
+pub fn statistics(name: &str, values: &[FeatureValue]) -> FeatureStatistics {
+    let mut numbers: Vec<f64> = values.iter().filter_map(FeatureValue::as_f64).collect();
+    let present = values.iter().filter(|v| !v.is_null()).count();
+    let missing_rate = if values.is_empty() {
+        0.0
+    } else {
+        (values.len() - present) as f64 / values.len() as f64
+    };
+    let (mut mean, mut std, mut quantiles) = (None, None, Vec::new());
+    if !numbers.is_empty() {
+        numbers.sort_by(f64::total_cmp);
+        let n = numbers.len() as f64;
+        let m = numbers.iter().sum::<f64>() / n;
+        mean = Some(m);
+        std = Some((numbers.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n).sqrt());
+        quantiles = (0..=10)
+            .map(|i| quantile_sorted(&numbers, i as f64 / 10.0))
+            .collect();
+    }
+    FeatureStatistics {
+        name: name.to_owned(),
+        count: present as i64,
+        missing_rate,
+        mean,
+        std,
+        quantiles,
+    }
+}
+
+/// The reference distribution of one feature.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub enum Baseline {
+    /// Evenly spaced order statistics of the baseline values (all of them when there are few).
+    Numeric { sample: Vec<f64> },
+    /// Shares of the most frequent categories, and of the rest under `other`.
+    Categorical {
+        shares: Vec<(String, f64)>,
+        other: f64,
+    },
+}
+
+impl Baseline {
+    /// The baseline of `values`; `None` when none is present.
+    pub fn of(values: &[FeatureValue]) -> Option<Baseline> {
+        let present: Vec<&FeatureValue> = values.iter().filter(|v| !v.is_null()).collect();
+        if present.is_empty() {
+            return None;
+        }
+        if present.iter().all(|v| matches!(v, FeatureValue::Str(_))) {
+            let shares = category_shares(&present);
+            let mut ranked: Vec<(String, f64)> = shares.into_iter().collect();
+            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            let other = ranked
+                .iter()
+                .skip(BASELINE_CATEGORIES)
+                .map(|(_, s)| s)
+                .sum();
+            ranked.truncate(BASELINE_CATEGORIES);
+            return Some(Baseline::Categorical {
+                shares: ranked,
+                other,
+            });
+        }
+        let mut numbers: Vec<f64> = present.iter().filter_map(|v| v.as_f64()).collect();
+        numbers.sort_by(f64::total_cmp);
+        let sample = if numbers.len() <= BASELINE_SAMPLE {
+            numbers
+        } else {
+            (0..BASELINE_SAMPLE)
+                .map(|i| quantile_sorted(&numbers, i as f64 / (BASELINE_SAMPLE - 1) as f64))
+                .collect()
+        };
+        Some(Baseline::Numeric { sample })
+    }
+
+    /// PSI (and KS for numbers) of `values` against this baseline; `None` when no value is present.
+    pub fn drift(&self, values: &[FeatureValue]) -> Option<(f64, Option<f64>)> {
+        let present: Vec<&FeatureValue> = values.iter().filter(|v| !v.is_null()).collect();
+        if present.is_empty() {
+            return None;
+        }
+        match self {
+            Baseline::Numeric { sample } => {
+                let numbers: Vec<f64> = present.iter().filter_map(|v| v.as_f64()).collect();
+                Some((psi(sample, &numbers, PSI_BINS)?, ks(sample, &numbers)))
+            }
+            Baseline::Categorical { shares, other } => {
+                let current = category_shares(&present);
+                let kept: f64 = shares
+                    .iter()
+                    .map(|(c, _)| current.get(c).copied().unwrap_or(0.0))
+                    .sum();
+                let term = |expected: f64, actual: f64| {
+                    let (e, a) = (
+                        expected.max(PSI_EMPTY_BIN_SHARE),
+                        actual.max(PSI_EMPTY_BIN_SHARE),
+                    );
+                    (a - e) * (a / e).ln()
+                };
+                let psi = shares
+                    .iter()
+                    .map(|(category, expected)| {
+                        term(*expected, current.get(category).copied().unwrap_or(0.0))
+                    })
+                    .sum::<f64>()
+                    + term(*other, 1.0 - kept);
+                Some((psi, None))
+            }
+        }
+    }
+}
+
+fn category_shares(present: &[&FeatureValue]) -> HashMap<String, f64> {
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for value in present {
+        if let Some(text) = value.to_text() {
+            *counts.entry(text).or_default() += 1;
+        }
+    }
+    let total = present.len() as f64;
+    counts
+        .into_iter()
+        .map(|(category, count)| (category, count as f64 / total))
+        .collect()
+}
+
+/// Drift of one feature against its baseline under the view's thresholds.
+pub fn drift_of(
+    name: &str,
+    baseline: &Baseline,
+    values: &[FeatureValue],
+    psi_threshold: f64,
+    ks_threshold: f64,
+) -> Option<FeatureDrift> {
+    let (psi, ks) = baseline.drift(values)?;
+    Some(FeatureDrift {
+        name: name.to_owned(),
+        psi,
+        ks,
+        drifted: psi > psi_threshold || ks.is_some_and(|ks| ks > ks_threshold),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn floats(values: impl IntoIterator<Item = f64>) -> Vec<FeatureValue> {
+        values.into_iter().map(FeatureValue::Float).collect()
+    }
+
+    /// Deterministic pseudo-normal values: the sum of 12 uniforms minus 6.
+    fn normal(n: usize, seed: u64, shift: f64) -> Vec<FeatureValue> {
+        let mut state = seed;
+        let mut uniform = move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        floats((0..n).map(|_| (0..12).map(|_| uniform()).sum::<f64>() - 6.0 + shift))
+    }
+
+    #[test]
+    fn statistics_of_numbers_and_missing() {
+        let mut values = floats([1.0, 2.0, 3.0, 4.0]);
+        values.push(FeatureValue::Null);
+        let stats = statistics("x", &values);
+        assert_eq!(stats.count, 4);
+        assert!((stats.missing_rate - 0.2).abs() < 1e-12);
+        assert_eq!(stats.mean, Some(2.5));
+        assert!((stats.std.unwrap_or_default() - 1.25f64.sqrt()).abs() < 1e-12);
+        assert_eq!(stats.quantiles.first(), Some(&1.0));
+        assert_eq!(stats.quantiles.get(5), Some(&2.5));
+        assert_eq!(stats.quantiles.last(), Some(&4.0));
+    }
+
+    #[test]
+    fn a_shifted_distribution_drifts_and_a_resample_does_not() {
+        let baseline =
+            Baseline::of(&normal(50_000, 1, 0.0)).unwrap_or(Baseline::Numeric { sample: vec![] });
+        let same = drift_of("x", &baseline, &normal(20_000, 2, 0.0), 0.25, 0.2);
+        let shifted = drift_of("x", &baseline, &normal(20_000, 3, 1.0), 0.25, 0.2);
+        let (same, shifted) = (
+            same.unwrap_or_else(|| panic!("no drift")),
+            shifted.unwrap_or_else(|| panic!("no drift")),
+        );
+        assert!(!same.drifted && same.psi < 0.01, "{same:?}");
+        assert!(shifted.drifted && shifted.psi > 0.25, "{shifted:?}");
+        assert!(shifted.ks.unwrap_or_default() > 0.3, "{shifted:?}");
+    }
+
+    #[test]
+    fn categorical_drift_compares_shares() {
+        let strings = |pattern: &[&str], n: usize| -> Vec<FeatureValue> {
+            (0..n)
+                .map(|i| FeatureValue::Str(pattern[i % pattern.len()].to_owned()))
+                .collect()
+        };
+        let baseline = Baseline::of(&strings(&["a", "b", "c", "d"], 4_000));
+        let Some(baseline) = baseline else {
+            panic!("no baseline")
+        };
+        let same = baseline
+            .drift(&strings(&["d", "c", "b", "a"], 400))
+            .map(|d| d.0);
+        assert!(same.is_some_and(|psi| psi.abs() < 1e-9), "{same:?}");
+        let moved = baseline
+            .drift(&strings(&["a", "a", "a", "e"], 400))
+            .map(|d| d.0);
+        assert!(moved.is_some_and(|psi| psi > 1.0), "{moved:?}");
+    }
+}

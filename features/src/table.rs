@@ -1,0 +1,462 @@
+//! The Parquet tables of the batch side: source events in, the offline feature table (partitioned by event
+//! date) out and back in, and labeled events with features joined on. Every error names the file and column.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::types::{
+    TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
+    TimestampSecondType,
+};
+use arrow_array::{
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
+};
+use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use flywheel_crds::featureview::{EntityValueType, FeatureValueType};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::basic::Compression;
+use parquet::file::properties::WriterProperties;
+
+use crate::aggregate::Events;
+use crate::value::{EntityKey, FeatureValue, KeyPart};
+use crate::view::{Micros, View};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a readable Parquet file: {message}")]
+    Parquet { path: PathBuf, message: String },
+    #[error("{path}: column `{column}` is missing")]
+    MissingColumn { path: PathBuf, column: String },
+    #[error("{path}: column `{column}` has type {found}, expected {expected}")]
+    WrongType {
+        path: PathBuf,
+        column: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{path}: column `{column}` row {row}: {problem}")]
+    BadValue {
+        path: PathBuf,
+        column: String,
+        row: usize,
+        problem: String,
+    },
+    #[error("{path}: holds no Parquet rows")]
+    Empty { path: PathBuf },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TableError + '_ {
+    move |source| TableError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn parquet_error(path: &Path, message: impl ToString) -> TableError {
+    TableError::Parquet {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// The Parquet files of `path`: itself if a file, else every `*.parquet` below it, in path order.
+pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>, TableError> {
+    if path.is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    let mut pending = vec![path.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let entry = entry.map_err(io(&dir))?;
+            let entry_path = entry.path();
+            if entry.file_type().map_err(io(&entry_path))?.is_dir() {
+                pending.push(entry_path);
+            } else if entry_path.extension().is_some_and(|e| e == "parquet") {
+                files.push(entry_path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Every record batch of one file.
+pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
+    let file = File::open(path).map_err(io(path))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|builder| builder.with_batch_size(64 * 1024).build())
+        .map_err(|e| parquet_error(path, e))?;
+    reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| parquet_error(path, e))
+}
+
+fn column<'a>(batch: &'a RecordBatch, path: &Path, name: &str) -> Result<&'a ArrayRef, TableError> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| TableError::MissingColumn {
+            path: path.to_owned(),
+            column: name.to_owned(),
+        })
+}
+
+fn wrong_type(path: &Path, column: &str, found: &DataType, expected: &str) -> TableError {
+    TableError::WrongType {
+        path: path.to_owned(),
+        column: column.to_owned(),
+        found: found.to_string(),
+        expected: expected.to_owned(),
+    }
+}
+
+/// Event times in µs: a Timestamp column of any unit, or Int64 seconds since the epoch. Nulls are refused.
+pub fn timestamps(batch: &RecordBatch, path: &Path, name: &str) -> Result<Vec<Micros>, TableError> {
+    let array = column(batch, path, name)?;
+    if array.null_count() > 0 {
+        let row = (0..array.len()).find(|&i| array.is_null(i)).unwrap_or(0);
+        return Err(TableError::BadValue {
+            path: path.to_owned(),
+            column: name.to_owned(),
+            row,
+            problem: "an event has no time".into(),
+        });
+    }
+    let scaled = |values: &[i64], per_second: i64| -> Vec<Micros> {
+        values
+            .iter()
+            .map(|&v| match per_second {
+                1 => v.saturating_mul(1_000_000),
+                1_000 => v.saturating_mul(1_000),
+                1_000_000 => v,
+                _ => v.div_euclid(1_000),
+            })
+            .collect()
+    };
+    use arrow_array::cast::AsArray;
+    Ok(match array.data_type() {
+        DataType::Int64 => scaled(
+            array
+                .as_primitive::<arrow_array::types::Int64Type>()
+                .values(),
+            1,
+        ),
+        DataType::Timestamp(TimeUnit::Second, _) => {
+            scaled(array.as_primitive::<TimestampSecondType>().values(), 1)
+        }
+        DataType::Timestamp(TimeUnit::Millisecond, _) => scaled(
+            array.as_primitive::<TimestampMillisecondType>().values(),
+            1_000,
+        ),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => scaled(
+            array.as_primitive::<TimestampMicrosecondType>().values(),
+            1_000_000,
+        ),
+        DataType::Timestamp(TimeUnit::Nanosecond, _) => scaled(
+            array.as_primitive::<TimestampNanosecondType>().values(),
+            1_000_000_000,
+        ),
+        other => {
+            return Err(wrong_type(
+                path,
+                name,
+                other,
+                "a Timestamp or Int64 (seconds since the epoch)",
+            ));
+        }
+    })
+}
+
+/// A column's values; integers of any width, floats, strings and booleans. NaN reads as missing.
+pub fn values(
+    batch: &RecordBatch,
+    path: &Path,
+    name: &str,
+) -> Result<Vec<FeatureValue>, TableError> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::*;
+    let array = column(batch, path, name)?;
+    let n = array.len();
+    let mut out = Vec::with_capacity(n);
+    macro_rules! ints {
+        ($t:ty) => {{
+            let typed = array.as_primitive::<$t>();
+            for i in 0..n {
+                out.push(if typed.is_null(i) {
+                    FeatureValue::Null
+                } else {
+                    match i64::try_from(typed.value(i)) {
+                        Ok(v) => FeatureValue::Int(v),
+                        Err(_) => {
+                            return Err(TableError::BadValue {
+                                path: path.to_owned(),
+                                column: name.to_owned(),
+                                row: i,
+                                problem: "integer out of the Int64 range".into(),
+                            });
+                        }
+                    }
+                });
+            }
+        }};
+    }
+    match array.data_type() {
+        DataType::Int8 => ints!(Int8Type),
+        DataType::Int16 => ints!(Int16Type),
+        DataType::Int32 => ints!(Int32Type),
+        DataType::Int64 => ints!(Int64Type),
+        DataType::UInt8 => ints!(UInt8Type),
+        DataType::UInt16 => ints!(UInt16Type),
+        DataType::UInt32 => ints!(UInt32Type),
+        DataType::UInt64 => ints!(UInt64Type),
+        DataType::Float32 | DataType::Float64 => {
+            let floats: Vec<Option<f64>> = match array.data_type() {
+                DataType::Float32 => array
+                    .as_primitive::<Float32Type>()
+                    .iter()
+                    .map(|v| v.map(f64::from))
+                    .collect(),
+                _ => array.as_primitive::<Float64Type>().iter().collect(),
+            };
+            out.extend(floats.into_iter().map(|v| match v {
+                Some(x) if !x.is_nan() => FeatureValue::Float(x),
+                _ => FeatureValue::Null,
+            }));
+        }
+        DataType::Utf8 => out.extend(
+            array
+                .as_string::<i32>()
+                .iter()
+                .map(|v| v.map_or(FeatureValue::Null, |s| FeatureValue::Str(s.to_owned()))),
+        ),
+        DataType::LargeUtf8 => out.extend(
+            array
+                .as_string::<i64>()
+                .iter()
+                .map(|v| v.map_or(FeatureValue::Null, |s| FeatureValue::Str(s.to_owned()))),
+        ),
+        DataType::Utf8View => out.extend(
+            array
+                .as_string_view()
+                .iter()
+                .map(|v| v.map_or(FeatureValue::Null, |s| FeatureValue::Str(s.to_owned()))),
+        ),
+        DataType::Boolean => out.extend(
+            array
+                .as_boolean()
+                .iter()
+                .map(|v| v.map_or(FeatureValue::Null, FeatureValue::Bool)),
+        ),
+        other => {
+            return Err(wrong_type(
+                path,
+                name,
+                other,
+                "an integer, float, string or boolean",
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Entity keys from the join-key columns; a key must be present and of its entity's type.
+pub fn keys(
+    batch: &RecordBatch,
+    path: &Path,
+    entities: &[(String, EntityValueType)],
+) -> Result<Vec<EntityKey>, TableError> {
+    let mut parts: Vec<Vec<KeyPart>> = vec![Vec::with_capacity(entities.len()); batch.num_rows()];
+    for (join_key, value_type) in entities {
+        let column_values = values(batch, path, join_key)?;
+        for (row, value) in column_values.into_iter().enumerate() {
+            let part = match (value_type, value) {
+                (EntityValueType::Int64, FeatureValue::Int(i)) => KeyPart::Int(i),
+                (EntityValueType::String, FeatureValue::Str(s)) => KeyPart::Str(s),
+                (_, FeatureValue::Null) => {
+                    return Err(TableError::BadValue {
+                        path: path.to_owned(),
+                        column: join_key.clone(),
+                        row,
+                        problem: "the join key is missing".into(),
+                    });
+                }
+                (_, _) => {
+                    let found = column(batch, path, join_key)?.data_type().clone();
+                    return Err(wrong_type(
+                        path,
+                        join_key,
+                        &found,
+                        &format!("{value_type:?}"),
+                    ));
+                }
+            };
+            parts[row].push(part);
+        }
+    }
+    Ok(parts.into_iter().map(EntityKey).collect())
+}
+
+/// The source events of `view` from the Parquet file or directory `path`.
+pub fn read_events(path: &Path, view: &View) -> Result<Events, TableError> {
+    let files = parquet_files(path)?;
+    let mut events = Events {
+        columns: view
+            .source_columns()
+            .into_iter()
+            .map(|c| (c.to_owned(), Vec::new()))
+            .collect(),
+        ..Events::default()
+    };
+    for file in &files {
+        for batch in read_batches(file)? {
+            events.keys.extend(keys(&batch, file, &view.entities)?);
+            events
+                .timestamps
+                .extend(timestamps(&batch, file, &view.timestamp_field)?);
+            for (name, column_values) in &mut events.columns {
+                column_values.extend(values(&batch, file, name)?);
+            }
+        }
+    }
+    if events.is_empty() {
+        return Err(TableError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(events)
+}
+
+/// Rows of the offline feature table: an entity, a time and the view's feature values then.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FeatureRows {
+    pub keys: Vec<EntityKey>,
+    pub timestamps: Vec<Micros>,
+    /// One vector per row, in [`View::features`] order.
+    pub values: Vec<Vec<FeatureValue>>,
+}
+
+/// Name of the event-time column of the offline table and of training sets' feature timestamp.
+pub const FEATURE_TIME_COLUMN: &str = "feature_timestamp";
+
+fn key_arrays(view: &View, keys: &[EntityKey]) -> Vec<(String, ArrayRef)> {
+    view.entities
+        .iter()
+        .enumerate()
+        .map(|(position, (name, value_type))| {
+            let array: ArrayRef = match value_type {
+                EntityValueType::Int64 => Arc::new(Int64Array::from_iter(keys.iter().map(|k| {
+                    match &k.0[position] {
+                        KeyPart::Int(i) => Some(*i),
+                        KeyPart::Str(_) => None,
+                    }
+                }))),
+                EntityValueType::String => Arc::new(StringArray::from_iter(keys.iter().map(|k| {
+                    match &k.0[position] {
+                        KeyPart::Str(s) => Some(s.as_str()),
+                        KeyPart::Int(_) => None,
+                    }
+                }))),
+            };
+            (name.clone(), array)
+        })
+        .collect()
+}
+
+/// A column of feature values as the feature's declared type.
+pub fn feature_array<'a>(
+    value_type: FeatureValueType,
+    values: impl Iterator<Item = &'a FeatureValue>,
+) -> ArrayRef {
+    match value_type {
+        FeatureValueType::Int64 => Arc::new(Int64Array::from_iter(values.map(|v| match v {
+            FeatureValue::Int(i) => Some(*i),
+            _ => None,
+        }))),
+        FeatureValueType::Bool => Arc::new(BooleanArray::from_iter(values.map(|v| match v {
+            FeatureValue::Bool(b) => Some(*b),
+            _ => None,
+        }))),
+        FeatureValueType::String => Arc::new(StringArray::from_iter(values.map(|v| match v {
+            FeatureValue::Str(s) => Some(s.as_str()),
+            _ => None,
+        }))),
+        _ => Arc::new(Float64Array::from_iter(values.map(|v| v.as_f64()))),
+    }
+}
+
+/// Writes `columns` as one Parquet file, atomically (a temporary file renamed into place), so a re-run replaces
+/// a partition whole and a reader never sees half of one.
+pub fn write_parquet(path: &Path, columns: Vec<(String, ArrayRef)>) -> Result<(), TableError> {
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(name, array)| Field::new(name, array.data_type().clone(), true))
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
+    .map_err(|e| parquet_error(path, e))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let temporary = path.with_extension("parquet.tmp");
+    let file = File::create(&temporary).map_err(io(&temporary))?;
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let mut writer =
+        ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| parquet_error(path, e))?;
+    writer.write(&batch).map_err(|e| parquet_error(path, e))?;
+    writer.close().map_err(|e| parquet_error(path, e))?;
+    std::fs::rename(&temporary, path).map_err(io(path))
+}
+
+/// Writes the offline table rows of one partition.
+pub fn write_feature_rows(path: &Path, view: &View, rows: &FeatureRows) -> Result<(), TableError> {
+    let mut columns = key_arrays(view, &rows.keys);
+    columns.push((
+        FEATURE_TIME_COLUMN.to_owned(),
+        Arc::new(TimestampMicrosecondArray::from(rows.timestamps.clone()).with_timezone("UTC")),
+    ));
+    for (index, feature) in view.features.iter().enumerate() {
+        columns.push((
+            feature.name.clone(),
+            feature_array(
+                feature.value_type,
+                rows.values.iter().map(|row| &row[index]),
+            ),
+        ));
+    }
+    write_parquet(path, columns)
+}
+
+/// Reads the offline table under `dir` (every partition).
+pub fn read_feature_rows(dir: &Path, view: &View) -> Result<FeatureRows, TableError> {
+    let mut rows = FeatureRows::default();
+    for file in parquet_files(dir)? {
+        for batch in read_batches(&file)? {
+            rows.keys.extend(keys(&batch, &file, &view.entities)?);
+            rows.timestamps
+                .extend(timestamps(&batch, &file, FEATURE_TIME_COLUMN)?);
+            let columns: Vec<Vec<FeatureValue>> = view
+                .features
+                .iter()
+                .map(|feature| values(&batch, &file, &feature.name))
+                .collect::<Result<_, _>>()?;
+            for row in 0..batch.num_rows() {
+                rows.values
+                    .push(columns.iter().map(|column| column[row].clone()).collect());
+            }
+        }
+    }
+    Ok(rows)
+}

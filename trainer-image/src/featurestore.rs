@@ -1,0 +1,758 @@
+//! The batch side of a FeatureView: `materialize` (source events → offline feature table + online store),
+//! `build-dataset` (point-in-time correct training sets, sample joining) and `generate-events` (synthetic
+//! feature events for demos and benchmarks).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use arrow_array::{
+    ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray,
+};
+use flywheel_crds::FeatureView;
+use flywheel_crds::common::parse_duration;
+use flywheel_crds::featureview::{FeatureStatistics, MaterializationReport};
+use flywheel_features::aggregate::{Events, values_as_of, values_at_events};
+use flywheel_features::online::{add_writes, is_expired, now_micros};
+use flywheel_features::pit::PointInTimeIndex;
+use flywheel_features::samples::{Click, Windows, label_impressions};
+use flywheel_features::stats::{Baseline, drift_of, statistics};
+use flywheel_features::table::{
+    self, FeatureRows, feature_array, read_batches, read_events, read_feature_rows,
+    write_feature_rows, write_parquet,
+};
+use flywheel_features::view::Micros;
+use flywheel_features::{EntityKey, FeatureValue, View};
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+/// The kubelet keeps at most this much of a termination message.
+const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+/// Entities per pipelined round trip to Redis.
+const REDIS_BATCH: usize = 2_000;
+
+#[derive(clap::Args)]
+pub struct ViewArgs {
+    /// The FeatureView manifest (YAML or JSON).
+    #[arg(long, env = "FLYWHEEL_FEATURE_VIEW_FILE")]
+    view: Option<PathBuf>,
+    /// The FeatureView as JSON (the operator passes it so).
+    #[arg(
+        long,
+        env = "FLYWHEEL_FEATURE_VIEW",
+        hide_env_values = true,
+        conflicts_with = "view"
+    )]
+    view_json: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct MaterializeArgs {
+    #[command(flatten)]
+    view: ViewArgs,
+    /// The batch source (default: the view's `source.batch.uri`).
+    #[arg(long)]
+    source: Option<String>,
+    /// The offline store directory (default: the view's `offline.uri`).
+    #[arg(long)]
+    offline: Option<String>,
+    /// Redis `host:port` (default: the view's online store); `--no-online` skips the online store.
+    #[arg(long)]
+    redis: Option<String>,
+    #[arg(long, env = "FLYWHEEL_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
+    #[arg(long)]
+    no_online: bool,
+    /// Materialize events after this time (RFC 3339): the previous run's watermark.
+    #[arg(long, env = "FLYWHEEL_SINCE")]
+    since: Option<String>,
+    /// Materialize events up to this time (RFC 3339, inclusive; default: all).
+    #[arg(long, env = "FLYWHEEL_UNTIL")]
+    until: Option<String>,
+    /// Also re-read this much before `--since`, for late events (default: the view's `materialization.lookback`).
+    #[arg(long)]
+    lookback: Option<String>,
+    #[arg(
+        long,
+        env = "FLYWHEEL_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    termination_log: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct BuildDatasetArgs {
+    #[command(flatten)]
+    view: ViewArgs,
+    /// The offline feature table (default: the view's `offline.uri`).
+    #[arg(long)]
+    features: Option<String>,
+    /// Labeled events: the view's join keys, `--event-time`, and any other columns (kept as they are).
+    #[arg(long, conflicts_with = "impressions")]
+    events: Option<PathBuf>,
+    /// Impressions for sample joining: join keys, `--event-time`, `--request-id` and other columns.
+    #[arg(long, requires = "clicks")]
+    impressions: Option<PathBuf>,
+    /// Clicks: `--request-id`, `--click-id` and `--event-time`.
+    #[arg(long)]
+    clicks: Option<PathBuf>,
+    /// Conversions: `--click-id` and `--event-time`.
+    #[arg(long)]
+    conversions: Option<PathBuf>,
+    /// Prediction log (JSON lines as `flywheel-serving` logs them): adds the served version and score.
+    #[arg(long)]
+    prediction_log: Option<PathBuf>,
+    #[arg(long, default_value = "event_timestamp")]
+    event_time: String,
+    #[arg(long, default_value = "request_id")]
+    request_id: String,
+    #[arg(long, default_value = "click_id")]
+    click_id: String,
+    #[arg(long, default_value = "30m")]
+    click_window: String,
+    #[arg(long, default_value = "7d")]
+    conversion_window: String,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct GenerateEventsArgs {
+    #[arg(long, default_value_t = 200_000)]
+    events: usize,
+    #[arg(long, default_value_t = 5_000)]
+    users: i64,
+    #[arg(long, default_value_t = 50_000)]
+    labels: usize,
+    /// Span of event times, ending at `--end`.
+    #[arg(long, default_value = "1d")]
+    span: String,
+    /// The newest event time (RFC 3339; default: now).
+    #[arg(long)]
+    end: Option<String>,
+    /// Added to every price: a drifted distribution.
+    #[arg(long, default_value_t = 0.0)]
+    price_shift: f64,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Writes `events.parquet` and `labels.parquet` here.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn load_view(args: &ViewArgs) -> anyhow::Result<FeatureView> {
+    let text = match (&args.view, &args.view_json) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the FeatureView {}", path.display()))?,
+        (None, Some(json)) => json.clone(),
+        (None, None) => bail!("give the FeatureView with --view FILE or FLYWHEEL_FEATURE_VIEW"),
+    };
+    let view: FeatureView = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text).context("the FeatureView JSON")?
+    } else {
+        serde_saphyr::from_str(&text).context("the FeatureView YAML")?
+    };
+    Ok(view)
+}
+
+fn compile(view: &FeatureView, timestamp_field: &str) -> anyhow::Result<View> {
+    let namespace = view.metadata.namespace.as_deref().unwrap_or("default");
+    let name = view.metadata.name.as_deref().unwrap_or("features");
+    Ok(View::compile(
+        &view.spec,
+        timestamp_field,
+        &format!("{namespace}/{name}:"),
+    )?)
+}
+
+/// A local path from a storage URI: `file://` URIs and plain paths. Object stores are not read by this build.
+fn local_path(uri: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = uri.strip_prefix("file://") {
+        return Ok(PathBuf::from(path));
+    }
+    if let Some((scheme, _)) = uri.split_once("://") {
+        bail!(
+            "{uri}: {scheme}:// is not readable by this build; mount the bucket and give a file:// URI"
+        );
+    }
+    Ok(PathBuf::from(uri))
+}
+
+fn parse_time(text: &str, flag: &str) -> anyhow::Result<Micros> {
+    let time: jiff::Timestamp = text
+        .parse()
+        .with_context(|| format!("{flag} `{text}` is not an RFC 3339 time"))?;
+    Ok(time.as_microsecond())
+}
+
+fn format_time(micros: Micros) -> String {
+    jiff::Timestamp::from_microsecond(micros).map_or_else(|_| micros.to_string(), |t| t.to_string())
+}
+
+fn micros_of(text: &str, flag: &str) -> anyhow::Result<Micros> {
+    let duration = parse_duration(text).with_context(|| format!("{flag} `{text}`"))?;
+    i64::try_from(duration.as_micros()).with_context(|| format!("{flag} `{text}` is too long"))
+}
+
+/// The UTC date of a time, naming its offline partition.
+fn date_of(micros: Micros) -> String {
+    jiff::Timestamp::from_microsecond(micros)
+        .map(|t| t.to_zoned(jiff::tz::TimeZone::UTC).date().to_string())
+        .unwrap_or_else(|_| "invalid".into())
+}
+
+fn redis_url(address: &str, password: Option<&str>, database: u8) -> String {
+    match password {
+        Some(password) => format!("redis://:{password}@{address}/{database}"),
+        None => format!("redis://{address}/{database}"),
+    }
+}
+
+/// The baseline a view's drift is measured against, kept in its offline store.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BaselineFile {
+    schema_hash: String,
+    statistics: Vec<FeatureStatistics>,
+    distributions: BTreeMap<String, Baseline>,
+}
+
+pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let manifest = load_view(&args.view)?;
+    let spec = &manifest.spec;
+    let Some(batch) = &spec.source.batch else {
+        bail!("spec.source.batch: the view has no batch source to materialize");
+    };
+    let view = compile(&manifest, &batch.timestamp_field)?;
+    let source = local_path(args.source.as_deref().unwrap_or(&batch.uri))?;
+    let offline = local_path(args.offline.as_deref().unwrap_or(&spec.offline.uri))?;
+    let since = args
+        .since
+        .as_deref()
+        .map(|t| parse_time(t, "--since"))
+        .transpose()?;
+    let until = args
+        .until
+        .as_deref()
+        .map(|t| parse_time(t, "--until"))
+        .transpose()?;
+    let lookback = match (
+        &args.lookback,
+        spec.materialization
+            .as_ref()
+            .and_then(|m| m.lookback.as_ref()),
+    ) {
+        (Some(text), _) => micros_of(text, "--lookback")?,
+        (None, Some(duration)) => micros_of(&duration.0, "spec.materialization.lookback")?,
+        (None, None) => 0,
+    };
+    let schema_hash = spec.schema_hash();
+
+    let events = read_events(&source, &view)?;
+    let in_range = |t: Micros| until.is_none_or(|u| t <= u);
+    let is_new = |t: Micros| in_range(t) && since.is_none_or(|s| t > s - lookback);
+    let new_rows: Vec<usize> = (0..events.len())
+        .filter(|&r| is_new(events.timestamps[r]))
+        .collect();
+    let mut report = MaterializationReport {
+        rows: new_rows.len() as i64,
+        schema_hash: schema_hash.clone(),
+        ..MaterializationReport::default()
+    };
+    if new_rows.is_empty() {
+        report.watermark = since.map(format_time);
+        return finish(args, report, started);
+    }
+    let watermark = (0..events.len())
+        .map(|r| events.timestamps[r])
+        .filter(|&t| in_range(t))
+        .max()
+        .unwrap_or_default();
+    report.watermark = Some(format_time(watermark));
+
+    // Offline: every partition holding a new event is rewritten whole, from all of that day's events, so late
+    // events land and a re-run writes the same files.
+    let dates: BTreeSet<String> = new_rows
+        .iter()
+        .map(|&r| date_of(events.timestamps[r]))
+        .collect();
+    let mut partitions: BTreeMap<String, FeatureRows> = BTreeMap::new();
+    let mut new_values: Vec<Vec<FeatureValue>> = Vec::with_capacity(new_rows.len());
+    let mut touched: Vec<(&EntityKey, Vec<usize>)> = Vec::new();
+    for (key, rows) in events.by_entity() {
+        let rows: Vec<usize> = rows
+            .into_iter()
+            .filter(|&r| in_range(events.timestamps[r]))
+            .collect();
+        if !rows
+            .iter()
+            .any(|&r| dates.contains(&date_of(events.timestamps[r])))
+        {
+            continue;
+        }
+        let values = values_at_events(&view, &events, &rows)?;
+        for (row, row_values) in rows.iter().zip(values) {
+            let time = events.timestamps[*row];
+            if is_new(time) {
+                new_values.push(row_values.clone());
+            }
+            let date = date_of(time);
+            if dates.contains(&date) {
+                let partition = partitions.entry(date).or_default();
+                partition.keys.push(key.clone());
+                partition.timestamps.push(time);
+                partition.values.push(row_values);
+            }
+        }
+        if rows.iter().any(|&r| is_new(events.timestamps[r])) {
+            touched.push((key, rows));
+        }
+    }
+    for (date, rows) in &partitions {
+        let path = offline
+            .join(format!("date={date}"))
+            .join("part-00000.parquet");
+        write_feature_rows(&path, &view, rows)?;
+        report.partitions.push(format!("date={date}"));
+    }
+
+    // Online: each touched entity's values as of the watermark, unless already stale.
+    if spec.online.is_some() && !args.no_online {
+        let (written, expired) =
+            write_online(args, &manifest, &view, &events, &touched, watermark)?;
+        report.entities_written = written;
+        report.expired = expired;
+    }
+
+    // Statistics and drift of the new rows against the baseline (this run's rows when there is none yet).
+    let columns: Vec<Vec<FeatureValue>> = (0..view.features.len())
+        .map(|i| new_values.iter().map(|row| row[i].clone()).collect())
+        .collect();
+    let baseline_path = offline.join("_flywheel").join("baseline.json");
+    let existing: Option<BaselineFile> = std::fs::read(&baseline_path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .filter(|b: &BaselineFile| b.schema_hash == schema_hash);
+    let baseline = match existing {
+        Some(baseline) => {
+            let policy = spec.drift.clone().unwrap_or_default();
+            report.drift = view
+                .features
+                .iter()
+                .zip(&columns)
+                .filter_map(|(feature, values)| {
+                    drift_of(
+                        &feature.name,
+                        baseline.distributions.get(&feature.name)?,
+                        values,
+                        policy.psi_threshold,
+                        policy.ks_threshold,
+                    )
+                })
+                .collect();
+            baseline
+        }
+        None => {
+            let baseline = BaselineFile {
+                schema_hash: schema_hash.clone(),
+                statistics: view
+                    .features
+                    .iter()
+                    .zip(&columns)
+                    .map(|(feature, values)| statistics(&feature.name, values))
+                    .collect(),
+                distributions: view
+                    .features
+                    .iter()
+                    .zip(&columns)
+                    .filter_map(|(feature, values)| {
+                        Some((feature.name.clone(), Baseline::of(values)?))
+                    })
+                    .collect(),
+            };
+            if let Some(dir) = baseline_path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+            }
+            std::fs::write(&baseline_path, serde_json::to_vec(&baseline)?)
+                .with_context(|| baseline_path.display().to_string())?;
+            report.baseline_created = true;
+            baseline
+        }
+    };
+    report.statistics = baseline.statistics;
+    finish(args, report, started)
+}
+
+fn write_online(
+    args: &MaterializeArgs,
+    manifest: &FeatureView,
+    view: &View,
+    events: &Events,
+    touched: &[(&EntityKey, Vec<usize>)],
+    watermark: Micros,
+) -> anyhow::Result<(i64, i64)> {
+    let Some(online) = &manifest.spec.online else {
+        return Ok((0, 0));
+    };
+    let address = args.redis.as_deref().unwrap_or(&online.redis.address);
+    let url = redis_url(
+        address,
+        args.redis_password.as_deref(),
+        online.redis.database,
+    );
+    let mut connection = redis::Client::open(url.as_str())
+        .and_then(|client| client.get_connection())
+        .with_context(|| format!("connecting to the online store at {address}"))?;
+    let now = now_micros();
+    let (mut written, mut expired) = (0, 0);
+    let mut rows = Vec::with_capacity(REDIS_BATCH);
+    for (position, (key, entity_rows)) in touched.iter().enumerate() {
+        let newest = entity_rows
+            .iter()
+            .map(|&r| events.timestamps[r])
+            .max()
+            .unwrap_or(watermark);
+        if is_expired(newest, view.ttl, now) {
+            expired += 1;
+        } else {
+            let values = values_as_of(view, events, entity_rows, watermark)?;
+            rows.push(view.online_row(key, watermark, newest, &values));
+        }
+        if rows.len() == REDIS_BATCH || (position + 1 == touched.len() && !rows.is_empty()) {
+            let mut pipeline = redis::pipe();
+            add_writes(&mut pipeline, &rows);
+            let answers: Vec<i64> = pipeline
+                .query(&mut connection)
+                .with_context(|| format!("writing to the online store at {address}"))?;
+            written += answers.iter().filter(|&&a| a == 1).count() as i64;
+            rows.clear();
+        }
+    }
+    Ok((written, expired))
+}
+
+/// Prints the report and leaves it as the termination message, cut to fit the kubelet's limit.
+fn finish(
+    args: &MaterializeArgs,
+    mut report: MaterializationReport,
+    started: Instant,
+) -> anyhow::Result<()> {
+    report.duration_seconds = started.elapsed().as_secs_f64();
+    let full = serde_json::to_string(&report)?;
+    println!(
+        "{}",
+        json!({"event": "materialized", "report": serde_json::from_str::<serde_json::Value>(&full)?})
+    );
+    let mut message = full;
+    if message.len() > TERMINATION_MESSAGE_LIMIT {
+        report.truncated = true;
+        report
+            .statistics
+            .iter_mut()
+            .for_each(|s| s.quantiles.clear());
+        message = serde_json::to_string(&report)?;
+        while message.len() > TERMINATION_MESSAGE_LIMIT
+            && (report.statistics.pop().is_some()
+                || report.drift.pop().is_some()
+                || report.partitions.pop().is_some())
+        {
+            message = serde_json::to_string(&report)?;
+        }
+    }
+    if let Err(error) = std::fs::write(&args.termination_log, message) {
+        eprintln!(
+            "flywheel-trainer: not writing the termination message to {}: {error}",
+            args.termination_log.display()
+        );
+    }
+    Ok(())
+}
+
+/// A prediction as `flywheel-serving` logs it; only what a training set keeps.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LoggedPrediction {
+    request_id: String,
+    version: String,
+    score: f64,
+}
+
+fn strings(
+    batch: &arrow_array::RecordBatch,
+    path: &Path,
+    column: &str,
+) -> anyhow::Result<Vec<String>> {
+    table::values(batch, path, column)?
+        .into_iter()
+        .enumerate()
+        .map(|(row, value)| match value {
+            FeatureValue::Str(s) => Ok(s),
+            FeatureValue::Int(i) => Ok(i.to_string()),
+            _ => bail!(
+                "{}: column `{column}` row {row}: expected an id (string or integer)",
+                path.display()
+            ),
+        })
+        .collect()
+}
+
+/// All rows of a Parquet file or directory as one batch.
+fn read_table(path: &Path) -> anyhow::Result<arrow_array::RecordBatch> {
+    let mut batches = Vec::new();
+    for file in table::parquet_files(path)? {
+        batches.extend(read_batches(&file)?);
+    }
+    let Some(first) = batches.first() else {
+        bail!("{}: holds no Parquet rows", path.display());
+    };
+    let batch = arrow_select::concat::concat_batches(&first.schema(), &batches)
+        .with_context(|| format!("{}: files with different columns", path.display()))?;
+    if batch.num_rows() == 0 {
+        bail!("{}: holds no Parquet rows", path.display());
+    }
+    Ok(batch)
+}
+
+pub fn build_dataset(args: &BuildDatasetArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let manifest = load_view(&args.view)?;
+    let view = compile(&manifest, &args.event_time)?;
+    let features_dir = local_path(
+        args.features
+            .as_deref()
+            .unwrap_or(&manifest.spec.offline.uri),
+    )?;
+    let (base_path, sample_join) = match (&args.events, &args.impressions) {
+        (Some(events), None) => (events.clone(), false),
+        (None, Some(impressions)) => (impressions.clone(), true),
+        _ => {
+            bail!("give --events (labeled events) or --impressions with --clicks (sample joining)")
+        }
+    };
+    let base = read_table(&base_path)?;
+    let keys = table::keys(&base, &base_path, &view.entities)?;
+    let times = table::timestamps(&base, &base_path, &args.event_time)?;
+    let mut columns: Vec<(String, ArrayRef)> = base
+        .schema()
+        .fields()
+        .iter()
+        .zip(base.columns())
+        .map(|(field, array)| (field.name().clone(), array.clone()))
+        .collect();
+
+    if sample_join {
+        let request_ids = strings(&base, &base_path, &args.request_id)?;
+        let clicks_path = args.clicks.as_deref().context("--clicks")?;
+        let clicks = read_table(clicks_path)?;
+        let click_keys = strings(&clicks, clicks_path, &args.request_id)?;
+        let click_ids = strings(&clicks, clicks_path, &args.click_id)?;
+        let click_times = table::timestamps(&clicks, clicks_path, &args.event_time)?;
+        let click_rows: Vec<Click<'_>> = (0..clicks.num_rows())
+            .map(|i| Click {
+                impression_key: &click_keys[i],
+                click_id: &click_ids[i],
+                time: click_times[i],
+            })
+            .collect();
+        let conversions = args.conversions.as_deref().map(read_table).transpose()?;
+        let (conversion_ids, conversion_times) = match (&conversions, args.conversions.as_deref()) {
+            (Some(batch), Some(path)) => (
+                strings(batch, path, &args.click_id)?,
+                table::timestamps(batch, path, &args.event_time)?,
+            ),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let conversion_rows: Vec<(&str, Micros)> = conversion_ids
+            .iter()
+            .map(String::as_str)
+            .zip(conversion_times)
+            .collect();
+        let impressions: Vec<(&str, Micros)> = request_ids
+            .iter()
+            .map(String::as_str)
+            .zip(times.iter().copied())
+            .collect();
+        let windows = Windows {
+            click: micros_of(&args.click_window, "--click-window")?,
+            conversion: micros_of(&args.conversion_window, "--conversion-window")?,
+        };
+        let labels = label_impressions(&impressions, &click_rows, &conversion_rows, windows);
+        columns.push((
+            "label_click".into(),
+            Arc::new(BooleanArray::from_iter(
+                labels.iter().map(|l| Some(l.click)),
+            )),
+        ));
+        columns.push((
+            "label_convert".into(),
+            Arc::new(BooleanArray::from_iter(
+                labels.iter().map(|l| Some(l.convert)),
+            )),
+        ));
+        if let Some(log_path) = &args.prediction_log {
+            let text = std::fs::read_to_string(log_path)
+                .with_context(|| log_path.display().to_string())?;
+            let mut served = std::collections::HashMap::new();
+            for (line_number, line) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                let record: LoggedPrediction = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", log_path.display(), line_number + 1))?;
+                served.insert(record.request_id.clone(), record);
+            }
+            let joined: Vec<Option<&LoggedPrediction>> =
+                request_ids.iter().map(|id| served.get(id)).collect();
+            columns.push((
+                "served_version".into(),
+                Arc::new(StringArray::from_iter(
+                    joined.iter().map(|r| r.map(|r| r.version.as_str())),
+                )),
+            ));
+            columns.push((
+                "served_score".into(),
+                Arc::new(Float64Array::from_iter(
+                    joined.iter().map(|r| r.map(|r| r.score)),
+                )),
+            ));
+        }
+    }
+
+    // Point-in-time join: each row gets its entity's feature row as of the row's time, within the TTL.
+    let table = read_feature_rows(&features_dir, &view)?;
+    let index = PointInTimeIndex::new(&table.keys, &table.timestamps);
+    let matches: Vec<Option<usize>> = keys
+        .iter()
+        .zip(&times)
+        .map(|(key, &time)| index.lookup(key, time, view.ttl))
+        .collect();
+    for (position, feature) in view.features.iter().enumerate() {
+        if columns.iter().any(|(name, _)| name == &feature.name) {
+            bail!(
+                "{}: has a column `{}`, which is also a feature of the view",
+                base_path.display(),
+                feature.name
+            );
+        }
+        let null = FeatureValue::Null;
+        let values = matches
+            .iter()
+            .map(|m| m.map_or(&null, |row| &table.values[row][position]));
+        columns.push((
+            feature.name.clone(),
+            feature_array(feature.value_type, values),
+        ));
+    }
+    columns.push((
+        table::FEATURE_TIME_COLUMN.into(),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter(
+                matches.iter().map(|m| m.map(|row| table.timestamps[row])),
+            )
+            .with_timezone("UTC"),
+        ),
+    ));
+    write_parquet(&args.out, columns)?;
+    let matched = matches.iter().filter(|m| m.is_some()).count();
+    println!(
+        "{}",
+        json!({
+            "event": "dataset", "rows": keys.len(), "withFeatures": matched,
+            "seconds": started.elapsed().as_secs_f64(), "out": args.out,
+        })
+    );
+    Ok(())
+}
+
+pub fn generate_events(args: &GenerateEventsArgs) -> anyhow::Result<()> {
+    let end = match &args.end {
+        Some(text) => parse_time(text, "--end")?,
+        None => now_micros(),
+    };
+    let span = micros_of(&args.span, "--span")?;
+    if args.users < 1 {
+        bail!("--users must be at least 1");
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed);
+    let categories = ["books", "games", "music", "sports", "travel"];
+    let mut rows: Vec<(i64, Micros, f64, i64, &str)> = (0..args.events)
+        .map(|_| {
+            let user = rng.random_range(0..args.users);
+            let time = end - rng.random_range(0..=span);
+            // Users differ in what they spend; prices are log-normal around that.
+            let level = 1.0 + (user % 17) as f64;
+            let price = level * (rng.random::<f64>() * 2.0).exp() + args.price_shift;
+            let clicks = rng.random_range(0..4);
+            let category = categories[(user as usize + rng.random_range(0..2)) % categories.len()];
+            (user, time, price, clicks, category)
+        })
+        .collect();
+    rows.sort_by_key(|r| r.1);
+    std::fs::create_dir_all(&args.out).with_context(|| args.out.display().to_string())?;
+    let timestamps = |times: Vec<Micros>| -> ArrayRef {
+        Arc::new(TimestampMicrosecondArray::from(times).with_timezone("UTC"))
+    };
+    write_parquet(
+        &args.out.join("events.parquet"),
+        vec![
+            (
+                "user_id".into(),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))) as ArrayRef,
+            ),
+            (
+                "event_timestamp".into(),
+                timestamps(rows.iter().map(|r| r.1).collect()),
+            ),
+            (
+                "price".into(),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.2))),
+            ),
+            (
+                "clicks".into(),
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.3))),
+            ),
+            (
+                "category".into(),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.4))),
+            ),
+        ],
+    )?;
+    let mut labels: Vec<(i64, Micros, i64)> = (0..args.labels)
+        .map(|_| {
+            (
+                rng.random_range(0..args.users),
+                end - rng.random_range(0..=span),
+                rng.random_range(0..2),
+            )
+        })
+        .collect();
+    labels.sort_by_key(|l| l.1);
+    write_parquet(
+        &args.out.join("labels.parquet"),
+        vec![
+            (
+                "user_id".into(),
+                Arc::new(Int64Array::from_iter_values(labels.iter().map(|l| l.0))) as ArrayRef,
+            ),
+            (
+                "event_timestamp".into(),
+                timestamps(labels.iter().map(|l| l.1).collect()),
+            ),
+            (
+                "label".into(),
+                Arc::new(Int64Array::from_iter_values(labels.iter().map(|l| l.2))),
+            ),
+        ],
+    )?;
+    println!(
+        "{}",
+        json!({"event": "generated", "events": rows.len(), "labels": labels.len(), "out": args.out,
+               "from": format_time(end - span), "to": format_time(end)})
+    );
+    Ok(())
+}
