@@ -372,6 +372,14 @@ impl Broker {
     }
 
     pub fn create_topic(&self, name: &str) -> Result<(), ServingError> {
+        self.create_topic_with_partitions(name, 1)
+    }
+
+    pub fn create_topic_with_partitions(
+        &self,
+        name: &str,
+        partitions: u32,
+    ) -> Result<(), ServingError> {
         run(
             Command::new(&self.tansu)
                 .args([
@@ -380,7 +388,7 @@ impl Broker {
                     "--broker",
                     &format!("tcp://{}", self.address),
                 ])
-                .args(["--partitions", "1", name]),
+                .args(["--partitions", &partitions.to_string(), name]),
             "tansu topic create",
         )
         .map(|_| ())

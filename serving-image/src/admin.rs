@@ -120,3 +120,21 @@ pub async fn watch_file(path: PathBuf, mut last: Option<Vec<u8>>, apply: impl Fn
         }
     }
 }
+
+/// The ingestion pipeline's admin port: metrics, and liveness.
+pub fn ingest_router(metrics: Arc<crate::ingest::IngestMetrics>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(
+                |State(metrics): State<Arc<crate::ingest::IngestMetrics>>| async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+                        metrics.encode(),
+                    )
+                },
+            ),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(metrics)
+}

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 
 use flywheel_serving::model::ModelSource;
 use flywheel_serving::server::{FeedbackSettings, Limits, Server};
-use flywheel_serving::{admin, batcher, grpc, kafka, metrics, online, proxy, rest};
+use flywheel_serving::{admin, batcher, grpc, ingest, kafka, metrics, online, proxy, rest};
 
 #[derive(Parser)]
 #[command(name = "flywheel-serving", version, about)]
@@ -30,6 +30,45 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Route inference traffic between model-version servers by exact, sticky weights.
     Route(RouteArgs),
+    /// Stream a FeatureView's Kafka topic into its online store (windowed aggregations, at least once,
+    /// idempotent; malformed events to a dead-letter topic).
+    Ingest(IngestArgs),
+}
+
+#[derive(clap::Args)]
+struct IngestArgs {
+    /// The FeatureView as JSON (the operator passes it so).
+    #[arg(long, env = "FLYWHEEL_FEATURE_VIEW", hide_env_values = true)]
+    view_json: Option<String>,
+    /// The FeatureView manifest (JSON or YAML).
+    #[arg(long, conflicts_with = "view_json")]
+    view: Option<PathBuf>,
+    /// Kafka bootstrap servers (default: the view's `source.stream.brokers`).
+    #[arg(long, env = "FLYWHEEL_KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// Topic (default: the view's `source.stream.topic`).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Consumer group (default: `flywheel-ingest.<namespace>.<name>`).
+    #[arg(long, env = "FLYWHEEL_CONSUMER_GROUP")]
+    group: Option<String>,
+    /// Dead-letter topic (default: `<topic>.dlq`).
+    #[arg(long)]
+    dead_letter_topic: Option<String>,
+    /// Redis `host:port` (default: the view's online store).
+    #[arg(long)]
+    redis: Option<String>,
+    #[arg(long, env = "FLYWHEEL_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
+    #[arg(long, default_value = "event_id")]
+    event_id_field: String,
+    #[arg(long, default_value_t = 1000)]
+    batch_size: usize,
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    batch_wait: Duration,
+    /// Metrics (`/metrics`) and health (`/healthz`).
+    #[arg(long, env = "FLYWHEEL_ADMIN_LISTEN", default_value = "0.0.0.0:8082")]
+    admin_listen: SocketAddr,
 }
 
 #[derive(clap::Args)]
@@ -171,6 +210,7 @@ fn main() -> std::process::ExitCode {
                 match cli.command {
                     Command::Serve(args) => serve(*args).await,
                     Command::Route(args) => route(args).await,
+                    Command::Ingest(args) => ingest(args).await,
                 }
             })
         });
@@ -386,6 +426,87 @@ async fn route(args: RouteArgs) -> anyhow::Result<()> {
     tokio::select! {
         result = proxy::serve(listener, proxy) => result.context("router")?,
         result = admin => result.context("admin server")?,
+        () = shutdown_signal() => {}
+    }
+    Ok(())
+}
+
+async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    let text = match (&args.view_json, &args.view) {
+        (Some(json), _) => json.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the FeatureView {}", path.display()))?,
+        (None, None) => {
+            anyhow::bail!("give the FeatureView with --view FILE or FLYWHEEL_FEATURE_VIEW")
+        }
+    };
+    let manifest: flywheel_crds::FeatureView = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text).context("the FeatureView JSON")?
+    } else {
+        serde_saphyr::from_str(&text).context("the FeatureView YAML")?
+    };
+    let namespace = manifest
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = manifest
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_else(|| "features".into());
+    let spec = &manifest.spec;
+    let Some(stream) = &spec.source.stream else {
+        anyhow::bail!("spec.source.stream: the view has no stream source to ingest");
+    };
+    let Some(online) = &spec.online else {
+        anyhow::bail!("spec.online: the view has no online store to ingest into");
+    };
+    let view = flywheel_features::View::compile(
+        spec,
+        &stream.timestamp_field,
+        &format!("{namespace}/{name}:"),
+    )?;
+    let topic = args.topic.clone().unwrap_or_else(|| stream.topic.clone());
+    let settings = ingest::IngestSettings {
+        brokers: args
+            .brokers
+            .clone()
+            .unwrap_or_else(|| stream.brokers.join(",")),
+        dead_letter_topic: args
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{topic}.dlq")),
+        topic,
+        group: args
+            .group
+            .clone()
+            .unwrap_or_else(|| format!("flywheel-ingest.{namespace}.{name}")),
+        event_id_field: args.event_id_field.clone(),
+        batch_size: args.batch_size.max(1),
+        batch_wait: args.batch_wait,
+    };
+    let address = args.redis.as_deref().unwrap_or(&online.redis.address);
+    let url = match &args.redis_password {
+        Some(password) => format!("redis://:{password}@{address}/{}", online.redis.database),
+        None => format!("redis://{address}/{}", online.redis.database),
+    };
+    let connection = redis::Client::open(url.as_str())
+        .context("the online store address")?
+        .get_connection_manager()
+        .await
+        .with_context(|| format!("connecting to the online store at {address}"))?;
+    let metrics = Arc::new(ingest::IngestMetrics::new());
+    let admin = TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", args.admin_listen))?;
+    tracing::info!(topic = settings.topic, group = settings.group, "ingesting");
+    let pipeline = ingest::Ingest::connect(Arc::new(view), settings, connection, metrics.clone())
+        .await
+        .context("connecting to Kafka")?;
+    tokio::select! {
+        () = pipeline.run() => {}
+        result = axum::serve(admin, admin::ingest_router(metrics)) => result.context("admin server")?,
         () = shutdown_signal() => {}
     }
     Ok(())

@@ -253,6 +253,7 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
     let schema_hash = spec.schema_hash();
 
     let events = read_events(&source, &view)?;
+    let computed = |error| anyhow::Error::new(error).context(source.display().to_string());
     let in_range = |t: Micros| until.is_none_or(|u| t <= u);
     let is_new = |t: Micros| in_range(t) && since.is_none_or(|s| t > s - lookback);
     let new_rows: Vec<usize> = (0..events.len())
@@ -294,7 +295,7 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
         {
             continue;
         }
-        let values = values_at_events(&view, &events, &rows)?;
+        let values = values_at_events(&view, &events, &rows).map_err(computed)?;
         for (row, row_values) in rows.iter().zip(values) {
             let time = events.timestamps[*row];
             if is_new(time) {
