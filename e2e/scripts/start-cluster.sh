@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Starts a fresh local control plane on free 127.0.0.1 ports: etcd (data on /dev/shm), kube-apiserver v1.20.2
-# (RBAC, token auth, TLS from a CA made here) and kube-controller-manager (garbage collector + namespace
+# (RBAC, token auth, TLS from a CA made here) and kube-controller-manager (garbage collector, namespace and job
 # controllers only). Writes $DIR/kubeconfig and returns when the API server is ready.
 #
 # usage: start-cluster.sh DIR [--owner-pid PID]
@@ -111,10 +111,10 @@ if [[ -z "$ready" ]]; then
   exit 1
 fi
 
-# --- kube-controller-manager (garbage collection, namespace deletion) -------------------------------------
+# --- kube-controller-manager (garbage collection, namespace deletion, Jobs) -------------------------------
 "$bin/kube-controller-manager" \
   --kubeconfig "$dir/kubeconfig" \
-  --controllers garbagecollector,namespace \
+  --controllers garbagecollector,namespace,job \
   --leader-elect=false --port 0 --secure-port 0 \
   >"$dir/controller-manager.log" 2>&1 &
 echo $! >>"$dir/pids"

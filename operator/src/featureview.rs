@@ -1,26 +1,109 @@
-//! FeatureView controller. Today: validates the spec and reports it; materialization, statistics and drift
-//! come with the feature-store work.
+//! FeatureView controller: validates the spec, runs materialization as Jobs on `materialization.schedule` (the
+//! operator schedules them itself: a 1.20 API server has no batch/v1 CronJob), runs the ingestion Deployment
+//! while the view has a stream source, and reports in status the last materialization (from the Job's
+//! termination message), the schema hash, the baseline statistics and drift, with a `Drifted` condition.
+//!
+//! Scheduling: one run at a time (a run is due at the schedule's next time after the newest Job's creation;
+//! the first at once); a Job is named after its scheduled time, so a restarted operator re-creating it gets
+//! `AlreadyExists`. Each Job reads events after the last watermark, so a failed run is retried by the next.
+//! Without a schedule the view is materialized once. The newest [`JOB_HISTORY`] finished Jobs are kept.
 
+use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use flywheel_crds::FeatureView;
-use flywheel_crds::common::ConditionStatus;
-use flywheel_crds::featureview::FeatureViewStatus;
+use flywheel_crds::common::{ConditionStatus, condition, set_condition};
+use flywheel_crds::featureview::{FeatureViewStatus, MaterializationReport, MaterializationRun};
 use jiff::Timestamp;
-use kube::runtime::controller::Action;
-use kube::{Api, ResourceExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::watcher;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::{Value, json};
 
-use crate::controller::{Context, Error, apply_plan, run_controller};
-use crate::plan::{Plan, spec_conditions};
+use crate::controller::{Context, Error, FIELD_MANAGER, apply_plan, run_controller_with};
+use crate::plan::{Plan, PlannedEvent, spec_conditions};
+use crate::traffic::ServingSettings;
+use crate::trainingjob::gang::TrainerSettings;
 
 pub const KIND: &str = "FeatureView";
+/// Label on a view's Jobs, ingestion Deployment and their pods.
+pub const LABEL_VIEW: &str = "flywheel.dev/feature-view";
+/// Finished materialization Jobs kept for inspection.
+pub const JOB_HISTORY: usize = 3;
+pub const CONDITION_DRIFTED: &str = "Drifted";
+pub const CONDITION_MATERIALIZED: &str = "Materialized";
+
+/// A materialization Job as the plan sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRun {
+    pub name: String,
+    pub created: Timestamp,
+    pub state: JobState,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobState {
+    Running,
+    /// Succeeded; its report, if its pod's termination message held one.
+    Succeeded {
+        finished: Timestamp,
+        report: Option<MaterializationReport>,
+    },
+    Failed {
+        message: String,
+    },
+}
 
 pub struct Observed<'a> {
     pub view: &'a FeatureView,
     pub now: Timestamp,
+    /// The view's materialization Jobs, newest first.
+    pub jobs: &'a [JobRun],
 }
 
-pub fn plan(observed: &Observed<'_>) -> Plan<FeatureViewStatus> {
+/// What the controller does to reach the plan.
+#[derive(Debug, PartialEq)]
+pub struct ViewPlan {
+    pub plan: Plan<FeatureViewStatus>,
+    /// A Job to create now: its name and the scheduled time it stands for.
+    pub run: Option<(String, Timestamp)>,
+    /// Finished Jobs beyond the history limit.
+    pub delete_jobs: Vec<String>,
+    /// Whether the ingestion Deployment should exist.
+    pub ingest: bool,
+}
+
+/// The schedule's next time strictly after `after`: `@every <duration>`, `@hourly`-style macros, or five-field
+/// cron (UTC).
+pub fn next_run(schedule: &str, after: Timestamp) -> Result<Timestamp, String> {
+    if let Some(every) = schedule.strip_prefix("@every ") {
+        let period = flywheel_crds::common::parse_duration(every).map_err(|e| e.to_string())?;
+        let period = jiff::SignedDuration::try_from(period).map_err(|e| e.to_string())?;
+        if period.is_zero() {
+            return Err("`@every` needs a positive period".into());
+        }
+        return after.checked_add(period).map_err(|e| e.to_string());
+    }
+    let cron = croner::Cron::from_str(schedule).map_err(|e| e.to_string())?;
+    let zoned = after.to_zoned(jiff::tz::TimeZone::UTC);
+    cron.find_next_occurrence(&zoned, false)
+        .map(|next| next.timestamp())
+        .map_err(|e| e.to_string())
+}
+
+/// A Job's name from the view's and the scheduled time (unique per run, stable across operator restarts).
+pub fn job_name(view: &str, scheduled: Timestamp) -> String {
+    let stem: String = view.chars().take(40).collect();
+    format!("{stem}-m-{}", scheduled.as_second())
+}
+
+pub fn plan(observed: &Observed<'_>) -> ViewPlan {
     let view = observed.view;
     let generation = view.metadata.generation;
     let mut status = view.status.clone().unwrap_or_default();
@@ -34,77 +117,761 @@ pub fn plan(observed: &Observed<'_>) -> Plan<FeatureViewStatus> {
             .join(","),
     );
     status.feature_count = i64::try_from(view.spec.features.len()).ok();
-    let events = spec_conditions(
+    status.schema_hash = Some(view.spec.schema_hash());
+    let validation = view.spec.validate();
+    let valid = validation.is_ok();
+    let mut events = spec_conditions(
         &mut status.conditions,
-        &view.spec.validate(),
+        &validation,
         generation,
         observed.now,
         (ConditionStatus::True, "SpecAccepted", "the spec is valid"),
     );
-    Plan {
-        status,
-        events,
-        requeue: None,
+    let mut result = ViewPlan {
+        plan: Plan {
+            status,
+            events: Vec::new(),
+            requeue: None,
+        },
+        run: None,
+        delete_jobs: Vec::new(),
+        ingest: false,
+    };
+    if !valid {
+        result.plan.events = events;
+        return result;
+    }
+    record_newest_result(observed, &mut result.plan.status, &mut events);
+    result.ingest = view.spec.source.stream.is_some() && view.spec.online.is_some();
+    if view.spec.source.batch.is_some() {
+        schedule(observed, &mut result, &mut events);
+    }
+    result.delete_jobs = observed
+        .jobs
+        .iter()
+        .filter(|job| job.state != JobState::Running)
+        .skip(JOB_HISTORY)
+        .map(|job| job.name.clone())
+        .collect();
+    result.plan.events = events;
+    result
+}
+
+/// Status from the newest finished Job: its run, statistics and drift, or why it failed.
+fn record_newest_result(
+    observed: &Observed<'_>,
+    status: &mut FeatureViewStatus,
+    events: &mut Vec<PlannedEvent>,
+) {
+    let generation = observed.view.metadata.generation;
+    let now = observed.now;
+    let Some(job) = observed
+        .jobs
+        .iter()
+        .find(|job| job.state != JobState::Running)
+    else {
+        return;
+    };
+    let already = status
+        .last_materialization
+        .as_ref()
+        .and_then(|run| run.job.as_deref())
+        == Some(job.name.as_str());
+    match &job.state {
+        JobState::Running => {}
+        JobState::Failed { message } => {
+            let message = format!("Job {} failed: {}", job.name, message.trim());
+            let was =
+                flywheel_crds::common::find_condition(&status.conditions, CONDITION_MATERIALIZED)
+                    .map(|c| c.message.clone());
+            if was.as_deref() != Some(message.as_str()) {
+                events.push(PlannedEvent {
+                    warning: true,
+                    reason: "MaterializationFailed",
+                    action: "Materialize",
+                    note: message.chars().take(1000).collect(),
+                });
+            }
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    CONDITION_MATERIALIZED,
+                    ConditionStatus::False,
+                    "JobFailed",
+                    message,
+                    generation,
+                    now,
+                ),
+            );
+        }
+        JobState::Succeeded { finished, report } => {
+            let Some(report) = report else {
+                set_condition(
+                    &mut status.conditions,
+                    condition(
+                        CONDITION_MATERIALIZED,
+                        ConditionStatus::Unknown,
+                        "NoReport",
+                        format!(
+                            "Job {} succeeded without a report in its termination message",
+                            job.name
+                        ),
+                        generation,
+                        now,
+                    ),
+                );
+                return;
+            };
+            if already {
+                return;
+            }
+            status.last_materialization = Some(MaterializationRun {
+                time: Time(*finished),
+                rows: report.rows,
+                entities_written: report.entities_written,
+                duration_seconds: report.duration_seconds,
+                watermark: report.watermark.clone().or_else(|| {
+                    status
+                        .last_materialization
+                        .as_ref()
+                        .and_then(|run| run.watermark.clone())
+                }),
+                job: Some(job.name.clone()),
+            });
+            if !report.statistics.is_empty() {
+                status.statistics = report.statistics.clone();
+            }
+            set_condition(
+                &mut status.conditions,
+                condition(
+                    CONDITION_MATERIALIZED,
+                    ConditionStatus::True,
+                    "Succeeded",
+                    format!(
+                        "{} rows, {} entities written by Job {}",
+                        report.rows, report.entities_written, job.name
+                    ),
+                    generation,
+                    now,
+                ),
+            );
+            if report.rows == 0 {
+                return;
+            }
+            status.drift = report.drift.clone();
+            let drifted: Vec<String> = report
+                .drift
+                .iter()
+                .filter(|d| d.drifted)
+                .map(|d| match d.ks {
+                    Some(ks) => format!("{} (PSI {:.3}, KS {:.3})", d.name, d.psi, ks),
+                    None => format!("{} (PSI {:.3})", d.name, d.psi),
+                })
+                .collect();
+            let (state, reason, message) = if drifted.is_empty() {
+                (
+                    ConditionStatus::False,
+                    "WithinThresholds",
+                    if report.baseline_created {
+                        "this run's data is the drift baseline".to_owned()
+                    } else {
+                        "no feature drifted from the baseline".to_owned()
+                    },
+                )
+            } else {
+                (
+                    ConditionStatus::True,
+                    "FeatureDrift",
+                    format!("drifted from the baseline: {}", drifted.join(", ")),
+                )
+            };
+            let was_drifted =
+                flywheel_crds::common::find_condition(&status.conditions, CONDITION_DRIFTED)
+                    .is_some_and(|c| c.status == "True");
+            if state == ConditionStatus::True && !was_drifted {
+                events.push(PlannedEvent {
+                    warning: true,
+                    reason: "FeatureDrift",
+                    action: "Materialize",
+                    note: message.clone(),
+                });
+            }
+            set_condition(
+                &mut status.conditions,
+                condition(CONDITION_DRIFTED, state, reason, message, generation, now),
+            );
+        }
+    }
+}
+
+fn schedule(observed: &Observed<'_>, result: &mut ViewPlan, events: &mut Vec<PlannedEvent>) {
+    let view = observed.view;
+    let name = view.metadata.name.as_deref().unwrap_or_default();
+    if observed
+        .jobs
+        .iter()
+        .any(|job| job.state == JobState::Running)
+    {
+        return;
+    }
+    let newest = observed.jobs.first();
+    let due = match (&view.spec.materialization, newest) {
+        (_, None) => observed.now,
+        (None, Some(_)) => return,
+        (Some(materialization), Some(job)) => {
+            match next_run(&materialization.schedule, job.created) {
+                Ok(next) => next,
+                Err(error) => {
+                    events.push(PlannedEvent {
+                        warning: true,
+                        reason: "InvalidSchedule",
+                        action: "Schedule",
+                        note: format!("spec.materialization.schedule: {error}"),
+                    });
+                    return;
+                }
+            }
+        }
+    };
+    if due <= observed.now {
+        result.run = Some((job_name(name, due), due));
+        if let Some(materialization) = &view.spec.materialization
+            && let Ok(next) = next_run(&materialization.schedule, observed.now)
+        {
+            result.plan.requeue = Some(wait_until(observed.now, next));
+        }
+    } else {
+        result.plan.requeue = Some(wait_until(observed.now, due));
+    }
+}
+
+fn wait_until(now: Timestamp, then: Timestamp) -> Duration {
+    let seconds = (then.as_millisecond() - now.as_millisecond()).max(1_000) as u64;
+    Duration::from_millis(seconds)
+}
+
+/// The view as the data-plane processes read it (FLYWHEEL_FEATURE_VIEW).
+fn view_json(view: &FeatureView) -> String {
+    json!({
+        "apiVersion": "flywheel.dev/v1alpha1",
+        "kind": KIND,
+        "metadata": {"name": view.metadata.name, "namespace": view.metadata.namespace},
+        "spec": view.spec,
+    })
+    .to_string()
+}
+
+fn owner(view: &FeatureView) -> Value {
+    serde_json::to_value(view.controller_owner_ref(&()).unwrap_or_default()).unwrap_or_default()
+}
+
+fn common_env(view: &FeatureView) -> Vec<Value> {
+    let mut env = vec![json!({"name": "FLYWHEEL_FEATURE_VIEW", "value": view_json(view)})];
+    if let Some(secret) = view
+        .spec
+        .online
+        .as_ref()
+        .and_then(|o| o.redis.password_secret.as_ref())
+    {
+        env.push(json!({"name": "FLYWHEEL_REDIS_PASSWORD",
+                        "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}}));
+    }
+    env
+}
+
+fn security() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "readOnlyRootFilesystem": true,
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+/// The materialization Job of one scheduled run.
+pub fn materialization_job(
+    view: &FeatureView,
+    name: &str,
+    scheduled: Timestamp,
+    settings: &TrainerSettings,
+) -> Result<Job, serde_json::Error> {
+    let view_name = view.metadata.name.clone().unwrap_or_default();
+    let mut env = common_env(view);
+    env.push(json!({"name": "FLYWHEEL_TERMINATION_LOG", "value": "/dev/termination-log"}));
+    if let Some(watermark) = view
+        .status
+        .as_ref()
+        .and_then(|s| s.last_materialization.as_ref())
+        .and_then(|r| r.watermark.clone())
+    {
+        env.push(json!({"name": "FLYWHEEL_SINCE", "value": watermark}));
+    }
+    let (volumes, mounts) = match &settings.storage_claim {
+        Some(claim) => (
+            json!([{"name": "storage", "persistentVolumeClaim": {"claimName": claim}}]),
+            json!([{"name": "storage", "mountPath": settings.storage_path}]),
+        ),
+        None => (json!([]), json!([])),
+    };
+    let labels = json!({LABEL_VIEW: view_name, "app.kubernetes.io/managed-by": "flywheel"});
+    serde_json::from_value(json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": view.metadata.namespace,
+            "labels": labels,
+            "annotations": {"flywheel.dev/scheduled-time": scheduled.to_string()},
+            "ownerReferences": [owner(view)],
+        },
+        "spec": {
+            "backoffLimit": 2,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": settings.service_account,
+                    "volumes": volumes,
+                    "containers": [{
+                        "name": "materialize",
+                        "image": settings.image,
+                        "args": ["materialize"],
+                        "env": env,
+                        "volumeMounts": mounts,
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
+                        "securityContext": security(),
+                    }],
+                },
+            },
+        },
+    }))
+}
+
+pub fn ingest_name(view: &str) -> String {
+    format!("{view}-ingest")
+}
+
+/// The streaming ingestion Deployment (one replica: one consumer group member per partition needs no more for
+/// most topics; scale it for partitions).
+pub fn ingest_deployment(
+    view: &FeatureView,
+    settings: &ServingSettings,
+) -> Result<Deployment, serde_json::Error> {
+    let view_name = view.metadata.name.clone().unwrap_or_default();
+    let labels = json!({LABEL_VIEW: view_name, "app.kubernetes.io/component": "ingest"});
+    serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": ingest_name(&view_name),
+            "namespace": view.metadata.namespace,
+            "labels": labels,
+            "ownerReferences": [owner(view)],
+        },
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "containers": [{
+                        "name": "ingest",
+                        "image": settings.image,
+                        "args": ["ingest"],
+                        "env": common_env(view),
+                        "ports": [{"name": "metrics", "containerPort": 8082, "protocol": "TCP"}],
+                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
+                        "securityContext": security(),
+                    }],
+                },
+            },
+        },
+    }))
+}
+
+/// The Job as the plan sees it; a finished Job's report comes from its pod's termination message.
+fn job_run(job: &Job, pods: &[Pod]) -> JobRun {
+    let name = job.name_any();
+    let created = job
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(Timestamp::UNIX_EPOCH, |t| t.0);
+    let status = job.status.clone().unwrap_or_default();
+    let finished = |type_: &str| {
+        status
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == type_ && c.status == "True")
+    };
+    let messages: Vec<(Timestamp, String)> = pods
+        .iter()
+        .filter(|pod| pod.labels().get("job-name") == Some(&name))
+        .flat_map(|pod| {
+            pod.status
+                .iter()
+                .flat_map(|s| s.container_statuses.iter().flatten())
+        })
+        .filter_map(|container| {
+            let terminated = container.state.as_ref()?.terminated.as_ref()?;
+            Some((
+                terminated
+                    .finished_at
+                    .as_ref()
+                    .map_or(Timestamp::UNIX_EPOCH, |t| t.0),
+                terminated.message.clone().unwrap_or_default(),
+            ))
+        })
+        .collect();
+    let newest_message = messages
+        .iter()
+        .max_by_key(|(at, _)| *at)
+        .map(|(_, m)| m.clone());
+    let state = if finished("Complete") || status.succeeded.unwrap_or(0) > 0 {
+        JobState::Succeeded {
+            finished: status.completion_time.map_or(created, |t| t.0),
+            report: newest_message.and_then(|m| serde_json::from_str(&m).ok()),
+        }
+    } else if finished("Failed") {
+        JobState::Failed {
+            message: newest_message.unwrap_or_else(|| "no termination message".into()),
+        }
+    } else {
+        JobState::Running
+    };
+    JobRun {
+        name,
+        created,
+        state,
     }
 }
 
 pub async fn reconcile(view: Arc<FeatureView>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started(KIND);
-    let plan = plan(&Observed {
+    let namespace = view.namespace().unwrap_or_default();
+    let name = view.name_any();
+    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    let selector = ListParams::default().labels(&format!("{LABEL_VIEW}={name}"));
+    let mut jobs: Vec<Job> = jobs_api
+        .list(&selector)
+        .await?
+        .items
+        .into_iter()
+        .filter(|job| {
+            job.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == view.meta().uid.as_ref())
+        })
+        .collect();
+    jobs.sort_by_key(|job| {
+        std::cmp::Reverse(job.metadata.creation_timestamp.as_ref().map(|t| t.0))
+    });
+    // Only the newest finished Job's pods are read, for its report.
+    let newest_finished = jobs.iter().find(|job| {
+        job.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .flatten()
+                .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
+        })
+    });
+    let pods = match newest_finished {
+        Some(job) => {
+            Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+                .list(&ListParams::default().labels(&format!("job-name={}", job.name_any())))
+                .await?
+                .items
+        }
+        None => Vec::new(),
+    };
+    let runs: Vec<JobRun> = jobs.iter().map(|job| job_run(job, &pods)).collect();
+    let planned = plan(&Observed {
         view: &view,
         now: Timestamp::now(),
+        jobs: &runs,
     });
-    let api = Api::namespaced(ctx.client.clone(), &view.namespace().unwrap_or_default());
-    apply_plan(&ctx, &api, view.as_ref(), KIND, view.status.as_ref(), plan).await
+    if let Some((job_name, scheduled)) = &planned.run {
+        let job = materialization_job(&view, job_name, *scheduled, &ctx.trainer)?;
+        match jobs_api.create(&PostParams::default(), &job).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(response)) if response.code == 409 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let background = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    for old in &planned.delete_jobs {
+        match jobs_api.delete(old, &background).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(response)) if response.code == 404 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    if planned.ingest {
+        let deployment = ingest_deployment(&view, &ctx.serving)?;
+        deployments
+            .patch(
+                &ingest_name(&name),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&deployment),
+            )
+            .await?;
+    } else if view.spec.source.stream.is_none() {
+        match deployments.delete(&ingest_name(&name), &background).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(response)) if response.code == 404 => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let api = Api::namespaced(ctx.client.clone(), &namespace);
+    apply_plan(
+        &ctx,
+        &api,
+        view.as_ref(),
+        KIND,
+        view.status.as_ref(),
+        planned.plan,
+    )
+    .await
 }
 
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
-    run_controller::<FeatureView, _, _>(KIND, ctx, stop, reconcile).await;
+    let views: Api<FeatureView> = Api::all(ctx.client.clone());
+    let jobs: Api<Job> = Api::all(ctx.client.clone());
+    let controller = Controller::new(views, watcher::Config::default())
+        .owns(jobs, watcher::Config::default().labels(LABEL_VIEW));
+    run_controller_with::<FeatureView, _, _>(KIND, controller, ctx, stop, reconcile).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::examples::{condition, load};
+    use crate::plan::examples::{condition as condition_of, load};
+    use flywheel_crds::featureview::FeatureDrift;
 
-    #[test]
-    fn valid_view_is_ready_with_its_summary() {
-        let view: FeatureView = load("featureview.yaml", 4);
-        let plan = plan(&Observed {
-            view: &view,
-            now: Timestamp::UNIX_EPOCH,
-        });
-        assert_eq!(plan.status.observed_generation, Some(4));
-        assert_eq!(
-            plan.status.entities_summary.as_deref(),
-            Some("user_id,ad_id")
-        );
-        assert_eq!(plan.status.feature_count, Some(6));
-        assert_eq!(
-            condition(&plan.status.conditions, "Ready"),
-            ("True", "the spec is valid", Some(4))
-        );
-        assert!(plan.events.is_empty());
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(seconds).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    fn view() -> FeatureView {
+        let mut view: FeatureView = load("featureview.yaml", 4);
+        view.metadata.namespace = Some("ml".into());
+        view
+    }
+
+    fn report(drift: Vec<FeatureDrift>) -> MaterializationReport {
+        MaterializationReport {
+            rows: 1200,
+            entities_written: 300,
+            watermark: Some("2026-11-23T10:00:00.5Z".into()),
+            duration_seconds: 1.5,
+            schema_hash: "h".into(),
+            drift,
+            ..MaterializationReport::default()
+        }
+    }
+
+    fn drift(name: &str, psi: f64, drifted: bool) -> FeatureDrift {
+        FeatureDrift {
+            name: name.into(),
+            psi,
+            ks: Some(0.1),
+            drifted,
+        }
     }
 
     #[test]
-    fn cross_of_an_unknown_feature_is_invalid() {
-        let mut view: FeatureView = load("featureview.yaml", 1);
-        if let Some(flywheel_crds::featureview::Transform::Cross(cross)) =
-            &mut view.spec.features[4].transform
-        {
-            cross.features[1] = "nope".into();
-        }
-        let plan = plan(&Observed {
+    fn a_new_view_materializes_at_once_and_runs_its_ingestion() {
+        let view = view();
+        let planned = plan(&Observed {
             view: &view,
-            now: Timestamp::UNIX_EPOCH,
+            now: at(1_000),
+            jobs: &[],
         });
-        let (status, message, _) = condition(&plan.status.conditions, "InvalidSpec");
-        assert_eq!(status, "True");
+        assert_eq!(planned.run, Some(("ctr-events-m-1000".into(), at(1_000))));
         assert!(
-            message.starts_with("spec.features[4].transform.cross.features[1]"),
+            planned.ingest,
+            "the view has a stream source and an online store"
+        );
+        assert_eq!(
+            planned.plan.status.schema_hash,
+            Some(view.spec.schema_hash())
+        );
+        assert_eq!(
+            condition_of(&planned.plan.status.conditions, "Ready").0,
+            "True"
+        );
+        assert_eq!(planned.plan.requeue, Some(Duration::from_secs(900)));
+    }
+
+    #[test]
+    fn the_next_run_waits_for_the_schedule_and_for_the_running_one() {
+        let view = view();
+        let running = [JobRun {
+            name: "a".into(),
+            created: at(1_000),
+            state: JobState::Running,
+        }];
+        let planned = plan(&Observed {
+            view: &view,
+            now: at(5_000),
+            jobs: &running,
+        });
+        assert_eq!(planned.run, None, "one run at a time");
+        let done = [JobRun {
+            name: "a".into(),
+            created: at(1_000),
+            state: JobState::Succeeded {
+                finished: at(1_010),
+                report: Some(report(vec![])),
+            },
+        }];
+        let planned = plan(&Observed {
+            view: &view,
+            now: at(1_500),
+            jobs: &done,
+        });
+        assert_eq!(planned.run, None);
+        assert_eq!(
+            planned.plan.requeue,
+            Some(Duration::from_secs(400)),
+            "due at 1000 + 15m"
+        );
+        let planned = plan(&Observed {
+            view: &view,
+            now: at(1_900),
+            jobs: &done,
+        });
+        assert_eq!(planned.run, Some(("ctr-events-m-1900".into(), at(1_900))));
+    }
+
+    #[test]
+    fn a_finished_run_reports_its_materialization_and_drift() {
+        let view = view();
+        let jobs = [JobRun {
+            name: "ctr-events-m-1000".into(),
+            created: at(1_000),
+            state: JobState::Succeeded {
+                finished: at(1_010),
+                report: Some(report(vec![
+                    drift("ad_price", 0.6, true),
+                    drift("user_age", 0.01, false),
+                ])),
+            },
+        }];
+        let planned = plan(&Observed {
+            view: &view,
+            now: at(1_020),
+            jobs: &jobs,
+        });
+        let status = &planned.plan.status;
+        let run = status
+            .last_materialization
+            .clone()
+            .unwrap_or_else(|| panic!("no run"));
+        assert_eq!((run.rows, run.entities_written), (1200, 300));
+        assert_eq!(run.watermark.as_deref(), Some("2026-11-23T10:00:00.5Z"));
+        assert_eq!(run.job.as_deref(), Some("ctr-events-m-1000"));
+        let (state, message, _) = condition_of(&status.conditions, CONDITION_DRIFTED);
+        assert_eq!(state, "True");
+        assert_eq!(
+            message,
+            "drifted from the baseline: ad_price (PSI 0.600, KS 0.100)"
+        );
+        assert_eq!(status.drift.len(), 2);
+        assert!(
+            planned
+                .plan
+                .events
+                .iter()
+                .any(|e| e.reason == "FeatureDrift")
+        );
+        // The next run reads after the watermark.
+        let mut view = view;
+        view.status = Some(status.clone());
+        let job = materialization_job(&view, "j", at(2_000), &TrainerSettings::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let env = serde_json::to_value(&job).unwrap_or_default()["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+        assert!(
+            env.as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| e["name"] == "FLYWHEEL_SINCE" && e["value"] == "2026-11-23T10:00:00.5Z"),
+            "{env}"
+        );
+    }
+
+    #[test]
+    fn a_failed_run_says_why_and_old_runs_are_pruned() {
+        let view = view();
+        let mut jobs = vec![JobRun {
+            name: "newest".into(),
+            created: at(5_000),
+            state: JobState::Failed {
+                message: "/data/events: column `price` is missing".into(),
+            },
+        }];
+        for i in 0..4 {
+            jobs.push(JobRun {
+                name: format!("old-{i}"),
+                created: at(4_000 - i),
+                state: JobState::Succeeded {
+                    finished: at(4_000 - i),
+                    report: None,
+                },
+            });
+        }
+        let planned = plan(&Observed {
+            view: &view,
+            now: at(5_010),
+            jobs: &jobs,
+        });
+        let (state, message, _) =
+            condition_of(&planned.plan.status.conditions, CONDITION_MATERIALIZED);
+        assert_eq!(state, "False");
+        assert_eq!(
+            message,
+            "Job newest failed: /data/events: column `price` is missing"
+        );
+        assert!(
+            planned
+                .plan
+                .events
+                .iter()
+                .any(|e| e.reason == "MaterializationFailed" && e.warning)
+        );
+        assert_eq!(planned.delete_jobs, ["old-2", "old-3"]);
+    }
+
+    #[test]
+    fn an_invalid_view_runs_nothing() {
+        let mut view = view();
+        view.spec.features[2].value_type = flywheel_crds::featureview::FeatureValueType::String;
+        let planned = plan(&Observed {
+            view: &view,
+            now: at(1_000),
+            jobs: &[],
+        });
+        let (state, message, _) = condition_of(&planned.plan.status.conditions, "InvalidSpec");
+        assert_eq!(state, "True");
+        assert!(
+            message
+                .starts_with("spec.features[2].valueType: is String but the feature yields Int64"),
             "{message}"
         );
-        assert_eq!(plan.events.len(), 1);
+        assert_eq!((planned.run, planned.ingest), (None, false));
+    }
+
+    #[test]
+    fn schedules() {
+        assert_eq!(next_run("@every 15m", at(100)), Ok(at(1_000)));
+        assert_eq!(next_run("*/15 * * * *", at(100)), Ok(at(900)));
+        assert_eq!(next_run("@hourly", at(100)), Ok(at(3_600)));
+        assert!(next_run("61 * * * *", at(0)).is_err());
     }
 }

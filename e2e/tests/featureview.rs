@@ -1,0 +1,261 @@
+//! The FeatureView controller against a real API server, with Jobs run by kube-controller-manager's job
+//! controller and the kubelet stand-in running the real `flywheel-trainer materialize` into a real Redis:
+//! scheduled materialization, status from the Job's report, drift, the ingestion Deployment, and a spec the
+//! controller refuses.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use flywheel_crds::FeatureView;
+use flywheel_e2e::cluster::TestCluster;
+use flywheel_e2e::kubelet::Kubelet;
+use flywheel_e2e::operator::OperatorProcess;
+use flywheel_e2e::serving::Redis;
+use flywheel_e2e::wait::until;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use kube::api::{ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn generate(out: &Path, extra: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
+    let output = Command::new(flywheel_e2e::bin_dir().join("flywheel-trainer"))
+        .args(["generate-events", "--users", "400", "--labels", "10"])
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .output()?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned().into());
+    }
+    std::fs::remove_file(out.join("labels.parquet"))?;
+    Ok(())
+}
+
+fn condition(view: &FeatureView, type_: &str) -> Option<(String, String)> {
+    view.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.message.clone()))
+}
+
+#[tokio::test]
+async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
+    let cluster = TestCluster::shared()?;
+    let _operator =
+        OperatorProcess::spawn(cluster, "featureview-tests", &["--no-leader-election"])?;
+    let client = cluster.client().await?;
+    let namespace = cluster.namespace(&client, "fv").await?;
+    let work = std::env::temp_dir().join(format!("flywheel-featureview-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    tokio::spawn(
+        Kubelet::new(client.clone(), flywheel_e2e::bin_dir(), work.join("pods"))
+            .in_namespace(&namespace)
+            .run(),
+    );
+    let redis = Redis::start(&work).await?;
+    let source = work.join("source");
+    let now = jiff::Timestamp::now();
+    let hour_ago = now
+        .checked_sub(jiff::SignedDuration::from_hours(1))?
+        .to_string();
+    generate(
+        &source,
+        &["--events", "20000", "--span", "1d", "--end", &hour_ago],
+    )?;
+
+    let views: Api<FeatureView> = Api::namespaced(client.clone(), &namespace);
+    let manifest: FeatureView = serde_json::from_value(json!({
+        "apiVersion": "flywheel.dev/v1alpha1", "kind": "FeatureView",
+        "metadata": {"name": "users"},
+        "spec": {
+            "entities": [{"name": "user", "joinKey": "user_id", "valueType": "Int64"}],
+            "source": {
+                "batch": {"uri": format!("file://{}", source.display()), "timestampField": "event_timestamp"},
+                "stream": {"brokers": ["127.0.0.1:9"], "topic": "user-events", "timestampField": "event_timestamp"},
+            },
+            "features": [
+                {"name": "price", "valueType": "Float64"},
+                {"name": "clicks", "valueType": "Int64"},
+                {"name": "events_1d", "column": "price", "valueType": "Int64",
+                 "aggregation": {"function": "count", "window": "1d"}},
+            ],
+            "ttl": "2d",
+            "offline": {"uri": format!("file://{}", work.join("offline").display())},
+            "online": {"redis": {"address": format!("127.0.0.1:{}", redis.port)}},
+            "materialization": {"schedule": "@every 15s"},
+        },
+    }))?;
+    views.create(&PostParams::default(), &manifest).await?;
+
+    let views_ref = &views;
+    let first = until(
+        "the first materialization is reported",
+        Duration::from_secs(120),
+        || async move {
+            let view = views_ref.get("users").await.map_err(|e| e.to_string())?;
+            let run = view
+                .status
+                .as_ref()
+                .and_then(|s| s.last_materialization.clone());
+            match run {
+                Some(run) if run.rows > 0 => Ok(view),
+                _ => Err(format!("{:?}", view.status)),
+            }
+        },
+    )
+    .await?;
+    let status = first.status.clone().unwrap_or_default();
+    let run = status
+        .last_materialization
+        .clone()
+        .unwrap_or_else(|| panic!("no run"));
+    assert_eq!((run.rows, run.entities_written), (20000, 400), "{run:?}");
+    assert!(run.watermark.is_some());
+    assert_eq!(status.schema_hash, Some(first.spec.schema_hash()));
+    assert_eq!(
+        status.statistics.len(),
+        3,
+        "baseline statistics: {:?}",
+        status.statistics
+    );
+    assert_eq!(
+        condition(&first, "Materialized").map(|c| c.0).as_deref(),
+        Some("True")
+    );
+    assert_eq!(
+        condition(&first, "Drifted").map(|c| c.0).as_deref(),
+        Some("False")
+    );
+    assert_eq!(redis.command(&["dbsize"])?.trim(), "400");
+
+    // The ingestion Deployment runs while the view has a stream source, owned by the view.
+    let deployment = Api::<Deployment>::namespaced(client.clone(), &namespace)
+        .get("users-ingest")
+        .await?;
+    assert_eq!(
+        deployment
+            .owner_references()
+            .first()
+            .map(|o| o.name.as_str()),
+        Some("users")
+    );
+    let container =
+        serde_json::to_value(&deployment)?["spec"]["template"]["spec"]["containers"][0].clone();
+    assert_eq!(container["args"], json!(["ingest"]));
+    let view_env: Value = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "FLYWHEEL_FEATURE_VIEW")
+        .and_then(|e| serde_json::from_str(e["value"].as_str()?).ok())
+        .unwrap_or_default();
+    assert_eq!(view_env["spec"]["source"]["stream"]["topic"], "user-events");
+
+    // Newer events with prices shifted up: the next scheduled run reads only them and reports drift.
+    generate(
+        &work.join("shifted"),
+        &[
+            "--events",
+            "4000",
+            "--span",
+            "30m",
+            "--price-shift",
+            "40",
+            "--seed",
+            "3",
+        ],
+    )?;
+    std::fs::rename(
+        work.join("shifted/events.parquet"),
+        source.join("shifted.parquet"),
+    )?;
+    let first_job = run.job.clone();
+    let drifted = until(
+        "the next run reports drift",
+        Duration::from_secs(120),
+        || {
+            let first_job = first_job.clone();
+            async move {
+                let view = views_ref.get("users").await.map_err(|e| e.to_string())?;
+                let run = view
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.last_materialization.clone());
+                match (run, condition(&view, "Drifted")) {
+                    (Some(run), Some((state, message)))
+                        if run.job != first_job && state == "True" =>
+                    {
+                        Ok((run, message))
+                    }
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        drifted.0.rows, 4000,
+        "only events after the watermark: {:?}",
+        drifted.0
+    );
+    assert!(drifted.1.contains("price (PSI"), "{}", drifted.1);
+    assert!(!drifted.1.contains("clicks"), "{}", drifted.1);
+
+    // Runs are Jobs of the view; finished ones beyond the history are pruned.
+    let jobs = Api::<Job>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default().labels("flywheel.dev/feature-view=users"))
+        .await?;
+    assert!(
+        (2..=4).contains(&jobs.items.len()),
+        "{} jobs",
+        jobs.items.len()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_feature_whose_type_cannot_hold_its_aggregation_is_invalid() -> TestResult {
+    let cluster = TestCluster::shared()?;
+    let _operator =
+        OperatorProcess::spawn(cluster, "featureview-invalid", &["--no-leader-election"])?;
+    let client = cluster.client().await?;
+    let namespace = cluster.namespace(&client, "fv-bad").await?;
+    let views: Api<FeatureView> = Api::namespaced(client.clone(), &namespace);
+    let manifest: FeatureView = serde_json::from_value(json!({
+        "apiVersion": "flywheel.dev/v1alpha1", "kind": "FeatureView",
+        "metadata": {"name": "bad"},
+        "spec": {
+            "entities": [{"name": "user", "joinKey": "user_id"}],
+            "source": {"batch": {"uri": "file:///nowhere", "timestampField": "t"}},
+            "features": [{"name": "n", "valueType": "Float64", "aggregation": {"function": "count", "window": "1h"}}],
+            "ttl": "1d",
+            "offline": {"uri": "file:///nowhere/offline"},
+        },
+    }))?;
+    views.create(&PostParams::default(), &manifest).await?;
+    let views_ref = &views;
+    let message = until("InvalidSpec", Duration::from_secs(60), || async move {
+        let view = views_ref.get("bad").await.map_err(|e| e.to_string())?;
+        match condition(&view, "InvalidSpec") {
+            Some((state, message)) if state == "True" => Ok(message),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await?;
+    assert!(
+        message.starts_with("spec.features[0].valueType: is Float64 but the feature yields Int64"),
+        "{message}"
+    );
+    let jobs = Api::<Job>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await?;
+    assert!(jobs.items.is_empty(), "an invalid view runs nothing");
+    Ok(())
+}
