@@ -17,6 +17,10 @@ use flywheel_features::table::{self, read_batches, write_parquet};
 use serde_json::{Value, json};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
+/// A generated event read back: user, time (µs), price.
+type RawEvent = (i64, i64, f64);
+/// A bad source file: its name, its columns, and what the error must say.
+type BadCase = (&'static str, Vec<(&'static str, ArrayRef)>, &'static str);
 
 const HOUR_US: i64 = 3_600_000_000;
 
@@ -85,7 +89,7 @@ fn write_view(
 }
 
 /// The generated events, read back independently of the feature store: (user, time µs, price).
-fn raw_events(path: &Path) -> Result<Vec<(i64, i64, f64)>, Box<dyn std::error::Error>> {
+fn raw_events(path: &Path) -> Result<Vec<RawEvent>, Box<dyn std::error::Error>> {
     let mut rows = Vec::new();
     for batch in read_batches(path)? {
         let users = table::values(&batch, path, "user_id")?;
@@ -533,7 +537,7 @@ async fn training_sets_are_point_in_time_correct_and_samples_are_joined() -> Tes
 async fn bad_sources_fail_naming_the_file_and_column() -> TestResult {
     let dir = temp_dir("bad");
     let log = dir.join("termination.json").display().to_string();
-    let cases: Vec<(&str, Vec<(&str, ArrayRef)>, &str)> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "missing.parquet",
             vec![

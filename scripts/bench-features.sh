@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Feature-store benchmark: Flywheel (`flywheel-trainer materialize` / `build-dataset`, release build) side by side
+# with stock Feast 0.67 (bench/feast_reference.py) on the same generated Parquet and the same Redis. Prints a
+# table of materialization (events/s, Parquet → Redis) and point-in-time join (label rows/s). Not part of the
+# test command (it installs Feast, ~0.6 GB once). Usage: scripts/bench-features.sh [EVENTS USERS LABELS]...
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+cd "$repo"
+
+step "Feast reference environment (cached in $FLYWHEEL_CACHE)"
+python=$(scripts/install-feast-reference.sh)
+
+step "release build"
+cargo build --release --locked -p flywheel-trainer
+trainer="$CARGO_TARGET_DIR/release/flywheel-trainer"
+
+work=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no >"$work/redis.log" 2>&1 &
+redis_pid=$!
+trap 'kill $redis_pid 2>/dev/null; rm -rf "$work"' EXIT
+until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.1; done
+
+elapsed() { python3 -c 'import sys, time; print(time.time() - float(sys.argv[1]))' "$1"; }
+
+sizes=("$@")
+[[ ${#sizes[@]} -gt 0 ]] || sizes=("200000 5000 50000" "1000000 20000 200000")
+printf '\n| events | users | labels | system | materialize s | events/s | PIT join s | label rows/s | rows out |\n'
+printf '|---|---|---|---|---|---|---|---|---|\n'
+for size in "${sizes[@]}"; do
+  read -r events users labels <<<"$size"
+  data="$work/data-$events"
+  "$trainer" generate-events --events "$events" --users "$users" --labels "$labels" --out "$data" >/dev/null
+  cat >"$work/view.json" <<JSON
+{"apiVersion": "flywheel.dev/v1alpha1", "kind": "FeatureView", "metadata": {"name": "bench", "namespace": "bench"},
+ "spec": {"entities": [{"name": "user", "joinKey": "user_id", "valueType": "Int64"}],
+  "source": {"batch": {"uri": "file://$data/events.parquet", "timestampField": "event_timestamp"}},
+  "features": [{"name": "price", "valueType": "Float64"}, {"name": "clicks", "valueType": "Int64"},
+               {"name": "category", "valueType": "String"}],
+  "ttl": "1d", "offline": {"uri": "file://$work/offline-$events"},
+  "online": {"redis": {"address": "127.0.0.1:$port"}}}}
+JSON
+  redis-cli -p "$port" flushall >/dev/null
+  start=$(date +%s.%N)
+  "$trainer" materialize --view "$work/view.json" --termination-log "$work/term" >/dev/null
+  ours_m=$(elapsed "$start")
+  start=$(date +%s.%N)
+  "$trainer" build-dataset --view "$work/view.json" --events "$data/labels.parquet" \
+    --out "$work/train-$events.parquet" >"$work/ds.json"
+  ours_p=$(elapsed "$start")
+  ours_rows=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["withFeatures"])' "$work/ds.json")
+  feast=$(cd bench && "$python" feast_reference.py --events "$data/events.parquet" --labels "$data/labels.parquet" \
+    --redis "127.0.0.1:$port" --workdir "$work/feast-$events" --ttl-seconds 86400 2>"$work/feast.log")
+  [[ -n "$feast" ]] || { cat "$work/feast.log" >&2; exit 1; }
+  python3 - "$events" "$users" "$labels" "$ours_m" "$ours_p" "$ours_rows" "$feast" <<'PY'
+import json, sys
+events, users, labels = map(int, sys.argv[1:4])
+ours_m, ours_p, ours_rows = float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+feast = json.loads(sys.argv[7])
+rows = [("flywheel (process wall time)", ours_m, ours_p, ours_rows),
+        ("feast 0.67 (timed calls only)", feast["materialize_seconds"], feast["pit_seconds"], feast["pit_rows"])]
+for name, m, p, out in rows:
+    print(f"| {events:,} | {users:,} | {labels:,} | {name} | {m:.2f} | {events / m:,.0f} | {p:.2f} | {labels / p:,.0f} | {out:,} |")
+print(f"| | | | **speed-up** | | **{feast['materialize_seconds'] / ours_m:.1f}×** | | **{feast['pit_seconds'] / ours_p:.1f}×** | |")
+PY
+done
