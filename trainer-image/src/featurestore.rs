@@ -197,11 +197,19 @@ fn micros_of(text: &str, flag: &str) -> anyhow::Result<Micros> {
     i64::try_from(duration.as_micros()).with_context(|| format!("{flag} `{text}` is too long"))
 }
 
-/// The UTC date of a time, naming its offline partition.
-fn date_of(micros: Micros) -> String {
-    jiff::Timestamp::from_microsecond(micros)
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// The UTC day (days since the epoch) of a time: its offline partition.
+fn day_of(micros: Micros) -> i64 {
+    micros.div_euclid(MICROS_PER_DAY)
+}
+
+/// The partition name of a UTC day.
+fn partition_name(day: i64) -> String {
+    let date = jiff::Timestamp::from_microsecond(day * MICROS_PER_DAY)
         .map(|t| t.to_zoned(jiff::tz::TimeZone::UTC).date().to_string())
-        .unwrap_or_else(|_| "invalid".into())
+        .unwrap_or_else(|_| day.to_string());
+    format!("date={date}")
 }
 
 fn redis_url(address: &str, password: Option<&str>, database: u8) -> String {
@@ -277,11 +285,11 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
 
     // Offline: every partition holding a new event is rewritten whole, from all of that day's events, so late
     // events land and a re-run writes the same files.
-    let dates: BTreeSet<String> = new_rows
+    let days: BTreeSet<i64> = new_rows
         .iter()
-        .map(|&r| date_of(events.timestamps[r]))
+        .map(|&r| day_of(events.timestamps[r]))
         .collect();
-    let mut partitions: BTreeMap<String, FeatureRows> = BTreeMap::new();
+    let mut partitions: BTreeMap<i64, FeatureRows> = BTreeMap::new();
     let mut new_values: Vec<Vec<FeatureValue>> = Vec::with_capacity(new_rows.len());
     let mut touched: Vec<(&EntityKey, Vec<usize>)> = Vec::new();
     for (key, rows) in events.by_entity() {
@@ -291,7 +299,7 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
             .collect();
         if !rows
             .iter()
-            .any(|&r| dates.contains(&date_of(events.timestamps[r])))
+            .any(|&r| days.contains(&day_of(events.timestamps[r])))
         {
             continue;
         }
@@ -301,9 +309,9 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
             if is_new(time) {
                 new_values.push(row_values.clone());
             }
-            let date = date_of(time);
-            if dates.contains(&date) {
-                let partition = partitions.entry(date).or_default();
+            let day = day_of(time);
+            if days.contains(&day) {
+                let partition = partitions.entry(day).or_default();
                 partition.keys.push(key.clone());
                 partition.timestamps.push(time);
                 partition.values.push(row_values);
@@ -313,12 +321,14 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
             touched.push((key, rows));
         }
     }
-    for (date, rows) in &partitions {
-        let path = offline
-            .join(format!("date={date}"))
-            .join("part-00000.parquet");
-        write_feature_rows(&path, &view, rows)?;
-        report.partitions.push(format!("date={date}"));
+    for (&day, rows) in &partitions {
+        let partition = partition_name(day);
+        write_feature_rows(
+            &offline.join(&partition).join("part-00000.parquet"),
+            &view,
+            rows,
+        )?;
+        report.partitions.push(partition);
     }
 
     // Online: each touched entity's values as of the watermark, unless already stale.
