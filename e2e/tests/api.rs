@@ -254,7 +254,7 @@ async fn unknown_gpu_resource_in_a_job_is_refused_by_the_schema() -> TestResult 
 #[tokio::test]
 async fn duplicate_feature_names_are_refused_by_the_schema() -> TestResult {
     let mut view = example("featureview.yaml")?;
-    set(&mut view, "/spec/features/1/name", json!("user_id"));
+    set(&mut view, "/spec/features/1/name", json!("user_bucket"));
     assert_refused(view, "spec.features").await
 }
 
