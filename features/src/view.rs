@@ -14,6 +14,9 @@ pub const MICROS_PER_SECOND: i64 = 1_000_000;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ViewError {
+    /// The spec breaks the API's rules (the message names each field).
+    #[error("{0}")]
+    Spec(String),
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
 }
@@ -76,7 +79,7 @@ impl View {
         default_prefix: &str,
     ) -> Result<View, ViewError> {
         spec.validate()
-            .map_err(|violations| invalid("spec", violations.to_string()))?;
+            .map_err(|violations| ViewError::Spec(violations.to_string()))?;
         let ttl = micros_of(&spec.ttl, "spec.ttl")?;
         let mut features: Vec<CompiledFeature> = Vec::with_capacity(spec.features.len());
         let mut crosses = Vec::new();
