@@ -100,6 +100,14 @@ pub fn add_writes(pipeline: &mut redis::Pipeline, rows: &[OnlineRow]) {
     }
 }
 
+/// The URL of a Redis server at `address` (`host:port`).
+pub fn redis_url(address: &str, password: Option<&str>, database: u8) -> String {
+    match password {
+        Some(password) => format!("redis://:{password}@{address}/{database}"),
+        None => format!("redis://{address}/{database}"),
+    }
+}
+
 /// Now, in microseconds since the epoch.
 pub fn now_micros() -> Micros {
     jiff::Timestamp::now().as_microsecond()

@@ -1,6 +1,7 @@
 //! A FeatureView spec compiled into what to compute: the features in dependency order (crosses after their
 //! inputs), each with its source column, its kind and the type it yields.
 
+use flywheel_crds::FeatureView;
 use flywheel_crds::featureview::{
     AggregationFunction, EntityValueType, FeatureValueType, FeatureViewSpec,
     Transform as SpecTransform,
@@ -14,6 +15,8 @@ pub const MICROS_PER_SECOND: i64 = 1_000_000;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ViewError {
+    #[error("the FeatureView manifest: {0}")]
+    Manifest(String),
     /// The spec breaks the API's rules (the message names each field).
     #[error("{0}")]
     Spec(String),
@@ -70,7 +73,27 @@ pub enum FeatureKind {
     },
 }
 
+/// A FeatureView manifest: JSON (as the operator passes it) or YAML (as a user writes it).
+pub fn parse_manifest(text: &str) -> Result<FeatureView, ViewError> {
+    if text.trim_start().starts_with('{') {
+        serde_json::from_str(text).map_err(|e| ViewError::Manifest(e.to_string()))
+    } else {
+        serde_saphyr::from_str(text).map_err(|e| ViewError::Manifest(e.to_string()))
+    }
+}
+
 impl View {
+    /// Compiles a manifest's spec; its Redis keys default to the prefix `<namespace>/<name>:`.
+    pub fn of_manifest(manifest: &FeatureView, timestamp_field: &str) -> Result<View, ViewError> {
+        let namespace = manifest.metadata.namespace.as_deref().unwrap_or("default");
+        let name = manifest.metadata.name.as_deref().unwrap_or("features");
+        View::compile(
+            &manifest.spec,
+            timestamp_field,
+            &format!("{namespace}/{name}:"),
+        )
+    }
+
     /// Compiles `spec`, computed from a source whose event time is `timestamp_field`; `default_prefix` is the key
     /// prefix when the spec's Redis store names none. Fails naming the spec field on anything it cannot compute.
     pub fn compile(

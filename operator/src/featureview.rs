@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 
 use crate::controller::{Context, Error, FIELD_MANAGER, apply_plan, run_controller_with};
 use crate::plan::{Plan, PlannedEvent, spec_conditions};
-use crate::traffic::ServingSettings;
+use crate::traffic::{ServingSettings, owner, security};
 use crate::trainingjob::gang::TrainerSettings;
 
 pub const KIND: &str = "FeatureView";
@@ -361,10 +361,6 @@ fn view_json(view: &FeatureView) -> String {
     .to_string()
 }
 
-fn owner(view: &FeatureView) -> Value {
-    serde_json::to_value(view.controller_owner_ref(&()).unwrap_or_default()).unwrap_or_default()
-}
-
 fn common_env(view: &FeatureView) -> Vec<Value> {
     let mut env = vec![json!({"name": "FLYWHEEL_FEATURE_VIEW", "value": view_json(view)})];
     if let Some(secret) = view
@@ -377,16 +373,6 @@ fn common_env(view: &FeatureView) -> Vec<Value> {
                         "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}}));
     }
     env
-}
-
-fn security() -> Value {
-    json!({
-        "runAsNonRoot": true,
-        "readOnlyRootFilesystem": true,
-        "allowPrivilegeEscalation": false,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    })
 }
 
 /// The materialization Job of one scheduled run.

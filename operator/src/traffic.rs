@@ -69,8 +69,9 @@ pub fn route_table(rollout: &str, namespace: &str, split: &[(String, u32)]) -> V
     json!({ "backends": backends })
 }
 
-fn owner(rollout: &Rollout) -> Value {
-    serde_json::to_value(rollout.controller_owner_ref(&()).unwrap_or_default()).unwrap_or_default()
+/// The controller owner reference to `owner`, as JSON for a manifest.
+pub fn owner<K: Resource<DynamicType = ()>>(owner: &K) -> Value {
+    serde_json::to_value(owner.controller_owner_ref(&()).unwrap_or_default()).unwrap_or_default()
 }
 
 fn storage(settings: &ServingSettings) -> (Value, Value) {
@@ -83,7 +84,8 @@ fn storage(settings: &ServingSettings) -> (Value, Value) {
     }
 }
 
-fn security() -> Value {
+/// The restricted container security context every Flywheel data-plane container gets.
+pub fn security() -> Value {
     json!({
         "runAsNonRoot": true,
         "readOnlyRootFilesystem": true,

@@ -440,11 +440,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             anyhow::bail!("give the FeatureView with --view FILE or FLYWHEEL_FEATURE_VIEW")
         }
     };
-    let manifest: flywheel_crds::FeatureView = if text.trim_start().starts_with('{') {
-        serde_json::from_str(&text).context("the FeatureView JSON")?
-    } else {
-        serde_saphyr::from_str(&text).context("the FeatureView YAML")?
-    };
+    let manifest = flywheel_features::view::parse_manifest(&text)?;
     let namespace = manifest
         .metadata
         .namespace
@@ -462,11 +458,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let Some(online) = &spec.online else {
         anyhow::bail!("spec.online: the view has no online store to ingest into");
     };
-    let view = flywheel_features::View::compile(
-        spec,
-        &stream.timestamp_field,
-        &format!("{namespace}/{name}:"),
-    )?;
+    let view = flywheel_features::View::of_manifest(&manifest, &stream.timestamp_field)?;
     let topic = args.topic.clone().unwrap_or_else(|| stream.topic.clone());
     let settings = ingest::IngestSettings {
         brokers: args
@@ -487,10 +479,11 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         batch_wait: args.batch_wait,
     };
     let address = args.redis.as_deref().unwrap_or(&online.redis.address);
-    let url = match &args.redis_password {
-        Some(password) => format!("redis://:{password}@{address}/{}", online.redis.database),
-        None => format!("redis://{address}/{}", online.redis.database),
-    };
+    let url = flywheel_features::online::redis_url(
+        address,
+        args.redis_password.as_deref(),
+        online.redis.database,
+    );
     let connection = redis::Client::open(url.as_str())
         .context("the online store address")?
         .get_connection_manager()

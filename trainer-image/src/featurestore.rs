@@ -15,7 +15,7 @@ use flywheel_crds::FeatureView;
 use flywheel_crds::common::parse_duration;
 use flywheel_crds::featureview::{FeatureStatistics, MaterializationReport};
 use flywheel_features::aggregate::{Events, values_as_of, values_at_events};
-use flywheel_features::online::{add_writes, is_expired, now_micros};
+use flywheel_features::online::{add_writes, is_expired, now_micros, redis_url};
 use flywheel_features::pit::PointInTimeIndex;
 use flywheel_features::samples::{Click, Windows, label_impressions};
 use flywheel_features::stats::{Baseline, drift_of, statistics};
@@ -150,22 +150,7 @@ fn load_view(args: &ViewArgs) -> anyhow::Result<FeatureView> {
         (None, Some(json)) => json.clone(),
         (None, None) => bail!("give the FeatureView with --view FILE or FLYWHEEL_FEATURE_VIEW"),
     };
-    let view: FeatureView = if text.trim_start().starts_with('{') {
-        serde_json::from_str(&text).context("the FeatureView JSON")?
-    } else {
-        serde_saphyr::from_str(&text).context("the FeatureView YAML")?
-    };
-    Ok(view)
-}
-
-fn compile(view: &FeatureView, timestamp_field: &str) -> anyhow::Result<View> {
-    let namespace = view.metadata.namespace.as_deref().unwrap_or("default");
-    let name = view.metadata.name.as_deref().unwrap_or("features");
-    Ok(View::compile(
-        &view.spec,
-        timestamp_field,
-        &format!("{namespace}/{name}:"),
-    )?)
+    Ok(flywheel_features::view::parse_manifest(&text)?)
 }
 
 /// A local path from a storage URI: `file://` URIs and plain paths. Object stores are not read by this build.
@@ -212,13 +197,6 @@ fn partition_name(day: i64) -> String {
     format!("date={date}")
 }
 
-fn redis_url(address: &str, password: Option<&str>, database: u8) -> String {
-    match password {
-        Some(password) => format!("redis://:{password}@{address}/{database}"),
-        None => format!("redis://{address}/{database}"),
-    }
-}
-
 /// The baseline a view's drift is measured against, kept in its offline store.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -235,7 +213,7 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
     let Some(batch) = &spec.source.batch else {
         bail!("spec.source.batch: the view has no batch source to materialize");
     };
-    let view = compile(&manifest, &batch.timestamp_field)?;
+    let view = View::of_manifest(&manifest, &batch.timestamp_field)?;
     let source = local_path(args.source.as_deref().unwrap_or(&batch.uri))?;
     let offline = local_path(args.offline.as_deref().unwrap_or(&spec.offline.uri))?;
     let since = args
@@ -531,7 +509,7 @@ fn read_table(path: &Path) -> anyhow::Result<arrow_array::RecordBatch> {
 pub fn build_dataset(args: &BuildDatasetArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let manifest = load_view(&args.view)?;
-    let view = compile(&manifest, &args.event_time)?;
+    let view = View::of_manifest(&manifest, &args.event_time)?;
     let features_dir = local_path(
         args.features
             .as_deref()
