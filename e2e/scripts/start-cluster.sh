@@ -3,14 +3,25 @@
 # (RBAC, token auth, TLS from a CA made here) and kube-controller-manager (garbage collector, namespace and job
 # controllers only). Writes $DIR/kubeconfig and returns when the API server is ready.
 #
-# usage: start-cluster.sh DIR [--owner-pid PID]
-#   DIR           state directory (certs, logs, pids, kubeconfig); created if missing
-#   --owner-pid   tear everything down (and delete DIR) once PID exits: a test binary's cluster dies with it
+# usage: start-cluster.sh DIR [--owner-pid PID] [--with-workloads]
+#   DIR               state directory (certs, logs, pids, kubeconfig); created if missing
+#   --owner-pid       tear everything down (and delete DIR) once PID exits: a test binary's cluster dies with it
+#   --with-workloads  also run the deployment and replicaset controllers, so Deployments get Pods (which the
+#                     kubelet stand-in runs); off by default so tests that only check manifests start nothing
 set -euo pipefail
 
-dir="${1:?usage: start-cluster.sh DIR [--owner-pid PID]}"
+usage="usage: start-cluster.sh DIR [--owner-pid PID] [--with-workloads]"
+dir="${1:?$usage}"
+shift
 owner=""
-if [[ "${2:-}" == "--owner-pid" ]]; then owner="${3:?--owner-pid needs a PID}"; fi
+controllers="garbagecollector,namespace,job"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --owner-pid) owner="${2:?--owner-pid needs a PID}"; shift 2 ;;
+    --with-workloads) controllers="$controllers,deployment,replicaset"; shift ;;
+    *) echo "$usage" >&2; exit 2 ;;
+  esac
+done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 "$here/build-kube.sh"
@@ -111,10 +122,10 @@ if [[ -z "$ready" ]]; then
   exit 1
 fi
 
-# --- kube-controller-manager (garbage collection, namespace deletion, Jobs) -------------------------------
+# --- kube-controller-manager (garbage collection, namespace deletion, Jobs[, Deployments]) -----------------
 "$bin/kube-controller-manager" \
   --kubeconfig "$dir/kubeconfig" \
-  --controllers garbagecollector,namespace,job \
+  --controllers "$controllers" \
   --leader-elect=false --port 0 --secure-port 0 \
   >"$dir/controller-manager.log" 2>&1 &
 echo $! >>"$dir/pids"

@@ -296,15 +296,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("give --model-version and --model-uri, or --model-config");
     }
 
-    let http = TcpListener::bind(args.http_listen)
-        .await
-        .with_context(|| format!("binding {}", args.http_listen))?;
-    let grpc = TcpListener::bind(args.grpc_listen)
-        .await
-        .with_context(|| format!("binding {}", args.grpc_listen))?;
-    let admin = TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("binding {}", args.admin_listen))?;
+    let http = bind(args.http_listen).await?;
+    let grpc = bind(args.grpc_listen).await?;
+    let admin = bind(args.admin_listen).await?;
     tracing::info!(http = %args.http_listen, grpc = %args.grpc_listen, admin = %args.admin_listen, "serving");
 
     if let Some(path) = args.model_config.clone() {
@@ -401,12 +395,8 @@ async fn route(args: RouteArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--sticky-header {}", args.sticky_header))?;
     tracing::info!(routes = %proxy::describe(&plan), "routing");
     let proxy = Arc::new(proxy::Proxy::new(plan, header, args.max_body_bytes));
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let admin = TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("binding {}", args.admin_listen))?;
+    let listener = bind(args.listen).await?;
+    let admin = bind(args.admin_listen).await?;
     let watched = proxy.clone();
     tokio::spawn(admin::watch_file(
         args.config.clone(),
@@ -490,9 +480,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to the online store at {address}"))?;
     let metrics = Arc::new(ingest::IngestMetrics::new());
-    let admin = TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| format!("binding {}", args.admin_listen))?;
+    let admin = bind(args.admin_listen).await?;
     tracing::info!(topic = settings.topic, group = settings.group, "ingesting");
     let pipeline = ingest::Ingest::connect(Arc::new(view), settings, connection, metrics.clone())
         .await
@@ -517,5 +505,49 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
+    }
+}
+
+/// Where pods share one network namespace (the local kubelet stand-in), `FLYWHEEL_BIND_ADDRESS` is the pod's own
+/// address, and "all interfaces" must mean only it, or two pods' listeners on the same port collide.
+fn effective_address(
+    address: SocketAddr,
+    bind_address: Option<&str>,
+) -> anyhow::Result<SocketAddr> {
+    match bind_address {
+        Some(ip) if address.ip().is_unspecified() => {
+            let ip = ip
+                .parse()
+                .with_context(|| format!("FLYWHEEL_BIND_ADDRESS {ip:?} is not an IP address"))?;
+            Ok(SocketAddr::new(ip, address.port()))
+        }
+        _ => Ok(address),
+    }
+}
+
+async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
+    let bind_address = std::env::var("FLYWHEEL_BIND_ADDRESS").ok();
+    let address = effective_address(address, bind_address.as_deref())?;
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unspecified_addresses_take_the_bind_address() -> anyhow::Result<()> {
+        let all: SocketAddr = "0.0.0.0:8080".parse()?;
+        let loopback: SocketAddr = "127.0.0.1:8081".parse()?;
+        assert_eq!(
+            effective_address(all, Some("127.1.0.7"))?,
+            "127.1.0.7:8080".parse()?
+        );
+        assert_eq!(effective_address(loopback, Some("127.1.0.7"))?, loopback);
+        assert_eq!(effective_address(all, None)?, all);
+        assert!(effective_address(all, Some("pod-7")).is_err());
+        Ok(())
     }
 }
