@@ -2,7 +2,10 @@
 # The local end-to-end demo: a fresh control plane on 127.0.0.1, the Flywheel CRDs, the operator, a kubelet
 # stand-in, every manifest of examples/, a parameter-server TrainingJob that trains on generated data under a
 # GPUQuota and leaves a ModelVersion, a FeatureView materialized into Redis by an operator-scheduled Job and a
-# point-in-time training set built from it, and `kubectl get flywheel`.
+# point-in-time training set built from it, a Rollout serving the trained model behind the built-in router under
+# generated labeled traffic with a real Prometheus evaluating the chart's alert rules: a second model walks
+# 1 → 5 → 20 → 100% and becomes stable, and a model trained on the wrong data is rolled back by its online-AUC
+# alert. Ends with `kubectl get flywheel`.
 #   scripts/demo.sh          run and tear down
 #   scripts/demo.sh --keep   leave it running and print how to reach it
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -19,7 +22,7 @@ state="$FLYWHEEL_CACHE/demo"
 step "starting etcd + kube-apiserver + kube-controller-manager"
 owner=()
 [[ -z "$keep" ]] && owner=(--owner-pid $$)
-kubeconfig="$("$repo/e2e/scripts/start-cluster.sh" "$state" "${owner[@]}" | tail -n 1)"
+kubeconfig="$("$repo/e2e/scripts/start-cluster.sh" "$state" "${owner[@]}" --with-workloads | tail -n 1)"
 export KUBECONFIG="$kubeconfig"
 kubectl="$FLYWHEEL_CACHE/kube-v1.20.2/kubectl"
 
@@ -28,15 +31,24 @@ step "installing the CRDs"
 "$kubectl" apply --validate=false -f crds/
 "$kubectl" wait --for condition=established --timeout=60s crd --all
 
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
 step "starting the operator and the kubelet stand-in"
-"$FLYWHEEL_BIN_DIR/flywheel-operator" --http-addr 127.0.0.1:0 --log-format json >"$state/operator.log" 2>&1 &
+operator_port=$(free_port)
+"$FLYWHEEL_BIN_DIR/flywheel-operator" --http-addr "127.0.0.1:$operator_port" --log-format json >"$state/operator.log" 2>&1 &
 echo $! >>"$state/pids"
 "$FLYWHEEL_BIN_DIR/flywheel-kubelet" "$FLYWHEEL_BIN_DIR" "$state/pods" >"$state/kubelet.log" 2>&1 &
 echo $! >>"$state/pids"
 
-step "applying examples/"
-"$kubectl" apply -f examples/
-for kind in featureviews modelversions rollouts gpuquotas; do
+step "applying examples/ (the example Rollout and parameter-server TrainingJob are left out: their model and data are"
+echo "not on this machine; the demo's own below train on generated data and serve what they trained)"
+for manifest in examples/*.yaml; do
+  case "$manifest" in
+    examples/rollout.yaml | examples/trainingjob-ps.yaml) ;;
+    *) "$kubectl" apply -f "$manifest" ;;
+  esac
+done
+for kind in featureviews modelversions gpuquotas; do
   "$kubectl" wait --for condition=Ready --timeout=60s "$kind" --all
 done
 
@@ -74,7 +86,7 @@ step "training for real (the kubelet stand-in runs flywheel-trainer as the pods'
 "$kubectl" get pods -l flywheel.dev/training-job=ctr-demo
 
 step "a FeatureView materialized into Redis by an operator-scheduled Job"
-redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$state/redis.log" 2>&1 &
 echo $! >>"$state/pids"
 "$FLYWHEEL_BIN_DIR/flywheel-trainer" generate-events --events 100000 --users 2000 --labels 20000 --out "$state/events"
@@ -108,6 +120,171 @@ step "a point-in-time correct training set from the FeatureView's offline table"
 "$FLYWHEEL_BIN_DIR/flywheel-trainer" build-dataset --view "$state/user-activity.json" \
   --events "$state/events/labels.parquet" --out "$state/events/training-set.parquet"
 
+step "two more models: ctr-v2 (same data, another seed) and ctr-wrong (trained on another market's data)"
+# ctr-wrong's own eval set scores as well as the others offline; on this market's traffic it is near random.
+"$FLYWHEEL_BIN_DIR/flywheel-trainer" generate --seed 7 --rows 100000 --users 2000 --items 400 --buckets 20000 \
+  --out "$state/data-other-market"
+training_job() { # NAME SEED DATA
+  "$kubectl" apply -f - <<EOT
+apiVersion: flywheel.dev/v1alpha1
+kind: TrainingJob
+metadata:
+  name: $1
+spec:
+  data:
+    dataset: {train: "file://$3/train.parquet", eval: "file://$3/eval.parquet", label: clicked}
+  model: {name: ctr, architecture: deepfm, embeddingDim: 8, hiddenLayers: [64, 32]}
+  optimizer: {kind: adagrad, learningRate: 0.002, sparseLearningRate: 0.05}
+  epochs: 2
+  batchSize: 512
+  seed: $2
+  topology: {single: {}}
+  queue: ranking-team
+  output: {artifactUri: "file://$state/models/"}
+EOT
+}
+training_job ctr-v2 7 "$data"
+training_job ctr-wrong 7 "$state/data-other-market"
+"$kubectl" wait --for condition=Ready --timeout=600s trainingjob/ctr-v2 trainingjob/ctr-wrong
+"$kubectl" wait --for condition=Validated --timeout=60s modelversion/ctr-demo modelversion/ctr-v2 modelversion/ctr-wrong
+"$kubectl" get modelversions ctr-demo ctr-v2 ctr-wrong
+
+step "a real Prometheus: scrapes the serving pods and the operator, evaluates the chart's alert rules"
+prometheus_port=$(free_port)
+mkdir -p "$state/prometheus"
+# The chart's rules as they are, but judged on the demo's small traffic: a relative AUC drop above 15% (not
+# 1%) on ≥ 1000 labeled predictions, for 5 s (not 2 m). At a few hundred labeled requests per second the
+# online AUC of a window is only known to a few percent.
+sed -e 's/for: 2m/for: 5s/' -e 's/canary > 0.01$/canary > 0.15/' -e 's/canary > 0.005$/canary > 0.05/' \
+  charts/flywheel/files/serving-rules.yaml >"$state/prometheus/serving-rules.yaml"
+cat >"$state/prometheus/prometheus.yml" <<EOT
+global: {scrape_interval: 1s, evaluation_interval: 1s}
+rule_files: [serving-rules.yaml]
+scrape_configs:
+  - job_name: flywheel-operator
+    honor_labels: true
+    static_configs: [{targets: ["127.0.0.1:$operator_port"]}]
+  - job_name: pods
+    file_sd_configs: [{files: ["$state/prometheus/pods.json"], refresh_interval: 1s}]
+EOT
+promtool check config "$state/prometheus/prometheus.yml" >/dev/null
+# Debian builds Prometheus without Kubernetes service discovery, so the demo plays it: every second the pods
+# annotated prometheus.io/scrape become file_sd targets <podIP>:<prometheus.io/port> labeled namespace and pod.
+discover_pods() {
+  while sleep 1; do
+    "$kubectl" get pods --all-namespaces -o json 2>/dev/null | python3 -c '
+import json, sys
+targets = []
+for pod in json.load(sys.stdin)["items"]:
+    notes = pod["metadata"].get("annotations") or {}
+    ip = pod.get("status", {}).get("podIP")
+    if notes.get("prometheus.io/scrape") == "true" and ip and pod["status"].get("phase") == "Running":
+        targets.append({"targets": [ip + ":" + notes.get("prometheus.io/port", "80")],
+                        "labels": {"namespace": pod["metadata"]["namespace"], "pod": pod["metadata"]["name"]}})
+json.dump(targets, sys.stdout)
+' >"$state/prometheus/pods.json.new" && mv "$state/prometheus/pods.json.new" "$state/prometheus/pods.json"
+  done
+}
+echo "[]" >"$state/prometheus/pods.json"
+discover_pods &
+echo $! >>"$state/pids"
+prometheus --config.file="$state/prometheus/prometheus.yml" --storage.tsdb.path="$state/prometheus/data" \
+  --web.listen-address="127.0.0.1:$prometheus_port" >"$state/prometheus.log" 2>&1 &
+echo $! >>"$state/pids"
+
+step "Rollout ctr: serving ctr-demo behind the router"
+rollout_manifest() { # MODEL_VERSION
+  "$kubectl" apply -f - <<EOT
+apiVersion: flywheel.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: ctr
+spec:
+  modelVersion: $1
+  serving: {replicas: 1, maxBatchSize: 64}
+  strategy:
+    canary:
+      steps:
+        - setWeight: 1
+        - pause: {duration: 10s}
+        - setWeight: 5
+        - pause: {duration: 10s}
+        - setWeight: 20
+        - pause: {duration: 30s}
+        - setWeight: 100
+  analysis:
+    prometheus: http://127.0.0.1:$prometheus_port
+    interval: 5s
+    initialDelay: 5s
+    count: 2
+    failureLimit: 1
+    inconclusiveLimit: 20
+    metrics:
+      - {name: p99-latency, builtin: latencyP99, max: 0.25}
+      - {name: errors, builtin: errorRate, max: 0.01}
+  alerts: [FlywheelOnlineAUCDropCritical]
+  traffic:
+    router: {stickyHeader: x-user-id}
+EOT
+}
+# The state a rollout settles in: PHASE [STABLE] [SECONDS].
+wait_rollout() {
+  local phase stable
+  for _ in $(seq 1 "${3:-300}"); do
+    phase="$("$kubectl" get rollout ctr -o jsonpath='{.status.phase}')"
+    stable="$("$kubectl" get rollout ctr -o jsonpath='{.status.stableVersion}')"
+    if [[ "$phase" == "$1" && ( -z "${2:-}" || "$stable" == "$2" ) ]]; then return 0; fi
+    sleep 1
+  done
+  echo "Rollout ctr did not reach $1 ${2:-}; it is $phase (stable $stable):" >&2
+  "$kubectl" get rollout ctr -o yaml >&2
+  return 1
+}
+rollout_manifest ctr-demo
+wait_rollout Healthy ctr-demo 120
+"$kubectl" wait --for condition=Ready --timeout=120s pod -l flywheel.dev/rollout=ctr
+"$kubectl" get deployments,services,pods -l flywheel.dev/rollout=ctr -o wide
+router="$("$kubectl" get pods -l flywheel.dev/rollout=ctr,flywheel.dev/role=router -o jsonpath='{.items[0].status.podIP}')"
+
+step "generated labeled traffic through the router (users sticky by x-user-id; clicks fed back)"
+"$FLYWHEEL_BIN_DIR/flywheel-traffic" --url "http://$router:8080" --model ctr --concurrency 8 \
+  >"$state/traffic.log" 2>&1 &
+traffic=$!
+echo $traffic >>"$state/pids"
+sleep 5
+tail -n 2 "$state/traffic.log"
+
+step "ctr-v2 committed to the Rollout (as ArgoCD would sync it): 1 → 5 → 20 → 100%, gated by Prometheus"
+"$kubectl" get rollout ctr -w &
+watch=$!
+rollout_manifest ctr-v2
+wait_rollout Healthy ctr-v2 600
+kill "$watch" 2>/dev/null || true
+"$kubectl" get modelversions ctr-demo ctr-v2 -o custom-columns='NAME:.metadata.name,ALIASES:.status.aliases,SERVED BY:.status.servedBy'
+"$kubectl" get deployments -l flywheel.dev/rollout=ctr
+tail -n 3 "$state/traffic.log"
+
+step "ctr-wrong committed: its online AUC falls far below stable's, the AUC alert fires, the canary goes to 0%"
+"$kubectl" get rollout ctr -w &
+watch=$!
+rollout_manifest ctr-wrong
+wait_rollout Degraded "" 600
+sleep 1
+kill "$watch" 2>/dev/null || true
+echo "abort reason: $("$kubectl" get rollout ctr -o jsonpath='{.status.abortReason}')"
+# The canary is gone from the rules' inputs once it is rolled back, so look back over the last two minutes.
+echo "alerts that fired in Prometheus (last 2 minutes):"
+curl -fsS "http://127.0.0.1:$prometheus_port/api/v1/query" \
+  --data-urlencode 'query=max_over_time(ALERTS{alertstate="firing"}[2m])' \
+  | python3 -c 'import json,sys; [print("  ", r["metric"]) for r in json.load(sys.stdin)["data"]["result"]]'
+echo "last online AUC of each version (its labeled window):"
+curl -fsS "http://127.0.0.1:$prometheus_port/api/v1/query" \
+  --data-urlencode 'query=max by (version) (last_over_time(flywheel_serving_online_auc{model="ctr"}[2m]))' \
+  | python3 -c 'import json,sys; [print("  ", r["metric"].get("version"), round(float(r["value"][1]), 4)) for r in json.load(sys.stdin)["data"]["result"]]'
+sleep 5
+tail -n 2 "$state/traffic.log"
+kill "$traffic" 2>/dev/null || true
+
 step "kubectl get flywheel"
 "$kubectl" get flywheel -o wide
 "$kubectl" get modelversion ctr-demo -o jsonpath='{.spec.artifact}{"\n"}{.spec.metrics}{"\n"}'
@@ -119,6 +296,8 @@ The demo is still running. Try:
   export KUBECONFIG=$kubeconfig
   $kubectl get flywheel
   $kubectl describe trainingjob ctr-demo
+  $kubectl get rollout ctr -o yaml
+  Prometheus:    http://127.0.0.1:$prometheus_port
   $kubectl get gpuquota ranking-team -o yaml
 Operator logs: $state/operator.log
 Stop it with:  e2e/scripts/stop-cluster.sh $state --purge

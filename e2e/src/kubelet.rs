@@ -26,14 +26,22 @@
 //!   first) once pods finish or are deleted and it fits. An admitted pod holds its resources until it finishes or
 //!   is deleted.
 //!
+//! - **Service names.** Each process also sees a hosts file (`crate::cluster_dns`) bind-mounted over its
+//!   `/etc/hosts` in a private mount namespace, naming every Service's Ready pods and every pod DNS identity, so
+//!   names a process builds or reads at run time (a router's route table) resolve too.
+//! - **ConfigMap volumes.** A pod's `configMap` volumes are projected into its work directory, their mount paths
+//!   in command, args and env point there, and the files follow the ConfigMap while the pod runs
+//!   (`crate::config_volumes`). A pod whose required ConfigMap is missing waits, Pending, as with the kubelet.
+//! - **Pod network.** Pods share the host's network namespace, so each process gets `FLYWHEEL_BIND_ADDRESS` (its
+//!   pod address), which Flywheel's servers bind instead of "all interfaces".
+//!
 //! Limits, by design: one attempt per container (restartPolicy is not replayed; the operator restarts gangs by
-//! making new pods); no init containers, volumes, probes, `envFrom`, or ConfigMap, Secret and resource-field env
-//! sources; cpu and memory are not accounted; node selectors, affinity and tolerations are ignored; pods are not
-//! bound (`spec.nodeName` stays empty) and no Events are written. There is no DNS server: only pod names spelled
-//! out in env, command and args resolve, not Service names and not names a process builds at run time. A process
-//! that writes to its termination-message path without being told it (a default path) writes to the real path
-//! on this machine. Pods share one network namespace: separate addresses keep their ports apart but do not
-//! isolate them.
+//! making new pods); no init containers, volumes other than ConfigMaps, probes, `envFrom`, or ConfigMap, Secret
+//! and resource-field env sources; cpu and memory are not accounted; node selectors, affinity and tolerations are
+//! ignored; pods are not bound (`spec.nodeName` stays empty) and no Events are written. There is no kube-proxy: a
+//! Service name resolves to its pods' addresses (as a headless Service's does), so a Service port must equal its
+//! target port. A process that writes to its termination-message path without being told it (a default path)
+//! writes to the real path on this machine. Separate addresses keep pods' ports apart but do not isolate them.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -46,7 +54,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::channel::oneshot;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Container, EnvVar, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
@@ -55,6 +63,9 @@ use serde_json::json;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
+
+use crate::cluster_dns::{self, ClusterDns, ReadyPod};
+use crate::config_volumes::{self, ConfigMapVolume};
 
 /// Images whose containers run for real.
 pub const OWN_IMAGES: [&str; 2] = ["flywheel-trainer", "flywheel-serving"];
@@ -140,6 +151,10 @@ impl Kubelet {
             relisted: None,
             finished_tx,
         };
+        let services = tokio::spawn(cluster_dns::watch_services(
+            node.client.clone(),
+            self.namespace.clone(),
+        ));
         let events = watcher::watcher(api, watcher::Config::default());
         let mut events = std::pin::pin!(kube::runtime::WatchStreamExt::default_backoff(events));
         loop {
@@ -153,6 +168,7 @@ impl Kubelet {
                 Some(uid) = finished_rx.recv() => node.on_finished(&uid).await,
             }
         }
+        services.abort();
         // Dropping the node drops every pod's stop sender: running containers are killed.
         Ok(())
     }
@@ -309,11 +325,12 @@ impl Node {
         };
         let (stop, stopped) = oneshot::channel();
         let api = Api::namespaced(self.client.clone(), &namespace);
+        let config_maps = Api::namespaced(self.client.clone(), &namespace);
         let bin_dir = self.bin_dir.clone();
         let finished = self.finished_tx.clone();
         let uid = pending.uid.clone();
         tokio::spawn(async move {
-            match run_pod(&api, &launch, &bin_dir, stopped).await {
+            match run_pod(&api, &config_maps, &launch, &bin_dir, stopped).await {
                 Ok(PodEnd::Deleted) => return,
                 Ok(PodEnd::Finished) => {}
                 Err(err) => {
@@ -500,8 +517,13 @@ fn pod_dns_name(token: &str) -> Option<PodIdentity> {
 /// Everything needed to run a pod, worked out when it is admitted.
 struct PodLaunch {
     name: String,
+    uid: String,
+    namespace: String,
+    labels: BTreeMap<String, String>,
     pod_ip: Ipv4Addr,
     work_dir: PathBuf,
+    /// The pod's `configMap` volumes, projected before its containers start.
+    config_maps: Vec<ConfigMapVolume>,
     /// Name and image of every container, for the status.
     containers: Vec<(String, String)>,
     /// The containers that really run.
@@ -522,7 +544,17 @@ struct ContainerLaunch {
 
 /// Works out a pod's address and its containers' argv and env; None if no address is left.
 fn plan_pod(pod: &Pod, addresses: &mut AddressBook, work_dir: PathBuf) -> Option<PodLaunch> {
-    let pod_ip = addresses.address_of(&PodIdentity::of(pod))?;
+    let identity = PodIdentity::of(pod);
+    let pod_ip = addresses.address_of(&identity)?;
+    if let PodIdentity::DnsName {
+        namespace,
+        hostname,
+        subdomain,
+    } = &identity
+    {
+        ClusterDns::global().pod_name(format!("{hostname}.{subdomain}.{namespace}.svc"), pod_ip);
+    }
+    let config_maps = config_volumes::config_map_volumes(pod, &work_dir);
     let spec = pod.spec.as_ref();
     let containers = spec
         .map(|spec| spec.containers.as_slice())
@@ -542,13 +574,18 @@ fn plan_pod(pod: &Pod, addresses: &mut AddressBook, work_dir: PathBuf) -> Option
                 pod_ip,
                 &hostname,
                 &work_dir,
+                &config_maps,
                 &mut |identity| addresses.address_of(identity),
             )
         })
         .collect();
     Some(PodLaunch {
         name: pod.name_any(),
+        uid: pod.uid().unwrap_or_default(),
+        namespace: pod.namespace().unwrap_or_default(),
+        labels: pod.labels().clone(),
         pod_ip,
+        config_maps,
         containers: containers
             .iter()
             .map(|c| (c.name.clone(), c.image.clone().unwrap_or_default()))
@@ -564,6 +601,7 @@ fn plan_container(
     pod_ip: Ipv4Addr,
     hostname: &str,
     work_dir: &Path,
+    config_maps: &[ConfigMapVolume],
     resolve: &mut impl FnMut(&PodIdentity) -> Option<Ipv4Addr>,
 ) -> ContainerLaunch {
     let image = container.image.clone().unwrap_or_default();
@@ -573,11 +611,12 @@ fn plan_container(
         .filter(|path| !path.is_empty())
         .unwrap_or(DEFAULT_TERMINATION_MESSAGE_PATH);
     let termination_log = work_dir.join(format!("{}.termination-log", container.name));
+    let mounts = config_volumes::mounts(container, config_maps);
     let local_path = |value: String| {
         if value == termination_message_path {
             termination_log.display().to_string()
         } else {
-            value
+            config_volumes::local_path(&value, &mounts).unwrap_or(value)
         }
     };
 
@@ -601,7 +640,10 @@ fn plan_container(
         .into_iter()
         .map(|arg| local_path(resolve_cluster_names(&arg, &mut *resolve)))
         .collect();
-    let mut process_env = vec![("HOSTNAME".to_owned(), hostname.to_owned())];
+    let mut process_env = vec![
+        ("HOSTNAME".to_owned(), hostname.to_owned()),
+        ("FLYWHEEL_BIND_ADDRESS".to_owned(), pod_ip.to_string()),
+    ];
     process_env.extend(env.into_iter().map(|(name, value)| {
         (
             name,
@@ -917,18 +959,34 @@ struct Outcome {
 
 async fn run_pod(
     api: &Api<Pod>,
+    config_maps: &Api<ConfigMap>,
     launch: &PodLaunch,
     bin_dir: &Path,
-    stopped: oneshot::Receiver<()>,
+    mut stopped: oneshot::Receiver<()>,
 ) -> Result<PodEnd, PodError> {
-    let started = Timestamp::now();
-    set_status(api, &launch.name, running_status(launch, started)).await?;
     if launch.own.is_empty() {
         // Nothing runs: the pod stays Running, holding its resources, until it is deleted.
+        set_status(api, &launch.name, running_status(launch, Timestamp::now())).await?;
         let _ = stopped.await;
         return Ok(PodEnd::Deleted);
     }
+    tokio::select! {
+        () = project_until_done(config_maps, launch) => {}
+        _ = &mut stopped => return Ok(PodEnd::Deleted),
+    }
+    let started = Timestamp::now();
+    set_status(api, &launch.name, running_status(launch, started)).await?;
     info!(pod = %launch.name, containers = launch.own.len(), ip = %launch.pod_ip, "kubelet starting containers");
+    let dns = ClusterDns::global();
+    dns.pod_ready(
+        &launch.uid,
+        ReadyPod {
+            namespace: launch.namespace.clone(),
+            labels: launch.labels.clone(),
+            address: launch.pod_ip,
+        },
+    );
+    let _unlisted = Unlist(&launch.uid);
     let outcomes = match std::fs::create_dir_all(&launch.work_dir) {
         Ok(()) => {
             let runs = launch
@@ -937,6 +995,7 @@ async fn run_pod(
                 .map(|container| run_container(launch, container, bin_dir));
             tokio::select! {
                 outcomes = futures::future::join_all(runs) => outcomes,
+                never = keep_projecting(config_maps, launch) => match never {},
                 // Pod deleted: dropping the futures kills the processes (kill_on_drop); nothing is left to report to.
                 _ = stopped => return Ok(PodEnd::Deleted),
             }
@@ -964,6 +1023,70 @@ async fn run_pod(
     .await?;
     Ok(PodEnd::Finished)
 }
+
+/// Projects the pod's ConfigMap volumes, retrying until all are in place: a required ConfigMap that does not
+/// exist yet keeps the pod from starting (the kubelet's ContainerCreating).
+async fn project_until_done(api: &Api<ConfigMap>, launch: &PodLaunch) {
+    let mut reported = None;
+    loop {
+        let mut error = None;
+        for volume in &launch.config_maps {
+            if let Err(err) = config_volumes::project(api, volume).await {
+                error = Some(err.to_string());
+                break;
+            }
+        }
+        let Some(error) = error else { return };
+        if reported.as_ref() != Some(&error) {
+            warn!(pod = %launch.name, error = %error, "kubelet waits for the pod's ConfigMap volumes");
+            reported = Some(error);
+        }
+        tokio::time::sleep(config_volumes::REFRESH).await;
+    }
+}
+
+/// Keeps the running pod's ConfigMap volumes in step with their ConfigMaps (a failed read keeps the old files).
+async fn keep_projecting(api: &Api<ConfigMap>, launch: &PodLaunch) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(config_volumes::REFRESH).await;
+        for volume in &launch.config_maps {
+            if let Err(err) = config_volumes::project(api, volume).await {
+                warn!(pod = %launch.name, error = %err, "kubelet could not refresh a ConfigMap volume");
+            }
+        }
+    }
+}
+
+/// Takes a pod's address out of its Services' records when it stops running.
+struct Unlist<'a>(&'a str);
+
+impl Drop for Unlist<'_> {
+    fn drop(&mut self) {
+        ClusterDns::global().pod_gone(self.0);
+    }
+}
+
+/// Whether processes can be given their own mount namespace here (and so the cluster hosts file).
+static MOUNT_NAMESPACES: LazyLock<bool> = LazyLock::new(|| {
+    let argv = cluster_dns::with_cluster_hosts(
+        ClusterDns::global().hosts_file(),
+        &["true".into()],
+        nix::unistd::geteuid().is_root(),
+    );
+    let works = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !works {
+        warn!(
+            "kubelet cannot make mount namespaces (unshare); Service names will not resolve in pods"
+        );
+    }
+    works
+});
 
 fn cannot_run(container: &ContainerLaunch, started: Timestamp, message: String) -> Outcome {
     Outcome {
@@ -1006,9 +1129,18 @@ async fn run_container(pod: &PodLaunch, container: &ContainerLaunch, bin_dir: &P
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut command = Command::new(&program);
+    let mut argv: Vec<std::ffi::OsString> = vec![program.clone().into()];
+    argv.extend(container.argv[1..].iter().map(Into::into));
+    if *MOUNT_NAMESPACES {
+        argv = cluster_dns::with_cluster_hosts(
+            ClusterDns::global().hosts_file(),
+            &argv,
+            nix::unistd::geteuid().is_root(),
+        );
+    }
+    let mut command = Command::new(&argv[0]);
     command
-        .args(&container.argv[1..])
+        .args(&argv[1..])
         .current_dir(&pod.work_dir)
         .env("PATH", path)
         .envs(container.env.iter().map(|(name, value)| (name, value)))
@@ -1017,6 +1149,15 @@ async fn run_container(pod: &PodLaunch, container: &ContainerLaunch, bin_dir: &P
         .stderr(Stdio::from(log.1))
         .process_group(0)
         .kill_on_drop(true);
+    // SAFETY: the closure runs between fork and exec and only makes one async-signal-safe system call (prctl).
+    // A kubelet that dies takes its containers with it (a killed demo leaves no server listening). The signal
+    // follows the forking thread, a tokio worker, which lives as long as the runtime.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
     let status = match command.spawn() {
         Ok(mut child) => {
             // Like a container's cgroup: whatever the entrypoint started dies with it, or with the pod.

@@ -2,6 +2,8 @@
 //! real process, and a kubelet stand-in that runs Flywheel's own images as local processes.
 
 pub mod cluster;
+pub mod cluster_dns;
+pub mod config_volumes;
 pub mod fixtures;
 pub mod kubelet;
 pub mod operator;

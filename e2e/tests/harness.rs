@@ -1,6 +1,7 @@
 //! The harness itself against the real API server. The kubelet stand-in: Flywheel-image pods run as local
 //! processes and report exit code and output; other pods are reported Running; deleting a pod kills its
-//! processes. The controller manager: owned objects are garbage-collected with their owner.
+//! processes; Service names resolve to the Ready pods they select; ConfigMap volumes are projected and follow
+//! their ConfigMap. The controller manager: owned objects are garbage-collected with their owner.
 
 use std::process::Command;
 use std::time::Duration;
@@ -201,5 +202,118 @@ async fn owned_objects_are_garbage_collected_with_their_owner() -> TestResult {
         },
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn service_names_resolve_and_config_map_volumes_follow_their_config_map() -> TestResult {
+    use k8s_openapi::api::core::v1::{ConfigMap, Service};
+    use kube::api::{Patch, PatchParams};
+    let (client, pods) = start("kubelet-dns").await?;
+    let namespace = pods.namespace().unwrap_or_default().to_owned();
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let backend: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "backend", "labels": {"app": "backend"}},
+        "spec": {"containers": [{"name": "main", "image": "flywheel-serving", "command": ["sleep", "600"]}]},
+    }))?;
+    pods.create(&PostParams::default(), &backend).await?;
+    let backend_ip = phase_of(&pods, "backend", "Running")
+        .await?
+        .status
+        .and_then(|status| status.pod_ip)
+        .unwrap_or_default();
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "backend"},
+        "spec": {"selector": {"app": "backend"}, "ports": [{"port": 8080}]},
+    }))?;
+    services.create(&PostParams::default(), &service).await?;
+    let config: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "client-config"},
+        "data": {"target": format!("backend.{namespace}.svc")},
+    }))?;
+    config_maps.create(&PostParams::default(), &config).await?;
+    // A name read from a mounted file at run time, not spelled out in the pod's env or args. Mount paths are
+    // rewritten where a value (an env value, an argument) starts with one, so the script takes it from env.
+    let script = r#"
+        target=$(cat "$CONFIG/target")
+        for i in $(seq 1 100); do addr=$(getent hosts "$target" | awk '{print $1}'); [ -n "$addr" ] && break; sleep 0.1; done
+        echo "$addr $FLYWHEEL_BIND_ADDRESS" >"$TERMINATION_LOG"
+        for i in $(seq 1 200); do [ "$(cat "$CONFIG/target")" = updated ] && break; sleep 0.1; done
+        cat "$CONFIG/target" >>"$TERMINATION_LOG""#;
+    let client_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "client"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main", "image": "flywheel-trainer", "command": ["sh", "-c", script],
+                "env": [
+                    {"name": "TERMINATION_LOG", "value": "/dev/termination-log"},
+                    {"name": "CONFIG", "value": "/etc/demo"},
+                ],
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/demo", "readOnly": true}],
+            }],
+            "volumes": [{"name": "config", "configMap": {"name": "client-config"}}],
+        },
+    }))?;
+    pods.create(&PostParams::default(), &client_pod).await?;
+    let client_ip = phase_of(&pods, "client", "Running")
+        .await?
+        .status
+        .and_then(|status| status.pod_ip)
+        .unwrap_or_default();
+    config_maps
+        .patch(
+            "client-config",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"target": "updated"}})),
+        )
+        .await?;
+    let done = phase_of(&pods, "client", "Succeeded").await?;
+    assert_eq!(
+        terminated(&done),
+        Some((0, format!("{backend_ip} {client_ip}\nupdated")))
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_pod_waits_for_its_config_map() -> TestResult {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let (client, pods) = start("kubelet-cm-wait").await?;
+    let namespace = pods.namespace().unwrap_or_default().to_owned();
+    let waiting: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "waiting"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "main", "image": "flywheel-trainer",
+                "command": ["sh", "-c", "cat \"$VALUE\" >\"$TERMINATION_LOG\""],
+                "env": [
+                    {"name": "TERMINATION_LOG", "value": "/dev/termination-log"},
+                    {"name": "VALUE", "value": "/etc/late/value"},
+                ],
+                "volumeMounts": [{"name": "late", "mountPath": "/etc/late"}],
+            }],
+            "volumes": [{"name": "late", "configMap": {"name": "late"}}],
+        },
+    }))?;
+    pods.create(&PostParams::default(), &waiting).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let phase = pods
+        .get("waiting")
+        .await?
+        .status
+        .and_then(|status| status.phase);
+    assert_ne!(phase.as_deref(), Some("Succeeded"));
+    assert_ne!(phase.as_deref(), Some("Failed"));
+    let late: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "late"}, "data": {"value": "here"},
+    }))?;
+    Api::<ConfigMap>::namespaced(client, &namespace)
+        .create(&PostParams::default(), &late)
+        .await?;
+    let done = phase_of(&pods, "waiting", "Succeeded").await?;
+    assert_eq!(terminated(&done), Some((0, "here".to_owned())));
     Ok(())
 }

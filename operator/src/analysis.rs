@@ -40,8 +40,10 @@ pub fn query(metric: &AnalysisMetric, context: &QueryContext<'_>) -> String {
         (Some(BuiltinMetric::LatencyP99), _) => format!(
             "histogram_quantile(0.99, sum by (le) (rate(flywheel_serving_request_duration_seconds_bucket{{{canary}}}[{interval}])))"
         ),
+        // A version that never failed has no error series: its error count is 0, not unknown. A canary without
+        // any request still has no rate, so the measurement stays inconclusive then.
         (Some(BuiltinMetric::ErrorRate), _) => format!(
-            "sum(rate(flywheel_serving_requests_total{{{canary},code!=\"OK\"}}[{interval}])) / sum(rate(flywheel_serving_requests_total{{{canary}}}[{interval}]))"
+            "(sum(rate(flywheel_serving_requests_total{{{canary},code!=\"OK\"}}[{interval}])) or vector(0)) / sum(rate(flywheel_serving_requests_total{{{canary}}}[{interval}]))"
         ),
         (None, Some(text)) => text
             .replace("{{stable}}", context.stable)
