@@ -7,7 +7,7 @@
 //! table has a row per event), and [`values_as_of`] evaluates one time directly (online values, streaming).
 //! They agree (up to the rounding of a running sum) and are tested against each other.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use flywheel_crds::featureview::{AggregationFunction, FeatureValueType};
 use flywheel_ml::transform::{Encoded, TransformError, Value};
@@ -47,14 +47,23 @@ impl Events {
 
     /// Each entity's events, ordered by time (ties keep input order).
     pub fn by_entity(&self) -> BTreeMap<&EntityKey, Vec<usize>> {
-        let mut groups: BTreeMap<&EntityKey, Vec<usize>> = BTreeMap::new();
+        // One hash lookup per event; keys are compared only once per entity, when the ordered map is built.
+        let mut slots: HashMap<&EntityKey, usize, foldhash::fast::RandomState> = HashMap::default();
+        let mut groups: Vec<(&EntityKey, Vec<usize>)> = Vec::new();
         for (row, key) in self.keys.iter().enumerate() {
-            groups.entry(key).or_default().push(row);
-        }
-        for rows in groups.values_mut() {
-            rows.sort_by_key(|&row| self.timestamps[row]);
+            let slot = *slots.entry(key).or_insert_with(|| {
+                groups.push((key, Vec::new()));
+                groups.len() - 1
+            });
+            groups[slot].1.push(row);
         }
         groups
+            .into_iter()
+            .map(|(key, mut rows)| {
+                rows.sort_by_key(|&row| self.timestamps[row]);
+                (key, rows)
+            })
+            .collect()
     }
 
     fn column(&self, name: &str) -> Result<&[FeatureValue], ComputeError> {

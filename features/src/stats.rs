@@ -2,6 +2,7 @@
 //! KS for numeric features (the ML core's definitions, equal to numpy/scipy), PSI over category shares for
 //! strings.
 
+use std::borrow::{Borrow, Cow};
 use std::collections::HashMap;
 
 use flywheel_crds::featureview::{FeatureDrift, FeatureStatistics};
@@ -18,9 +19,36 @@ pub const BASELINE_CATEGORIES: usize = 32;
 pub const PSI_BINS: usize = 10;
 
 /// Count, missing rate, and for numbers mean, standard deviation (population) and deciles p0…p100.
-pub fn statistics(name: &str, values: &[FeatureValue]) -> FeatureStatistics {
-    let mut numbers: Vec<f64> = values.iter().filter_map(FeatureValue::as_f64).collect();
-    let present = values.iter().filter(|v| !v.is_null()).count();
+pub fn statistics<V: Borrow<FeatureValue>>(name: &str, values: &[V]) -> FeatureStatistics {
+    statistics_of_sorted(name, values, &sorted_numbers(values))
+}
+
+/// The statistics and the drift baseline of one feature's values at once (its numbers are sorted once).
+pub fn profile<V: Borrow<FeatureValue>>(
+    name: &str,
+    values: &[V],
+) -> (FeatureStatistics, Option<Baseline>) {
+    let numbers = sorted_numbers(values);
+    let statistics = statistics_of_sorted(name, values, &numbers);
+    (statistics, Baseline::of_sorted(values, numbers))
+}
+
+/// The numeric values, in ascending order.
+fn sorted_numbers<V: Borrow<FeatureValue>>(values: &[V]) -> Vec<f64> {
+    let mut numbers: Vec<f64> = values.iter().filter_map(|v| v.borrow().as_f64()).collect();
+    numbers.sort_unstable_by(f64::total_cmp);
+    numbers
+}
+
+fn statistics_of_sorted<V: Borrow<FeatureValue>>(
+    name: &str,
+    values: &[V],
+    numbers: &[f64],
+) -> FeatureStatistics {
+    let present = values
+        .iter()
+        .filter(|v| !Borrow::<FeatureValue>::borrow(*v).is_null())
+        .count();
     let missing_rate = if values.is_empty() {
         0.0
     } else {
@@ -28,13 +56,12 @@ pub fn statistics(name: &str, values: &[FeatureValue]) -> FeatureStatistics {
     };
     let (mut mean, mut std, mut quantiles) = (None, None, Vec::new());
     if !numbers.is_empty() {
-        numbers.sort_by(f64::total_cmp);
         let n = numbers.len() as f64;
         let m = numbers.iter().sum::<f64>() / n;
         mean = Some(m);
         std = Some((numbers.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n).sqrt());
         quantiles = (0..=10)
-            .map(|i| quantile_sorted(&numbers, i as f64 / 10.0))
+            .map(|i| quantile_sorted(numbers, i as f64 / 10.0))
             .collect();
     }
     FeatureStatistics {
@@ -62,8 +89,17 @@ pub enum Baseline {
 
 impl Baseline {
     /// The baseline of `values`; `None` when none is present.
-    pub fn of(values: &[FeatureValue]) -> Option<Baseline> {
-        let present: Vec<&FeatureValue> = values.iter().filter(|v| !v.is_null()).collect();
+    pub fn of<V: Borrow<FeatureValue>>(values: &[V]) -> Option<Baseline> {
+        Baseline::of_sorted(values, sorted_numbers(values))
+    }
+
+    /// The baseline of `values`, whose numbers (sorted) are `numbers`.
+    fn of_sorted<V: Borrow<FeatureValue>>(values: &[V], numbers: Vec<f64>) -> Option<Baseline> {
+        let present: Vec<&FeatureValue> = values
+            .iter()
+            .map(Borrow::borrow)
+            .filter(|v| !v.is_null())
+            .collect();
         if present.is_empty() {
             return None;
         }
@@ -82,8 +118,6 @@ impl Baseline {
                 other,
             });
         }
-        let mut numbers: Vec<f64> = present.iter().filter_map(|v| v.as_f64()).collect();
-        numbers.sort_by(f64::total_cmp);
         let sample = if numbers.len() <= BASELINE_SAMPLE {
             numbers
         } else {
@@ -95,8 +129,12 @@ impl Baseline {
     }
 
     /// PSI (and KS for numbers) of `values` against this baseline; `None` when no value is present.
-    pub fn drift(&self, values: &[FeatureValue]) -> Option<(f64, Option<f64>)> {
-        let present: Vec<&FeatureValue> = values.iter().filter(|v| !v.is_null()).collect();
+    pub fn drift<V: Borrow<FeatureValue>>(&self, values: &[V]) -> Option<(f64, Option<f64>)> {
+        let present: Vec<&FeatureValue> = values
+            .iter()
+            .map(Borrow::borrow)
+            .filter(|v| !v.is_null())
+            .collect();
         if present.is_empty() {
             return None;
         }
@@ -132,24 +170,29 @@ impl Baseline {
 }
 
 fn category_shares(present: &[&FeatureValue]) -> HashMap<String, f64> {
-    let mut counts: HashMap<String, usize> = HashMap::new();
+    // Counted by borrowed text: one allocation per category, not per value.
+    let mut counts: HashMap<Cow<'_, str>, usize> = HashMap::new();
     for value in present {
-        if let Some(text) = value.to_text() {
+        let text = match value {
+            FeatureValue::Str(text) => Some(Cow::Borrowed(text.as_str())),
+            other => other.to_text().map(Cow::Owned),
+        };
+        if let Some(text) = text {
             *counts.entry(text).or_default() += 1;
         }
     }
     let total = present.len() as f64;
     counts
         .into_iter()
-        .map(|(category, count)| (category, count as f64 / total))
+        .map(|(category, count)| (category.into_owned(), count as f64 / total))
         .collect()
 }
 
 /// Drift of one feature against its baseline under the view's thresholds.
-pub fn drift_of(
+pub fn drift_of<V: Borrow<FeatureValue>>(
     name: &str,
     baseline: &Baseline,
-    values: &[FeatureValue],
+    values: &[V],
     psi_threshold: f64,
     ks_threshold: f64,
 ) -> Option<FeatureDrift> {

@@ -343,10 +343,19 @@ pub struct FeatureRows {
     pub values: Vec<Vec<FeatureValue>>,
 }
 
+/// Rows of one offline partition being written: the entity keys are borrowed from the events they came from.
+#[derive(Debug, Default)]
+pub struct PartitionRows<'a> {
+    pub keys: Vec<&'a EntityKey>,
+    pub timestamps: Vec<Micros>,
+    /// One vector per row, in [`View::features`] order.
+    pub values: Vec<Vec<FeatureValue>>,
+}
+
 /// Name of the event-time column of the offline table and of training sets' feature timestamp.
 pub const FEATURE_TIME_COLUMN: &str = "feature_timestamp";
 
-fn key_arrays(view: &View, keys: &[EntityKey]) -> Vec<(String, ArrayRef)> {
+fn key_arrays(view: &View, keys: &[&EntityKey]) -> Vec<(String, ArrayRef)> {
     view.entities
         .iter()
         .enumerate()
@@ -421,7 +430,11 @@ pub fn write_parquet(path: &Path, columns: Vec<(String, ArrayRef)>) -> Result<()
 }
 
 /// Writes the offline table rows of one partition.
-pub fn write_feature_rows(path: &Path, view: &View, rows: &FeatureRows) -> Result<(), TableError> {
+pub fn write_feature_rows(
+    path: &Path,
+    view: &View,
+    rows: &PartitionRows<'_>,
+) -> Result<(), TableError> {
     let mut columns = key_arrays(view, &rows.keys);
     columns.push((
         FEATURE_TIME_COLUMN.to_owned(),

@@ -18,14 +18,15 @@ use flywheel_features::aggregate::{Events, values_as_of, values_at_events};
 use flywheel_features::online::{add_writes, is_expired, now_micros, redis_url};
 use flywheel_features::pit::PointInTimeIndex;
 use flywheel_features::samples::{Click, Windows, label_impressions};
-use flywheel_features::stats::{Baseline, drift_of, statistics};
+use flywheel_features::stats::{Baseline, drift_of, profile};
 use flywheel_features::table::{
-    self, FeatureRows, feature_array, read_batches, read_events, read_feature_rows,
+    self, PartitionRows, feature_array, read_batches, read_events, read_feature_rows,
     write_feature_rows, write_parquet,
 };
 use flywheel_features::view::Micros;
 use flywheel_features::{EntityKey, FeatureValue, View};
 use rand::{RngExt, SeedableRng};
+use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -208,6 +209,7 @@ struct BaselineFile {
 
 pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    let mut phases = Phases::new();
     let manifest = load_view(&args.view)?;
     let spec = &manifest.spec;
     let Some(batch) = &spec.source.batch else {
@@ -239,6 +241,7 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
     let schema_hash = spec.schema_hash();
 
     let events = read_events(&source, &view)?;
+    phases.done("read");
     let computed = |error| anyhow::Error::new(error).context(source.display().to_string());
     let in_range = |t: Micros| until.is_none_or(|u| t <= u);
     let is_new = |t: Micros| in_range(t) && since.is_none_or(|s| t > s - lookback);
@@ -252,7 +255,7 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
     };
     if new_rows.is_empty() {
         report.watermark = since.map(format_time);
-        return finish(args, report, started);
+        return finish(args, report, started, &phases);
     }
     let watermark = (0..events.len())
         .map(|r| events.timestamps[r])
@@ -267,39 +270,48 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
         .iter()
         .map(|&r| day_of(events.timestamps[r]))
         .collect();
-    let mut partitions: BTreeMap<i64, FeatureRows> = BTreeMap::new();
-    let mut new_values: Vec<Vec<FeatureValue>> = Vec::with_capacity(new_rows.len());
+    // Each partition's rows, and whether each is new (this run's statistics and drift cover the new ones).
+    let mut partitions: BTreeMap<i64, (PartitionRows, Vec<bool>)> = BTreeMap::new();
     let mut touched: Vec<(&EntityKey, Vec<usize>)> = Vec::new();
-    for (key, rows) in events.by_entity() {
-        let rows: Vec<usize> = rows
-            .into_iter()
-            .filter(|&r| in_range(events.timestamps[r]))
-            .collect();
-        if !rows
-            .iter()
-            .any(|&r| days.contains(&day_of(events.timestamps[r])))
-        {
-            continue;
-        }
-        let values = values_at_events(&view, &events, &rows).map_err(computed)?;
+    let entities: Vec<(&EntityKey, Vec<usize>)> = events
+        .by_entity()
+        .into_iter()
+        .map(|(key, rows)| {
+            let rows: Vec<usize> = rows
+                .into_iter()
+                .filter(|&r| in_range(events.timestamps[r]))
+                .collect();
+            (key, rows)
+        })
+        .filter(|(_, rows)| {
+            rows.iter()
+                .any(|&r| days.contains(&day_of(events.timestamps[r])))
+        })
+        .collect();
+    // Entities are independent: their values are computed on every core, then gathered in key order.
+    let values: Vec<_> = entities
+        .par_iter()
+        .map(|(_, rows)| values_at_events(&view, &events, rows))
+        .collect();
+    for ((key, rows), values) in entities.into_iter().zip(values) {
+        let values = values.map_err(computed)?;
         for (row, row_values) in rows.iter().zip(values) {
             let time = events.timestamps[*row];
-            if is_new(time) {
-                new_values.push(row_values.clone());
-            }
             let day = day_of(time);
             if days.contains(&day) {
-                let partition = partitions.entry(day).or_default();
-                partition.keys.push(key.clone());
+                let (partition, new) = partitions.entry(day).or_default();
+                partition.keys.push(key);
                 partition.timestamps.push(time);
                 partition.values.push(row_values);
+                new.push(is_new(time));
             }
         }
         if rows.iter().any(|&r| is_new(events.timestamps[r])) {
             touched.push((key, rows));
         }
     }
-    for (&day, rows) in &partitions {
+    phases.done("compute");
+    for (&day, (rows, _)) in &partitions {
         let partition = partition_name(day);
         write_feature_rows(
             &offline.join(&partition).join("part-00000.parquet"),
@@ -309,6 +321,7 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
         report.partitions.push(partition);
     }
 
+    phases.done("offline");
     // Online: each touched entity's values as of the watermark, unless already stale.
     if spec.online.is_some() && !args.no_online {
         let (written, expired) =
@@ -317,9 +330,18 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
         report.expired = expired;
     }
 
+    phases.done("online");
     // Statistics and drift of the new rows against the baseline (this run's rows when there is none yet).
-    let columns: Vec<Vec<FeatureValue>> = (0..view.features.len())
-        .map(|i| new_values.iter().map(|row| row[i].clone()).collect())
+    let new_values = || {
+        partitions.values().flat_map(|(rows, new)| {
+            rows.values
+                .iter()
+                .zip(new)
+                .filter_map(|(values, &new)| new.then_some(values))
+        })
+    };
+    let columns: Vec<Vec<&FeatureValue>> = (0..view.features.len())
+        .map(|i| new_values().map(|row| &row[i]).collect())
         .collect();
     let baseline_path = offline.join("_flywheel").join("baseline.json");
     let existing: Option<BaselineFile> = std::fs::read(&baseline_path)
@@ -346,23 +368,20 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
             baseline
         }
         None => {
-            let baseline = BaselineFile {
+            let mut baseline = BaselineFile {
                 schema_hash: schema_hash.clone(),
-                statistics: view
-                    .features
-                    .iter()
-                    .zip(&columns)
-                    .map(|(feature, values)| statistics(&feature.name, values))
-                    .collect(),
-                distributions: view
-                    .features
-                    .iter()
-                    .zip(&columns)
-                    .filter_map(|(feature, values)| {
-                        Some((feature.name.clone(), Baseline::of(values)?))
-                    })
-                    .collect(),
+                statistics: Vec::with_capacity(view.features.len()),
+                distributions: BTreeMap::new(),
             };
+            for (feature, values) in view.features.iter().zip(&columns) {
+                let (statistics, distribution) = profile(&feature.name, values);
+                baseline.statistics.push(statistics);
+                if let Some(distribution) = distribution {
+                    baseline
+                        .distributions
+                        .insert(feature.name.clone(), distribution);
+                }
+            }
             if let Some(dir) = baseline_path.parent() {
                 std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
             }
@@ -373,7 +392,8 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
         }
     };
     report.statistics = baseline.statistics;
-    finish(args, report, started)
+    phases.done("statistics");
+    finish(args, report, started, &phases)
 }
 
 fn write_online(
@@ -425,16 +445,43 @@ fn write_online(
 }
 
 /// Prints the report and leaves it as the termination message, cut to fit the kubelet's limit.
+/// Seconds spent in each phase of a run, for the log line (where the time goes, without a profiler).
+struct Phases {
+    last: Instant,
+    seconds: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases {
+            last: Instant::now(),
+            seconds: serde_json::Map::new(),
+        }
+    }
+
+    fn done(&mut self, phase: &str) {
+        let now = Instant::now();
+        self.seconds
+            .insert(phase.to_owned(), json!((now - self.last).as_secs_f64()));
+        self.last = now;
+    }
+}
+
 fn finish(
     args: &MaterializeArgs,
     mut report: MaterializationReport,
     started: Instant,
+    phases: &Phases,
 ) -> anyhow::Result<()> {
     report.duration_seconds = started.elapsed().as_secs_f64();
     let full = serde_json::to_string(&report)?;
     println!(
         "{}",
-        json!({"event": "materialized", "report": serde_json::from_str::<serde_json::Value>(&full)?})
+        json!({
+            "event": "materialized",
+            "report": serde_json::from_str::<serde_json::Value>(&full)?,
+            "phaseSeconds": phases.seconds,
+        })
     );
     let mut message = full;
     if message.len() > TERMINATION_MESSAGE_LIMIT {
