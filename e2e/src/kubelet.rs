@@ -12,7 +12,8 @@
 //!   hostname and subdomain, else to its namespace and name, and is kept while the process runs: a re-created
 //!   gang member gets its old address back. All kubelets of a process share one address book (tests run one per
 //!   namespace); kubelets in separate processes do not, and may hand out the same addresses. `hostIP` is
-//!   127.0.0.1.
+//!   127.0.0.1. Pods share the host's network namespace, so each process gets `FLYWHEEL_BIND_ADDRESS` (its pod
+//!   address), which Flywheel's servers bind instead of "all interfaces".
 //! - **Cluster DNS.** Names `<hostname>.<subdomain>.<namespace>.svc[.cluster.local]` in env values, command and
 //!   args are replaced by the address of that pod identity, allocated on first mention, so gang members may start
 //!   in any order.
@@ -32,8 +33,6 @@
 //! - **ConfigMap volumes.** A pod's `configMap` volumes are projected into its work directory, their mount paths
 //!   in command, args and env point there, and the files follow the ConfigMap while the pod runs
 //!   (`crate::config_volumes`). A pod whose required ConfigMap is missing waits, Pending, as with the kubelet.
-//! - **Pod network.** Pods share the host's network namespace, so each process gets `FLYWHEEL_BIND_ADDRESS` (its
-//!   pod address), which Flywheel's servers bind instead of "all interfaces".
 //!
 //! Limits, by design: one attempt per container (restartPolicy is not replayed; the operator restarts gangs by
 //! making new pods); no init containers, volumes other than ConfigMaps, probes, `envFrom`, or ConfigMap, Secret
@@ -1024,19 +1023,23 @@ async fn run_pod(
     Ok(PodEnd::Finished)
 }
 
+/// Projects every ConfigMap volume of the pod; the first that fails stops it.
+async fn project_all(
+    api: &Api<ConfigMap>,
+    launch: &PodLaunch,
+) -> Result<(), config_volumes::VolumeError> {
+    for volume in &launch.config_maps {
+        config_volumes::project(api, volume).await?;
+    }
+    Ok(())
+}
+
 /// Projects the pod's ConfigMap volumes, retrying until all are in place: a required ConfigMap that does not
 /// exist yet keeps the pod from starting (the kubelet's ContainerCreating).
 async fn project_until_done(api: &Api<ConfigMap>, launch: &PodLaunch) {
     let mut reported = None;
-    loop {
-        let mut error = None;
-        for volume in &launch.config_maps {
-            if let Err(err) = config_volumes::project(api, volume).await {
-                error = Some(err.to_string());
-                break;
-            }
-        }
-        let Some(error) = error else { return };
+    while let Err(err) = project_all(api, launch).await {
+        let error = err.to_string();
         if reported.as_ref() != Some(&error) {
             warn!(pod = %launch.name, error = %error, "kubelet waits for the pod's ConfigMap volumes");
             reported = Some(error);
@@ -1049,10 +1052,8 @@ async fn project_until_done(api: &Api<ConfigMap>, launch: &PodLaunch) {
 async fn keep_projecting(api: &Api<ConfigMap>, launch: &PodLaunch) -> std::convert::Infallible {
     loop {
         tokio::time::sleep(config_volumes::REFRESH).await;
-        for volume in &launch.config_maps {
-            if let Err(err) = config_volumes::project(api, volume).await {
-                warn!(pod = %launch.name, error = %err, "kubelet could not refresh a ConfigMap volume");
-            }
+        if let Err(err) = project_all(api, launch).await {
+            warn!(pod = %launch.name, error = %err, "kubelet could not refresh a ConfigMap volume");
         }
     }
 }

@@ -18,12 +18,8 @@ pub const BASELINE_CATEGORIES: usize = 32;
 /// Bins of numeric PSI.
 pub const PSI_BINS: usize = 10;
 
-/// Count, missing rate, and for numbers mean, standard deviation (population) and deciles p0…p100.
-pub fn statistics<V: Borrow<FeatureValue>>(name: &str, values: &[V]) -> FeatureStatistics {
-    statistics_of_sorted(name, values, &sorted_numbers(values))
-}
-
-/// The statistics and the drift baseline of one feature's values at once (its numbers are sorted once).
+/// The statistics (count, missing rate, and for numbers mean, standard deviation (population) and deciles
+/// p0…p100) and the drift baseline of one feature's values, at once: its numbers are sorted once.
 pub fn profile<V: Borrow<FeatureValue>>(
     name: &str,
     values: &[V],
@@ -88,12 +84,7 @@ pub enum Baseline {
 }
 
 impl Baseline {
-    /// The baseline of `values`; `None` when none is present.
-    pub fn of<V: Borrow<FeatureValue>>(values: &[V]) -> Option<Baseline> {
-        Baseline::of_sorted(values, sorted_numbers(values))
-    }
-
-    /// The baseline of `values`, whose numbers (sorted) are `numbers`.
+    /// The baseline of `values`, whose numbers (sorted) are `numbers`; `None` when no value is present.
     fn of_sorted<V: Borrow<FeatureValue>>(values: &[V], numbers: Vec<f64>) -> Option<Baseline> {
         let present: Vec<&FeatureValue> = values
             .iter()
@@ -229,7 +220,7 @@ mod tests {
     fn statistics_of_numbers_and_missing() {
         let mut values = floats([1.0, 2.0, 3.0, 4.0]);
         values.push(FeatureValue::Null);
-        let stats = statistics("x", &values);
+        let (stats, _) = profile("x", &values);
         assert_eq!(stats.count, 4);
         assert!((stats.missing_rate - 0.2).abs() < 1e-12);
         assert_eq!(stats.mean, Some(2.5));
@@ -241,8 +232,9 @@ mod tests {
 
     #[test]
     fn a_shifted_distribution_drifts_and_a_resample_does_not() {
-        let baseline =
-            Baseline::of(&normal(50_000, 1, 0.0)).unwrap_or(Baseline::Numeric { sample: vec![] });
+        let baseline = profile("x", &normal(50_000, 1, 0.0))
+            .1
+            .unwrap_or(Baseline::Numeric { sample: vec![] });
         let same = drift_of("x", &baseline, &normal(20_000, 2, 0.0), 0.25, 0.2);
         let shifted = drift_of("x", &baseline, &normal(20_000, 3, 1.0), 0.25, 0.2);
         let (same, shifted) = (
@@ -261,7 +253,7 @@ mod tests {
                 .map(|i| FeatureValue::Str(pattern[i % pattern.len()].to_owned()))
                 .collect()
         };
-        let baseline = Baseline::of(&strings(&["a", "b", "c", "d"], 4_000));
+        let (_, baseline) = profile("x", &strings(&["a", "b", "c", "d"], 4_000));
         let Some(baseline) = baseline else {
             panic!("no baseline")
         };
