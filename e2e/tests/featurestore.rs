@@ -557,7 +557,7 @@ async fn bad_sources_fail_naming_the_file_and_column() -> TestResult {
                 ("clicks", ints(&[1])),
                 ("category", Arc::new(StringArray::from(vec!["a"]))),
             ],
-            "(column `price`): Sum needs finite numbers, got a string",
+            "feature `price` (column `price`): is Float64 but got a string",
         ),
         (
             "badkey.parquet",

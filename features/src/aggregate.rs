@@ -3,11 +3,11 @@
 //! events in `(t − window, t]` (nulls skipped), and a cross hashes the values of the features it crosses. Events
 //! at the same time are all visible at that time, whatever their order, so results do not depend on input order.
 //!
-//! Two paths compute this: [`values_at_events`] slides the windows over an entity's whole history (the offline
-//! table has a row per event), and [`values_as_of`] evaluates one time directly (online values, streaming).
-//! They agree (up to the rounding of a running sum) and are tested against each other.
+//! [`values_as_of`] evaluates one time directly over any [`EventColumns`]: the streaming side's decoded events
+//! ([`Events`]) or a batch run's Arrow columns. The batch side's sliding path over every event of an entity (the
+//! offline table) lives in `offline` and shares this module's [`Window`]; the two are tested against each other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use flywheel_crds::featureview::{AggregationFunction, FeatureValueType};
 use flywheel_ml::transform::{Encoded, TransformError, Value};
@@ -27,7 +27,16 @@ pub enum ComputeError {
     MissingColumn(String),
 }
 
-/// Events of a source, column by column: one entity key and event time per event, and the source columns the
+/// Events column by column, as the feature computations read them: an event time per row and the source
+/// columns by name.
+pub trait EventColumns {
+    /// The position of the source column `name`.
+    fn column_index(&self, name: &str) -> Option<usize>;
+    fn timestamp(&self, row: usize) -> Micros;
+    fn value(&self, column: usize, row: usize) -> Value<'_>;
+}
+
+/// Decoded events (the streaming side): one entity key and event time per event, and the source columns the
 /// view reads.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Events {
@@ -36,157 +45,65 @@ pub struct Events {
     pub columns: Vec<(String, Vec<FeatureValue>)>,
 }
 
-impl Events {
-    pub fn len(&self) -> usize {
-        self.keys.len()
+impl EventColumns for Events {
+    fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|(column, _)| column == name)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+    fn timestamp(&self, row: usize) -> Micros {
+        self.timestamps[row]
     }
 
-    /// Each entity's events, ordered by time (ties keep input order).
-    pub fn by_entity(&self) -> BTreeMap<&EntityKey, Vec<usize>> {
-        // One hash lookup per event; keys are compared only once per entity, when the ordered map is built.
-        let mut slots: HashMap<&EntityKey, usize, foldhash::fast::RandomState> = HashMap::default();
-        let mut groups: Vec<(&EntityKey, Vec<usize>)> = Vec::new();
-        for (row, key) in self.keys.iter().enumerate() {
-            let slot = *slots.entry(key).or_insert_with(|| {
-                groups.push((key, Vec::new()));
-                groups.len() - 1
-            });
-            groups[slot].1.push(row);
-        }
-        groups
-            .into_iter()
-            .map(|(key, mut rows)| {
-                rows.sort_by_key(|&row| self.timestamps[row]);
-                (key, rows)
-            })
-            .collect()
-    }
-
-    fn column(&self, name: &str) -> Result<&[FeatureValue], ComputeError> {
-        self.columns
-            .iter()
-            .find(|(column, _)| column == name)
-            .map(|(_, values)| values.as_slice())
-            .ok_or_else(|| ComputeError::MissingColumn(name.to_owned()))
+    fn value(&self, column: usize, row: usize) -> Value<'_> {
+        self.columns[column].1[row].as_ml()
     }
 }
 
-/// The columns of each feature, resolved once.
-struct Inputs<'a> {
-    columns: Vec<Option<&'a [FeatureValue]>>,
-}
-
-impl<'a> Inputs<'a> {
-    fn resolve(view: &View, events: &'a Events) -> Result<Inputs<'a>, ComputeError> {
-        let columns = view
-            .features
-            .iter()
-            .map(|feature| match feature.kind {
-                FeatureKind::Cross { .. } => Ok(None),
-                _ => events.column(&feature.column).map(Some),
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Inputs { columns })
-    }
-}
-
-/// The feature values at each of one entity's events (`rows`, ordered by time), in `rows` order; each inner
-/// vector follows [`View::features`].
-pub fn values_at_events(
+/// The source column of each feature (`None` for crosses), resolved once.
+pub(crate) fn resolve_inputs(
     view: &View,
-    events: &Events,
-    rows: &[usize],
-) -> Result<Vec<Vec<FeatureValue>>, ComputeError> {
-    let inputs = Inputs::resolve(view, events)?;
-    let mut windows: Vec<Option<Window>> = view
-        .features
+    events: &impl EventColumns,
+) -> Result<Vec<Option<usize>>, ComputeError> {
+    view.features
         .iter()
         .map(|feature| match feature.kind {
-            FeatureKind::Aggregate { function, window } => Some(Window::new(function, window)),
-            _ => None,
+            FeatureKind::Cross { .. } => Ok(None),
+            _ => events
+                .column_index(&feature.column)
+                .map(Some)
+                .ok_or_else(|| ComputeError::MissingColumn(feature.column.clone())),
         })
-        .collect();
-    let mut last: Vec<FeatureValue> = vec![FeatureValue::Null; view.features.len()];
-    let mut out = Vec::with_capacity(rows.len());
-    let mut start = 0;
-    while start < rows.len() {
-        let time = events.timestamps[rows[start]];
-        let mut end = start;
-        while end < rows.len() && events.timestamps[rows[end]] == time {
-            end += 1;
-        }
-        for index in 0..view.features.len() {
-            let Some(column) = inputs.columns[index] else {
-                continue;
-            };
-            match &mut windows[index] {
-                Some(window) => {
-                    for position in start..end {
-                        window.add(position, &column[rows[position]]);
-                    }
-                    window.evict_until(time, |position| {
-                        (events.timestamps[rows[position]], &column[rows[position]])
-                    });
-                }
-                None => {
-                    for &row in &rows[start..end] {
-                        if !column[row].is_null() {
-                            last[index] = column[row].clone();
-                        }
-                    }
-                }
-            }
-        }
-        let raw: Vec<FeatureValue> = view
-            .features
-            .iter()
-            .enumerate()
-            .map(|(index, feature)| match &windows[index] {
-                Some(window) => window.value(feature),
-                None => Ok(last[index].clone()),
-            })
-            .collect::<Result<_, _>>()?;
-        let values = finish(view, raw)?;
-        for _ in start..end {
-            out.push(values.clone());
-        }
-        start = end;
-    }
-    Ok(out)
+        .collect()
 }
 
 /// The feature values of one entity at `time`, from its events `rows` (any order; later ones are ignored).
 pub fn values_as_of(
     view: &View,
-    events: &Events,
+    events: &impl EventColumns,
     rows: &[usize],
     time: Micros,
 ) -> Result<Vec<FeatureValue>, ComputeError> {
-    let inputs = Inputs::resolve(view, events)?;
+    let inputs = resolve_inputs(view, events)?;
     let mut visible: Vec<usize> = rows
         .iter()
         .copied()
-        .filter(|&row| events.timestamps[row] <= time)
+        .filter(|&row| events.timestamp(row) <= time)
         .collect();
-    visible.sort_by_key(|&row| events.timestamps[row]);
+    visible.sort_by_key(|&row| events.timestamp(row));
     let raw = view
         .features
         .iter()
-        .enumerate()
-        .map(|(index, feature)| {
-            let Some(column) = inputs.columns[index] else {
+        .zip(&inputs)
+        .map(|(feature, input)| {
+            let Some(column) = *input else {
                 return Ok(FeatureValue::Null);
             };
             match feature.kind {
                 FeatureKind::Aggregate { function, window } => {
                     let mut state = Window::new(function, window);
                     for (position, &row) in visible.iter().enumerate() {
-                        if events.timestamps[row] > time - window {
-                            state.add(position, &column[row]);
+                        if events.timestamp(row) > time - window {
+                            state.add(position, events.value(column, row));
                         }
                     }
                     state.value(feature)
@@ -194,18 +111,41 @@ pub fn values_as_of(
                 _ => Ok(visible
                     .iter()
                     .rev()
-                    .map(|&row| &column[row])
-                    .find(|value| !value.is_null())
-                    .cloned()
-                    .unwrap_or(FeatureValue::Null)),
+                    .map(|&row| events.value(column, row))
+                    .find(|value| !matches!(value, Value::Missing))
+                    .map_or(FeatureValue::Null, owned)),
             }
         })
         .collect::<Result<Vec<_>, _>>()?;
     finish(view, raw)
 }
 
+/// A borrowed value as an owned feature value.
+pub(crate) fn owned(value: Value<'_>) -> FeatureValue {
+    match value {
+        Value::Missing => FeatureValue::Null,
+        Value::Int(i) => FeatureValue::Int(i),
+        Value::Float(f) => FeatureValue::Float(f),
+        Value::Str(s) => FeatureValue::Str(s.to_owned()),
+        Value::Bool(b) => FeatureValue::Bool(b),
+    }
+}
+
+/// A value as a number, for aggregations; `None` for missing values and strings.
+fn number(value: Value<'_>) -> Option<f64> {
+    match value {
+        Value::Int(i) => Some(i as f64),
+        Value::Float(f) => Some(f),
+        Value::Bool(b) => Some(f64::from(u8::from(b))),
+        Value::Missing | Value::Str(_) => None,
+    }
+}
+
 /// Applies transforms and crosses to the raw values (last values and aggregates), checking declared types.
-fn finish(view: &View, mut values: Vec<FeatureValue>) -> Result<Vec<FeatureValue>, ComputeError> {
+pub(crate) fn finish(
+    view: &View,
+    mut values: Vec<FeatureValue>,
+) -> Result<Vec<FeatureValue>, ComputeError> {
     for index in 0..view.features.len() {
         let feature = &view.features[index];
         let value = match &feature.kind {
@@ -228,7 +168,7 @@ fn finish(view: &View, mut values: Vec<FeatureValue>) -> Result<Vec<FeatureValue
     Ok(values)
 }
 
-fn value_error(feature: &CompiledFeature, message: impl Into<String>) -> ComputeError {
+pub(crate) fn value_error(feature: &CompiledFeature, message: impl Into<String>) -> ComputeError {
     ComputeError::Value {
         feature: feature.name.clone(),
         column: feature.column.clone(),
@@ -236,7 +176,7 @@ fn value_error(feature: &CompiledFeature, message: impl Into<String>) -> Compute
     }
 }
 
-fn encoded(
+pub(crate) fn encoded(
     feature: &CompiledFeature,
     result: Result<Encoded, TransformError>,
 ) -> Result<FeatureValue, ComputeError> {
@@ -289,7 +229,7 @@ impl Ordered {
 }
 
 /// One aggregation over a trailing window: the events added and not yet evicted, in time order.
-struct Window {
+pub(crate) struct Window {
     function: AggregationFunction,
     length: Micros,
     /// Positions (into the entity's ordered events) still in the window, oldest first.
@@ -303,7 +243,7 @@ struct Window {
 }
 
 impl Window {
-    fn new(function: AggregationFunction, length: Micros) -> Window {
+    pub(crate) fn new(function: AggregationFunction, length: Micros) -> Window {
         Window {
             function,
             length,
@@ -316,16 +256,16 @@ impl Window {
         }
     }
 
-    fn add(&mut self, position: usize, value: &FeatureValue) {
+    pub(crate) fn add(&mut self, position: usize, value: Value<'_>) {
         self.members.push_back(position);
         self.update(value, 1);
     }
 
     /// Drops the members at or before `time − length`; `member` gives a position's time and value.
-    fn evict_until<'v>(
+    pub(crate) fn evict_until<'v>(
         &mut self,
         time: Micros,
-        member: impl Fn(usize) -> (Micros, &'v FeatureValue),
+        member: impl Fn(usize) -> (Micros, Value<'v>),
     ) {
         while let Some(&oldest) = self.members.front() {
             let (at, value) = member(oldest);
@@ -337,8 +277,8 @@ impl Window {
         }
     }
 
-    fn update(&mut self, value: &FeatureValue, sign: i64) {
-        if value.is_null() {
+    fn update(&mut self, value: Value<'_>, sign: i64) {
+        if matches!(value, Value::Missing) {
             return;
         }
         self.count += sign;
@@ -346,15 +286,15 @@ impl Window {
             AggregationFunction::Count => {}
             AggregationFunction::DistinctCount => {
                 let key = match value {
-                    FeatureValue::Str(s) => format!("s{s}"),
-                    other => format!("n{}", other.as_f64().unwrap_or(f64::NAN)),
+                    Value::Str(s) => format!("s{s}"),
+                    other => format!("n{}", number(other).unwrap_or(f64::NAN)),
                 };
                 multiset_update(&mut self.distinct, key, sign);
             }
             AggregationFunction::Sum
             | AggregationFunction::Mean
             | AggregationFunction::Min
-            | AggregationFunction::Max => match value.as_f64() {
+            | AggregationFunction::Max => match number(value) {
                 Some(x) if x.is_finite() => {
                     self.sum += sign as f64 * x;
                     if matches!(
@@ -369,7 +309,7 @@ impl Window {
                         self.bad = Some(format!(
                             "{:?} needs finite numbers, got {}",
                             self.function,
-                            flywheel_ml::transform::type_name(value.as_ml())
+                            flywheel_ml::transform::type_name(value)
                         ));
                     }
                 }
@@ -377,7 +317,7 @@ impl Window {
         }
     }
 
-    fn value(&self, feature: &CompiledFeature) -> Result<FeatureValue, ComputeError> {
+    pub(crate) fn value(&self, feature: &CompiledFeature) -> Result<FeatureValue, ComputeError> {
         if let Some(bad) = &self.bad {
             return Err(value_error(feature, bad.clone()));
         }
@@ -419,7 +359,6 @@ pub(crate) mod tests {
     use super::*;
     use crate::value::KeyPart;
     use flywheel_crds::featureview::FeatureViewSpec;
-    use proptest::prelude::*;
 
     pub(crate) fn spec(features: serde_json::Value) -> FeatureViewSpec {
         let spec = serde_json::json!({
@@ -455,7 +394,7 @@ pub(crate) mod tests {
         View::compile(&spec, "ts", "test:").unwrap_or_else(|e| panic!("compile: {e}"))
     }
 
-    const HOUR: Micros = 3_600_000_000;
+    pub(crate) const HOUR: Micros = 3_600_000_000;
 
     fn events(rows: &[(i64, Micros, Option<f64>, Option<&str>)]) -> Events {
         Events {
@@ -508,7 +447,13 @@ pub(crate) mod tests {
             (1, 3 * HOUR, Some(5.0), Some("a")), // everything else left every window
         ]);
         let rows: Vec<usize> = (0..4).collect();
-        let at = values_at_events(&view, &events, &rows).unwrap_or_else(|e| panic!("{e}"));
+        let at: Vec<Vec<FeatureValue>> = events
+            .timestamps
+            .iter()
+            .map(|&time| {
+                values_as_of(&view, &events, &rows, time).unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
         assert_eq!(named(&view, &at[0], "clicks_1h"), FeatureValue::Int(1));
         assert_eq!(named(&view, &at[1], "spend_1h"), FeatureValue::Float(30.0));
         assert_eq!(
@@ -561,7 +506,7 @@ pub(crate) mod tests {
             timestamps: vec![0],
             columns: vec![("price".into(), vec![FeatureValue::Str("x".into())])],
         };
-        let error = values_at_events(&view, &events, &[0])
+        let error = values_as_of(&view, &events, &[0], 0)
             .err()
             .map(|e| e.to_string());
         assert_eq!(
@@ -583,32 +528,5 @@ pub(crate) mod tests {
             error.as_deref(),
             Some("spec.features[0].valueType: is Float64 but the feature yields Int64")
         );
-    }
-
-    proptest! {
-        /// The sliding path (offline rows) and the direct path (online values) agree at every event.
-        #[test]
-        fn sliding_and_direct_agree(
-            raw in proptest::collection::vec((0i64..3, 0i64..(6 * HOUR), proptest::option::of(0.0f64..100.0), 0usize..3), 1..60)
-        ) {
-            let view = view();
-            let categories = ["a", "b", "c"];
-            let rows: Vec<(i64, Micros, Option<f64>, Option<&str>)> =
-                raw.iter().map(|&(u, t, p, c)| (u, t - t % 60_000_000, p, Some(categories[c]))).collect();
-            let events = events(&rows);
-            for entity_rows in events.by_entity().values() {
-                let sliding = values_at_events(&view, &events, entity_rows).unwrap_or_else(|e| panic!("{e}"));
-                for (position, &row) in entity_rows.iter().enumerate() {
-                    let direct = values_as_of(&view, &events, entity_rows, events.timestamps[row])
-                        .unwrap_or_else(|e| panic!("{e}"));
-                    for (a, b) in sliding[position].iter().zip(&direct) {
-                        match (a, b) {
-                            (FeatureValue::Float(x), FeatureValue::Float(y)) => prop_assert!((x - y).abs() <= 1e-9 * (1.0 + y.abs()), "{x} vs {y}"),
-                            _ => prop_assert_eq!(a, b),
-                        }
-                    }
-                }
-            }
-        }
     }
 }

@@ -4,9 +4,9 @@
 //!   (null values are absent fields), which is what `flywheel-serving` reads, plus [`AS_OF_FIELD`], the time the
 //!   values hold at;
 //! - the hash expires at its newest event's time plus the view's TTL, so stale values read as missing;
-//! - a write replaces the hash only if it is as new as the stored one ([`WRITE_SCRIPT`], atomic in Redis), so
-//!   re-running a materialization or replaying a stream rewrites the same values, and an older batch never
-//!   overwrites newer streamed values;
+//! - a write replaces the hash only if it is as new as the stored one ([`WRITE_SCRIPT`], atomic in Redis, many
+//!   hashes per call), so re-running a materialization or replaying a stream rewrites the same values, and an
+//!   older batch never overwrites newer streamed values;
 //! - streaming keeps each entity's recent events in the sorted set `<hash key>#events` (score: event time,
 //!   member: the event), which makes replays idempotent: a replayed event is the same member.
 
@@ -16,16 +16,27 @@ use crate::view::{Micros, View};
 /// Hash field holding the time (µs since the epoch) the entity's values hold at.
 pub const AS_OF_FIELD: &str = "_as_of_us";
 
-/// KEYS[1] the hash; ARGV[1] as-of time, ARGV[2] expiry (ms since the epoch), ARGV[3] the as-of field's name,
-/// ARGV[4..] field/value pairs.
-/// Returns 1 when written, 0 when the stored values are newer.
+/// Entities per script call: large enough that the call's overhead vanishes, small enough not to stall Redis.
+pub const WRITE_BATCH: usize = 256;
+
+/// KEYS: the hashes; ARGV[1] the as-of field's name, then per hash: its as-of time, expiry (ms since the epoch),
+/// the number of fields n and n field/value pairs. A hash is replaced only when its stored values are not
+/// newer. Returns how many hashes were written.
 pub const WRITE_SCRIPT: &str = r"
-local stored = redis.call('HGET', KEYS[1], ARGV[3])
-if stored and tonumber(stored) > tonumber(ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[1], unpack(ARGV, 4))
-redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-return 1
+local written = 0
+local at = 2
+for _, key in ipairs(KEYS) do
+  local as_of, expire_at, fields = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+  local stored = redis.call('HGET', key, ARGV[1])
+  if not (stored and tonumber(stored) > tonumber(as_of)) then
+    if stored then redis.call('DEL', key) end
+    redis.call('HSET', key, ARGV[1], as_of, unpack(ARGV, at + 3, at + 2 + 2 * fields))
+    redis.call('PEXPIREAT', key, expire_at)
+    written = written + 1
+  end
+  at = at + 3 + 2 * fields
+end
+return written
 ";
 
 /// One entity's values, ready to write.
@@ -83,19 +94,23 @@ pub fn is_expired(newest_event: Micros, ttl: Micros, now: Micros) -> bool {
     now - newest_event > ttl
 }
 
-/// Appends the conditional write of each row to `pipeline`; each answers 1 (written) or 0 (stored is newer).
+/// Appends the conditional writes of `rows` to `pipeline`, [`WRITE_BATCH`] rows per script call; each call
+/// answers how many of its rows were written (the others' stored values are newer).
 pub fn add_writes(pipeline: &mut redis::Pipeline, rows: &[OnlineRow]) {
-    for row in rows {
-        let command = pipeline
-            .cmd("EVAL")
-            .arg(WRITE_SCRIPT)
-            .arg(1)
-            .arg(&row.key)
-            .arg(row.as_of)
-            .arg(row.expire_at_ms)
-            .arg(AS_OF_FIELD);
-        for (field, value) in &row.fields {
-            command.arg(field).arg(value);
+    for batch in rows.chunks(WRITE_BATCH) {
+        let command = pipeline.cmd("EVAL").arg(WRITE_SCRIPT).arg(batch.len());
+        for row in batch {
+            command.arg(&row.key);
+        }
+        command.arg(AS_OF_FIELD);
+        for row in batch {
+            command
+                .arg(row.as_of)
+                .arg(row.expire_at_ms)
+                .arg(row.fields.len());
+            for (field, value) in &row.fields {
+                command.arg(field).arg(value);
+            }
         }
     }
 }

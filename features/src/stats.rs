@@ -2,14 +2,11 @@
 //! KS for numeric features (the ML core's definitions, equal to numpy/scipy), PSI over category shares for
 //! strings.
 
-use std::borrow::{Borrow, Cow};
 use std::collections::HashMap;
 
 use flywheel_crds::featureview::{FeatureDrift, FeatureStatistics};
 use flywheel_ml::metrics::{PSI_EMPTY_BIN_SHARE, ks, psi, quantile_sorted};
 use serde::{Deserialize, Serialize};
-
-use crate::value::FeatureValue;
 
 /// Order statistics a numeric baseline keeps: enough for PSI's deciles and a KS accurate to 1e-4.
 pub const BASELINE_SAMPLE: usize = 10_000;
@@ -18,55 +15,80 @@ pub const BASELINE_CATEGORIES: usize = 32;
 /// Bins of numeric PSI.
 pub const PSI_BINS: usize = 10;
 
+/// One feature's values as statistics read them: how many there are, and the present (non-null) ones.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed<'a> {
+    pub total: usize,
+    pub present: Present<'a>,
+}
+
+/// A feature's present values: numbers (integers, floats and booleans as 0/1) or text.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Present<'a> {
+    Numbers(Vec<f64>),
+    Texts(Vec<&'a str>),
+}
+
+impl Present<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Present::Numbers(numbers) => numbers.len(),
+            Present::Texts(texts) => texts.len(),
+        }
+    }
+}
+
 /// The statistics (count, missing rate, and for numbers mean, standard deviation (population) and deciles
 /// p0…p100) and the drift baseline of one feature's values, at once: its numbers are sorted once.
-pub fn profile<V: Borrow<FeatureValue>>(
-    name: &str,
-    values: &[V],
-) -> (FeatureStatistics, Option<Baseline>) {
-    let numbers = sorted_numbers(values);
-    let statistics = statistics_of_sorted(name, values, &numbers);
-    (statistics, Baseline::of_sorted(values, numbers))
-}
-
-/// The numeric values, in ascending order.
-fn sorted_numbers<V: Borrow<FeatureValue>>(values: &[V]) -> Vec<f64> {
-    let mut numbers: Vec<f64> = values.iter().filter_map(|v| v.borrow().as_f64()).collect();
-    numbers.sort_unstable_by(f64::total_cmp);
-    numbers
-}
-
-fn statistics_of_sorted<V: Borrow<FeatureValue>>(
-    name: &str,
-    values: &[V],
-    numbers: &[f64],
-) -> FeatureStatistics {
-    let present = values
-        .iter()
-        .filter(|v| !Borrow::<FeatureValue>::borrow(*v).is_null())
-        .count();
-    let missing_rate = if values.is_empty() {
+pub fn profile(name: &str, observed: Observed<'_>) -> (FeatureStatistics, Option<Baseline>) {
+    let present = observed.present.len();
+    let missing_rate = if observed.total == 0 {
         0.0
     } else {
-        (values.len() - present) as f64 / values.len() as f64
+        (observed.total - present) as f64 / observed.total as f64
     };
-    let (mut mean, mut std, mut quantiles) = (None, None, Vec::new());
-    if !numbers.is_empty() {
-        let n = numbers.len() as f64;
-        let m = numbers.iter().sum::<f64>() / n;
-        mean = Some(m);
-        std = Some((numbers.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n).sqrt());
-        quantiles = (0..=10)
-            .map(|i| quantile_sorted(numbers, i as f64 / 10.0))
-            .collect();
-    }
-    FeatureStatistics {
+    let mut statistics = FeatureStatistics {
         name: name.to_owned(),
         count: present as i64,
         missing_rate,
-        mean,
-        std,
-        quantiles,
+        mean: None,
+        std: None,
+        quantiles: Vec::new(),
+    };
+    if present == 0 {
+        return (statistics, None);
+    }
+    let baseline = match observed.present {
+        Present::Texts(texts) => Baseline::of_categories(&texts),
+        Present::Numbers(mut numbers) => {
+            sort_numbers(&mut numbers);
+            let n = numbers.len() as f64;
+            let mean = numbers.iter().sum::<f64>() / n;
+            statistics.mean = Some(mean);
+            statistics.std =
+                Some((numbers.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt());
+            statistics.quantiles = (0..=10)
+                .map(|i| quantile_sorted(&numbers, i as f64 / 10.0))
+                .collect();
+            Baseline::of_sorted_numbers(numbers)
+        }
+    };
+    (statistics, Some(baseline))
+}
+
+/// Sorts ascending (total order) by the floats' order-preserving integer images, which sort faster than
+/// float comparisons.
+fn sort_numbers(numbers: &mut [f64]) {
+    let mut keys: Vec<i64> = numbers
+        .iter()
+        .map(|x| {
+            let bits = x.to_bits() as i64;
+            bits ^ (((bits >> 63) as u64) >> 1) as i64
+        })
+        .collect();
+    keys.sort_unstable();
+    for (number, key) in numbers.iter_mut().zip(keys) {
+        *number = f64::from_bits((key ^ (((key >> 63) as u64) >> 1) as i64) as u64);
     }
 }
 
@@ -84,31 +106,25 @@ pub enum Baseline {
 }
 
 impl Baseline {
-    /// The baseline of `values`, whose numbers (sorted) are `numbers`; `None` when no value is present.
-    fn of_sorted<V: Borrow<FeatureValue>>(values: &[V], numbers: Vec<f64>) -> Option<Baseline> {
-        let present: Vec<&FeatureValue> = values
-            .iter()
-            .map(Borrow::borrow)
-            .filter(|v| !v.is_null())
+    fn of_categories(texts: &[&str]) -> Baseline {
+        let mut ranked: Vec<(String, f64)> = category_shares(texts)
+            .into_iter()
+            .map(|(category, share)| (category.to_owned(), share))
             .collect();
-        if present.is_empty() {
-            return None;
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let other = ranked
+            .iter()
+            .skip(BASELINE_CATEGORIES)
+            .map(|(_, s)| s)
+            .sum();
+        ranked.truncate(BASELINE_CATEGORIES);
+        Baseline::Categorical {
+            shares: ranked,
+            other,
         }
-        if present.iter().all(|v| matches!(v, FeatureValue::Str(_))) {
-            let shares = category_shares(&present);
-            let mut ranked: Vec<(String, f64)> = shares.into_iter().collect();
-            ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            let other = ranked
-                .iter()
-                .skip(BASELINE_CATEGORIES)
-                .map(|(_, s)| s)
-                .sum();
-            ranked.truncate(BASELINE_CATEGORIES);
-            return Some(Baseline::Categorical {
-                shares: ranked,
-                other,
-            });
-        }
+    }
+
+    fn of_sorted_numbers(numbers: Vec<f64>) -> Baseline {
         let sample = if numbers.len() <= BASELINE_SAMPLE {
             numbers
         } else {
@@ -116,29 +132,23 @@ impl Baseline {
                 .map(|i| quantile_sorted(&numbers, i as f64 / (BASELINE_SAMPLE - 1) as f64))
                 .collect()
         };
-        Some(Baseline::Numeric { sample })
+        Baseline::Numeric { sample }
     }
 
-    /// PSI (and KS for numbers) of `values` against this baseline; `None` when no value is present.
-    pub fn drift<V: Borrow<FeatureValue>>(&self, values: &[V]) -> Option<(f64, Option<f64>)> {
-        let present: Vec<&FeatureValue> = values
-            .iter()
-            .map(Borrow::borrow)
-            .filter(|v| !v.is_null())
-            .collect();
-        if present.is_empty() {
-            return None;
-        }
-        match self {
-            Baseline::Numeric { sample } => {
-                let numbers: Vec<f64> = present.iter().filter_map(|v| v.as_f64()).collect();
-                Some((psi(sample, &numbers, PSI_BINS)?, ks(sample, &numbers)))
+    /// PSI (and KS for numbers) of the present values against this baseline; `None` when none is present
+    /// or they are not of the baseline's kind.
+    pub fn drift(&self, present: &Present<'_>) -> Option<(f64, Option<f64>)> {
+        match (self, present) {
+            (Baseline::Numeric { sample }, Present::Numbers(numbers)) => {
+                Some((psi(sample, numbers, PSI_BINS)?, ks(sample, numbers)))
             }
-            Baseline::Categorical { shares, other } => {
-                let current = category_shares(&present);
+            (Baseline::Categorical { shares, other }, Present::Texts(texts))
+                if !texts.is_empty() =>
+            {
+                let current = category_shares(texts);
                 let kept: f64 = shares
                     .iter()
-                    .map(|(c, _)| current.get(c).copied().unwrap_or(0.0))
+                    .map(|(c, _)| current.get(c.as_str()).copied().unwrap_or(0.0))
                     .sum();
                 let term = |expected: f64, actual: f64| {
                     let (e, a) = (
@@ -150,44 +160,41 @@ impl Baseline {
                 let psi = shares
                     .iter()
                     .map(|(category, expected)| {
-                        term(*expected, current.get(category).copied().unwrap_or(0.0))
+                        term(
+                            *expected,
+                            current.get(category.as_str()).copied().unwrap_or(0.0),
+                        )
                     })
                     .sum::<f64>()
                     + term(*other, 1.0 - kept);
                 Some((psi, None))
             }
+            _ => None,
         }
     }
 }
 
-fn category_shares(present: &[&FeatureValue]) -> HashMap<String, f64> {
-    // Counted by borrowed text: one allocation per category, not per value.
-    let mut counts: HashMap<Cow<'_, str>, usize> = HashMap::new();
-    for value in present {
-        let text = match value {
-            FeatureValue::Str(text) => Some(Cow::Borrowed(text.as_str())),
-            other => other.to_text().map(Cow::Owned),
-        };
-        if let Some(text) = text {
-            *counts.entry(text).or_default() += 1;
-        }
+fn category_shares<'a>(texts: &[&'a str]) -> HashMap<&'a str, f64> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for text in texts {
+        *counts.entry(text).or_default() += 1;
     }
-    let total = present.len() as f64;
+    let total = texts.len() as f64;
     counts
         .into_iter()
-        .map(|(category, count)| (category.into_owned(), count as f64 / total))
+        .map(|(category, count)| (category, count as f64 / total))
         .collect()
 }
 
 /// Drift of one feature against its baseline under the view's thresholds.
-pub fn drift_of<V: Borrow<FeatureValue>>(
+pub fn drift_of(
     name: &str,
     baseline: &Baseline,
-    values: &[V],
+    observed: &Observed<'_>,
     psi_threshold: f64,
     ks_threshold: f64,
 ) -> Option<FeatureDrift> {
-    let (psi, ks) = baseline.drift(values)?;
+    let (psi, ks) = baseline.drift(&observed.present)?;
     Some(FeatureDrift {
         name: name.to_owned(),
         psi,
@@ -200,12 +207,16 @@ pub fn drift_of<V: Borrow<FeatureValue>>(
 mod tests {
     use super::*;
 
-    fn floats(values: impl IntoIterator<Item = f64>) -> Vec<FeatureValue> {
-        values.into_iter().map(FeatureValue::Float).collect()
+    fn numbers(values: impl IntoIterator<Item = f64>) -> Observed<'static> {
+        let numbers: Vec<f64> = values.into_iter().collect();
+        Observed {
+            total: numbers.len(),
+            present: Present::Numbers(numbers),
+        }
     }
 
     /// Deterministic pseudo-normal values: the sum of 12 uniforms minus 6.
-    fn normal(n: usize, seed: u64, shift: f64) -> Vec<FeatureValue> {
+    fn normal(n: usize, seed: u64, shift: f64) -> Observed<'static> {
         let mut state = seed;
         let mut uniform = move || {
             state = state
@@ -213,26 +224,48 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             (state >> 11) as f64 / (1u64 << 53) as f64
         };
-        floats((0..n).map(|_| (0..12).map(|_| uniform()).sum::<f64>() - 6.0 + shift))
+        numbers((0..n).map(|_| (0..12).map(|_| uniform()).sum::<f64>() - 6.0 + shift))
     }
 
     #[test]
     fn statistics_of_numbers_and_missing() {
-        let mut values = floats([1.0, 2.0, 3.0, 4.0]);
-        values.push(FeatureValue::Null);
-        let (stats, _) = profile("x", &values);
-        assert_eq!(stats.count, 4);
-        assert!((stats.missing_rate - 0.2).abs() < 1e-12);
-        assert_eq!(stats.mean, Some(2.5));
-        assert!((stats.std.unwrap_or_default() - 1.25f64.sqrt()).abs() < 1e-12);
-        assert_eq!(stats.quantiles.first(), Some(&1.0));
-        assert_eq!(stats.quantiles.get(5), Some(&2.5));
+        let mut values = numbers([4.0, -0.0, 2.0, 3.0, 1.0, 0.0]);
+        values.total += 1;
+        let (stats, _) = profile("x", values);
+        assert_eq!(stats.count, 6);
+        assert!((stats.missing_rate - 1.0 / 7.0).abs() < 1e-12);
+        assert_eq!(stats.mean, Some(10.0 / 6.0));
+        assert_eq!(stats.quantiles.first(), Some(&-0.0));
+        assert_eq!(stats.quantiles.get(5), Some(&1.5));
         assert_eq!(stats.quantiles.last(), Some(&4.0));
+        let (empty, baseline) = profile("x", numbers([]));
+        assert_eq!((empty.count, empty.missing_rate, baseline), (0, 0.0, None));
+    }
+
+    #[test]
+    fn sorting_by_integer_images_is_the_total_order() {
+        let mut values = vec![
+            3.5,
+            -1.0,
+            f64::INFINITY,
+            -0.0,
+            0.0,
+            -7.25,
+            f64::NEG_INFINITY,
+            1e-300,
+        ];
+        let mut expected = values.clone();
+        expected.sort_by(f64::total_cmp);
+        sort_numbers(&mut values);
+        assert_eq!(
+            values.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            expected.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn a_shifted_distribution_drifts_and_a_resample_does_not() {
-        let baseline = profile("x", &normal(50_000, 1, 0.0))
+        let baseline = profile("x", normal(50_000, 1, 0.0))
             .1
             .unwrap_or(Baseline::Numeric { sample: vec![] });
         let same = drift_of("x", &baseline, &normal(20_000, 2, 0.0), 0.25, 0.2);
@@ -248,22 +281,24 @@ mod tests {
 
     #[test]
     fn categorical_drift_compares_shares() {
-        let strings = |pattern: &[&str], n: usize| -> Vec<FeatureValue> {
-            (0..n)
-                .map(|i| FeatureValue::Str(pattern[i % pattern.len()].to_owned()))
-                .collect()
+        let texts = |pattern: &[&'static str], n: usize| -> Observed<'static> {
+            Observed {
+                total: n,
+                present: Present::Texts((0..n).map(|i| pattern[i % pattern.len()]).collect()),
+            }
         };
-        let (_, baseline) = profile("x", &strings(&["a", "b", "c", "d"], 4_000));
+        let (_, baseline) = profile("x", texts(&["a", "b", "c", "d"], 4_000));
         let Some(baseline) = baseline else {
             panic!("no baseline")
         };
         let same = baseline
-            .drift(&strings(&["d", "c", "b", "a"], 400))
+            .drift(&texts(&["d", "c", "b", "a"], 400).present)
             .map(|d| d.0);
         assert!(same.is_some_and(|psi| psi.abs() < 1e-9), "{same:?}");
         let moved = baseline
-            .drift(&strings(&["a", "a", "a", "e"], 400))
+            .drift(&texts(&["a", "a", "a", "e"], 400).present)
             .map(|d| d.0);
         assert!(moved.is_some_and(|psi| psi > 1.0), "{moved:?}");
+        assert_eq!(baseline.drift(&Present::Numbers(vec![1.0])), None);
     }
 }

@@ -11,16 +11,14 @@ use arrow_array::types::{
 };
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
 };
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use flywheel_crds::featureview::{EntityValueType, FeatureValueType};
-use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use crate::aggregate::Events;
 use crate::value::{EntityKey, FeatureValue, KeyPart};
 use crate::view::{Micros, View};
 
@@ -96,6 +94,25 @@ pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
         .and_then(|builder| builder.with_batch_size(64 * 1024).build())
         .map_err(|e| parquet_error(path, e))?;
     reader
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| parquet_error(path, e))
+}
+
+/// The record batches of one file, holding only those of the columns `names` the file has.
+pub fn read_columns(path: &Path, names: &[&str]) -> Result<Vec<RecordBatch>, TableError> {
+    let file = File::open(path).map_err(io(path))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(path, e))?;
+    let roots: Vec<usize> = names
+        .iter()
+        .filter_map(|name| builder.schema().index_of(name).ok())
+        .collect();
+    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+    builder
+        .with_projection(mask)
+        .with_batch_size(64 * 1024)
+        .build()
+        .map_err(|e| parquet_error(path, e))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| parquet_error(path, e))
 }
@@ -304,36 +321,6 @@ pub fn keys(
     Ok(parts.into_iter().map(EntityKey).collect())
 }
 
-/// The source events of `view` from the Parquet file or directory `path`.
-pub fn read_events(path: &Path, view: &View) -> Result<Events, TableError> {
-    let files = parquet_files(path)?;
-    let mut events = Events {
-        columns: view
-            .source_columns()
-            .into_iter()
-            .map(|c| (c.to_owned(), Vec::new()))
-            .collect(),
-        ..Events::default()
-    };
-    for file in &files {
-        for batch in read_batches(file)? {
-            events.keys.extend(keys(&batch, file, &view.entities)?);
-            events
-                .timestamps
-                .extend(timestamps(&batch, file, &view.timestamp_field)?);
-            for (name, column_values) in &mut events.columns {
-                column_values.extend(values(&batch, file, name)?);
-            }
-        }
-    }
-    if events.is_empty() {
-        return Err(TableError::Empty {
-            path: path.to_owned(),
-        });
-    }
-    Ok(events)
-}
-
 /// Rows of the offline feature table: an entity, a time and the view's feature values then.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FeatureRows {
@@ -343,41 +330,8 @@ pub struct FeatureRows {
     pub values: Vec<Vec<FeatureValue>>,
 }
 
-/// Rows of one offline partition being written: the entity keys are borrowed from the events they came from.
-#[derive(Debug, Default)]
-pub struct PartitionRows<'a> {
-    pub keys: Vec<&'a EntityKey>,
-    pub timestamps: Vec<Micros>,
-    /// One vector per row, in [`View::features`] order.
-    pub values: Vec<Vec<FeatureValue>>,
-}
-
 /// Name of the event-time column of the offline table and of training sets' feature timestamp.
 pub const FEATURE_TIME_COLUMN: &str = "feature_timestamp";
-
-fn key_arrays(view: &View, keys: &[&EntityKey]) -> Vec<(String, ArrayRef)> {
-    view.entities
-        .iter()
-        .enumerate()
-        .map(|(position, (name, value_type))| {
-            let array: ArrayRef = match value_type {
-                EntityValueType::Int64 => Arc::new(Int64Array::from_iter(keys.iter().map(|k| {
-                    match &k.0[position] {
-                        KeyPart::Int(i) => Some(*i),
-                        KeyPart::Str(_) => None,
-                    }
-                }))),
-                EntityValueType::String => Arc::new(StringArray::from_iter(keys.iter().map(|k| {
-                    match &k.0[position] {
-                        KeyPart::Str(s) => Some(s.as_str()),
-                        KeyPart::Int(_) => None,
-                    }
-                }))),
-            };
-            (name.clone(), array)
-        })
-        .collect()
-}
 
 /// A column of feature values as the feature's declared type.
 pub fn feature_array<'a>(
@@ -427,29 +381,6 @@ pub fn write_parquet(path: &Path, columns: Vec<(String, ArrayRef)>) -> Result<()
     writer.write(&batch).map_err(|e| parquet_error(path, e))?;
     writer.close().map_err(|e| parquet_error(path, e))?;
     std::fs::rename(&temporary, path).map_err(io(path))
-}
-
-/// Writes the offline table rows of one partition.
-pub fn write_feature_rows(
-    path: &Path,
-    view: &View,
-    rows: &PartitionRows<'_>,
-) -> Result<(), TableError> {
-    let mut columns = key_arrays(view, &rows.keys);
-    columns.push((
-        FEATURE_TIME_COLUMN.to_owned(),
-        Arc::new(TimestampMicrosecondArray::from(rows.timestamps.clone()).with_timezone("UTC")),
-    ));
-    for (index, feature) in view.features.iter().enumerate() {
-        columns.push((
-            feature.name.clone(),
-            feature_array(
-                feature.value_type,
-                rows.values.iter().map(|row| &row[index]),
-            ),
-        ));
-    }
-    write_parquet(path, columns)
 }
 
 /// Reads the offline table under `dir` (every partition).

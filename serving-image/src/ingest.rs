@@ -341,8 +341,8 @@ pub async fn write_batch(
     }
     let mut writes = redis::pipe();
     add_writes(&mut writes, &rows);
-    let answers: Vec<i64> = writes.query_async(connection).await?;
-    Ok(answers.iter().filter(|&&a| a == 1).count() as u64)
+    let written: Vec<u64> = writes.query_async(connection).await?;
+    Ok(written.iter().sum())
 }
 
 /// A batch as consumed: well-formed events, malformed messages (payload, key, reason) and the next offset of

@@ -14,19 +14,19 @@ use arrow_array::{
 use flywheel_crds::FeatureView;
 use flywheel_crds::common::parse_duration;
 use flywheel_crds::featureview::{FeatureStatistics, MaterializationReport};
-use flywheel_features::aggregate::{Events, values_as_of, values_at_events};
+use flywheel_features::aggregate::values_as_of;
+use flywheel_features::offline::{Entities, SourceEvents, values_at_events, write_partition};
 use flywheel_features::online::{add_writes, is_expired, now_micros, redis_url};
 use flywheel_features::pit::PointInTimeIndex;
 use flywheel_features::samples::{Click, Windows, label_impressions};
 use flywheel_features::stats::{Baseline, drift_of, profile};
 use flywheel_features::table::{
-    self, PartitionRows, feature_array, read_batches, read_events, read_feature_rows,
-    write_feature_rows, write_parquet,
+    self, feature_array, read_batches, read_feature_rows, write_parquet,
 };
 use flywheel_features::view::Micros;
-use flywheel_features::{EntityKey, FeatureValue, View};
+use flywheel_features::{FeatureValue, View};
 use rand::{RngExt, SeedableRng};
-use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
+use rayon::iter::{IndexedParallelIterator, IntoParallelRefIterator, ParallelIterator};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -240,108 +240,77 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
     };
     let schema_hash = spec.schema_hash();
 
-    let events = read_events(&source, &view)?;
+    let events = SourceEvents::read(&source, &view)?;
     phases.done("read");
     let computed = |error| anyhow::Error::new(error).context(source.display().to_string());
+    let times = events.timestamps();
     let in_range = |t: Micros| until.is_none_or(|u| t <= u);
     let is_new = |t: Micros| in_range(t) && since.is_none_or(|s| t > s - lookback);
-    let new_rows: Vec<usize> = (0..events.len())
-        .filter(|&r| is_new(events.timestamps[r]))
-        .collect();
     let mut report = MaterializationReport {
-        rows: new_rows.len() as i64,
+        rows: times.iter().filter(|&&t| is_new(t)).count() as i64,
         schema_hash: schema_hash.clone(),
         ..MaterializationReport::default()
     };
-    if new_rows.is_empty() {
+    if report.rows == 0 {
         report.watermark = since.map(format_time);
         return finish(args, report, started, &phases);
     }
-    let watermark = (0..events.len())
-        .map(|r| events.timestamps[r])
+    let watermark = times
+        .iter()
+        .copied()
         .filter(|&t| in_range(t))
         .max()
         .unwrap_or_default();
     report.watermark = Some(format_time(watermark));
 
     // Offline: every partition holding a new event is rewritten whole, from all of that day's events, so late
-    // events land and a re-run writes the same files.
-    let days: BTreeSet<i64> = new_rows
+    // events land and a re-run writes the same files. An entity's values there depend on its whole history.
+    let days: BTreeSet<i64> = times
         .iter()
-        .map(|&r| day_of(events.timestamps[r]))
+        .filter(|&&t| is_new(t))
+        .map(|&t| day_of(t))
         .collect();
-    // Each partition's rows, and whether each is new (this run's statistics and drift cover the new ones).
-    let mut partitions: BTreeMap<i64, (PartitionRows, Vec<bool>)> = BTreeMap::new();
-    let mut touched: Vec<(&EntityKey, Vec<usize>)> = Vec::new();
-    let entities: Vec<(&EntityKey, Vec<usize>)> = events
-        .by_entity()
-        .into_iter()
-        .map(|(key, rows)| {
-            let rows: Vec<usize> = rows
-                .into_iter()
-                .filter(|&r| in_range(events.timestamps[r]))
-                .collect();
-            (key, rows)
-        })
-        .filter(|(_, rows)| {
-            rows.iter()
-                .any(|&r| days.contains(&day_of(events.timestamps[r])))
-        })
-        .collect();
-    // Entities are independent: their values are computed on every core, then gathered in key order.
-    let values: Vec<_> = entities
-        .par_iter()
-        .map(|(_, rows)| values_at_events(&view, &events, rows))
-        .collect();
-    for ((key, rows), values) in entities.into_iter().zip(values) {
-        let values = values.map_err(computed)?;
-        for (row, row_values) in rows.iter().zip(values) {
-            let time = events.timestamps[*row];
-            let day = day_of(time);
-            if days.contains(&day) {
-                let (partition, new) = partitions.entry(day).or_default();
-                partition.keys.push(key);
-                partition.timestamps.push(time);
-                partition.values.push(row_values);
-                new.push(is_new(time));
-            }
-        }
-        if rows.iter().any(|&r| is_new(events.timestamps[r])) {
-            touched.push((key, rows));
-        }
-    }
+    let mut entities = events.entities(|row| in_range(times[row]));
+    entities.retain(|rows| rows.iter().any(|&r| days.contains(&day_of(times[r]))));
+    let features = values_at_events(&view, &events, &entities).map_err(computed)?;
     phases.done("compute");
-    for (&day, (rows, _)) in &partitions {
-        let partition = partition_name(day);
-        write_feature_rows(
-            &offline.join(&partition).join("part-00000.parquet"),
-            &view,
-            rows,
-        )?;
-        report.partitions.push(partition);
+    let mut partitions: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+    for (position, &row) in entities.order.iter().enumerate() {
+        let day = day_of(times[row]);
+        if days.contains(&day) {
+            partitions.entry(day).or_default().push(position);
+        }
     }
-
+    let partitions: Vec<(String, Vec<usize>)> = partitions
+        .into_iter()
+        .map(|(day, positions)| (partition_name(day), positions))
+        .collect();
+    partitions
+        .par_iter()
+        .map(|(partition, positions)| {
+            let path = offline.join(partition).join("part-00000.parquet");
+            write_partition(&path, &view, &events, &entities, &features, positions)
+        })
+        .collect::<Result<Vec<()>, _>>()?;
+    report.partitions = partitions.into_iter().map(|(name, _)| name).collect();
     phases.done("offline");
+
     // Online: each touched entity's values as of the watermark, unless already stale.
     if spec.online.is_some() && !args.no_online {
-        let (written, expired) =
-            write_online(args, &manifest, &view, &events, &touched, watermark)?;
+        let touched: Vec<usize> = (0..entities.len())
+            .filter(|&e| entities.rows(e).iter().any(|&r| is_new(times[r])))
+            .collect();
+        let (written, expired) = write_online(
+            args, &manifest, &view, &events, &entities, &touched, watermark,
+        )?;
         report.entities_written = written;
         report.expired = expired;
     }
-
     phases.done("online");
+
     // Statistics and drift of the new rows against the baseline (this run's rows when there is none yet).
-    let new_values = || {
-        partitions.values().flat_map(|(rows, new)| {
-            rows.values
-                .iter()
-                .zip(new)
-                .filter_map(|(values, &new)| new.then_some(values))
-        })
-    };
-    let columns: Vec<Vec<&FeatureValue>> = (0..view.features.len())
-        .map(|i| new_values().map(|row| &row[i]).collect())
+    let new_positions: Vec<usize> = (0..entities.order.len())
+        .filter(|&p| is_new(times[entities.order[p]]))
         .collect();
     let baseline_path = offline.join("_flywheel").join("baseline.json");
     let existing: Option<BaselineFile> = std::fs::read(&baseline_path)
@@ -353,13 +322,13 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
             let policy = spec.drift.clone().unwrap_or_default();
             report.drift = view
                 .features
-                .iter()
-                .zip(&columns)
+                .par_iter()
+                .zip(&features)
                 .filter_map(|(feature, values)| {
                     drift_of(
                         &feature.name,
                         baseline.distributions.get(&feature.name)?,
-                        values,
+                        &values.observed(&new_positions),
                         policy.psi_threshold,
                         policy.ks_threshold,
                     )
@@ -368,13 +337,18 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
             baseline
         }
         None => {
+            let profiles: Vec<_> = view
+                .features
+                .par_iter()
+                .zip(&features)
+                .map(|(feature, values)| profile(&feature.name, values.observed(&new_positions)))
+                .collect();
             let mut baseline = BaselineFile {
                 schema_hash: schema_hash.clone(),
                 statistics: Vec::with_capacity(view.features.len()),
                 distributions: BTreeMap::new(),
             };
-            for (feature, values) in view.features.iter().zip(&columns) {
-                let (statistics, distribution) = profile(&feature.name, values);
+            for (feature, (statistics, distribution)) in view.features.iter().zip(profiles) {
                 baseline.statistics.push(statistics);
                 if let Some(distribution) = distribution {
                     baseline
@@ -400,8 +374,9 @@ fn write_online(
     args: &MaterializeArgs,
     manifest: &FeatureView,
     view: &View,
-    events: &Events,
-    touched: &[(&EntityKey, Vec<usize>)],
+    events: &SourceEvents,
+    entities: &Entities,
+    touched: &[usize],
     watermark: Micros,
 ) -> anyhow::Result<(i64, i64)> {
     let Some(online) = &manifest.spec.online else {
@@ -417,34 +392,33 @@ fn write_online(
         .and_then(|client| client.get_connection())
         .with_context(|| format!("connecting to the online store at {address}"))?;
     let now = now_micros();
+    let times = events.timestamps();
     let (mut written, mut expired) = (0, 0);
-    let mut rows = Vec::with_capacity(REDIS_BATCH);
-    for (position, (key, entity_rows)) in touched.iter().enumerate() {
-        let newest = entity_rows
-            .iter()
-            .map(|&r| events.timestamps[r])
-            .max()
-            .unwrap_or(watermark);
-        if is_expired(newest, view.ttl, now) {
-            expired += 1;
-        } else {
+    for batch in touched.chunks(REDIS_BATCH) {
+        let mut rows = Vec::with_capacity(batch.len());
+        for &entity in batch {
+            let entity_rows = entities.rows(entity);
+            let newest = entity_rows.last().map_or(watermark, |&r| times[r]);
+            if is_expired(newest, view.ttl, now) {
+                expired += 1;
+                continue;
+            }
             let values = values_as_of(view, events, entity_rows, watermark)?;
-            rows.push(view.online_row(key, watermark, newest, &values));
+            rows.push(view.online_row(&entities.keys[entity], watermark, newest, &values));
         }
-        if rows.len() == REDIS_BATCH || (position + 1 == touched.len() && !rows.is_empty()) {
-            let mut pipeline = redis::pipe();
-            add_writes(&mut pipeline, &rows);
-            let answers: Vec<i64> = pipeline
-                .query(&mut connection)
-                .with_context(|| format!("writing to the online store at {address}"))?;
-            written += answers.iter().filter(|&&a| a == 1).count() as i64;
-            rows.clear();
+        if rows.is_empty() {
+            continue;
         }
+        let mut pipeline = redis::pipe();
+        add_writes(&mut pipeline, &rows);
+        let answers: Vec<i64> = pipeline
+            .query(&mut connection)
+            .with_context(|| format!("writing to the online store at {address}"))?;
+        written += answers.iter().sum::<i64>();
     }
     Ok((written, expired))
 }
 
-/// Prints the report and leaves it as the termination message, cut to fit the kubelet's limit.
 /// Seconds spent in each phase of a run, for the log line (where the time goes, without a profiler).
 struct Phases {
     last: Instant,
@@ -467,6 +441,7 @@ impl Phases {
     }
 }
 
+/// Prints the report and leaves it as the termination message, cut to fit the kubelet's limit.
 fn finish(
     args: &MaterializeArgs,
     mut report: MaterializationReport,

@@ -1,0 +1,904 @@
+//! A batch materialization over Arrow columns: the source events as read from Parquet, grouped by entity, every
+//! event's feature values (the offline table, by sliding each window over the entity's history), the partition
+//! files, and each feature's values as statistics read them. Nothing here allocates per event beyond the output
+//! columns themselves: values are read in place from the source arrays, which is what makes a run over millions
+//! of events take well under a second.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type,
+    UInt32Type, UInt64Type,
+};
+use arrow_array::{
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray, UInt64Array,
+};
+use arrow_schema::DataType;
+use flywheel_crds::featureview::{EntityValueType, FeatureValueType};
+use flywheel_ml::transform::Value;
+use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
+
+use crate::aggregate::{ComputeError, EventColumns, Window, encoded, resolve_inputs, value_error};
+use crate::stats::{Observed, Present};
+use crate::table::{self, FEATURE_TIME_COLUMN, TableError, write_parquet};
+use crate::value::{EntityKey, FeatureValue, KeyPart};
+use crate::view::{FeatureKind, Micros, View};
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// One column as the feature computations read it: integers of any width as Int64, floats as Float64 (NaN read
+/// as missing), any string layout as Utf8, booleans.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Column {
+    Int(Int64Array),
+    Float(Float64Array),
+    Str(StringArray),
+    Bool(BooleanArray),
+}
+
+impl Column {
+    /// The column `name` of `batch` (from the file `path`), normalized.
+    fn of_batch(batch: &RecordBatch, path: &Path, name: &str) -> Result<Column, TableError> {
+        let array = batch
+            .column_by_name(name)
+            .ok_or_else(|| TableError::MissingColumn {
+                path: path.to_owned(),
+                column: name.to_owned(),
+            })?;
+        let out_of_range = |row: usize| TableError::BadValue {
+            path: path.to_owned(),
+            column: name.to_owned(),
+            row,
+            problem: "integer out of the Int64 range".into(),
+        };
+        macro_rules! ints {
+            ($t:ty) => {{
+                let typed = array.as_primitive::<$t>();
+                let mut builder = Int64Builder::with_capacity(typed.len());
+                for (row, value) in typed.iter().enumerate() {
+                    match value.map(i64::try_from).transpose() {
+                        Ok(value) => builder.append_option(value),
+                        Err(_) => return Err(out_of_range(row)),
+                    }
+                }
+                Column::Int(builder.finish())
+            }};
+        }
+        let without_nan = |values: Float64Array| {
+            if values.values().iter().any(|x| x.is_nan()) {
+                values.iter().map(|v| v.filter(|x| !x.is_nan())).collect()
+            } else {
+                values
+            }
+        };
+        Ok(match array.data_type() {
+            DataType::Int64 => Column::Int(array.as_primitive::<Int64Type>().clone()),
+            DataType::Int8 => ints!(Int8Type),
+            DataType::Int16 => ints!(Int16Type),
+            DataType::Int32 => ints!(Int32Type),
+            DataType::UInt8 => ints!(UInt8Type),
+            DataType::UInt16 => ints!(UInt16Type),
+            DataType::UInt32 => ints!(UInt32Type),
+            DataType::UInt64 => ints!(UInt64Type),
+            DataType::Float64 => {
+                Column::Float(without_nan(array.as_primitive::<Float64Type>().clone()))
+            }
+            DataType::Float32 => Column::Float(without_nan(
+                array
+                    .as_primitive::<Float32Type>()
+                    .iter()
+                    .map(|v| v.map(f64::from))
+                    .collect(),
+            )),
+            DataType::Utf8 => Column::Str(array.as_string::<i32>().clone()),
+            DataType::LargeUtf8 => Column::Str(array.as_string::<i64>().iter().collect()),
+            DataType::Utf8View => Column::Str(array.as_string_view().iter().collect()),
+            DataType::Boolean => Column::Bool(array.as_boolean().clone()),
+            other => {
+                return Err(TableError::WrongType {
+                    path: path.to_owned(),
+                    column: name.to_owned(),
+                    found: other.to_string(),
+                    expected: "an integer, float, string or boolean".into(),
+                });
+            }
+        })
+    }
+
+    fn array(&self) -> ArrayRef {
+        match self {
+            Column::Int(a) => Arc::new(a.clone()),
+            Column::Float(a) => Arc::new(a.clone()),
+            Column::Str(a) => Arc::new(a.clone()),
+            Column::Bool(a) => Arc::new(a.clone()),
+        }
+    }
+
+    /// One column from parts of the same kind, in order; parts of different kinds (files that disagree on a
+    /// column's type) are refused.
+    fn concat(parts: &[&Column], path: &Path, name: &str) -> Result<Column, TableError> {
+        let arrays: Vec<ArrayRef> = parts.iter().map(|c| c.array()).collect();
+        let slices: Vec<&dyn Array> = arrays.iter().map(|a| a.as_ref()).collect();
+        let mismatch = |message: String| TableError::Parquet {
+            path: path.to_owned(),
+            message: format!("column `{name}`: {message}"),
+        };
+        let joined = arrow_select::concat::concat(&slices)
+            .map_err(|e| mismatch(format!("files with different types ({e})")))?;
+        Ok(match parts.first() {
+            Some(Column::Int(_)) => Column::Int(joined.as_primitive::<Int64Type>().clone()),
+            Some(Column::Float(_)) => Column::Float(joined.as_primitive::<Float64Type>().clone()),
+            Some(Column::Str(_)) => Column::Str(joined.as_string::<i32>().clone()),
+            Some(Column::Bool(_)) => Column::Bool(joined.as_boolean().clone()),
+            None => return Err(mismatch("no rows".into())),
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Column::Int(a) => a.len(),
+            Column::Float(a) => a.len(),
+            Column::Str(a) => a.len(),
+            Column::Bool(a) => a.len(),
+        }
+    }
+
+    fn is_all_null(&self) -> bool {
+        self.array().null_count() == self.len()
+    }
+
+    /// The value at `row`, borrowed.
+    pub fn value(&self, row: usize) -> Value<'_> {
+        match self {
+            Column::Int(a) if a.is_valid(row) => Value::Int(a.value(row)),
+            Column::Float(a) if a.is_valid(row) => Value::Float(a.value(row)),
+            Column::Str(a) if a.is_valid(row) => Value::Str(a.value(row)),
+            Column::Bool(a) if a.is_valid(row) => Value::Bool(a.value(row)),
+            _ => Value::Missing,
+        }
+    }
+
+    /// The values at `rows` (positions of this column), as statistics read them.
+    pub fn observed(&self, rows: &[usize]) -> Observed<'_> {
+        let present = match self {
+            Column::Str(a) => Present::Texts(
+                rows.iter()
+                    .filter(|&&r| a.is_valid(r))
+                    .map(|&r| a.value(r))
+                    .collect(),
+            ),
+            Column::Int(a) => Present::Numbers(
+                rows.iter()
+                    .filter(|&&r| a.is_valid(r))
+                    .map(|&r| a.value(r) as f64)
+                    .collect(),
+            ),
+            Column::Float(a) => Present::Numbers(
+                rows.iter()
+                    .filter(|&&r| a.is_valid(r))
+                    .map(|&r| a.value(r))
+                    .collect(),
+            ),
+            Column::Bool(a) => Present::Numbers(
+                rows.iter()
+                    .filter(|&&r| a.is_valid(r))
+                    .map(|&r| f64::from(u8::from(a.value(r))))
+                    .collect(),
+            ),
+        };
+        Observed {
+            total: rows.len(),
+            present,
+        }
+    }
+}
+
+/// Builds a feature's output column as its declared type.
+enum ColumnBuilder {
+    Int(Int64Builder),
+    Float(Float64Builder),
+    Str(StringBuilder),
+    Bool(BooleanBuilder),
+}
+
+impl ColumnBuilder {
+    fn new(value_type: FeatureValueType, capacity: usize) -> ColumnBuilder {
+        match value_type {
+            FeatureValueType::Int64 => ColumnBuilder::Int(Int64Builder::with_capacity(capacity)),
+            FeatureValueType::String => {
+                ColumnBuilder::Str(StringBuilder::with_capacity(capacity, capacity * 8))
+            }
+            FeatureValueType::Bool => ColumnBuilder::Bool(BooleanBuilder::with_capacity(capacity)),
+            _ => ColumnBuilder::Float(Float64Builder::with_capacity(capacity)),
+        }
+    }
+
+    /// Appends `value` `times` times; a value the declared type cannot hold is appended as null (the
+    /// computations check types before they build).
+    fn push(&mut self, value: Value<'_>, times: usize) {
+        for _ in 0..times {
+            match (&mut *self, value) {
+                (ColumnBuilder::Int(b), Value::Int(i)) => b.append_value(i),
+                (ColumnBuilder::Float(b), Value::Float(x)) => b.append_value(x),
+                (ColumnBuilder::Float(b), Value::Int(i)) => b.append_value(i as f64),
+                (ColumnBuilder::Str(b), Value::Str(s)) => b.append_value(s),
+                (ColumnBuilder::Bool(b), Value::Bool(x)) => b.append_value(x),
+                (ColumnBuilder::Int(b), _) => b.append_null(),
+                (ColumnBuilder::Float(b), _) => b.append_null(),
+                (ColumnBuilder::Str(b), _) => b.append_null(),
+                (ColumnBuilder::Bool(b), _) => b.append_null(),
+            }
+        }
+    }
+
+    fn finish(self) -> Column {
+        match self {
+            ColumnBuilder::Int(mut b) => Column::Int(b.finish()),
+            ColumnBuilder::Float(mut b) => Column::Float(b.finish()),
+            ColumnBuilder::Str(mut b) => Column::Str(b.finish()),
+            ColumnBuilder::Bool(mut b) => Column::Bool(b.finish()),
+        }
+    }
+}
+
+/// A batch source's events: join-key columns, event times (µs) and the source columns the view reads.
+#[derive(Clone, Debug)]
+pub struct SourceEvents {
+    keys: Vec<Column>,
+    timestamps: Vec<Micros>,
+    columns: Vec<(String, Column)>,
+}
+
+impl EventColumns for SourceEvents {
+    fn column_index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|(column, _)| column == name)
+    }
+
+    fn timestamp(&self, row: usize) -> Micros {
+        self.timestamps[row]
+    }
+
+    fn value(&self, column: usize, row: usize) -> Value<'_> {
+        self.columns[column].1.value(row)
+    }
+}
+
+/// The join key of one event, borrowed from the key columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum KeyRef<'a> {
+    Int(i64),
+    Str(&'a str),
+}
+
+impl SourceEvents {
+    /// The source events of `view` from the Parquet file or directory `path` (only the columns it reads).
+    pub fn read(path: &Path, view: &View) -> Result<SourceEvents, TableError> {
+        let mut names: Vec<&str> = view.entities.iter().map(|(k, _)| k.as_str()).collect();
+        names.push(&view.timestamp_field);
+        names.extend(view.source_columns());
+        let mut parts: Vec<SourceEvents> = Vec::new();
+        for file in table::parquet_files(path)? {
+            for batch in table::read_columns(&file, &names)? {
+                parts.push(SourceEvents::of_batch(&batch, &file, view)?);
+            }
+        }
+        if parts.iter().all(|part| part.timestamps.is_empty()) {
+            return Err(TableError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        let keys = view
+            .entities
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                let columns: Vec<&Column> = parts.iter().map(|p| &p.keys[i]).collect();
+                Column::concat(&columns, path, name)
+            })
+            .collect::<Result<_, _>>()?;
+        let columns = parts[0]
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                let columns: Vec<&Column> = parts.iter().map(|p| &p.columns[i].1).collect();
+                Ok((name.clone(), Column::concat(&columns, path, name)?))
+            })
+            .collect::<Result<_, TableError>>()?;
+        Ok(SourceEvents {
+            keys,
+            timestamps: parts
+                .iter()
+                .flat_map(|p| p.timestamps.iter().copied())
+                .collect(),
+            columns,
+        })
+    }
+
+    /// The events of one record batch from the file `path`: join keys present and of their entity's type.
+    pub fn of_batch(
+        batch: &RecordBatch,
+        path: &Path,
+        view: &View,
+    ) -> Result<SourceEvents, TableError> {
+        let keys = view
+            .entities
+            .iter()
+            .map(|(join_key, value_type)| {
+                let column = Column::of_batch(batch, path, join_key)?;
+                let matches = matches!(
+                    (value_type, &column),
+                    (EntityValueType::Int64, Column::Int(_))
+                        | (EntityValueType::String, Column::Str(_))
+                );
+                if !matches {
+                    let found = batch
+                        .column_by_name(join_key)
+                        .map(|a| a.data_type().to_string())
+                        .unwrap_or_default();
+                    return Err(TableError::WrongType {
+                        path: path.to_owned(),
+                        column: join_key.clone(),
+                        found,
+                        expected: format!("{value_type:?}"),
+                    });
+                }
+                let missing = (column.array().null_count() > 0)
+                    .then(|| (0..column.len()).find(|&r| column.value(r) == Value::Missing))
+                    .flatten();
+                if let Some(row) = missing {
+                    return Err(TableError::BadValue {
+                        path: path.to_owned(),
+                        column: join_key.clone(),
+                        row,
+                        problem: "the join key is missing".into(),
+                    });
+                }
+                Ok(column)
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(SourceEvents {
+            keys,
+            timestamps: table::timestamps(batch, path, &view.timestamp_field)?,
+            columns: view
+                .source_columns()
+                .into_iter()
+                .map(|name| Ok((name.to_owned(), Column::of_batch(batch, path, name)?)))
+                .collect::<Result<_, TableError>>()?,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.timestamps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.timestamps.is_empty()
+    }
+
+    pub fn timestamps(&self) -> &[Micros] {
+        &self.timestamps
+    }
+
+    fn key_ref(&self, part: usize, row: usize) -> KeyRef<'_> {
+        match self.keys[part].value(row) {
+            Value::Str(s) => KeyRef::Str(s),
+            Value::Int(i) => KeyRef::Int(i),
+            // Join keys are checked present and of an entity's type when read.
+            _ => KeyRef::Int(0),
+        }
+    }
+
+    fn entity_key(&self, row: usize) -> EntityKey {
+        EntityKey(
+            (0..self.keys.len())
+                .map(|part| match self.key_ref(part, row) {
+                    KeyRef::Int(i) => KeyPart::Int(i),
+                    KeyRef::Str(s) => KeyPart::Str(s.to_owned()),
+                })
+                .collect(),
+        )
+    }
+
+    /// The events `select` keeps, grouped by entity: entities in key order, each one's events by time (ties in
+    /// input order).
+    pub fn entities(&self, select: impl Fn(usize) -> bool) -> Entities {
+        let rows: Vec<usize> = (0..self.len()).filter(|&r| select(r)).collect();
+        let (ids, first_rows) = match self.keys.len() {
+            1 => group_ids(&rows, |row| self.key_ref(0, row)),
+            parts => group_ids(&rows, |row| {
+                (0..parts)
+                    .map(|part| self.key_ref(part, row))
+                    .collect::<Vec<_>>()
+            }),
+        };
+        let mut keys: Vec<(EntityKey, usize)> = first_rows
+            .iter()
+            .enumerate()
+            .map(|(id, &row)| (self.entity_key(row), id))
+            .collect();
+        keys.sort_unstable();
+        let mut rank = vec![0; keys.len()];
+        for (position, (_, id)) in keys.iter().enumerate() {
+            rank[*id] = position;
+        }
+        // A counting sort by entity rank keeps each entity's rows in input order.
+        let mut starts = vec![0; keys.len() + 1];
+        for &id in &ids {
+            starts[rank[id] + 1] += 1;
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        let mut next = starts.clone();
+        let mut order = vec![0; rows.len()];
+        for (&row, &id) in rows.iter().zip(&ids) {
+            order[next[rank[id]]] = row;
+            next[rank[id]] += 1;
+        }
+        for window in starts.windows(2) {
+            let group = &mut order[window[0]..window[1]];
+            if !group.is_sorted_by_key(|&r| self.timestamps[r]) {
+                group.sort_by_key(|&r| self.timestamps[r]);
+            }
+        }
+        Entities {
+            keys: keys.into_iter().map(|(key, _)| key).collect(),
+            order,
+            starts,
+        }
+    }
+}
+
+/// Dense ids for the keys of `rows` (in first-seen order), and the first row of each id.
+fn group_ids<K: Hash + Eq>(rows: &[usize], key: impl Fn(usize) -> K) -> (Vec<usize>, Vec<usize>) {
+    let mut slots: FastMap<K, usize> = FastMap::default();
+    let mut first_rows = Vec::new();
+    let ids = rows
+        .iter()
+        .map(|&row| {
+            *slots.entry(key(row)).or_insert_with(|| {
+                first_rows.push(row);
+                first_rows.len() - 1
+            })
+        })
+        .collect();
+    (ids, first_rows)
+}
+
+/// Events grouped by entity: `order` lists source rows entity by entity, and entity `i` owns
+/// `order[starts[i]..starts[i + 1]]`. A feature column computed over the groups has one value per position of
+/// `order`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Entities {
+    pub keys: Vec<EntityKey>,
+    pub order: Vec<usize>,
+    starts: Vec<usize>,
+}
+
+impl Entities {
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// The positions (into `order`) of entity `entity`'s events.
+    pub fn positions(&self, entity: usize) -> Range<usize> {
+        self.starts[entity]..self.starts[entity + 1]
+    }
+
+    /// The source rows of entity `entity`'s events, by time.
+    pub fn rows(&self, entity: usize) -> &[usize] {
+        &self.order[self.positions(entity)]
+    }
+
+    /// Keeps the entities whose rows `keep` accepts.
+    pub fn retain(&mut self, keep: impl Fn(&[usize]) -> bool) {
+        let mut kept = Entities {
+            starts: vec![0],
+            ..Entities::default()
+        };
+        for (entity, key) in std::mem::take(&mut self.keys).into_iter().enumerate() {
+            let rows = &self.order[self.starts[entity]..self.starts[entity + 1]];
+            if keep(rows) {
+                kept.keys.push(key);
+                kept.order.extend_from_slice(rows);
+                kept.starts.push(kept.order.len());
+            }
+        }
+        *self = kept;
+    }
+}
+
+/// The positions of `rows` (one entity's, by time) grouped by event time: events at one time see each other.
+fn ties(rows: &[usize], timestamps: &[Micros]) -> impl Iterator<Item = Range<usize>> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= rows.len() {
+            return None;
+        }
+        let time = timestamps[rows[start]];
+        let end = start
+            + rows[start..]
+                .iter()
+                .take_while(|&&r| timestamps[r] == time)
+                .count();
+        let range = start..end;
+        start = end;
+        Some(range)
+    })
+}
+
+/// Every event's feature values: one column per feature of [`View::features`], one value per position of
+/// `entities.order`.
+pub fn values_at_events(
+    view: &View,
+    events: &SourceEvents,
+    entities: &Entities,
+) -> Result<Vec<Column>, ComputeError> {
+    let inputs = resolve_inputs(view, events)?;
+    // The latest present value of each column read as a last value, computed once per column.
+    let mut last_columns: Vec<usize> = view
+        .features
+        .iter()
+        .zip(&inputs)
+        .filter(|(feature, _)| {
+            matches!(feature.kind, FeatureKind::Last | FeatureKind::Transform(_))
+        })
+        .filter_map(|(_, input)| *input)
+        .collect();
+    last_columns.sort_unstable();
+    last_columns.dedup();
+    let latest: FastMap<usize, Vec<Option<usize>>> = last_columns
+        .par_iter()
+        .map(|&column| (column, latest_present(events, column, entities)))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect();
+    let direct: Vec<usize> = (0..view.features.len())
+        .filter(|&i| !matches!(view.features[i].kind, FeatureKind::Cross { .. }))
+        .collect();
+    // Computed on every core; the first failing feature in view order is the one reported.
+    let computed: Vec<(usize, Column)> = direct
+        .par_iter()
+        .map(|&index| {
+            let column = inputs[index]
+                .ok_or_else(|| ComputeError::MissingColumn(view.features[index].column.clone()))?;
+            let values = match (&view.features[index].kind, latest.get(&column)) {
+                (FeatureKind::Aggregate { .. }, _) => {
+                    windowed(view, index, events, column, entities)?
+                }
+                (_, Some(latest)) => last_values(view, index, events, column, latest)?,
+                (_, None) => {
+                    return Err(ComputeError::MissingColumn(
+                        view.features[index].column.clone(),
+                    ));
+                }
+            };
+            Ok((index, values))
+        })
+        .collect::<Vec<Result<_, ComputeError>>>()
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    let mut columns: Vec<Option<Column>> = vec![None; view.features.len()];
+    for (index, values) in computed {
+        columns[index] = Some(values);
+    }
+    // Crosses come after the features they cross (compile order), so their inputs are ready.
+    for index in 0..view.features.len() {
+        if let FeatureKind::Cross { inputs, transform } = &view.features[index].kind {
+            let feature = &view.features[index];
+            let crossed: Vec<&Column> =
+                inputs.iter().filter_map(|&i| columns[i].as_ref()).collect();
+            let mut builder = ColumnBuilder::new(feature.value_type, entities.order.len());
+            let mut values = Vec::with_capacity(crossed.len());
+            for position in 0..entities.order.len() {
+                values.clear();
+                values.extend(crossed.iter().map(|column| column.value(position)));
+                let value = encoded(feature, transform.apply_cross(&feature.name, &values))?;
+                builder.push(value.as_ml(), 1);
+            }
+            columns[index] = Some(builder.finish());
+        }
+    }
+    Ok(columns.into_iter().flatten().collect())
+}
+
+/// For each position, the source row of the entity's latest present value of `column` at that event's time.
+fn latest_present(events: &SourceEvents, column: usize, entities: &Entities) -> Vec<Option<usize>> {
+    let values = &events.columns[column].1;
+    let mut latest = Vec::with_capacity(entities.order.len());
+    for entity in 0..entities.len() {
+        let rows = entities.rows(entity);
+        let mut current = None;
+        for tie in ties(rows, &events.timestamps) {
+            if let Some(&row) = rows[tie.clone()]
+                .iter()
+                .rev()
+                .find(|&&r| values.value(r) != Value::Missing)
+            {
+                current = Some(row);
+            }
+            latest.extend(std::iter::repeat_n(current, tie.len()));
+        }
+    }
+    latest
+}
+
+/// A last value or a transform of it, at every position.
+fn last_values(
+    view: &View,
+    index: usize,
+    events: &SourceEvents,
+    column: usize,
+    latest: &[Option<usize>],
+) -> Result<Column, ComputeError> {
+    let feature = &view.features[index];
+    let values = &events.columns[column].1;
+    let mut builder = ColumnBuilder::new(feature.value_type, latest.len());
+    match &feature.kind {
+        FeatureKind::Transform(transform) => {
+            // Consecutive events mostly share their latest value: encode each once.
+            let mut previous: Option<(Option<usize>, FeatureValue)> = None;
+            for &row in latest {
+                let value = match &previous {
+                    Some((at, value)) if *at == row => value.clone(),
+                    _ => {
+                        let raw = row.map_or(Value::Missing, |r| values.value(r));
+                        let value = encoded(feature, transform.apply(&feature.name, raw))?;
+                        previous = Some((row, value.clone()));
+                        value
+                    }
+                };
+                builder.push(value.as_ml(), 1);
+            }
+        }
+        _ => {
+            use FeatureValueType as T;
+            let fits = matches!(
+                (feature.value_type, values),
+                (T::Int64, Column::Int(_))
+                    | (T::Float64, Column::Float(_) | Column::Int(_))
+                    | (T::String, Column::Str(_))
+                    | (T::Bool, Column::Bool(_))
+            );
+            if !fits && !values.is_all_null() {
+                let found = (0..values.len())
+                    .map(|r| values.value(r))
+                    .find(|v| *v != Value::Missing)
+                    .unwrap_or(Value::Missing);
+                return Err(value_error(
+                    feature,
+                    format!(
+                        "is {:?} but got {}",
+                        feature.value_type,
+                        flywheel_ml::transform::type_name(found)
+                    ),
+                ));
+            }
+            for &row in latest {
+                builder.push(row.map_or(Value::Missing, |r| values.value(r)), 1);
+            }
+        }
+    }
+    Ok(builder.finish())
+}
+
+/// An aggregation over its trailing window, slid over each entity's events.
+fn windowed(
+    view: &View,
+    index: usize,
+    events: &SourceEvents,
+    column: usize,
+    entities: &Entities,
+) -> Result<Column, ComputeError> {
+    let feature = &view.features[index];
+    let FeatureKind::Aggregate { function, window } = feature.kind else {
+        return Err(value_error(feature, "not an aggregation"));
+    };
+    let values = &events.columns[column].1;
+    let timestamps = &events.timestamps;
+    let mut builder = ColumnBuilder::new(feature.value_type, entities.order.len());
+    for entity in 0..entities.len() {
+        let rows = entities.rows(entity);
+        let mut state = Window::new(function, window);
+        for tie in ties(rows, timestamps) {
+            let time = timestamps[rows[tie.start]];
+            for position in tie.clone() {
+                state.add(position, values.value(rows[position]));
+            }
+            state.evict_until(time, |position| {
+                (timestamps[rows[position]], values.value(rows[position]))
+            });
+            builder.push(state.value(feature)?.as_ml(), tie.len());
+        }
+    }
+    Ok(builder.finish())
+}
+
+/// Writes the offline rows at `positions` (into `entities.order`) as one partition file.
+pub fn write_partition(
+    path: &Path,
+    view: &View,
+    events: &SourceEvents,
+    entities: &Entities,
+    features: &[Column],
+    positions: &[usize],
+) -> Result<(), TableError> {
+    let take = |array: &ArrayRef, indices: &UInt64Array| {
+        arrow_select::take::take(array.as_ref(), indices, None).map_err(|e| TableError::Parquet {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    };
+    let rows = UInt64Array::from_iter_values(positions.iter().map(|&p| entities.order[p] as u64));
+    let at = UInt64Array::from_iter_values(positions.iter().map(|&p| p as u64));
+    let mut columns: Vec<(String, ArrayRef)> =
+        Vec::with_capacity(view.entities.len() + 1 + features.len());
+    for ((name, _), key) in view.entities.iter().zip(&events.keys) {
+        columns.push((name.clone(), take(&key.array(), &rows)?));
+    }
+    columns.push((
+        FEATURE_TIME_COLUMN.to_owned(),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(
+                positions
+                    .iter()
+                    .map(|&p| events.timestamps[entities.order[p]]),
+            )
+            .with_timezone("UTC"),
+        ),
+    ));
+    for (feature, values) in view.features.iter().zip(features) {
+        columns.push((feature.name.clone(), take(&values.array(), &at)?));
+    }
+    write_parquet(path, columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::tests::{HOUR, view};
+    use crate::aggregate::{owned, values_as_of};
+    use arrow_schema::{Field, Schema};
+    use proptest::prelude::*;
+
+    type Row<'a> = (i64, Micros, Option<f64>, Option<&'a str>);
+
+    fn batch(rows: &[Row<'_>]) -> RecordBatch {
+        let columns: Vec<(&str, ArrayRef)> = vec![
+            (
+                "user_id",
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+            ),
+            (
+                "ts",
+                Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|r| r.1 / 1_000_000),
+                )),
+            ),
+            (
+                "price",
+                Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.2))),
+            ),
+            (
+                "clicked",
+                Arc::new(BooleanArray::from_iter(
+                    rows.iter().map(|r| r.2.map(|_| true)),
+                )),
+            ),
+            (
+                "category",
+                Arc::new(StringArray::from_iter(rows.iter().map(|r| r.3))),
+            ),
+        ];
+        let schema = Schema::new(
+            columns
+                .iter()
+                .map(|(name, array)| Field::new(*name, array.data_type().clone(), true))
+                .collect::<Vec<_>>(),
+        );
+        RecordBatch::try_new(
+            Arc::new(schema),
+            columns.into_iter().map(|(_, a)| a).collect(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn source(rows: &[Row<'_>]) -> SourceEvents {
+        SourceEvents::of_batch(&batch(rows), Path::new("events.parquet"), &view())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn close(a: &FeatureValue, b: &FeatureValue) -> bool {
+        match (a, b) {
+            (FeatureValue::Float(x), FeatureValue::Float(y)) => {
+                (x - y).abs() <= 1e-9 * (1.0 + y.abs())
+            }
+            _ => a == b,
+        }
+    }
+
+    #[test]
+    fn entities_are_in_key_order_and_their_events_in_time_order() {
+        let events = source(&[
+            (2, 3_000_000, None, None),
+            (1, 2_000_000, None, None),
+            (2, 1_000_000, None, None),
+            (1, 2_000_000, Some(1.0), None),
+        ]);
+        let entities = events.entities(|_| true);
+        assert_eq!(
+            entities.keys,
+            [
+                EntityKey(vec![KeyPart::Int(1)]),
+                EntityKey(vec![KeyPart::Int(2)])
+            ]
+        );
+        assert_eq!(entities.rows(0), [1, 3], "a tie keeps input order");
+        assert_eq!(entities.rows(1), [2, 0]);
+        let mut later = events.entities(|row| row != 2);
+        assert_eq!(later.rows(1), [0]);
+        later.retain(|rows| rows.contains(&0));
+        assert_eq!(later.keys, [EntityKey(vec![KeyPart::Int(2)])]);
+        assert_eq!(later.rows(0), [0]);
+    }
+
+    #[test]
+    fn a_last_value_of_the_wrong_type_names_the_feature() {
+        let spec = crate::aggregate::tests::spec(serde_json::json!([
+            {"name": "category", "valueType": "Float64"},
+        ]));
+        let view = View::compile(&spec, "ts", "p:").unwrap_or_else(|e| panic!("{e}"));
+        let events = SourceEvents::of_batch(
+            &batch(&[(1, 0, None, Some("a"))]),
+            Path::new("e.parquet"),
+            &view,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let error = values_at_events(&view, &events, &events.entities(|_| true))
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            error.as_deref(),
+            Some("feature `category` (column `category`): is Float64 but got a string")
+        );
+    }
+
+    proptest! {
+        /// The sliding path (offline rows) and the direct path (online values, streaming) agree at every event.
+        #[test]
+        fn sliding_and_direct_agree(
+            raw in proptest::collection::vec((0i64..3, 0i64..(6 * HOUR), proptest::option::of(0.0f64..100.0), 0usize..3), 1..60)
+        ) {
+            let view = view();
+            let categories = ["a", "b", "c"];
+            let rows: Vec<Row<'_>> =
+                raw.iter().map(|&(u, t, p, c)| (u, t - t % 60_000_000, p, Some(categories[c]))).collect();
+            let events = source(&rows);
+            let entities = events.entities(|_| true);
+            let sliding = values_at_events(&view, &events, &entities).unwrap_or_else(|e| panic!("{e}"));
+            for entity in 0..entities.len() {
+                let entity_rows = entities.rows(entity);
+                for (position, &row) in entities.positions(entity).zip(entity_rows) {
+                    let time = events.timestamps[row];
+                    let direct = values_as_of(&view, &events, entity_rows, time).unwrap_or_else(|e| panic!("{e}"));
+                    for (index, d) in direct.iter().enumerate() {
+                        let slid = owned(sliding[index].value(position));
+                        prop_assert!(close(&slid, d), "{} at {time}: {slid:?} vs {d:?}", view.features[index].name);
+                    }
+                }
+            }
+        }
+    }
+}
