@@ -18,14 +18,16 @@ use arrow_array::types::{
 };
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray, UInt64Array,
+    TimestampMicrosecondArray,
 };
 use arrow_schema::DataType;
 use flywheel_crds::featureview::{EntityValueType, FeatureValueType};
 use flywheel_ml::transform::Value;
 use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
 
-use crate::aggregate::{ComputeError, EventColumns, Window, encoded, resolve_inputs, value_error};
+use crate::aggregate::{
+    ComputeError, EventColumns, Window, encoded, finish, owned, resolve_inputs, value_error,
+};
 use crate::stats::{Observed, Present};
 use crate::table::{self, FEATURE_TIME_COLUMN, TableError, write_parquet};
 use crate::value::{EntityKey, FeatureValue, KeyPart};
@@ -154,6 +156,37 @@ impl Column {
         self.array().null_count() == self.len()
     }
 
+    /// The values at `rows` as an array, without copying.
+    fn slice(&self, rows: Range<usize>) -> ArrayRef {
+        self.array().slice(rows.start, rows.len())
+    }
+
+    /// The values at `rows`, in that order.
+    fn take(&self, rows: &[usize]) -> Column {
+        match self {
+            Column::Int(a) => Column::Int(
+                rows.iter()
+                    .map(|&r| a.is_valid(r).then(|| a.value(r)))
+                    .collect(),
+            ),
+            Column::Float(a) => Column::Float(
+                rows.iter()
+                    .map(|&r| a.is_valid(r).then(|| a.value(r)))
+                    .collect(),
+            ),
+            Column::Str(a) => Column::Str(
+                rows.iter()
+                    .map(|&r| a.is_valid(r).then(|| a.value(r)))
+                    .collect(),
+            ),
+            Column::Bool(a) => Column::Bool(
+                rows.iter()
+                    .map(|&r| a.is_valid(r).then(|| a.value(r)))
+                    .collect(),
+            ),
+        }
+    }
+
     /// The value at `row`, borrowed.
     pub fn value(&self, row: usize) -> Value<'_> {
         match self {
@@ -165,31 +198,31 @@ impl Column {
         }
     }
 
-    /// The values at `rows` (positions of this column), as statistics read them.
-    pub fn observed(&self, rows: &[usize]) -> Observed<'_> {
+    /// The values at `rows`, as statistics read them.
+    pub fn observed(&self, rows: Range<usize>) -> Observed<'_> {
         let present = match self {
             Column::Str(a) => Present::Texts(
-                rows.iter()
-                    .filter(|&&r| a.is_valid(r))
-                    .map(|&r| a.value(r))
+                rows.clone()
+                    .filter(|&r| a.is_valid(r))
+                    .map(|r| a.value(r))
                     .collect(),
             ),
             Column::Int(a) => Present::Numbers(
-                rows.iter()
-                    .filter(|&&r| a.is_valid(r))
-                    .map(|&r| a.value(r) as f64)
+                rows.clone()
+                    .filter(|&r| a.is_valid(r))
+                    .map(|r| a.value(r) as f64)
                     .collect(),
             ),
             Column::Float(a) => Present::Numbers(
-                rows.iter()
-                    .filter(|&&r| a.is_valid(r))
-                    .map(|&r| a.value(r))
+                rows.clone()
+                    .filter(|&r| a.is_valid(r))
+                    .map(|r| a.value(r))
                     .collect(),
             ),
             Column::Bool(a) => Present::Numbers(
-                rows.iter()
-                    .filter(|&&r| a.is_valid(r))
-                    .map(|&r| f64::from(u8::from(a.value(r))))
+                rows.clone()
+                    .filter(|&r| a.is_valid(r))
+                    .map(|r| f64::from(u8::from(a.value(r))))
                     .collect(),
             ),
         };
@@ -407,63 +440,53 @@ impl SourceEvents {
         )
     }
 
-    /// The events `select` keeps, grouped by entity: entities in key order, each one's events by time (ties in
-    /// input order).
-    pub fn entities(&self, select: impl Fn(usize) -> bool) -> Entities {
-        let rows: Vec<usize> = (0..self.len()).filter(|&r| select(r)).collect();
+    /// These events in time order (ties in input order); sources are mostly written so already, and are then
+    /// kept as they are.
+    pub fn in_time_order(self) -> SourceEvents {
+        if self.timestamps.is_sorted() {
+            return self;
+        }
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by_key(|&r| self.timestamps[r]);
+        SourceEvents {
+            keys: self.keys.iter().map(|c| c.take(&order)).collect(),
+            timestamps: order.iter().map(|&r| self.timestamps[r]).collect(),
+            columns: self
+                .columns
+                .iter()
+                .map(|(name, column)| (name.clone(), column.take(&order)))
+                .collect(),
+        }
+    }
+
+    /// Dense ids for the entities of the first `rows` events, in order of first appearance.
+    pub fn entity_ids(&self, rows: usize) -> EntityIds {
         let (ids, first_rows) = match self.keys.len() {
-            1 => group_ids(&rows, |row| self.key_ref(0, row)),
-            parts => group_ids(&rows, |row| {
+            1 => group_ids(rows, |row| self.key_ref(0, row)),
+            parts => group_ids(rows, |row| {
                 (0..parts)
                     .map(|part| self.key_ref(part, row))
                     .collect::<Vec<_>>()
             }),
         };
-        let mut keys: Vec<(EntityKey, usize)> = first_rows
-            .iter()
-            .enumerate()
-            .map(|(id, &row)| (self.entity_key(row), id))
-            .collect();
-        keys.sort_unstable();
-        let mut rank = vec![0; keys.len()];
-        for (position, (_, id)) in keys.iter().enumerate() {
-            rank[*id] = position;
+        let mut last_rows = first_rows.clone();
+        for (row, &id) in ids.iter().enumerate() {
+            last_rows[id] = row;
         }
-        // A counting sort by entity rank keeps each entity's rows in input order.
-        let mut starts = vec![0; keys.len() + 1];
-        for &id in &ids {
-            starts[rank[id] + 1] += 1;
-        }
-        for i in 1..starts.len() {
-            starts[i] += starts[i - 1];
-        }
-        let mut next = starts.clone();
-        let mut order = vec![0; rows.len()];
-        for (&row, &id) in rows.iter().zip(&ids) {
-            order[next[rank[id]]] = row;
-            next[rank[id]] += 1;
-        }
-        for window in starts.windows(2) {
-            let group = &mut order[window[0]..window[1]];
-            if !group.is_sorted_by_key(|&r| self.timestamps[r]) {
-                group.sort_by_key(|&r| self.timestamps[r]);
-            }
-        }
-        Entities {
-            keys: keys.into_iter().map(|(key, _)| key).collect(),
-            order,
-            starts,
+        EntityIds {
+            keys: first_rows.iter().map(|&row| self.entity_key(row)).collect(),
+            ids,
+            last_rows,
         }
     }
 }
 
-/// Dense ids for the keys of `rows` (in first-seen order), and the first row of each id.
-fn group_ids<K: Hash + Eq>(rows: &[usize], key: impl Fn(usize) -> K) -> (Vec<usize>, Vec<usize>) {
+/// Dense ids for the keys of the first `rows` rows (in first-seen order), and the first row of each id.
+fn group_ids<K: Hash + Eq>(rows: usize, key: impl Fn(usize) -> K) -> (Vec<usize>, Vec<usize>) {
     let mut slots: FastMap<K, usize> = FastMap::default();
     let mut first_rows = Vec::new();
-    let ids = rows
-        .iter()
-        .map(|&row| {
+    let ids = (0..rows)
+        .map(|row| {
             *slots.entry(key(row)).or_insert_with(|| {
                 first_rows.push(row);
                 first_rows.len() - 1
@@ -473,17 +496,16 @@ fn group_ids<K: Hash + Eq>(rows: &[usize], key: impl Fn(usize) -> K) -> (Vec<usi
     (ids, first_rows)
 }
 
-/// Events grouped by entity: `order` lists source rows entity by entity, and entity `i` owns
-/// `order[starts[i]..starts[i + 1]]`. A feature column computed over the groups has one value per position of
-/// `order`.
+/// The entities of a run's events: `ids[row]` numbers the entity of each event, `keys[id]` is its key and
+/// `last_rows[id]` its newest event.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Entities {
+pub struct EntityIds {
+    pub ids: Vec<usize>,
     pub keys: Vec<EntityKey>,
-    pub order: Vec<usize>,
-    starts: Vec<usize>,
+    pub last_rows: Vec<usize>,
 }
 
-impl Entities {
+impl EntityIds {
     pub fn len(&self) -> usize {
         self.keys.len()
     }
@@ -491,276 +513,247 @@ impl Entities {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
-
-    /// The positions (into `order`) of entity `entity`'s events.
-    pub fn positions(&self, entity: usize) -> Range<usize> {
-        self.starts[entity]..self.starts[entity + 1]
-    }
-
-    /// The source rows of entity `entity`'s events, by time.
-    pub fn rows(&self, entity: usize) -> &[usize] {
-        &self.order[self.positions(entity)]
-    }
-
-    /// Keeps the entities whose rows `keep` accepts.
-    pub fn retain(&mut self, keep: impl Fn(&[usize]) -> bool) {
-        let mut kept = Entities {
-            starts: vec![0],
-            ..Entities::default()
-        };
-        for (entity, key) in std::mem::take(&mut self.keys).into_iter().enumerate() {
-            let rows = &self.order[self.starts[entity]..self.starts[entity + 1]];
-            if keep(rows) {
-                kept.keys.push(key);
-                kept.order.extend_from_slice(rows);
-                kept.starts.push(kept.order.len());
-            }
-        }
-        *self = kept;
-    }
 }
 
-/// The positions of `rows` (one entity's, by time) grouped by event time: events at one time see each other.
-fn ties(rows: &[usize], timestamps: &[Micros]) -> impl Iterator<Item = Range<usize>> {
+/// The rows `0..rows` grouped by event time (the events are in time order): events at one time see each other.
+fn ties(rows: usize, timestamps: &[Micros]) -> impl Iterator<Item = Range<usize>> + '_ {
     let mut start = 0;
     std::iter::from_fn(move || {
-        if start >= rows.len() {
+        if start >= rows {
             return None;
         }
-        let time = timestamps[rows[start]];
+        let time = timestamps[start];
         let end = start
-            + rows[start..]
+            + timestamps[start..rows]
                 .iter()
-                .take_while(|&&r| timestamps[r] == time)
+                .take_while(|&&t| t == time)
                 .count();
-        let range = start..end;
+        let tie = start..end;
         start = end;
-        Some(range)
+        Some(tie)
     })
 }
 
-/// Every event's feature values: one column per feature of [`View::features`], one value per position of
-/// `entities.order`.
+/// A run's feature values: at every event (the offline table) and per entity as of the run's time (the online
+/// store).
+#[derive(Clone, Debug)]
+pub struct Computed {
+    /// One column per feature of [`View::features`], one value per event.
+    pub columns: Vec<Column>,
+    /// Per feature, per entity: the value before transforms and crosses as of the run's time.
+    as_of: Vec<Vec<FeatureValue>>,
+}
+
+impl Computed {
+    /// The values of entity `id` as of the run's time, in feature order.
+    pub fn values_of(&self, view: &View, id: usize) -> Result<Vec<FeatureValue>, ComputeError> {
+        let raw = self
+            .as_of
+            .iter()
+            .map(|values| values.get(id).cloned().unwrap_or(FeatureValue::Null))
+            .collect();
+        finish(view, raw)
+    }
+}
+
+/// The feature values of the first `ids.ids.len()` events of `events` (in time order) in one pass per feature,
+/// each entity's state kept by its id; and each entity's values as of `as_of` (no earlier than its events).
 pub fn values_at_events(
     view: &View,
     events: &SourceEvents,
-    entities: &Entities,
-) -> Result<Vec<Column>, ComputeError> {
+    ids: &EntityIds,
+    as_of: Micros,
+) -> Result<Computed, ComputeError> {
     let inputs = resolve_inputs(view, events)?;
-    // The latest present value of each column read as a last value, computed once per column.
-    let mut last_columns: Vec<usize> = view
-        .features
-        .iter()
-        .zip(&inputs)
-        .filter(|(feature, _)| {
-            matches!(feature.kind, FeatureKind::Last | FeatureKind::Transform(_))
-        })
-        .filter_map(|(_, input)| *input)
-        .collect();
-    last_columns.sort_unstable();
-    last_columns.dedup();
-    let latest: FastMap<usize, Vec<Option<usize>>> = last_columns
-        .par_iter()
-        .map(|&column| (column, latest_present(events, column, entities)))
-        .collect::<Vec<_>>()
-        .into_iter()
-        .collect();
     let direct: Vec<usize> = (0..view.features.len())
         .filter(|&i| !matches!(view.features[i].kind, FeatureKind::Cross { .. }))
         .collect();
     // Computed on every core; the first failing feature in view order is the one reported.
-    let computed: Vec<(usize, Column)> = direct
+    let computed: Vec<(usize, Column, Vec<FeatureValue>)> = direct
         .par_iter()
         .map(|&index| {
-            let column = inputs[index]
-                .ok_or_else(|| ComputeError::MissingColumn(view.features[index].column.clone()))?;
-            let values = match (&view.features[index].kind, latest.get(&column)) {
-                (FeatureKind::Aggregate { .. }, _) => {
-                    windowed(view, index, events, column, entities)?
-                }
-                (_, Some(latest)) => last_values(view, index, events, column, latest)?,
-                (_, None) => {
-                    return Err(ComputeError::MissingColumn(
-                        view.features[index].column.clone(),
-                    ));
-                }
+            let feature = &view.features[index];
+            let column =
+                inputs[index].ok_or_else(|| ComputeError::MissingColumn(feature.column.clone()))?;
+            let values = &events.columns[column].1;
+            let (at_events, at_end) = match feature.kind {
+                FeatureKind::Aggregate { .. } => windowed(view, index, events, values, ids, as_of)?,
+                _ => last_values(view, index, events, values, ids)?,
             };
-            Ok((index, values))
+            Ok((index, at_events, at_end))
         })
         .collect::<Vec<Result<_, ComputeError>>>()
         .into_iter()
         .collect::<Result<_, _>>()?;
+    let rows = ids.ids.len();
     let mut columns: Vec<Option<Column>> = vec![None; view.features.len()];
-    for (index, values) in computed {
+    let mut at_end: Vec<Vec<FeatureValue>> = vec![Vec::new(); view.features.len()];
+    for (index, values, end) in computed {
         columns[index] = Some(values);
+        at_end[index] = end;
     }
     // Crosses come after the features they cross (compile order), so their inputs are ready.
     for index in 0..view.features.len() {
-        if let FeatureKind::Cross { inputs, transform } = &view.features[index].kind {
-            let feature = &view.features[index];
+        let feature = &view.features[index];
+        if let FeatureKind::Cross { inputs, transform } = &feature.kind {
             let crossed: Vec<&Column> =
                 inputs.iter().filter_map(|&i| columns[i].as_ref()).collect();
-            let mut builder = ColumnBuilder::new(feature.value_type, entities.order.len());
+            let mut builder = ColumnBuilder::new(feature.value_type, rows);
             let mut values = Vec::with_capacity(crossed.len());
-            for position in 0..entities.order.len() {
+            for row in 0..rows {
                 values.clear();
-                values.extend(crossed.iter().map(|column| column.value(position)));
+                values.extend(crossed.iter().map(|column| column.value(row)));
                 let value = encoded(feature, transform.apply_cross(&feature.name, &values))?;
                 builder.push(value.as_ml(), 1);
             }
             columns[index] = Some(builder.finish());
         }
     }
-    Ok(columns.into_iter().flatten().collect())
+    Ok(Computed {
+        columns: columns.into_iter().flatten().collect(),
+        as_of: at_end,
+    })
 }
 
-/// For each position, the source row of the entity's latest present value of `column` at that event's time.
-fn latest_present(events: &SourceEvents, column: usize, entities: &Entities) -> Vec<Option<usize>> {
-    let values = &events.columns[column].1;
-    let mut latest = Vec::with_capacity(entities.order.len());
-    for entity in 0..entities.len() {
-        let rows = entities.rows(entity);
-        let mut current = None;
-        for tie in ties(rows, &events.timestamps) {
-            if let Some(&row) = rows[tie.clone()]
-                .iter()
-                .rev()
-                .find(|&&r| values.value(r) != Value::Missing)
-            {
-                current = Some(row);
-            }
-            latest.extend(std::iter::repeat_n(current, tie.len()));
-        }
-    }
-    latest
-}
-
-/// A last value or a transform of it, at every position.
+/// A last value (the entity's latest present value at each event's time) or a transform of it, at every
+/// event; and each entity's latest present value.
 fn last_values(
     view: &View,
     index: usize,
     events: &SourceEvents,
-    column: usize,
-    latest: &[Option<usize>],
-) -> Result<Column, ComputeError> {
+    values: &Column,
+    ids: &EntityIds,
+) -> Result<(Column, Vec<FeatureValue>), ComputeError> {
     let feature = &view.features[index];
-    let values = &events.columns[column].1;
-    let mut builder = ColumnBuilder::new(feature.value_type, latest.len());
-    match &feature.kind {
-        FeatureKind::Transform(transform) => {
-            // Consecutive events mostly share their latest value: encode each once.
-            let mut previous: Option<(Option<usize>, FeatureValue)> = None;
-            for &row in latest {
-                let value = match &previous {
-                    Some((at, value)) if *at == row => value.clone(),
-                    _ => {
-                        let raw = row.map_or(Value::Missing, |r| values.value(r));
-                        let value = encoded(feature, transform.apply(&feature.name, raw))?;
-                        previous = Some((row, value.clone()));
-                        value
-                    }
-                };
-                builder.push(value.as_ml(), 1);
+    if let FeatureKind::Last = feature.kind {
+        use FeatureValueType as T;
+        let fits = matches!(
+            (feature.value_type, values),
+            (T::Int64, Column::Int(_))
+                | (T::Float64, Column::Float(_) | Column::Int(_))
+                | (T::String, Column::Str(_))
+                | (T::Bool, Column::Bool(_))
+        );
+        if !fits && !values.is_all_null() {
+            let found = (0..values.len())
+                .map(|r| values.value(r))
+                .find(|v| *v != Value::Missing)
+                .unwrap_or(Value::Missing);
+            return Err(value_error(
+                feature,
+                format!(
+                    "is {:?} but got {}",
+                    feature.value_type,
+                    flywheel_ml::transform::type_name(found)
+                ),
+            ));
+        }
+    }
+    let rows = ids.ids.len();
+    let mut builder = ColumnBuilder::new(feature.value_type, rows);
+    let mut latest: Vec<Option<usize>> = vec![None; ids.len()];
+    // A transform is encoded once per latest value, not once per event.
+    let mut encoded_latest: Vec<Option<(Option<usize>, FeatureValue)>> = match feature.kind {
+        FeatureKind::Transform(_) => vec![None; ids.len()],
+        _ => Vec::new(),
+    };
+    for tie in ties(rows, &events.timestamps) {
+        for row in tie.clone() {
+            if values.value(row) != Value::Missing {
+                latest[ids.ids[row]] = Some(row);
             }
         }
-        _ => {
-            use FeatureValueType as T;
-            let fits = matches!(
-                (feature.value_type, values),
-                (T::Int64, Column::Int(_))
-                    | (T::Float64, Column::Float(_) | Column::Int(_))
-                    | (T::String, Column::Str(_))
-                    | (T::Bool, Column::Bool(_))
-            );
-            if !fits && !values.is_all_null() {
-                let found = (0..values.len())
-                    .map(|r| values.value(r))
-                    .find(|v| *v != Value::Missing)
-                    .unwrap_or(Value::Missing);
-                return Err(value_error(
-                    feature,
-                    format!(
-                        "is {:?} but got {}",
-                        feature.value_type,
-                        flywheel_ml::transform::type_name(found)
-                    ),
-                ));
-            }
-            for &row in latest {
-                builder.push(row.map_or(Value::Missing, |r| values.value(r)), 1);
+        for row in tie {
+            let entity = ids.ids[row];
+            let at = latest[entity];
+            let raw = at.map_or(Value::Missing, |r| values.value(r));
+            match &feature.kind {
+                FeatureKind::Transform(transform) => {
+                    let cached = &mut encoded_latest[entity];
+                    let value = match cached {
+                        Some((cached_at, value)) if *cached_at == at => value,
+                        _ => {
+                            let value = encoded(feature, transform.apply(&feature.name, raw))?;
+                            &mut cached.insert((at, value)).1
+                        }
+                    };
+                    builder.push(value.as_ml(), 1);
+                }
+                _ => builder.push(raw, 1),
             }
         }
     }
-    Ok(builder.finish())
+    let at_end = latest
+        .iter()
+        .map(|at| at.map_or(FeatureValue::Null, |r| owned(values.value(r))))
+        .collect();
+    Ok((builder.finish(), at_end))
 }
 
-/// An aggregation over its trailing window, slid over each entity's events.
+/// An aggregation over its trailing window at every event, each entity's window slid along its events; and
+/// each entity's aggregate as of `as_of`.
 fn windowed(
     view: &View,
     index: usize,
     events: &SourceEvents,
-    column: usize,
-    entities: &Entities,
-) -> Result<Column, ComputeError> {
+    values: &Column,
+    ids: &EntityIds,
+    as_of: Micros,
+) -> Result<(Column, Vec<FeatureValue>), ComputeError> {
     let feature = &view.features[index];
     let FeatureKind::Aggregate { function, window } = feature.kind else {
         return Err(value_error(feature, "not an aggregation"));
     };
-    let values = &events.columns[column].1;
     let timestamps = &events.timestamps;
-    let mut builder = ColumnBuilder::new(feature.value_type, entities.order.len());
-    for entity in 0..entities.len() {
-        let rows = entities.rows(entity);
-        let mut state = Window::new(function, window);
-        for tie in ties(rows, timestamps) {
-            let time = timestamps[rows[tie.start]];
-            for position in tie.clone() {
-                state.add(position, values.value(rows[position]));
-            }
-            state.evict_until(time, |position| {
-                (timestamps[rows[position]], values.value(rows[position]))
-            });
-            builder.push(state.value(feature)?.as_ml(), tie.len());
+    let member = |row: usize| (timestamps[row], values.value(row));
+    let rows = ids.ids.len();
+    let mut builder = ColumnBuilder::new(feature.value_type, rows);
+    let mut windows: Vec<Window> = (0..ids.len())
+        .map(|_| Window::new(function, window))
+        .collect();
+    for tie in ties(rows, timestamps) {
+        let time = timestamps[tie.start];
+        for row in tie.clone() {
+            windows[ids.ids[row]].add(row, values.value(row));
+        }
+        for row in tie {
+            let state = &mut windows[ids.ids[row]];
+            state.evict_until(time, member);
+            builder.push(state.value(feature)?.as_ml(), 1);
         }
     }
-    Ok(builder.finish())
+    let at_end = windows
+        .iter_mut()
+        .map(|state| {
+            state.evict_until(as_of, member);
+            state.value(feature)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((builder.finish(), at_end))
 }
 
-/// Writes the offline rows at `positions` (into `entities.order`) as one partition file.
+/// Writes the events `rows` of `events` and their feature values `features` as one partition file.
 pub fn write_partition(
     path: &Path,
     view: &View,
     events: &SourceEvents,
-    entities: &Entities,
     features: &[Column],
-    positions: &[usize],
+    rows: Range<usize>,
 ) -> Result<(), TableError> {
-    let take = |array: &ArrayRef, indices: &UInt64Array| {
-        arrow_select::take::take(array.as_ref(), indices, None).map_err(|e| TableError::Parquet {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })
-    };
-    let rows = UInt64Array::from_iter_values(positions.iter().map(|&p| entities.order[p] as u64));
-    let at = UInt64Array::from_iter_values(positions.iter().map(|&p| p as u64));
     let mut columns: Vec<(String, ArrayRef)> =
         Vec::with_capacity(view.entities.len() + 1 + features.len());
     for ((name, _), key) in view.entities.iter().zip(&events.keys) {
-        columns.push((name.clone(), take(&key.array(), &rows)?));
+        columns.push((name.clone(), key.slice(rows.clone())));
     }
     columns.push((
         FEATURE_TIME_COLUMN.to_owned(),
         Arc::new(
-            TimestampMicrosecondArray::from_iter_values(
-                positions
-                    .iter()
-                    .map(|&p| events.timestamps[entities.order[p]]),
-            )
-            .with_timezone("UTC"),
+            TimestampMicrosecondArray::from(events.timestamps[rows.clone()].to_vec())
+                .with_timezone("UTC"),
         ),
     ));
     for (feature, values) in view.features.iter().zip(features) {
-        columns.push((feature.name.clone(), take(&values.array(), &at)?));
+        columns.push((feature.name.clone(), values.slice(rows.clone())));
     }
     write_parquet(path, columns)
 }
@@ -830,28 +823,33 @@ mod tests {
     }
 
     #[test]
-    fn entities_are_in_key_order_and_their_events_in_time_order() {
+    fn events_are_put_in_time_order_and_entities_numbered_as_they_appear() {
         let events = source(&[
             (2, 3_000_000, None, None),
-            (1, 2_000_000, None, None),
+            (1, 2_000_000, None, Some("first")),
             (2, 1_000_000, None, None),
-            (1, 2_000_000, Some(1.0), None),
-        ]);
-        let entities = events.entities(|_| true);
+            (1, 2_000_000, Some(1.0), Some("second")),
+        ])
+        .in_time_order();
         assert_eq!(
-            entities.keys,
+            events.timestamps,
+            [1_000_000, 2_000_000, 2_000_000, 3_000_000]
+        );
+        assert_eq!(
+            events.columns[2].1.value(1),
+            Value::Str("first"),
+            "a tie keeps input order"
+        );
+        let ids = events.entity_ids(3);
+        assert_eq!(ids.ids, [0, 1, 1]);
+        assert_eq!(
+            ids.keys,
             [
-                EntityKey(vec![KeyPart::Int(1)]),
-                EntityKey(vec![KeyPart::Int(2)])
+                EntityKey(vec![KeyPart::Int(2)]),
+                EntityKey(vec![KeyPart::Int(1)])
             ]
         );
-        assert_eq!(entities.rows(0), [1, 3], "a tie keeps input order");
-        assert_eq!(entities.rows(1), [2, 0]);
-        let mut later = events.entities(|row| row != 2);
-        assert_eq!(later.rows(1), [0]);
-        later.retain(|rows| rows.contains(&0));
-        assert_eq!(later.keys, [EntityKey(vec![KeyPart::Int(2)])]);
-        assert_eq!(later.rows(0), [0]);
+        assert_eq!(ids.last_rows, [0, 2]);
     }
 
     #[test]
@@ -866,7 +864,7 @@ mod tests {
             &view,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let error = values_at_events(&view, &events, &events.entities(|_| true))
+        let error = values_at_events(&view, &events, &events.entity_ids(1), 0)
             .err()
             .map(|e| e.to_string());
         assert_eq!(
@@ -876,27 +874,34 @@ mod tests {
     }
 
     proptest! {
-        /// The sliding path (offline rows) and the direct path (online values, streaming) agree at every event.
+        /// The one-pass path (offline rows, and the online values at the end) and the direct path (streaming)
+        /// agree at every event.
         #[test]
-        fn sliding_and_direct_agree(
+        fn one_pass_and_direct_agree(
             raw in proptest::collection::vec((0i64..3, 0i64..(6 * HOUR), proptest::option::of(0.0f64..100.0), 0usize..3), 1..60)
         ) {
             let view = view();
             let categories = ["a", "b", "c"];
             let rows: Vec<Row<'_>> =
                 raw.iter().map(|&(u, t, p, c)| (u, t - t % 60_000_000, p, Some(categories[c]))).collect();
-            let events = source(&rows);
-            let entities = events.entities(|_| true);
-            let sliding = values_at_events(&view, &events, &entities).unwrap_or_else(|e| panic!("{e}"));
-            for entity in 0..entities.len() {
-                let entity_rows = entities.rows(entity);
-                for (position, &row) in entities.positions(entity).zip(entity_rows) {
+            let events = source(&rows).in_time_order();
+            let ids = events.entity_ids(events.len());
+            let as_of = events.timestamps[events.len() - 1] + HOUR / 2;
+            let computed = values_at_events(&view, &events, &ids, as_of).unwrap_or_else(|e| panic!("{e}"));
+            for entity in 0..ids.len() {
+                let entity_rows: Vec<usize> = (0..events.len()).filter(|&r| ids.ids[r] == entity).collect();
+                for &row in &entity_rows {
                     let time = events.timestamps[row];
-                    let direct = values_as_of(&view, &events, entity_rows, time).unwrap_or_else(|e| panic!("{e}"));
+                    let direct = values_as_of(&view, &events, &entity_rows, time).unwrap_or_else(|e| panic!("{e}"));
                     for (index, d) in direct.iter().enumerate() {
-                        let slid = owned(sliding[index].value(position));
-                        prop_assert!(close(&slid, d), "{} at {time}: {slid:?} vs {d:?}", view.features[index].name);
+                        let passed = owned(computed.columns[index].value(row));
+                        prop_assert!(close(&passed, d), "{} at {time}: {passed:?} vs {d:?}", view.features[index].name);
                     }
+                }
+                let online = computed.values_of(&view, entity).unwrap_or_else(|e| panic!("{e}"));
+                let direct = values_as_of(&view, &events, &entity_rows, as_of).unwrap_or_else(|e| panic!("{e}"));
+                for (index, (o, d)) in online.iter().zip(&direct).enumerate() {
+                    prop_assert!(close(o, d), "{} as of {as_of}: {o:?} vs {d:?}", view.features[index].name);
                 }
             }
         }

@@ -18,6 +18,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use crate::value::{EntityKey, FeatureValue, KeyPart};
 use crate::view::{Micros, View};
@@ -373,8 +374,19 @@ pub fn write_parquet(path: &Path, columns: Vec<(String, ArrayRef)>) -> Result<()
     }
     let temporary = path.with_extension("parquet.tmp");
     let file = File::create(&temporary).map_err(io(&temporary))?;
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
+    // Dictionaries pay off for text (categories, ids) only; numbers are written plain, which is much faster.
+    let properties = schema
+        .fields()
+        .iter()
+        .filter(|field| field.data_type() == &DataType::Utf8)
+        .fold(
+            WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .set_dictionary_enabled(false),
+            |builder, field| {
+                builder.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), true)
+            },
+        )
         .build();
     let mut writer =
         ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| parquet_error(path, e))?;

@@ -2,7 +2,8 @@
 //! `build-dataset` (point-in-time correct training sets, sample joining) and `generate-events` (synthetic
 //! feature events for demos and benchmarks).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,9 +14,10 @@ use arrow_array::{
 };
 use flywheel_crds::FeatureView;
 use flywheel_crds::common::parse_duration;
-use flywheel_crds::featureview::{FeatureStatistics, MaterializationReport};
-use flywheel_features::aggregate::values_as_of;
-use flywheel_features::offline::{Entities, SourceEvents, values_at_events, write_partition};
+use flywheel_crds::featureview::{FeatureStatistics, FeatureViewSpec, MaterializationReport};
+use flywheel_features::offline::{
+    Column, Computed, EntityIds, SourceEvents, values_at_events, write_partition,
+};
 use flywheel_features::online::{add_writes, is_expired, now_micros, redis_url};
 use flywheel_features::pit::PointInTimeIndex;
 use flywheel_features::samples::{Click, Windows, label_impressions};
@@ -240,95 +242,118 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
     };
     let schema_hash = spec.schema_hash();
 
-    let events = SourceEvents::read(&source, &view)?;
+    let events = SourceEvents::read(&source, &view)?.in_time_order();
     phases.done("read");
-    let computed = |error| anyhow::Error::new(error).context(source.display().to_string());
+    let computed_error = |error| anyhow::Error::new(error).context(source.display().to_string());
     let times = events.timestamps();
-    let in_range = |t: Micros| until.is_none_or(|u| t <= u);
-    let is_new = |t: Micros| in_range(t) && since.is_none_or(|s| t > s - lookback);
+    // In time order, the events up to `--until` are a prefix and the new ones (after the watermark, less the
+    // lookback) a range of it.
+    let in_range = times.partition_point(|&t| until.is_none_or(|u| t <= u));
+    let new_rows =
+        times[..in_range].partition_point(|&t| since.is_some_and(|s| t <= s - lookback))..in_range;
     let mut report = MaterializationReport {
-        rows: times.iter().filter(|&&t| is_new(t)).count() as i64,
+        rows: new_rows.len() as i64,
         schema_hash: schema_hash.clone(),
         ..MaterializationReport::default()
     };
-    if report.rows == 0 {
+    if new_rows.is_empty() {
         report.watermark = since.map(format_time);
         return finish(args, report, started, &phases);
     }
-    let watermark = times
-        .iter()
-        .copied()
-        .filter(|&t| in_range(t))
-        .max()
-        .unwrap_or_default();
+    let watermark = times[in_range - 1];
     report.watermark = Some(format_time(watermark));
 
-    // Offline: every partition holding a new event is rewritten whole, from all of that day's events, so late
-    // events land and a re-run writes the same files. An entity's values there depend on its whole history.
-    let days: BTreeSet<i64> = times
-        .iter()
-        .filter(|&&t| is_new(t))
-        .map(|&t| day_of(t))
-        .collect();
-    let mut entities = events.entities(|row| in_range(times[row]));
-    entities.retain(|rows| rows.iter().any(|&r| days.contains(&day_of(times[r]))));
-    let features = values_at_events(&view, &events, &entities).map_err(computed)?;
+    let ids = events.entity_ids(in_range);
+    let computed = values_at_events(&view, &events, &ids, watermark).map_err(computed_error)?;
     phases.done("compute");
-    let mut partitions: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
-    for (position, &row) in entities.order.iter().enumerate() {
-        let day = day_of(times[row]);
-        if days.contains(&day) {
-            partitions.entry(day).or_default().push(position);
+
+    // The online store is written by its own thread while the offline table and statistics are computed:
+    // Redis runs the writes in its own process, so they overlap.
+    let mut touched = vec![false; ids.len()];
+    for row in new_rows.clone() {
+        touched[ids.ids[row]] = true;
+    }
+    let writes_online = spec.online.is_some() && !args.no_online;
+    let (events, ids, computed, view, manifest) = (&events, &ids, &computed, &view, &manifest);
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let online = writes_online.then(|| {
+            let touched = &touched;
+            scope.spawn(move || {
+                let began = Instant::now();
+                let written = write_online(
+                    args, manifest, view, events, ids, computed, touched, watermark,
+                );
+                (written, began.elapsed())
+            })
+        });
+        // Offline: every partition holding a new event is rewritten whole, from all of that day's events, so
+        // late events land and a re-run writes the same files. In time order, a day is a range of rows.
+        let mut partitions: Vec<(String, Range<usize>)> = Vec::new();
+        let mut start = new_rows.start;
+        while start < new_rows.end {
+            let day = day_of(times[start]);
+            let first = times[..start].partition_point(|&t| day_of(t) < day);
+            let end = start + times[start..in_range].partition_point(|&t| day_of(t) == day);
+            partitions.push((partition_name(day), first..end));
+            start = end;
         }
-    }
-    let partitions: Vec<(String, Vec<usize>)> = partitions
-        .into_iter()
-        .map(|(day, positions)| (partition_name(day), positions))
-        .collect();
-    partitions
-        .par_iter()
-        .map(|(partition, positions)| {
-            let path = offline.join(partition).join("part-00000.parquet");
-            write_partition(&path, &view, &events, &entities, &features, positions)
-        })
-        .collect::<Result<Vec<()>, _>>()?;
-    report.partitions = partitions.into_iter().map(|(name, _)| name).collect();
-    phases.done("offline");
-
-    // Online: each touched entity's values as of the watermark, unless already stale.
-    if spec.online.is_some() && !args.no_online {
-        let touched: Vec<usize> = (0..entities.len())
-            .filter(|&e| entities.rows(e).iter().any(|&r| is_new(times[r])))
-            .collect();
-        let (written, expired) = write_online(
-            args, &manifest, &view, &events, &entities, &touched, watermark,
+        partitions
+            .par_iter()
+            .map(|(partition, rows)| {
+                let path = offline.join(partition).join("part-00000.parquet");
+                write_partition(&path, view, events, &computed.columns, rows.clone())
+            })
+            .collect::<Result<Vec<()>, _>>()?;
+        report.partitions = partitions.into_iter().map(|(name, _)| name).collect();
+        phases.done("offline");
+        add_statistics(
+            &mut report,
+            &manifest.spec,
+            view,
+            &computed.columns,
+            new_rows.clone(),
+            &offline,
         )?;
-        report.entities_written = written;
-        report.expired = expired;
-    }
-    phases.done("online");
+        phases.done("statistics");
+        if let Some(online) = online {
+            let (written, elapsed) = online
+                .join()
+                .map_err(|_| anyhow::anyhow!("the online store writer panicked"))?;
+            (report.entities_written, report.expired) = written?;
+            phases.record("online (concurrent)", elapsed);
+        }
+        Ok(())
+    })?;
+    finish(args, report, started, &phases)
+}
 
-    // Statistics and drift of the new rows against the baseline (this run's rows when there is none yet).
-    let new_positions: Vec<usize> = (0..entities.order.len())
-        .filter(|&p| is_new(times[entities.order[p]]))
-        .collect();
+/// Statistics and drift of the new rows (`new_rows`) against the baseline kept in the offline store;
+/// the first run's rows become the baseline.
+fn add_statistics(
+    report: &mut MaterializationReport,
+    spec: &FeatureViewSpec,
+    view: &View,
+    features: &[Column],
+    new_rows: Range<usize>,
+    offline: &Path,
+) -> anyhow::Result<()> {
     let baseline_path = offline.join("_flywheel").join("baseline.json");
     let existing: Option<BaselineFile> = std::fs::read(&baseline_path)
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .filter(|b: &BaselineFile| b.schema_hash == schema_hash);
+        .filter(|b: &BaselineFile| b.schema_hash == report.schema_hash);
     let baseline = match existing {
         Some(baseline) => {
             let policy = spec.drift.clone().unwrap_or_default();
             report.drift = view
                 .features
                 .par_iter()
-                .zip(&features)
+                .zip(features)
                 .filter_map(|(feature, values)| {
                     drift_of(
                         &feature.name,
                         baseline.distributions.get(&feature.name)?,
-                        &values.observed(&new_positions),
+                        &values.observed(new_rows.clone()),
                         policy.psi_threshold,
                         policy.ks_threshold,
                     )
@@ -340,11 +365,11 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
             let profiles: Vec<_> = view
                 .features
                 .par_iter()
-                .zip(&features)
-                .map(|(feature, values)| profile(&feature.name, values.observed(&new_positions)))
+                .zip(features)
+                .map(|(feature, values)| profile(&feature.name, values.observed(new_rows.clone())))
                 .collect();
             let mut baseline = BaselineFile {
-                schema_hash: schema_hash.clone(),
+                schema_hash: report.schema_hash.clone(),
                 statistics: Vec::with_capacity(view.features.len()),
                 distributions: BTreeMap::new(),
             };
@@ -366,17 +391,20 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
         }
     };
     report.statistics = baseline.statistics;
-    phases.done("statistics");
-    finish(args, report, started, &phases)
+    Ok(())
 }
 
+/// Writes the values of the `touched` entities as of the watermark, unless already stale; returns how many
+/// hashes were written and how many entities were stale.
+#[allow(clippy::too_many_arguments)]
 fn write_online(
     args: &MaterializeArgs,
     manifest: &FeatureView,
     view: &View,
     events: &SourceEvents,
-    entities: &Entities,
-    touched: &[usize],
+    ids: &EntityIds,
+    computed: &Computed,
+    touched: &[bool],
     watermark: Micros,
 ) -> anyhow::Result<(i64, i64)> {
     let Some(online) = &manifest.spec.online else {
@@ -393,18 +421,18 @@ fn write_online(
         .with_context(|| format!("connecting to the online store at {address}"))?;
     let now = now_micros();
     let times = events.timestamps();
+    let touched: Vec<usize> = (0..ids.len()).filter(|&id| touched[id]).collect();
     let (mut written, mut expired) = (0, 0);
     for batch in touched.chunks(REDIS_BATCH) {
         let mut rows = Vec::with_capacity(batch.len());
-        for &entity in batch {
-            let entity_rows = entities.rows(entity);
-            let newest = entity_rows.last().map_or(watermark, |&r| times[r]);
+        for &id in batch {
+            let newest = times[ids.last_rows[id]];
             if is_expired(newest, view.ttl, now) {
                 expired += 1;
                 continue;
             }
-            let values = values_as_of(view, events, entity_rows, watermark)?;
-            rows.push(view.online_row(&entities.keys[entity], watermark, newest, &values));
+            let values = computed.values_of(view, id)?;
+            rows.push(view.online_row(&ids.keys[id], watermark, newest, &values));
         }
         if rows.is_empty() {
             continue;
@@ -431,6 +459,12 @@ impl Phases {
             last: Instant::now(),
             seconds: serde_json::Map::new(),
         }
+    }
+
+    /// Records a phase that ran beside the others.
+    fn record(&mut self, phase: &str, elapsed: std::time::Duration) {
+        self.seconds
+            .insert(phase.to_owned(), json!(elapsed.as_secs_f64()));
     }
 
     fn done(&mut self, phase: &str) {
