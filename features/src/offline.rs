@@ -47,7 +47,11 @@ pub enum Column {
 
 impl Column {
     /// The column `name` of `batch` (from the file `path`), normalized.
-    fn of_batch(batch: &RecordBatch, path: &Path, name: &str) -> Result<Column, TableError> {
+    pub(crate) fn of_batch(
+        batch: &RecordBatch,
+        path: &Path,
+        name: &str,
+    ) -> Result<Column, TableError> {
         let array = batch
             .column_by_name(name)
             .ok_or_else(|| TableError::MissingColumn {
@@ -143,7 +147,7 @@ impl Column {
         })
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Column::Int(a) => a.len(),
             Column::Float(a) => a.len(),

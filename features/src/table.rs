@@ -20,6 +20,8 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
+use crate::aggregate::owned;
+use crate::offline::Column;
 use crate::value::{EntityKey, FeatureValue, KeyPart};
 use crate::view::{Micros, View};
 
@@ -199,90 +201,10 @@ pub fn values(
     path: &Path,
     name: &str,
 ) -> Result<Vec<FeatureValue>, TableError> {
-    use arrow_array::cast::AsArray;
-    use arrow_array::types::*;
-    let array = column(batch, path, name)?;
-    let n = array.len();
-    let mut out = Vec::with_capacity(n);
-    macro_rules! ints {
-        ($t:ty) => {{
-            let typed = array.as_primitive::<$t>();
-            for i in 0..n {
-                out.push(if typed.is_null(i) {
-                    FeatureValue::Null
-                } else {
-                    match i64::try_from(typed.value(i)) {
-                        Ok(v) => FeatureValue::Int(v),
-                        Err(_) => {
-                            return Err(TableError::BadValue {
-                                path: path.to_owned(),
-                                column: name.to_owned(),
-                                row: i,
-                                problem: "integer out of the Int64 range".into(),
-                            });
-                        }
-                    }
-                });
-            }
-        }};
-    }
-    match array.data_type() {
-        DataType::Int8 => ints!(Int8Type),
-        DataType::Int16 => ints!(Int16Type),
-        DataType::Int32 => ints!(Int32Type),
-        DataType::Int64 => ints!(Int64Type),
-        DataType::UInt8 => ints!(UInt8Type),
-        DataType::UInt16 => ints!(UInt16Type),
-        DataType::UInt32 => ints!(UInt32Type),
-        DataType::UInt64 => ints!(UInt64Type),
-        DataType::Float32 | DataType::Float64 => {
-            let floats: Vec<Option<f64>> = match array.data_type() {
-                DataType::Float32 => array
-                    .as_primitive::<Float32Type>()
-                    .iter()
-                    .map(|v| v.map(f64::from))
-                    .collect(),
-                _ => array.as_primitive::<Float64Type>().iter().collect(),
-            };
-            out.extend(floats.into_iter().map(|v| match v {
-                Some(x) if !x.is_nan() => FeatureValue::Float(x),
-                _ => FeatureValue::Null,
-            }));
-        }
-        DataType::Utf8 => out.extend(
-            array
-                .as_string::<i32>()
-                .iter()
-                .map(|v| v.map_or(FeatureValue::Null, |s| FeatureValue::Str(s.to_owned()))),
-        ),
-        DataType::LargeUtf8 => out.extend(
-            array
-                .as_string::<i64>()
-                .iter()
-                .map(|v| v.map_or(FeatureValue::Null, |s| FeatureValue::Str(s.to_owned()))),
-        ),
-        DataType::Utf8View => out.extend(
-            array
-                .as_string_view()
-                .iter()
-                .map(|v| v.map_or(FeatureValue::Null, |s| FeatureValue::Str(s.to_owned()))),
-        ),
-        DataType::Boolean => out.extend(
-            array
-                .as_boolean()
-                .iter()
-                .map(|v| v.map_or(FeatureValue::Null, FeatureValue::Bool)),
-        ),
-        other => {
-            return Err(wrong_type(
-                path,
-                name,
-                other,
-                "an integer, float, string or boolean",
-            ));
-        }
-    }
-    Ok(out)
+    let column = Column::of_batch(batch, path, name)?;
+    Ok((0..column.len())
+        .map(|row| owned(column.value(row)))
+        .collect())
 }
 
 /// Entity keys from the join-key columns; a key must be present and of its entity's type.
