@@ -23,5 +23,8 @@ pub mod table;
 pub mod value;
 pub mod view;
 
+/// A hash map keyed without SipHash's cost: the keys (entity ids, categories) come from the user's own data.
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 pub use value::{EntityKey, FeatureValue, KeyPart};
 pub use view::{CompiledFeature, FeatureKind, View, ViewError};

@@ -4,7 +4,6 @@
 //! columns themselves: values are read in place from the source arrays, which is what makes a run over millions
 //! of events take well under a second.
 
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::ops::Range;
 use std::path::Path;
@@ -18,22 +17,21 @@ use arrow_array::types::{
 };
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
+    TimestampMicrosecondArray, UInt32Array,
 };
-use arrow_schema::DataType;
+use arrow_schema::{ArrowError, DataType};
 use flywheel_crds::featureview::{EntityValueType, FeatureValueType};
 use flywheel_ml::transform::Value;
 use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
 
+use crate::FastMap;
 use crate::aggregate::{
     ComputeError, EventColumns, Window, encoded, finish, owned, resolve_inputs, value_error,
 };
 use crate::stats::{Observed, Present};
 use crate::table::{self, FEATURE_TIME_COLUMN, TableError, write_parquet};
 use crate::value::{EntityKey, FeatureValue, KeyPart};
-use crate::view::{FeatureKind, Micros, View};
-
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+use crate::view::{CompiledFeature, FeatureKind, Micros, View};
 
 /// One column as the feature computations read it: integers of any width as Int64, floats as Float64 (NaN read
 /// as missing), any string layout as Utf8, booleans.
@@ -163,6 +161,28 @@ impl Column {
     /// The values at `rows` as an array, without copying.
     fn slice(&self, rows: Range<usize>) -> ArrayRef {
         self.array().slice(rows.start, rows.len())
+    }
+
+    /// The values at `rows`, as a column of this kind, without copying.
+    fn slice_typed(&self, rows: Range<usize>) -> Column {
+        let (offset, length) = (rows.start, rows.len());
+        match self {
+            Column::Int(a) => Column::Int(a.slice(offset, length)),
+            Column::Float(a) => Column::Float(a.slice(offset, length)),
+            Column::Str(a) => Column::Str(a.slice(offset, length)),
+            Column::Bool(a) => Column::Bool(a.slice(offset, length)),
+        }
+    }
+
+    /// The values at `rows` (null where a row is null), as a column of this kind.
+    fn gather(&self, rows: &UInt32Array) -> Result<Column, ArrowError> {
+        let gathered = arrow_select::take::take(self.array().as_ref(), rows, None)?;
+        Ok(match self {
+            Column::Int(_) => Column::Int(gathered.as_primitive::<Int64Type>().clone()),
+            Column::Float(_) => Column::Float(gathered.as_primitive::<Float64Type>().clone()),
+            Column::Str(_) => Column::Str(gathered.as_string::<i32>().clone()),
+            Column::Bool(_) => Column::Bool(gathered.as_boolean().clone()),
+        })
     }
 
     /// The values at `rows`, in that order.
@@ -654,6 +674,9 @@ fn last_values(
         }
     }
     let rows = ids.ids.len();
+    if let (FeatureKind::Last, Some(column)) = (&feature.kind, plain_last(feature, values)) {
+        return latest_present(feature, column, &events.timestamps, ids);
+    }
     let mut builder = ColumnBuilder::new(feature.value_type, rows);
     let mut latest: Vec<Option<usize>> = vec![None; ids.len()];
     // A transform is encoded once per latest value, not once per event.
@@ -692,6 +715,59 @@ fn last_values(
         .map(|at| at.map_or(FeatureValue::Null, |r| owned(values.value(r))))
         .collect();
     Ok((builder.finish(), at_end))
+}
+
+/// The source column of a plain last value, as the feature's type: itself, or integers read as floats.
+/// `None` when the types do not fit (only an all-null column gets that far).
+fn plain_last(feature: &CompiledFeature, values: &Column) -> Option<Column> {
+    use FeatureValueType as T;
+    match (feature.value_type, values) {
+        (T::Float64, Column::Int(ints)) => Some(Column::Float(ints.unary(|i| i as f64))),
+        (T::Int64, Column::Int(_))
+        | (T::Float64, Column::Float(_))
+        | (T::String, Column::Str(_))
+        | (T::Bool, Column::Bool(_)) => Some(values.clone()),
+        _ => None,
+    }
+}
+
+/// Each event's latest present value of `values` (ties at one time see each other), and each entity's.
+/// Without gaps or an entity's ties, that is the column itself, shared rather than copied; otherwise one gather.
+fn latest_present(
+    feature: &CompiledFeature,
+    values: Column,
+    timestamps: &[Micros],
+    ids: &EntityIds,
+) -> Result<(Column, Vec<FeatureValue>), ComputeError> {
+    let rows = ids.ids.len();
+    let array = values.array();
+    let mut latest: Vec<Option<u32>> = vec![None; ids.len()];
+    let mut sources: Vec<Option<u32>> = Vec::with_capacity(rows);
+    let mut itself = true;
+    for tie in ties(rows, timestamps) {
+        for row in tie.clone() {
+            if array.is_valid(row) {
+                latest[ids.ids[row]] = Some(row as u32);
+            }
+        }
+        for row in tie {
+            let source = latest[ids.ids[row]];
+            itself &= source == Some(row as u32);
+            sources.push(source);
+        }
+    }
+    let at_end = latest
+        .iter()
+        .map(|at| at.map_or(FeatureValue::Null, |r| owned(values.value(r as usize))))
+        .collect();
+    let at_events = if itself {
+        values.slice_typed(0..rows)
+    } else {
+        values
+            .gather(&UInt32Array::from(sources))
+            .map_err(|e| value_error(feature, e.to_string()))?
+    };
+    Ok((at_events, at_end))
 }
 
 /// An aggregation over its trailing window at every event, each entity's window slid along its events; and
@@ -813,7 +889,11 @@ mod tests {
     }
 
     fn source(rows: &[Row<'_>]) -> SourceEvents {
-        SourceEvents::of_batch(&batch(rows), Path::new("events.parquet"), &view())
+        source_of(&view(), rows)
+    }
+
+    fn source_of(view: &View, rows: &[Row<'_>]) -> SourceEvents {
+        SourceEvents::of_batch(&batch(rows), Path::new("events.parquet"), view)
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -874,6 +954,44 @@ mod tests {
         assert_eq!(
             error.as_deref(),
             Some("feature `category` (column `category`): is Float64 but got a string")
+        );
+    }
+
+    #[test]
+    fn a_last_value_reads_integers_as_floats_and_fills_gaps_from_the_entity() {
+        let spec = crate::aggregate::tests::spec(serde_json::json!([
+            {"name": "user_as_float", "column": "user_id", "valueType": "Float64"},
+            {"name": "price", "valueType": "Float64"},
+        ]));
+        let view = View::compile(&spec, "ts", "p:").unwrap_or_else(|e| panic!("{e}"));
+        let events = source_of(
+            &view,
+            &[
+                (7, 1_000_000, Some(1.5), None),
+                (8, 2_000_000, Some(9.0), None),
+                (7, 3_000_000, None, None),
+            ],
+        );
+        let ids = events.entity_ids(3);
+        let computed =
+            values_at_events(&view, &events, &ids, 3_000_000).unwrap_or_else(|e| panic!("{e}"));
+        let column = |i: usize| {
+            (0..3)
+                .map(|r| owned(computed.columns[i].value(r)))
+                .collect::<Vec<_>>()
+        };
+        use FeatureValue::Float;
+        assert_eq!(column(0), [Float(7.0), Float(8.0), Float(7.0)]);
+        assert_eq!(
+            column(1),
+            [Float(1.5), Float(9.0), Float(1.5)],
+            "a gap takes the entity's latest value"
+        );
+        assert_eq!(
+            computed
+                .values_of(&view, 0)
+                .unwrap_or_else(|e| panic!("{e}")),
+            [Float(7.0), Float(1.5)]
         );
     }
 

@@ -14,11 +14,14 @@ use arrow_array::{
 };
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use flywheel_crds::featureview::{EntityValueType, FeatureValueType};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
+use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
 
 use crate::aggregate::owned;
 use crate::offline::Column;
@@ -101,23 +104,49 @@ pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
         .map_err(|e| parquet_error(path, e))
 }
 
-/// The record batches of one file, holding only those of the columns `names` the file has.
+/// The record batches of one file, holding only those of the columns `names` the file has. Column chunks decode
+/// independently, so each column is read on its own core, in batches as large as the file (no concatenation
+/// follows).
 pub fn read_columns(path: &Path, names: &[&str]) -> Result<Vec<RecordBatch>, TableError> {
-    let file = File::open(path).map_err(io(path))?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(path, e))?;
+    let open = || File::open(path).map_err(io(path));
+    let metadata = ArrowReaderMetadata::load(&open()?, ArrowReaderOptions::default())
+        .map_err(|e| parquet_error(path, e))?;
     let roots: Vec<usize> = names
         .iter()
-        .filter_map(|name| builder.schema().index_of(name).ok())
+        .filter_map(|name| metadata.schema().index_of(name).ok())
         .collect();
-    let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
-    builder
-        .with_projection(mask)
-        .with_batch_size(64 * 1024)
-        .build()
-        .map_err(|e| parquet_error(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| parquet_error(path, e))
+    let rows = usize::try_from(metadata.metadata().file_metadata().num_rows())
+        .unwrap_or_default()
+        .max(1);
+    let read = |roots: Vec<usize>| -> Result<Vec<RecordBatch>, TableError> {
+        let mask = ProjectionMask::roots(metadata.parquet_schema(), roots);
+        ParquetRecordBatchReaderBuilder::new_with_metadata(open()?, metadata.clone())
+            .with_projection(mask)
+            .with_batch_size(rows)
+            .build()
+            .map_err(|e| parquet_error(path, e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| parquet_error(path, e))
+    };
+    if roots.len() <= 1 {
+        return read(roots);
+    }
+    let per_column: Vec<Vec<RecordBatch>> = roots
+        .par_iter()
+        .map(|&root| read(vec![root]))
+        .collect::<Result<_, _>>()?;
+    let batches = per_column.first().map_or(0, Vec::len);
+    (0..batches)
+        .map(|i| {
+            let (fields, arrays): (Vec<Field>, Vec<ArrayRef>) = per_column
+                .iter()
+                .filter_map(|column| column.get(i))
+                .map(|batch| (batch.schema().field(0).clone(), batch.column(0).clone()))
+                .unzip();
+            RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+                .map_err(|e| parquet_error(path, e))
+        })
+        .collect()
 }
 
 fn column<'a>(batch: &'a RecordBatch, path: &Path, name: &str) -> Result<&'a ArrayRef, TableError> {
