@@ -208,7 +208,15 @@ async fn a_firing_alert_from_the_webhook_aborts_within_a_second() -> TestResult 
     setup.exporter.set("ctr-v1", 0.80, 1.0, 50_000.0);
     setup.exporter.set("ctr-v2", 0.80, 1.0, 5_000.0);
     serving_from(&setup, "ctr-v1").await?;
-    set_target(&setup, "ctr-v2").await?;
+    // The canary is healthy; many analysis rounds per step hold it at 1% until the alert comes, so a slow poll
+    // on a loaded machine cannot see it already promoted.
+    api_for(&setup.client, "Rollout", &setup.namespace)?
+        .patch(
+            "ctr",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"modelVersion": "ctr-v2", "analysis": {"count": 600}}})),
+        )
+        .await?;
     wait_status(&setup, "the canary at 1%", Duration::from_secs(30), |s| {
         s["canaryWeight"] == 1
     })
