@@ -741,33 +741,47 @@ fn latest_present(
 ) -> Result<(Column, Vec<FeatureValue>), ComputeError> {
     let rows = ids.ids.len();
     let array = values.array();
+    // Without gaps, and no entity with two events at one time, every event's latest value is its own and each
+    // entity's is that of its last event: the column itself, with nothing to look up per event.
+    if array.slice(0, rows).null_count() == 0 && !entity_has_ties(rows, timestamps, &ids.ids) {
+        let at_end = ids
+            .last_rows
+            .iter()
+            .map(|&row| owned(values.value(row)))
+            .collect();
+        return Ok((values.slice_typed(0..rows), at_end));
+    }
     let mut latest: Vec<Option<u32>> = vec![None; ids.len()];
     let mut sources: Vec<Option<u32>> = Vec::with_capacity(rows);
-    let mut itself = true;
     for tie in ties(rows, timestamps) {
         for row in tie.clone() {
             if array.is_valid(row) {
                 latest[ids.ids[row]] = Some(row as u32);
             }
         }
-        for row in tie {
-            let source = latest[ids.ids[row]];
-            itself &= source == Some(row as u32);
-            sources.push(source);
-        }
+        sources.extend(tie.map(|row| latest[ids.ids[row]]));
     }
     let at_end = latest
         .iter()
         .map(|at| at.map_or(FeatureValue::Null, |r| owned(values.value(r as usize))))
         .collect();
-    let at_events = if itself {
-        values.slice_typed(0..rows)
-    } else {
-        values
-            .gather(&UInt32Array::from(sources))
-            .map_err(|e| value_error(feature, e.to_string()))?
-    };
+    let at_events = values
+        .gather(&UInt32Array::from(sources))
+        .map_err(|e| value_error(feature, e.to_string()))?;
     Ok((at_events, at_end))
+}
+
+/// Whether some entity has two of the first `rows` events at one time.
+fn entity_has_ties(rows: usize, timestamps: &[Micros], ids: &[usize]) -> bool {
+    let mut entities = Vec::new();
+    ties(rows, timestamps)
+        .filter(|tie| tie.len() > 1)
+        .any(|tie| {
+            entities.clear();
+            entities.extend(tie.map(|row| ids[row]));
+            entities.sort_unstable();
+            entities.windows(2).any(|pair| pair[0] == pair[1])
+        })
 }
 
 /// An aggregation over its trailing window at every event, each entity's window slid along its events; and

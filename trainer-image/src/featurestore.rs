@@ -18,7 +18,7 @@ use flywheel_crds::featureview::{FeatureStatistics, FeatureViewSpec, Materializa
 use flywheel_features::offline::{
     Column, Computed, EntityIds, SourceEvents, values_at_events, write_partition,
 };
-use flywheel_features::online::{add_writes, is_expired, now_micros, redis_url};
+use flywheel_features::online::{WRITE_BATCH, add_writes, is_expired, now_micros, redis_url};
 use flywheel_features::pit::PointInTimeIndex;
 use flywheel_features::samples::{Click, Windows, label_impressions};
 use flywheel_features::stats::{Baseline, drift_of, profile};
@@ -34,8 +34,8 @@ use serde_json::json;
 
 /// The kubelet keeps at most this much of a termination message.
 const TERMINATION_MESSAGE_LIMIT: usize = 4096;
-/// Entities per pipelined round trip to Redis.
-const REDIS_BATCH: usize = 2_000;
+/// Script calls ([`WRITE_BATCH`] entities each) sent to Redis before the first answer is awaited.
+const WRITES_IN_FLIGHT: usize = 4;
 
 #[derive(clap::Args)]
 pub struct ViewArgs {
@@ -423,7 +423,18 @@ fn write_online(
     let times = events.timestamps();
     let touched: Vec<usize> = (0..ids.len()).filter(|&id| touched[id]).collect();
     let (mut written, mut expired) = (0, 0);
-    for batch in touched.chunks(REDIS_BATCH) {
+    // One script call per chunk, several in flight: Redis runs one while the next is prepared and sent.
+    let mut in_flight = 0;
+    let receive = |connection: &mut redis::Connection| -> anyhow::Result<i64> {
+        match connection
+            .recv_response()
+            .with_context(|| format!("writing to the online store at {address}"))?
+        {
+            redis::Value::Int(count) => Ok(count),
+            other => bail!("the online store at {address} answered a write with {other:?}"),
+        }
+    };
+    for batch in touched.chunks(WRITE_BATCH) {
         let mut rows = Vec::with_capacity(batch.len());
         for &id in batch {
             let newest = times[ids.last_rows[id]];
@@ -437,12 +448,19 @@ fn write_online(
         if rows.is_empty() {
             continue;
         }
-        let mut pipeline = redis::pipe();
-        add_writes(&mut pipeline, &rows);
-        let answers: Vec<i64> = pipeline
-            .query(&mut connection)
+        let mut call = redis::pipe();
+        add_writes(&mut call, &rows);
+        connection
+            .send_packed_command(&call.get_packed_pipeline())
             .with_context(|| format!("writing to the online store at {address}"))?;
-        written += answers.iter().sum::<i64>();
+        in_flight += 1;
+        if in_flight > WRITES_IN_FLIGHT {
+            written += receive(&mut connection)?;
+            in_flight -= 1;
+        }
+    }
+    for _ in 0..in_flight {
+        written += receive(&mut connection)?;
     }
     Ok((written, expired))
 }
