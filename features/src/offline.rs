@@ -160,7 +160,7 @@ impl Column {
 
     /// The values at `rows` as an array, without copying.
     fn slice(&self, rows: Range<usize>) -> ArrayRef {
-        self.array().slice(rows.start, rows.len())
+        self.slice_typed(rows).array()
     }
 
     /// The values at `rows`, as a column of this kind, without copying.
@@ -650,15 +650,10 @@ fn last_values(
 ) -> Result<(Column, Vec<FeatureValue>), ComputeError> {
     let feature = &view.features[index];
     if let FeatureKind::Last = feature.kind {
-        use FeatureValueType as T;
-        let fits = matches!(
-            (feature.value_type, values),
-            (T::Int64, Column::Int(_))
-                | (T::Float64, Column::Float(_) | Column::Int(_))
-                | (T::String, Column::Str(_))
-                | (T::Bool, Column::Bool(_))
-        );
-        if !fits && !values.is_all_null() {
+        if let Some(column) = plain_last(feature, values) {
+            return latest_present(feature, column, &events.timestamps, ids);
+        }
+        if !values.is_all_null() {
             let found = (0..values.len())
                 .map(|r| values.value(r))
                 .find(|v| *v != Value::Missing)
@@ -674,9 +669,6 @@ fn last_values(
         }
     }
     let rows = ids.ids.len();
-    if let (FeatureKind::Last, Some(column)) = (&feature.kind, plain_last(feature, values)) {
-        return latest_present(feature, column, &events.timestamps, ids);
-    }
     let mut builder = ColumnBuilder::new(feature.value_type, rows);
     let mut latest: Vec<Option<usize>> = vec![None; ids.len()];
     // A transform is encoded once per latest value, not once per event.
@@ -718,7 +710,7 @@ fn last_values(
 }
 
 /// The source column of a plain last value, as the feature's type: itself, or integers read as floats.
-/// `None` when the types do not fit (only an all-null column gets that far).
+/// `None` when the types do not fit (an error unless the column is all null).
 fn plain_last(feature: &CompiledFeature, values: &Column) -> Option<Column> {
     use FeatureValueType as T;
     match (feature.value_type, values) {
