@@ -51,7 +51,7 @@ class CtrModel(nn.Module):
             self.mlp = nn.Sequential(*layers)
 
     def forward(self, keys, numeric):
-        numeric_input = numeric if self.has_numeric else torch.zeros(len(keys), 1)
+        numeric_input = numeric if self.has_numeric else torch.zeros(len(keys), 1, device=keys.device)
         logit = self.first_order(keys).sum(dim=(1, 2)) + self.numeric(numeric_input).squeeze(1)
         if self.factors is not None:
             v = self.factors(keys)
@@ -103,7 +103,9 @@ def main():
     parser.add_argument("--sparse-learning-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N], as flywheel-trainer's --device")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(args.seed)
     # The sparse gradients come from nn.Embedding itself; re-checking them every step only costs time.
     torch.sparse.check_sparse_tensor_invariants.disable()
@@ -115,20 +117,21 @@ def main():
     fields = train_cat.shape[1]
     sizes = np.maximum(train_cat.max(axis=0), eval_cat.max(axis=0)) + 1
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    train_keys = torch.from_numpy(train_cat + offsets)
-    eval_keys = torch.from_numpy(eval_cat + offsets)
+    train_keys = torch.from_numpy(train_cat + offsets).to(device)
+    eval_keys = torch.from_numpy(eval_cat + offsets).to(device)
     hidden = [int(h) for h in args.hidden.split(",") if h] if args.architecture != "logistic" else []
     model = CtrModel(int(sizes.sum()), fields, train_num.shape[1], args.embedding_dim, hidden, args.architecture)
+    model.to(device)
     sparse = [model.first_order.weight] + ([model.factors.weight] if model.factors is not None else [])
     dense = [p for p in model.parameters() if all(p is not s for s in sparse)]
     sparse_optimizer = torch.optim.Adagrad(sparse, lr=args.sparse_learning_rate, eps=1e-10)
     dense_optimizer = torch.optim.Adam(dense, lr=args.learning_rate)
     loss_fn = nn.BCEWithLogitsLoss()
-    train_num_t, train_y_t = torch.from_numpy(train_num), torch.from_numpy(train_y)
+    train_num_t, train_y_t = torch.from_numpy(train_num).to(device), torch.from_numpy(train_y).to(device)
 
     started = time.perf_counter()
     for _ in range(args.epochs):
-        order = torch.randperm(len(train_y))
+        order = torch.randperm(len(train_y), device=device)
         for start in range(0, len(order), args.batch_size):
             batch = order[start : start + args.batch_size]
             loss = loss_fn(model(train_keys[batch], train_num_t[batch]), train_y_t[batch])
@@ -137,16 +140,18 @@ def main():
             loss.backward()
             sparse_optimizer.step()
             dense_optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
 
     with torch.no_grad():
         logits = torch.cat(
             [
-                model(eval_keys[i : i + 4096], torch.from_numpy(eval_num[i : i + 4096]))
+                model(eval_keys[i : i + 4096], torch.from_numpy(eval_num[i : i + 4096]).to(device))
                 for i in range(0, len(eval_y), 4096)
             ]
         )
-    p = torch.sigmoid(logits).double().numpy()
+    p = torch.sigmoid(logits).double().cpu().numpy()
     clipped = np.clip(p, 1e-15, 1 - 1e-15)
     print(
         json.dumps(

@@ -2,7 +2,10 @@
 # Feature-store benchmark: Flywheel (`flywheel-trainer materialize` / `build-dataset`, release build) side by side
 # with stock Feast 0.67 (bench/feast_reference.py) on the same generated Parquet and the same Redis. Prints a
 # table of materialization (events/s, Parquet → Redis) and point-in-time join (label rows/s). Not part of the
-# test command (it installs Feast, ~0.6 GB once). Usage: scripts/bench-features.sh [EVENTS USERS LABELS]...
+# test command (it installs Feast, ~0.6 GB once). Each system runs every call REPEAT times (default 5; a cold
+# materialization each time: Redis flushed, offline table removed) and the medians are compared, because a single
+# run of a few tens of milliseconds moves by ±20% on a shared 2-core machine.
+# Usage: [REPEAT=N] scripts/bench-features.sh [EVENTS USERS LABELS]...
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$repo"
 
@@ -26,8 +29,13 @@ elapsed() {
   printf '%d.%06d\n' $(((now - began) / 1000000)) $(((now - began) % 1000000))
 }
 
+repeat="${REPEAT:-5}"
+# The median of the numbers on stdin.
+median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
 sizes=("$@")
 [[ ${#sizes[@]} -gt 0 ]] || sizes=("200000 5000 50000" "1000000 20000 200000")
+printf '\nmedians of %s runs each\n' "$repeat"
 printf '\n| events | users | labels | system | materialize s | events/s | PIT join s | label rows/s | rows out |\n'
 printf '|---|---|---|---|---|---|---|---|---|\n'
 for size in "${sizes[@]}"; do
@@ -43,17 +51,26 @@ for size in "${sizes[@]}"; do
   "ttl": "1d", "offline": {"uri": "file://$work/offline-$events"},
   "online": {"redis": {"address": "127.0.0.1:$port"}}}}
 JSON
-  redis-cli -p "$port" flushall >/dev/null
-  start=$EPOCHREALTIME
-  "$trainer" materialize --view "$work/view.json" --termination-log "$work/term" >/dev/null
-  ours_m=$(elapsed "$start")
-  start=$EPOCHREALTIME
-  "$trainer" build-dataset --view "$work/view.json" --events "$data/labels.parquet" \
-    --out "$work/train-$events.parquet" >"$work/ds.json"
-  ours_p=$(elapsed "$start")
+  materialize_runs=() pit_runs=()
+  for ((run = 0; run < repeat; run++)); do
+    redis-cli -p "$port" flushall >/dev/null
+    rm -rf "$work/offline-$events"
+    start=$EPOCHREALTIME
+    "$trainer" materialize --view "$work/view.json" --termination-log "$work/term" >/dev/null
+    materialize_runs+=("$(elapsed "$start")")
+  done
+  for ((run = 0; run < repeat; run++)); do
+    start=$EPOCHREALTIME
+    "$trainer" build-dataset --view "$work/view.json" --events "$data/labels.parquet" \
+      --out "$work/train-$events.parquet" >"$work/ds.json"
+    pit_runs+=("$(elapsed "$start")")
+  done
+  ours_m=$(printf '%s\n' "${materialize_runs[@]}" | median)
+  ours_p=$(printf '%s\n' "${pit_runs[@]}" | median)
   ours_rows=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["withFeatures"])' "$work/ds.json")
   feast=$(cd bench && "$python" feast_reference.py --events "$data/events.parquet" --labels "$data/labels.parquet" \
-    --redis "127.0.0.1:$port" --workdir "$work/feast-$events" --ttl-seconds 86400 2>"$work/feast.log")
+    --redis "127.0.0.1:$port" --workdir "$work/feast-$events" --ttl-seconds 86400 --repeat "$repeat" \
+    2>"$work/feast.log")
   [[ -n "$feast" ]] || { cat "$work/feast.log" >&2; exit 1; }
   python3 - "$events" "$users" "$labels" "$ours_m" "$ours_p" "$ours_rows" "$feast" <<'PY'
 import json, sys
@@ -63,7 +80,7 @@ feast = json.loads(sys.argv[7])
 rows = [("flywheel (process wall time)", ours_m, ours_p, ours_rows),
         ("feast 0.67 (timed calls only)", feast["materialize_seconds"], feast["pit_seconds"], feast["pit_rows"])]
 for name, m, p, out in rows:
-    print(f"| {events:,} | {users:,} | {labels:,} | {name} | {m:.2f} | {events / m:,.0f} | {p:.2f} | {labels / p:,.0f} | {out:,} |")
+    print(f"| {events:,} | {users:,} | {labels:,} | {name} | {m:.3f} | {events / m:,.0f} | {p:.3f} | {labels / p:,.0f} | {out:,} |")
 print(f"| | | | **speed-up** | | **{feast['materialize_seconds'] / ours_m:.1f}×** | | **{feast['pit_seconds'] / ours_p:.1f}×** | |")
 PY
 done

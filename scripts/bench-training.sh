@@ -6,13 +6,18 @@
 #   data-parallel    WORKERS synchronous ranks on 127.0.0.1, gradients reduced every step
 #   PyTorch          one process, sparse embedding gradients + sparse Adagrad, Adam for the dense part
 # Environment: ROWS (default 1000000), USERS (1000), ITEMS (200), SHARDS (2), WORKERS (2), MODEL (deepfm),
-# HIDDEN (400,400), BATCH (1024), EPOCHS (1). Prints a Markdown table.
+# HIDDEN (400,400), BATCH (1024), EPOCHS (1), DEVICE (cpu; `cuda` trains the single process on GPU 0, data-parallel
+# rank r on GPU r, and PyTorch on GPU 0: needs a GPU machine and builds the trainer with --features cuda).
+# Prints a Markdown table.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$repo"
 rows="${ROWS:-1000000}" users="${USERS:-1000}" items="${ITEMS:-200}" shards="${SHARDS:-2}" workers="${WORKERS:-2}"
 model="${MODEL:-deepfm}" hidden="${HIDDEN:-400,400}" batch="${BATCH:-1024}" epochs="${EPOCHS:-1}"
+device="${DEVICE:-cpu}"
 python="$(scripts/install-torch-reference.sh)"
-cargo build --release --locked -p flywheel-trainer
+features=()
+[[ "$device" == cpu ]] || features=(--features cuda)
+cargo build --release --locked -p flywheel-trainer "${features[@]}"
 trainer="$CARGO_TARGET_DIR/release/flywheel-trainer"
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$work"' EXIT
@@ -23,7 +28,10 @@ common=(--train "$work/data/train.parquet" --eval "$work/data/eval.parquet" --sc
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 
-"$trainer" train "${common[@]}" --output "$work/single" --termination-log "$work/single.json" >/dev/null
+# One process per GPU: rank r of a data-parallel gang trains on GPU r.
+device_of() { if [[ "$device" == cpu ]]; then echo cpu; else echo "cuda:$1"; fi; }
+"$trainer" train "${common[@]}" --device "$(device_of 0)" --output "$work/single" \
+  --termination-log "$work/single.json" >/dev/null
 
 addrs=()
 for ((i = 0; i < shards; i++)); do
@@ -46,17 +54,17 @@ ps_seconds=$(python3 -c "import time; print(time.time() - $started)")
 port="$(free_port)"
 for ((r = 1; r < workers; r++)); do
   "$trainer" train "${common[@]}" --data-parallel "127.0.0.1:$port" --rank "$r" --workers "$workers" \
-    --output "$work/d$r" --termination-log "$work/d$r.json" >/dev/null &
+    --device "$(device_of "$r")" --output "$work/d$r" --termination-log "$work/d$r.json" >/dev/null &
 done
 "$trainer" train "${common[@]}" --data-parallel "127.0.0.1:$port" --listen "127.0.0.1:$port" --rank 0 \
-  --workers "$workers" --output "$work/d0" --termination-log "$work/dp.json" >/dev/null
+  --workers "$workers" --device "$(device_of 0)" --output "$work/d0" --termination-log "$work/dp.json" >/dev/null
 wait
 
 "$trainer" encode --data "$work/data/train.parquet" --schema "$work/data/schema.json" --out "$work/train.encoded.parquet" >/dev/null
 "$trainer" encode --data "$work/data/eval.parquet" --schema "$work/data/schema.json" --out "$work/eval.encoded.parquet" >/dev/null
 "$python" bench/torch_reference.py --train "$work/train.encoded.parquet" --eval "$work/eval.encoded.parquet" \
   --architecture "$model" --embedding-dim 16 --hidden "$hidden" --batch-size "$batch" --epochs "$epochs" \
-  --seed 7 >"$work/torch.json"
+  --seed 7 --device "$(device_of 0)" >"$work/torch.json"
 
 python3 - "$work" "$shards" "$workers" "$ps_seconds" "$model" "$hidden" "$batch" "$epochs" <<'PY'
 import json, sys

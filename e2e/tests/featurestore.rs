@@ -349,6 +349,66 @@ async fn values_older_than_the_ttl_are_not_served() -> TestResult {
     Ok(())
 }
 
+/// The conditional write: an entity whose stored values are newer than the batch's (a streamed update) keeps
+/// them, in a script call that also creates new hashes, while the others are written.
+#[tokio::test]
+async fn a_batch_never_overwrites_newer_online_values() -> TestResult {
+    let dir = temp_dir("newer");
+    let redis = Redis::start(&dir).await?;
+    let source = dir.join("source");
+    trainer(&[
+        "generate-events",
+        "--events",
+        "2000",
+        "--users",
+        "50",
+        "--labels",
+        "10",
+        "--span",
+        "1h",
+        "--out",
+        &source.display().to_string(),
+    ])?;
+    let events = raw_events(&source.join("events.parquet"))?;
+    let users: std::collections::BTreeSet<i64> = events.iter().map(|e| e.0).collect();
+    let streamed = *users.first().ok_or("no events")?;
+    let key = format!("test/users:{streamed}");
+    let newer = (jiff::Timestamp::now().as_microsecond() + HOUR_US).to_string();
+    redis.command(&["hset", &key, "_as_of_us", &newer, "price", "-1"])?;
+    redis.command(&["expire", &key, "86400"])?;
+    let view = write_view(
+        &dir,
+        &source.join("events.parquet"),
+        Some(redis.port),
+        "1d",
+        None,
+    );
+    let log = dir.join("termination.json").display().to_string();
+    let report = trainer(&[
+        "materialize",
+        "--view",
+        &view.display().to_string(),
+        "--termination-log",
+        &log,
+    ])?;
+    assert_eq!(
+        report["report"]["entitiesWritten"].as_u64(),
+        Some(users.len() as u64 - 1),
+        "{}",
+        report["report"]
+    );
+    let kept = hash(&redis, &key)?;
+    assert_eq!(kept.get("_as_of_us"), Some(&newer));
+    assert_eq!(kept.get("price").map(String::as_str), Some("-1"));
+    assert!(!kept.contains_key("clicks"), "{kept:?}");
+    let other = hash(
+        &redis,
+        &format!("test/users:{}", users.last().ok_or("one user")?),
+    )?;
+    assert!(number(&other, "price").is_finite(), "{other:?}");
+    Ok(())
+}
+
 fn write_columns(
     path: &Path,
     columns: Vec<(&str, ArrayRef)>,

@@ -21,13 +21,15 @@ pub const WRITE_BATCH: usize = 256;
 
 /// KEYS: the hashes; ARGV[1] the as-of field's name, then per hash: its as-of time, expiry (ms since the epoch),
 /// the number of fields n and n field/value pairs. A hash is replaced only when its stored values are not
-/// newer. Returns how many hashes were written.
+/// newer. Returns how many hashes were written. When none of the hashes exists yet (a view's first run, a
+/// backfill, new entities), one EXISTS over them all stands for the per-hash reads.
 pub const WRITE_SCRIPT: &str = r"
 local written = 0
 local at = 2
+local fresh = redis.call('EXISTS', unpack(KEYS)) == 0
 for _, key in ipairs(KEYS) do
   local as_of, expire_at, fields = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
-  local stored = redis.call('HGET', key, ARGV[1])
+  local stored = (not fresh) and redis.call('HGET', key, ARGV[1])
   if not (stored and tonumber(stored) > tonumber(as_of)) then
     if stored then redis.call('DEL', key) end
     redis.call('HSET', key, ARGV[1], as_of, unpack(ARGV, at + 3, at + 2 + 2 * fields))

@@ -15,6 +15,7 @@
 mod collective;
 mod dataset;
 mod featurestore;
+mod launcher;
 mod movielens;
 mod ps;
 mod status;
@@ -25,6 +26,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use burn::backend::{Autodiff, Flex};
+use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use flywheel_ml::artifact::{self, FORMAT, Lineage, ModelCard};
 use flywheel_ml::embedding::SparseOptimizer;
@@ -159,6 +161,8 @@ fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
 }
 
 #[derive(clap::Args)]
+// A local rank is started with the launcher's own flags plus overrides (`launcher::local_rank_flags`).
+#[command(args_override_self = true)]
 struct TrainArgs {
     #[arg(long, env = "FLYWHEEL_TRAIN_DATA")]
     train: PathBuf,
@@ -241,10 +245,37 @@ struct TrainArgs {
     /// How long to keep trying to reach the shards (or the data-parallel chief) at start.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     connect_timeout: std::time::Duration,
+    /// Where to train: `cpu` (burn's CPU backend, every core) or `cuda[:N]` (GPU N with burn-cuda; needs a binary
+    /// built with `--features cuda`). A data-parallel gang runs one process per GPU, each with its own device.
+    #[arg(long, env = "FLYWHEEL_DEVICE", value_parser = parse_device, default_value = "cpu")]
+    device: TrainDevice,
+    /// Data-parallel ranks this process starts, one per device (a worker given N GPUs trains with N processes):
+    /// local rank i is global rank `rank × N + i` of `workers × N`, on `cuda:i` (or the CPU).
+    #[arg(long, env = "FLYWHEEL_LOCAL_RANKS", default_value_t = 1)]
+    local_ranks: u32,
     /// Where the chief (rank 0) serves its latest progress as JSON at `GET /progress` for the operator to poll
     /// (conventionally 0.0.0.0:7071); other ranks ignore it, and nothing is served when unset.
     #[arg(long, env = "FLYWHEEL_STATUS_LISTEN")]
     status_listen: Option<std::net::SocketAddr>,
+}
+
+/// The device a training process computes on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum TrainDevice {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(text: &str) -> Result<TrainDevice, String> {
+    match text.split_once(':') {
+        None if text == "cpu" => Ok(TrainDevice::Cpu),
+        None if text == "cuda" => Ok(TrainDevice::Cuda(0)),
+        Some(("cuda", index)) => index
+            .parse()
+            .map(TrainDevice::Cuda)
+            .map_err(|_| format!("`{text}`: the GPU index must be a number, as in cuda:0")),
+        _ => Err(format!("`{text}`: use cpu, cuda or cuda:N")),
+    }
 }
 
 fn parse_architecture(text: &str) -> Result<Architecture, String> {
@@ -409,21 +440,104 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     if !args.ps.is_empty() && args.data_parallel.is_some() {
         bail!("--ps and --data-parallel are two topologies: give one");
     }
+    if args.local_ranks != 1 {
+        return launch_local_ranks(args);
+    }
     // The chief's progress stands for the job's: the other ranks only log theirs.
     let status_listen = args.status_listen.filter(|_| args.rank == 0);
     let mut progress = ProgressReporter::start(args.rank, args.progress_every, status_listen)?;
-    if !args.ps.is_empty() {
-        ps_worker_command(args, &mut progress)?;
-    } else if args.data_parallel.is_some() {
-        data_parallel_command(args, &mut progress)?;
-    } else {
-        train_command(args, &mut progress)?;
+    match args.device {
+        TrainDevice::Cpu => train_on::<CpuBackend>(args, &mut progress, Default::default())?,
+        TrainDevice::Cuda(index) => train_on_cuda(args, &mut progress, index)?,
     }
     progress.phase(Phase::Done);
     Ok(())
 }
 
-fn train_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyhow::Result<()> {
+fn launch_local_ranks(args: &TrainArgs) -> anyhow::Result<()> {
+    if args.local_ranks == 0 {
+        bail!("--local-ranks must be at least 1");
+    }
+    if args.data_parallel.is_none() {
+        bail!(
+            "--local-ranks {} needs --data-parallel: local ranks are members of a data-parallel gang",
+            args.local_ranks
+        );
+    }
+    let cuda = matches!(args.device, TrainDevice::Cuda(_));
+    let flags = (0..args.local_ranks)
+        .map(|local| {
+            launcher::local_rank_flags(
+                args.rank,
+                args.workers,
+                args.local_ranks,
+                local,
+                cuda,
+                &args.termination_log,
+            )
+        })
+        .collect();
+    launcher::run_local_ranks(flags)
+}
+
+fn train_on<B: AutodiffBackend>(
+    args: &TrainArgs,
+    progress: &mut ProgressReporter,
+    device: B::Device,
+) -> anyhow::Result<()> {
+    if !args.ps.is_empty() {
+        ps_worker_command::<B>(args, progress, device)
+    } else if args.data_parallel.is_some() {
+        data_parallel_command::<B>(args, progress, device)
+    } else {
+        train_command::<B>(args, progress, device)
+    }
+}
+
+/// Trains on the GPU `index` with burn-cuda. CUDA is loaded at run time (the driver's `libcuda` and NVRTC), so
+/// one binary runs on machines with and without GPUs; a machine without them fails here with burn's reason
+/// rather than at the first training step.
+#[cfg(feature = "cuda")]
+fn train_on_cuda(
+    args: &TrainArgs,
+    progress: &mut ProgressReporter,
+    index: usize,
+) -> anyhow::Result<()> {
+    use burn::backend::Cuda;
+    use burn::backend::cuda::CudaDevice;
+    let device = CudaDevice::new(index);
+    // burn-cuda panics when the driver cannot be loaded or the device does not exist: that becomes an error here.
+    let probe = std::panic::catch_unwind(|| {
+        burn::tensor::Tensor::<Cuda, 1>::from_floats([1.0], &device).into_data()
+    });
+    if let Err(panic) = probe {
+        let reason = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown reason");
+        bail!("--device cuda:{index}: the GPU is not usable: {reason}");
+    }
+    emit(json!({"event": "device", "device": format!("cuda:{index}")}));
+    train_on::<Autodiff<Cuda>>(args, progress, device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn train_on_cuda(
+    _args: &TrainArgs,
+    _progress: &mut ProgressReporter,
+    index: usize,
+) -> anyhow::Result<()> {
+    bail!(
+        "--device cuda:{index}: this flywheel-trainer was built without CUDA support (build it with `--features cuda`)"
+    )
+}
+
+fn train_command<B: AutodiffBackend>(
+    args: &TrainArgs,
+    progress: &mut ProgressReporter,
+    device: B::Device,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let Prepared {
         schema,
@@ -447,6 +561,7 @@ fn train_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyhow::R
         &model,
         &config,
         checkpoint_path.as_deref(),
+        device,
     )?;
     let mut card = model_card(
         args,
@@ -471,7 +586,7 @@ fn train_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyhow::R
         let card = &card;
         (
             args.checkpoint_every,
-            move |trainer: &Trainer<CpuBackend>, position: Position| {
+            move |trainer: &Trainer<B>, position: Position| {
                 let bytes = trainer.checkpoint(card, position)?;
                 artifact::write_file(path, &bytes)?;
                 emit(json!({"event": "checkpoint", "step": trainer.step, "path": path}));
@@ -496,23 +611,24 @@ fn train_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyhow::R
 
 /// The trainer a run starts from: its checkpoint when one exists (a restarted gang continues), else the
 /// warm-start artifact's weights, else a fresh seeded model; with the warm-start artifact's digest.
-fn initial_trainer(
+fn initial_trainer<B: AutodiffBackend>(
     args: &TrainArgs,
     schema_hash: &str,
     model: &ModelConfig,
     config: &TrainConfig,
     checkpoint_path: Option<&Path>,
-) -> anyhow::Result<(Trainer<CpuBackend>, Position, Option<String>)> {
+    device: B::Device,
+) -> anyhow::Result<(Trainer<B>, Position, Option<String>)> {
     if let Some(path) = checkpoint_path.filter(|path| path.exists()) {
-        let (trainer, position) = resume(path, schema_hash, Some(args.rank))?;
+        let (trainer, position) = resume(path, schema_hash, Some(args.rank), device)?;
         return Ok((trainer, position, None));
     }
     let Some(path) = &args.warm_start else {
-        let trainer = Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default());
+        let trainer = Trainer::<B>::new(model.clone(), config.clone(), device);
         return Ok((trainer, Position::default(), None));
     };
     let bytes = artifact::read_file(path, args.warm_start_sha256.as_deref())?;
-    let saved = artifact::decode::<CpuBackend>(&bytes, &Default::default())
+    let saved = artifact::decode::<B>(&bytes, &device)
         .with_context(|| format!("warm start from {}", path.display()))?;
     if saved.card.feature_schema_hash != schema_hash {
         bail!(
@@ -521,7 +637,7 @@ fn initial_trainer(
         );
     }
     let digest = artifact::sha256_hex(&bytes);
-    let trainer = Trainer::warm_start(saved, model, config.clone(), Default::default())?;
+    let trainer = Trainer::warm_start(saved, model, config.clone(), device)?;
     Ok((trainer, Position::default(), Some(digest)))
 }
 
@@ -529,7 +645,11 @@ fn initial_trainer(
 /// every global batch, and the gang reduces gradients each step through rank 0's collective, so the result
 /// matches one process training with the same global batch. Rank 0 also checkpoints (every rank resumes
 /// from its `checkpoint.fwc`), evaluates and writes the artifact.
-fn data_parallel_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyhow::Result<()> {
+fn data_parallel_command<B: AutodiffBackend>(
+    args: &TrainArgs,
+    progress: &mut ProgressReporter,
+    device: B::Device,
+) -> anyhow::Result<()> {
     let chief = args.data_parallel.as_deref().unwrap_or_default();
     if args.workers == 0 || args.rank >= args.workers {
         bail!(
@@ -550,6 +670,7 @@ fn data_parallel_command(args: &TrainArgs, progress: &mut ProgressReporter) -> a
         &prepared.model,
         &prepared.config,
         checkpoint_path.as_deref(),
+        device,
     )?;
     let (rank, workers) = (args.rank as usize, args.workers as usize);
     let factor_dim = if prepared.model.uses_factors() {
@@ -621,7 +742,7 @@ fn data_parallel_command(args: &TrainArgs, progress: &mut ProgressReporter) -> a
         let card = &card;
         (
             args.checkpoint_every,
-            move |trainer: &Trainer<CpuBackend>, position: Position| -> anyhow::Result<()> {
+            move |trainer: &Trainer<B>, position: Position| -> anyhow::Result<()> {
                 let bytes = trainer.checkpoint(card, position)?;
                 artifact::write_file(path, &bytes)?;
                 emit(json!({"event": "checkpoint", "step": trainer.step, "path": path}));
@@ -705,7 +826,11 @@ fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
 
 /// Trains this worker's share of the data against the parameter-server shards; the chief (rank 0) then waits
 /// for the other workers, assembles the model from the shards, evaluates it and writes the artifact.
-fn ps_worker_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyhow::Result<()> {
+fn ps_worker_command<B: AutodiffBackend>(
+    args: &TrainArgs,
+    progress: &mut ProgressReporter,
+    device: B::Device,
+) -> anyhow::Result<()> {
     if args.warm_start.is_some() {
         bail!("--warm-start is not supported with --ps yet");
     }
@@ -735,9 +860,9 @@ fn ps_worker_command(args: &TrainArgs, progress: &mut ProgressReporter) -> anyho
         .as_ref()
         .map(|dir| dir.join(format!("ps-worker-{}.fwc", args.rank)));
     let (mut trainer, start) = match &checkpoint_path {
-        Some(path) if path.exists() => resume(path, &schema_hash, Some(args.rank))?,
+        Some(path) if path.exists() => resume(path, &schema_hash, Some(args.rank), device)?,
         _ => (
-            Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default()),
+            Trainer::<B>::new(model.clone(), config.clone(), device),
             Position::default(),
         ),
     };
@@ -870,11 +995,11 @@ fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
 
 /// The chief's last act once every other worker is done: assemble the embedding rows from the shards, evaluate,
 /// write the artifact and the termination message, and release the shards.
-fn finish_as_chief(
+fn finish_as_chief<B: AutodiffBackend>(
     args: &TrainArgs,
     prepared: Prepared,
     store: &mut worker::RemoteStore,
-    mut trainer: Trainer<CpuBackend>,
+    mut trainer: Trainer<B>,
     samples: usize,
     train_seconds: f64,
 ) -> anyhow::Result<()> {
@@ -903,10 +1028,10 @@ fn finish_as_chief(
 
 /// Writes the chief's artifact and reports the result: a JSON line on stdout and the termination message the
 /// operator reads. `extra` fields (e.g. the gang size) join the standard ones.
-fn publish(
+fn publish<B: AutodiffBackend>(
     args: &TrainArgs,
     card: &ModelCard,
-    trainer: &Trainer<CpuBackend>,
+    trainer: &Trainer<B>,
     samples: usize,
     train_seconds: f64,
     extra: serde_json::Value,
@@ -935,13 +1060,14 @@ fn publish(
 
 /// Restores a trainer from the checkpoint at `path`, refusing one trained on another feature schema, and
 /// reports the resumption.
-fn resume(
+fn resume<B: AutodiffBackend>(
     path: &Path,
     schema_hash: &str,
     rank: Option<u32>,
-) -> anyhow::Result<(Trainer<CpuBackend>, Position)> {
+    device: B::Device,
+) -> anyhow::Result<(Trainer<B>, Position)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (trainer, position, card) = Trainer::<CpuBackend>::resume(&bytes, Default::default())
+    let (trainer, position, card) = Trainer::<B>::resume(&bytes, device)
         .with_context(|| format!("resuming from {}", path.display()))?;
     if card.feature_schema_hash != schema_hash {
         bail!(

@@ -487,3 +487,43 @@ fn a_status_address_in_use_is_a_clear_error() {
         stderr(&out)
     );
 }
+
+#[test]
+fn an_unknown_device_is_refused_naming_the_choices() {
+    let dir = scratch("device");
+    let out = train_with(&dir, "tpu", &["--device", "tpu:0"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("use cpu, cuda or cuda:N"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// A CPU-only build refuses a GPU device up front, saying how to get one, instead of training on the CPU.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_cpu_build_asked_for_a_gpu_says_how_to_build_one() {
+    let dir = scratch("cuda");
+    generated(&dir);
+    let out = train_with(&dir, "gpu", &["--device", "cuda:1"]);
+    assert!(!out.status.success());
+    let message = stderr(&out);
+    assert!(
+        message.contains("--device cuda:1") && message.contains("--features cuda"),
+        "{message}"
+    );
+    assert!(!dir.join("gpu/model.fwm").exists());
+}
+
+#[test]
+fn local_ranks_outside_a_data_parallel_gang_are_refused() {
+    let dir = scratch("local-ranks");
+    let out = train_with(&dir, "local", &["--local-ranks", "2"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--local-ranks 2 needs --data-parallel"),
+        "{}",
+        stderr(&out)
+    );
+}

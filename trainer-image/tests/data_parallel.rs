@@ -1,6 +1,7 @@
 //! The synchronous data-parallel topology as real processes on 127.0.0.1: 2 ranks reach the AUC of a
-//! single-process run with the same global batch; losing a rank fails the chief with a message naming it, and
-//! the restarted gang resumes from the chief's checkpoint.
+//! single-process run with the same global batch, whether started as two workers or as one worker with two
+//! local ranks (one process per device); losing a rank fails the chief with a message naming it, and the
+//! restarted gang resumes from the chief's checkpoint.
 
 mod common;
 
@@ -80,6 +81,46 @@ fn two_ranks_match_a_single_worker() {
         result(&dir, "single")["steps"],
         "the gang takes the single worker's global batches"
     );
+}
+
+#[test]
+fn one_worker_with_two_local_ranks_trains_like_two_workers() {
+    let dir = common::scratch("dp", "local");
+    generate(&dir, "40000");
+    let single_auc = single(&dir);
+    let chief = format!("127.0.0.1:{}", free_port());
+    let mut args = train_args(&dir, "local");
+    args.extend(
+        [
+            "--data-parallel",
+            &chief,
+            "--listen",
+            &chief,
+            "--rank",
+            "0",
+            "--workers",
+            "1",
+            "--local-ranks",
+            "2",
+        ]
+        .map(String::from),
+    );
+    let mut launcher = spawn(&args, &dir.join("local.log"));
+    let status = wait(&mut launcher, Duration::from_secs(240));
+    assert!(status.success(), "{}", log(&dir, "local"));
+    let chief = result(&dir, "local");
+    assert_eq!(chief["workers"], 2, "two ranks in the gang: {chief}");
+    assert_eq!(chief["steps"], result(&dir, "single")["steps"]);
+    let ranks: Vec<u64> = log(&dir, "local")
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["event"] == "done")
+        .filter_map(|e| e["rank"].as_u64())
+        .collect();
+    assert!(ranks.contains(&0) && ranks.contains(&1), "{ranks:?}");
+    let local_auc = auc(&dir, "local");
+    eprintln!("single AUC {single_auc:.5}, 2 local ranks AUC {local_auc:.5}");
+    assert!((single_auc - local_auc).abs() <= 0.01);
 }
 
 #[test]

@@ -403,9 +403,15 @@ fn member_env(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Vec<
                         .collect();
                     vars.push(env("FLYWHEEL_PS_ADDRS", shards.join(",")));
                 }
-                Topology::DataParallel(_) => {
+                Topology::DataParallel(dp) => {
                     vars.push(env("FLYWHEEL_DP_CHIEF", address(job, CHIEF, RPC_PORT)));
                     vars.push(env("FLYWHEEL_LISTEN", format!("$(POD_IP):{RPC_PORT}")));
+                    // One training process per GPU: the worker starts `gpusPerWorker` local ranks, the
+                    // i-th on the pod's GPU (or MIG slice) i, as the device plugin numbers them.
+                    if dp.gpu_resource.starts_with("nvidia.com/") {
+                        vars.push(env("FLYWHEEL_DEVICE", "cuda"));
+                        vars.push(env("FLYWHEEL_LOCAL_RANKS", dp.gpus_per_worker.to_string()));
+                    }
                 }
                 Topology::Single(_) => {}
             }
@@ -706,6 +712,8 @@ mod tests {
         let env = env_of(&pod);
         assert_eq!(env["FLYWHEEL_RANK"], "1");
         assert_eq!(env["FLYWHEEL_WORKERS"], "2");
+        assert_eq!(env["FLYWHEEL_DEVICE"], "cuda");
+        assert_eq!(env["FLYWHEEL_LOCAL_RANKS"], "4", "one process per GPU");
         assert_eq!(
             env["FLYWHEEL_DP_CHIEF"],
             "worker-0.ctr-widedeep-gpu.ranking.svc:7070"
