@@ -13,6 +13,9 @@ cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo clippy --features cuda (the GPU trainer compiles offline, without a CUDA toolkit)"
+cargo clippy -p flywheel-trainer --features cuda --all-targets --locked -- -D warnings
+
 step "cargo build (binaries the e2e tests run)"
 cargo build --workspace --bins --locked
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use arrow_array::{
@@ -297,24 +297,38 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
             partitions.push((partition_name(day), first..end));
             start = end;
         }
-        partitions
-            .par_iter()
-            .map(|(partition, rows)| {
-                let path = offline.join(partition).join("part-00000.parquet");
-                write_partition(&path, view, events, &computed.columns, rows.clone())
-            })
-            .collect::<Result<Vec<()>, _>>()?;
+        // The partitions (often one large day and a small one) and the statistics share the cores: a core done
+        // with its part takes up the other.
+        let report_statistics = &mut report;
+        let (offline_time, statistics_time) = rayon::join(
+            || -> anyhow::Result<Duration> {
+                let began = Instant::now();
+                partitions
+                    .par_iter()
+                    .map(|(partition, rows)| {
+                        let path = offline.join(partition).join("part-00000.parquet");
+                        write_partition(&path, view, events, &computed.columns, rows.clone())
+                    })
+                    .collect::<Result<Vec<()>, _>>()?;
+                Ok(began.elapsed())
+            },
+            || -> anyhow::Result<Duration> {
+                let began = Instant::now();
+                add_statistics(
+                    report_statistics,
+                    &manifest.spec,
+                    view,
+                    &computed.columns,
+                    new_rows.clone(),
+                    &offline,
+                )?;
+                Ok(began.elapsed())
+            },
+        );
+        phases.record("offline (concurrent)", offline_time?);
+        phases.record("statistics (concurrent)", statistics_time?);
+        phases.done("offline and statistics");
         report.partitions = partitions.into_iter().map(|(name, _)| name).collect();
-        phases.done("offline");
-        add_statistics(
-            &mut report,
-            &manifest.spec,
-            view,
-            &computed.columns,
-            new_rows.clone(),
-            &offline,
-        )?;
-        phases.done("statistics");
         if let Some(online) = online {
             let (written, elapsed) = online
                 .join()
@@ -480,7 +494,7 @@ impl Phases {
     }
 
     /// Records a phase that ran beside the others.
-    fn record(&mut self, phase: &str, elapsed: std::time::Duration) {
+    fn record(&mut self, phase: &str, elapsed: Duration) {
         self.seconds
             .insert(phase.to_owned(), json!(elapsed.as_secs_f64()));
     }

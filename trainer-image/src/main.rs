@@ -506,16 +506,33 @@ fn train_on_cuda(
     use burn::backend::Cuda;
     use burn::backend::cuda::CudaDevice;
     let device = CudaDevice::new(index);
-    // burn-cuda panics when the driver cannot be loaded or the device does not exist: that becomes an error here.
+    // burn-cuda panics when the driver cannot be loaded or the device does not exist, on its device thread
+    // first: the probe keeps those panics quiet and reports the first one's message.
+    let reasons = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let previous_hook = std::panic::take_hook();
+    let recorded = reasons.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if let Ok(mut reasons) = recorded.lock() {
+            let payload = info.payload();
+            let reason = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied());
+            reasons.push(reason.unwrap_or("unknown reason").to_owned());
+        }
+    }));
     let probe = std::panic::catch_unwind(|| {
         burn::tensor::Tensor::<Cuda, 1>::from_floats([1.0], &device).into_data()
     });
-    if let Err(panic) = probe {
-        let reason = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown reason");
+    std::panic::set_hook(previous_hook);
+    if probe.is_err() {
+        let reason = reasons
+            .lock()
+            .ok()
+            .and_then(|reasons| reasons.first().cloned())
+            .unwrap_or_else(|| "unknown reason".to_owned());
+        // cudarc's message goes on to list every library name it tried.
+        let reason = reason.split(" - searched").next().unwrap_or(&reason);
         bail!("--device cuda:{index}: the GPU is not usable: {reason}");
     }
     emit(json!({"event": "device", "device": format!("cuda:{index}")}));

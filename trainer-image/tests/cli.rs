@@ -527,3 +527,28 @@ fn local_ranks_outside_a_data_parallel_gang_are_refused() {
         stderr(&out)
     );
 }
+
+/// A CUDA build trains on the GPU where there is one, and elsewhere fails at start with the driver's reason
+/// instead of a panic.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_cuda_build_trains_on_the_gpu_or_says_why_it_cannot() {
+    let dir = scratch("cuda");
+    generated(&dir);
+    let out = train_with(&dir, "gpu", &["--device", "cuda:0"]);
+    if out.status.success() {
+        let result = result_of(&dir, "gpu");
+        assert!(
+            result["metrics"]["auc"].as_f64().unwrap_or(0.0) > 0.55,
+            "{result}"
+        );
+        return;
+    }
+    let message = stderr(&out);
+    assert!(
+        message.contains("--device cuda:0: the GPU is not usable: "),
+        "{message}"
+    );
+    assert!(!message.contains("panicked"), "{message}");
+    assert!(!dir.join("gpu/model.fwm").exists());
+}
