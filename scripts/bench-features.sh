@@ -2,9 +2,11 @@
 # Feature-store benchmark: Flywheel (`flywheel-trainer materialize` / `build-dataset`, release build) side by side
 # with stock Feast 0.67 (bench/feast_reference.py) on the same generated Parquet and the same Redis. Prints a
 # table of materialization (events/s, Parquet → Redis) and point-in-time join (label rows/s). Not part of the
-# test command (it installs Feast, ~0.6 GB once). Each system runs every call REPEAT times (default 5; a cold
-# materialization each time: Redis flushed, offline table removed) and the medians are compared, because a single
-# run of a few tens of milliseconds moves by ±20% on a shared 2-core machine.
+# test command (it installs Feast, ~0.6 GB once). Each system runs REPEAT times (default 5) and the medians are
+# compared, because a single run of a few tens of milliseconds moves by ±20% on a shared 2-core machine. Every
+# Flywheel run is a fresh process (Redis flushed, offline table removed), as a scheduled materialization Job is;
+# Feast runs in a fresh process each time too, timed on its first call of each kind (cold, as a scheduled job
+# runs it) and on a second call in the same process (warm), and both are shown.
 # Usage: [REPEAT=N] scripts/bench-features.sh [EVENTS USERS LABELS]...
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$repo"
@@ -68,19 +70,29 @@ JSON
   ours_m=$(printf '%s\n' "${materialize_runs[@]}" | median)
   ours_p=$(printf '%s\n' "${pit_runs[@]}" | median)
   ours_rows=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["withFeatures"])' "$work/ds.json")
-  feast=$(cd bench && "$python" feast_reference.py --events "$data/events.parquet" --labels "$data/labels.parquet" \
-    --redis "127.0.0.1:$port" --workdir "$work/feast-$events" --ttl-seconds 86400 --repeat "$repeat" \
-    2>"$work/feast.log")
-  [[ -n "$feast" ]] || { cat "$work/feast.log" >&2; exit 1; }
-  python3 - "$events" "$users" "$labels" "$ours_m" "$ours_p" "$ours_rows" "$feast" <<'PY'
-import json, sys
+  feast_runs=()
+  for ((run = 0; run < repeat; run++)); do
+    feast=$(cd bench && "$python" feast_reference.py --events "$data/events.parquet" \
+      --labels "$data/labels.parquet" --redis "127.0.0.1:$port" --workdir "$work/feast-$events" \
+      --ttl-seconds 86400 --repeat 2 2>"$work/feast.log")
+    [[ -n "$feast" ]] || { cat "$work/feast.log" >&2; exit 1; }
+    feast_runs+=("$feast")
+  done
+  python3 - "$events" "$users" "$labels" "$ours_m" "$ours_p" "$ours_rows" "${feast_runs[@]}" <<'PY'
+import json, statistics, sys
 events, users, labels = map(int, sys.argv[1:4])
 ours_m, ours_p, ours_rows = float(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
-feast = json.loads(sys.argv[7])
+feast = [json.loads(run) for run in sys.argv[7:]]
+def median(kind, call):
+    return statistics.median(run[kind][call] for run in feast)
+cold = (median("materialize_runs", 0), median("pit_runs", 0))
+warm = (median("materialize_runs", 1), median("pit_runs", 1))
 rows = [("flywheel (process wall time)", ours_m, ours_p, ours_rows),
-        ("feast 0.67 (timed calls only)", feast["materialize_seconds"], feast["pit_seconds"], feast["pit_rows"])]
+        ("feast 0.67, first call in its process", *cold, feast[0]["pit_rows"]),
+        ("feast 0.67, second call (warm)", *warm, feast[0]["pit_rows"])]
 for name, m, p, out in rows:
     print(f"| {events:,} | {users:,} | {labels:,} | {name} | {m:.3f} | {events / m:,.0f} | {p:.3f} | {labels / p:,.0f} | {out:,} |")
-print(f"| | | | **speed-up** | | **{feast['materialize_seconds'] / ours_m:.1f}×** | | **{feast['pit_seconds'] / ours_p:.1f}×** | |")
+for name, (m, p) in (("first call", cold), ("warm call", warm)):
+    print(f"| | | | **speed-up vs Feast's {name}** | | **{m / ours_m:.1f}×** | | **{p / ours_p:.1f}×** | |")
 PY
 done
