@@ -300,16 +300,10 @@ async fn materialization_matches_the_events_reruns_change_nothing_and_increments
     Ok(())
 }
 
-#[tokio::test]
-async fn values_older_than_the_ttl_are_not_served() -> TestResult {
-    let dir = temp_dir("ttl");
-    let redis = Redis::start(&dir).await?;
-    let source = dir.join("source");
-    // Events that ended two days ago, under a one-day TTL: every value is already stale.
-    let end =
-        jiff::Timestamp::from_microsecond(jiff::Timestamp::now().as_microsecond() - 48 * HOUR_US)?
-            .to_string();
-    trainer(&[
+/// 2,000 generated events of 50 users in the hour before `end` (now by default), into `source`.
+fn generate_hour(source: &Path, end: Option<&str>) -> Result<Value, String> {
+    let out = source.display().to_string();
+    let mut args = vec![
         "generate-events",
         "--events",
         "2000",
@@ -319,11 +313,37 @@ async fn values_older_than_the_ttl_are_not_served() -> TestResult {
         "10",
         "--span",
         "1h",
-        "--end",
-        &end,
         "--out",
-        &source.display().to_string(),
-    ])?;
+        &out,
+    ];
+    if let Some(end) = end {
+        args.extend(["--end", end]);
+    }
+    trainer(&args)
+}
+
+/// Materializes `view` with its termination message in `dir`; the report.
+fn materialize(dir: &Path, view: &Path) -> Result<Value, String> {
+    let log = dir.join("termination.json").display().to_string();
+    trainer(&[
+        "materialize",
+        "--view",
+        &view.display().to_string(),
+        "--termination-log",
+        &log,
+    ])
+}
+
+#[tokio::test]
+async fn values_older_than_the_ttl_are_not_served() -> TestResult {
+    let dir = temp_dir("ttl");
+    let redis = Redis::start(&dir).await?;
+    let source = dir.join("source");
+    // Events that ended two days ago, under a one-day TTL: every value is already stale.
+    let end =
+        jiff::Timestamp::from_microsecond(jiff::Timestamp::now().as_microsecond() - 48 * HOUR_US)?
+            .to_string();
+    generate_hour(&source, Some(&end))?;
     let view = write_view(
         &dir,
         &source.join("events.parquet"),
@@ -331,14 +351,7 @@ async fn values_older_than_the_ttl_are_not_served() -> TestResult {
         "1d",
         None,
     );
-    let log = dir.join("termination.json").display().to_string();
-    let report = trainer(&[
-        "materialize",
-        "--view",
-        &view.display().to_string(),
-        "--termination-log",
-        &log,
-    ])?;
+    let report = materialize(&dir, &view)?;
     assert_eq!(
         report["report"]["entitiesWritten"], 0,
         "{}",
@@ -356,19 +369,7 @@ async fn a_batch_never_overwrites_newer_online_values() -> TestResult {
     let dir = temp_dir("newer");
     let redis = Redis::start(&dir).await?;
     let source = dir.join("source");
-    trainer(&[
-        "generate-events",
-        "--events",
-        "2000",
-        "--users",
-        "50",
-        "--labels",
-        "10",
-        "--span",
-        "1h",
-        "--out",
-        &source.display().to_string(),
-    ])?;
+    generate_hour(&source, None)?;
     let events = raw_events(&source.join("events.parquet"))?;
     let users: std::collections::BTreeSet<i64> = events.iter().map(|e| e.0).collect();
     let streamed = *users.first().ok_or("no events")?;
@@ -383,14 +384,7 @@ async fn a_batch_never_overwrites_newer_online_values() -> TestResult {
         "1d",
         None,
     );
-    let log = dir.join("termination.json").display().to_string();
-    let report = trainer(&[
-        "materialize",
-        "--view",
-        &view.display().to_string(),
-        "--termination-log",
-        &log,
-    ])?;
+    let report = materialize(&dir, &view)?;
     assert_eq!(
         report["report"]["entitiesWritten"].as_u64(),
         Some(users.len() as u64 - 1),

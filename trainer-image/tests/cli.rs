@@ -488,16 +488,26 @@ fn a_status_address_in_use_is_a_clear_error() {
     );
 }
 
+/// Flags that cannot work together, or values no device has, fail before anything is read, naming the flag.
 #[test]
-fn an_unknown_device_is_refused_naming_the_choices() {
-    let dir = scratch("device");
-    let out = train_with(&dir, "tpu", &["--device", "tpu:0"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("use cpu, cuda or cuda:N"),
-        "{}",
-        stderr(&out)
-    );
+fn impossible_devices_and_rank_layouts_are_refused_naming_the_flag() {
+    let dir = scratch("flags");
+    let cases: [(&[&str], &str); 2] = [
+        (&["--device", "tpu:0"], "`tpu:0`: use cpu, cuda or cuda:N"),
+        (
+            &["--local-ranks", "2"],
+            "--local-ranks 2 needs --data-parallel",
+        ),
+    ];
+    for (flags, expected) in cases {
+        let out = train_with(&dir, "model", flags);
+        assert!(!out.status.success(), "{flags:?}");
+        assert!(
+            stderr(&out).contains(expected),
+            "{flags:?}: {}",
+            stderr(&out)
+        );
+    }
 }
 
 /// A CPU-only build refuses a GPU device up front, saying how to get one, instead of training on the CPU.
@@ -514,18 +524,6 @@ fn a_cpu_build_asked_for_a_gpu_says_how_to_build_one() {
         "{message}"
     );
     assert!(!dir.join("gpu/model.fwm").exists());
-}
-
-#[test]
-fn local_ranks_outside_a_data_parallel_gang_are_refused() {
-    let dir = scratch("local-ranks");
-    let out = train_with(&dir, "local", &["--local-ranks", "2"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("--local-ranks 2 needs --data-parallel"),
-        "{}",
-        stderr(&out)
-    );
 }
 
 /// A CUDA build trains on the GPU where there is one, and elsewhere fails at start with the driver's reason

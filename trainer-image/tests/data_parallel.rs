@@ -13,9 +13,9 @@ use common::{
     auc, event, free_port, generate, log, result, s, spawn, train_args, wait, wait_for_log,
 };
 
-fn rank(dir: &Path, rank: usize, port: u16, extra: &[&str]) -> Child {
-    let name = format!("rank{rank}");
-    let mut args = train_args(dir, &name);
+/// Member `rank` of a gang of `workers` whose chief listens on `port`, logging to `dir/name.log`.
+fn member(dir: &Path, name: &str, port: u16, rank: usize, workers: usize, extra: &[&str]) -> Child {
+    let mut args = train_args(dir, name);
     let chief = format!("127.0.0.1:{port}");
     args.extend(
         [
@@ -26,13 +26,17 @@ fn rank(dir: &Path, rank: usize, port: u16, extra: &[&str]) -> Child {
             "--rank",
             &rank.to_string(),
             "--workers",
-            "2",
+            &workers.to_string(),
         ]
         .iter()
         .chain(extra)
         .map(|a| a.to_string()),
     );
     spawn(&args, &dir.join(format!("{name}.log")))
+}
+
+fn rank(dir: &Path, rank: usize, port: u16, extra: &[&str]) -> Child {
+    member(dir, &format!("rank{rank}"), port, rank, 2, extra)
 }
 
 fn single(dir: &Path) -> f64 {
@@ -88,24 +92,7 @@ fn one_worker_with_two_local_ranks_trains_like_two_workers() {
     let dir = common::scratch("dp", "local");
     generate(&dir, "40000");
     let single_auc = single(&dir);
-    let chief = format!("127.0.0.1:{}", free_port());
-    let mut args = train_args(&dir, "local");
-    args.extend(
-        [
-            "--data-parallel",
-            &chief,
-            "--listen",
-            &chief,
-            "--rank",
-            "0",
-            "--workers",
-            "1",
-            "--local-ranks",
-            "2",
-        ]
-        .map(String::from),
-    );
-    let mut launcher = spawn(&args, &dir.join("local.log"));
+    let mut launcher = member(&dir, "local", free_port(), 0, 1, &["--local-ranks", "2"]);
     let status = wait(&mut launcher, Duration::from_secs(240));
     assert!(status.success(), "{}", log(&dir, "local"));
     let chief = result(&dir, "local");
