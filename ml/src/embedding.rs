@@ -88,8 +88,18 @@ impl EmbeddingTable {
 
     /// The same rows under another optimizer, whose state starts fresh (warm starts).
     pub fn with_optimizer(&self, optimizer: SparseOptimizer) -> Self {
+        self.rows_with_optimizer(optimizer, |_| true)
+    }
+
+    /// The rows whose id `keep` accepts, under another optimizer whose state starts fresh (a parameter-server
+    /// shard warm-starting its share of a model).
+    pub fn rows_with_optimizer(
+        &self,
+        optimizer: SparseOptimizer,
+        keep: impl Fn(u64) -> bool,
+    ) -> Self {
         let mut table = EmbeddingTable::new(self.dim, self.init_std, self.seed, optimizer);
-        for (id, weights) in self.rows() {
+        for (id, weights) in self.rows().into_iter().filter(|(id, _)| keep(*id)) {
             let slot = table.slot(id);
             table.weights[slot * self.dim..(slot + 1) * self.dim].copy_from_slice(weights);
         }

@@ -150,6 +150,15 @@ struct PsArgs {
     /// Where the shard writes `ps-shard-<I>.fwt` when the chief asks; an existing one is loaded at start.
     #[arg(long, env = "FLYWHEEL_CHECKPOINT_DIR")]
     checkpoint_dir: Option<PathBuf>,
+    /// Start from this artifact's embedding rows (those hashing to this shard), unless a checkpoint exists.
+    #[arg(long, env = "FLYWHEEL_WARM_START")]
+    warm_start: Option<PathBuf>,
+    /// Expected SHA-256 of the warm-start artifact.
+    #[arg(long, env = "FLYWHEEL_WARM_START_SHA256")]
+    warm_start_sha256: Option<String>,
+    /// Shards of the job (which rows of a warm-start artifact are this shard's).
+    #[arg(long, env = "FLYWHEEL_SHARDS")]
+    shards: Option<u32>,
 }
 
 fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
@@ -829,16 +838,64 @@ fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
         worker_timeout: args.worker_timeout,
         checkpoint_dir: args.checkpoint_dir.clone(),
     };
+    let warm_start = args
+        .warm_start
+        .as_ref()
+        .map(|path| shard_warm_start(args, &config, path))
+        .transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     let shard = args.shard;
-    runtime.block_on(ps::serve(config, args.listen, |addr| {
+    runtime.block_on(ps::serve(config, warm_start, args.listen, |addr| {
         emit(json!({"event": "listening", "shard": shard, "addr": addr.to_string()}));
     }))?;
     emit(json!({"event": "done", "shard": shard}));
     Ok(())
+}
+
+/// This shard's share of the warm-start artifact at `path`: the rows that hash to it, with fresh optimizer state.
+fn shard_warm_start(
+    args: &PsArgs,
+    config: &ps::ShardConfig,
+    path: &Path,
+) -> anyhow::Result<flywheel_ml::train::Tables> {
+    let shards = match args.shards {
+        Some(shards) if args.shard < shards => shards as usize,
+        _ => bail!(
+            "--warm-start needs --shards (FLYWHEEL_SHARDS) above --shard {}: the job's shard count decides which rows are this shard's",
+            args.shard
+        ),
+    };
+    let bytes = artifact::read_file(path, args.warm_start_sha256.as_deref())?;
+    let saved = artifact::decode::<Flex>(&bytes, &Default::default())
+        .with_context(|| format!("warm start from {}", path.display()))?;
+    let factors_dim = saved.tables.factors.as_ref().map(|t| t.dim());
+    let expected = config.factors.then_some(config.embedding_dim);
+    if factors_dim != expected {
+        bail!(
+            "{}: cannot warm-start this shard: the artifact's factor tables are {factors_dim:?}-dimensional, the job's {expected:?}",
+            path.display()
+        );
+    }
+    let mine = |id: u64| flywheel_ml::embedding::shard_of(id, shards) == args.shard as usize;
+    let tables = flywheel_ml::train::Tables {
+        first_order: saved
+            .tables
+            .first_order
+            .rows_with_optimizer(config.optimizer, mine),
+        factors: saved
+            .tables
+            .factors
+            .as_ref()
+            .map(|t| t.rows_with_optimizer(config.optimizer, mine)),
+    };
+    emit(json!({
+        "event": "warmStart", "shard": args.shard, "artifact": path,
+        "rows": tables.first_order.len(),
+    }));
+    Ok(tables)
 }
 
 /// Trains this worker's share of the data against the parameter-server shards; the chief (rank 0) then waits
@@ -848,9 +905,6 @@ fn ps_worker_command<B: AutodiffBackend>(
     progress: &mut ProgressReporter,
     device: B::Device,
 ) -> anyhow::Result<()> {
-    if args.warm_start.is_some() {
-        bail!("--warm-start is not supported with --ps yet");
-    }
     if args.workers == 0 || args.rank >= args.workers {
         bail!(
             "--rank {} is outside 0..{} workers",
@@ -876,20 +930,22 @@ fn ps_worker_command<B: AutodiffBackend>(
         .checkpoint_dir
         .as_ref()
         .map(|dir| dir.join(format!("ps-worker-{}.fwc", args.rank)));
-    let (mut trainer, start) = match &checkpoint_path {
-        Some(path) if path.exists() => resume(path, &schema_hash, Some(args.rank), device)?,
-        _ => (
-            Trainer::<B>::new(model.clone(), config.clone(), device),
-            Position::default(),
-        ),
-    };
+    // A warm start's dense weights start every worker; its rows are the shards'.
+    let (mut trainer, start, warm_start_digest) = initial_trainer::<B>(
+        args,
+        &schema_hash,
+        &model,
+        &config,
+        checkpoint_path.as_deref(),
+        device,
+    )?;
     let checkpoint_card = model_card(
         args,
         schema.clone(),
         model.clone(),
         config.clone(),
         (train.len(), 0),
-        None,
+        warm_start_digest.clone(),
     );
     let (rank, workers) = (args.rank as usize, args.workers as usize);
     // This worker's steps: every epoch it trains the rows `i mod W == R` (R, R + W, ...) in batches.
@@ -952,7 +1008,14 @@ fn ps_worker_command<B: AutodiffBackend>(
         model,
         config,
     };
-    finish_as_chief(args, prepared, &mut store, trainer, samples, train_seconds)
+    finish_as_chief(
+        args,
+        prepared,
+        &mut store,
+        trainer,
+        (samples, train_seconds),
+        warm_start_digest,
+    )
 }
 
 /// The job's data, schema and configuration, as every distributed worker loads them.
@@ -1017,8 +1080,8 @@ fn finish_as_chief<B: AutodiffBackend>(
     prepared: Prepared,
     store: &mut worker::RemoteStore,
     mut trainer: Trainer<B>,
-    samples: usize,
-    train_seconds: f64,
+    (samples, train_seconds): (usize, f64),
+    warm_start_digest: Option<String>,
 ) -> anyhow::Result<()> {
     let Prepared {
         schema,
@@ -1035,7 +1098,14 @@ fn finish_as_chief<B: AutodiffBackend>(
         store.export(flywheel_ml::train::TableKind::Factors, factors)?;
     }
     let eval = read_encoded(&args.eval, &schema, &columns)?;
-    let mut card = model_card(args, schema, model, config, (train.len(), eval.len()), None);
+    let mut card = model_card(
+        args,
+        schema,
+        model,
+        config,
+        (train.len(), eval.len()),
+        warm_start_digest,
+    );
     card.metrics = trainer.evaluate(&eval);
     card.step = trainer.step;
     publish(args, &card, &trainer, samples, train_seconds, json!({}))?;

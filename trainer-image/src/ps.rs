@@ -306,9 +306,12 @@ fn decode_shard(bytes: &[u8]) -> Result<(Tables, Option<Vec<f32>>), String> {
     ))
 }
 
-/// Serves the shard on `addr` until every worker is done (Ok) or a worker goes silent (Err).
+/// Serves the shard on `addr` until every worker is done (Ok) or a worker goes silent (Err). The shard starts
+/// from its checkpoint when there is one (a restarted gang), else from `warm_start` (its share of an earlier
+/// model's rows), else from fresh rows.
 pub async fn serve(
     config: ShardConfig,
+    warm_start: Option<Tables>,
     addr: SocketAddr,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), ShardError> {
@@ -321,7 +324,7 @@ pub async fn serve(
             })?;
             decode_shard(&bytes).map_err(|message| ShardError::Restore { path, message })?
         }
-        None => (fresh_tables(&config), None),
+        None => (warm_start.unwrap_or_else(|| fresh_tables(&config)), None),
     };
     let shard = Arc::new(Shard {
         config: config.clone(),

@@ -241,3 +241,103 @@ fn a_killed_gang_restarts_from_its_checkpoints() {
         "single {single_auc} vs restarted {restarted_auc}"
     );
 }
+
+/// The loss of the first step `name` reported.
+fn first_loss(dir: &Path, name: &str) -> f64 {
+    common::event(dir, name, "progress")
+        .and_then(|progress| progress["loss"].as_f64())
+        .unwrap_or_else(|| panic!("{name} reported no progress: {}", log(dir, name)))
+}
+
+/// A gang trains on from an earlier model: the shards load their share of its rows, the workers its dense
+/// weights, so the first step already has the trained model's loss, and the new model records its parent.
+#[test]
+fn a_warm_started_gang_continues_from_the_earlier_model() {
+    let dir = scratch("warm");
+    generate(&dir, "40000");
+    let base: Output = Command::new(BIN)
+        .args(train_args(&dir, "base"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        base.status.success(),
+        "{}",
+        String::from_utf8_lossy(&base.stderr)
+    );
+    let artifact = s(&dir.join("base/model.fwm"));
+    let digest = common::result(&dir, "base")["sha256"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let warm = [
+        "--warm-start",
+        artifact.as_str(),
+        "--warm-start-sha256",
+        digest.as_str(),
+    ];
+    let shard_warm = [&warm[..], &["--shards", "2"]].concat();
+    let ports = [free_port(), free_port()];
+    let mut shards = [
+        shard(&dir, 0, ports[0], &shard_warm),
+        shard(&dir, 1, ports[1], &shard_warm),
+    ];
+    let progress = ["--progress-every", "1"];
+    let extra = [&warm[..], &progress[..]].concat();
+    let mut workers = [
+        worker_with(&dir, 0, &ports, &extra),
+        worker_with(&dir, 1, &ports, &extra),
+    ];
+    for (rank, child) in workers.iter_mut().enumerate() {
+        let status = wait(child, Duration::from_secs(240));
+        assert!(
+            status.success(),
+            "worker {rank}: {}",
+            log(&dir, &format!("worker{rank}"))
+        );
+    }
+    for (index, child) in shards.iter_mut().enumerate() {
+        let status = wait(child, Duration::from_secs(60));
+        assert!(
+            status.success(),
+            "shard {index}: {}",
+            log(&dir, &format!("ps{index}"))
+        );
+        let loaded = common::event(&dir, &format!("ps{index}"), "warmStart")
+            .and_then(|event| event["rows"].as_u64())
+            .unwrap_or(0);
+        assert!(
+            loaded > 0,
+            "shard {index} loaded no rows: {}",
+            log(&dir, &format!("ps{index}"))
+        );
+    }
+    let model = std::fs::read(dir.join("worker0/model.fwm")).unwrap_or_default();
+    let saved = flywheel_ml::artifact::decode::<burn::backend::Flex>(&model, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        saved.card.lineage.warm_start.as_deref(),
+        Some(digest.as_str())
+    );
+
+    // The same gang from scratch starts at the untrained loss.
+    let cold = scratch("cold");
+    generate(&cold, "40000");
+    let ports = [free_port(), free_port()];
+    let mut shards = [
+        shard(&cold, 0, ports[0], &[]),
+        shard(&cold, 1, ports[1], &[]),
+    ];
+    let mut workers = [
+        worker_with(&cold, 0, &ports, &progress),
+        worker_with(&cold, 1, &ports, &progress),
+    ];
+    for child in workers.iter_mut().chain(shards.iter_mut()) {
+        assert!(wait(child, Duration::from_secs(240)).success());
+    }
+    let (warm_loss, cold_loss) = (first_loss(&dir, "worker0"), first_loss(&cold, "worker0"));
+    eprintln!("first-step loss: warm {warm_loss:.4}, cold {cold_loss:.4}");
+    assert!(
+        warm_loss < cold_loss - 0.1,
+        "warm {warm_loss} vs cold {cold_loss}"
+    );
+}

@@ -380,6 +380,9 @@ fn member_env(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Vec<
     match member.role {
         Role::Server => {
             vars.push(env("FLYWHEEL_SHARD", member.index.to_string()));
+            if let Topology::ParameterServer(ps) = &spec.topology {
+                vars.push(env("FLYWHEEL_SHARDS", ps.servers.to_string()));
+            }
             vars.push(env("FLYWHEEL_LISTEN", format!("$(POD_IP):{RPC_PORT}")));
         }
         Role::Worker => {
@@ -421,14 +424,15 @@ fn member_env(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Vec<
                     format!("$(POD_IP):{STATUS_PORT}"),
                 ));
             }
-            if let Some((uri, sha256)) = gang.warm_start {
-                vars.push(env(
-                    "FLYWHEEL_WARM_START",
-                    uri.strip_prefix("file://").unwrap_or(uri),
-                ));
-                vars.push(env("FLYWHEEL_WARM_START_SHA256", sha256));
-            }
         }
+    }
+    // Workers start their dense weights from it, parameter-server shards their rows.
+    if let Some((uri, sha256)) = gang.warm_start {
+        vars.push(env(
+            "FLYWHEEL_WARM_START",
+            uri.strip_prefix("file://").unwrap_or(uri),
+        ));
+        vars.push(env("FLYWHEEL_WARM_START_SHA256", sha256));
     }
     vars
 }
@@ -766,7 +770,12 @@ mod tests {
         let server = pod(&job, members[1], &gang);
         let server_env = env_of(&server);
         assert_eq!(server_env["FLYWHEEL_SHARD"], "1");
+        assert_eq!(server_env["FLYWHEEL_SHARDS"], "2");
         assert_eq!(server_env["FLYWHEEL_LISTEN"], "$(POD_IP):7070");
+        assert_eq!(
+            server_env["FLYWHEEL_WARM_START"], "/m/model.fwm",
+            "shards start from the model's rows"
+        );
         assert_eq!(
             server
                 .spec
