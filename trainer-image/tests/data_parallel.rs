@@ -110,6 +110,40 @@ fn one_worker_with_two_local_ranks_trains_like_two_workers() {
     assert!((single_auc - local_auc).abs() <= 0.01);
 }
 
+/// The first local rank to fail takes the others down at once: here rank 0 cannot listen (its port is taken),
+/// and rank 1, which would wait a minute for it, is stopped with it.
+#[test]
+fn a_failing_local_rank_stops_its_siblings_and_fails_the_worker() {
+    let dir = common::scratch("dp", "local-fail");
+    generate(&dir, "2000");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = taken
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let started = std::time::Instant::now();
+    let mut launcher = member(
+        &dir,
+        "local",
+        port,
+        0,
+        1,
+        &["--local-ranks", "2", "--connect-timeout", "60s"],
+    );
+    let status = wait(&mut launcher, Duration::from_secs(50));
+    assert!(!status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the launcher waited for the rank that could still run"
+    );
+    let message = log(&dir, "local");
+    assert!(
+        message.contains("local rank 0 failed") && message.contains("stopped the other ranks"),
+        "{message}"
+    );
+    drop(taken);
+}
+
 #[test]
 fn a_lost_rank_fails_the_gang_which_resumes_from_the_checkpoint() {
     let dir = common::scratch("dp", "lost");
