@@ -46,6 +46,11 @@ pub struct Config {
     #[arg(long, env = "FLYWHEEL_TRAINER_IMAGE")]
     pub trainer_image: Option<String>,
 
+    /// Image of the workers of TrainingJobs that train on NVIDIA GPUs (data-parallel on `nvidia.com/…`) and name
+    /// no image: the trainer built with `--features cuda`.
+    #[arg(long, env = "FLYWHEEL_TRAINER_GPU_IMAGE")]
+    pub trainer_gpu_image: Option<String>,
+
     /// PersistentVolumeClaim mounted into every training pod at `--storage-path`: where the `file://` URIs
     /// of data, checkpoints and artifacts live. Without it, pods see those paths on their node.
     #[arg(long, env = "FLYWHEEL_STORAGE_CLAIM")]
@@ -86,6 +91,7 @@ impl Config {
         let defaults = TrainerSettings::default();
         TrainerSettings {
             image: self.trainer_image.clone().unwrap_or(defaults.image),
+            gpu_image: self.trainer_gpu_image.clone().unwrap_or(defaults.gpu_image),
             storage_claim: self.storage_claim.clone(),
             storage_path: self.storage_path.clone(),
             service_account: self.trainer_service_account.clone(),

@@ -44,6 +44,8 @@ const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainerSettings {
     pub image: String,
+    /// Image of the workers of a job that trains on NVIDIA GPUs (the trainer built with `--features cuda`).
+    pub gpu_image: String,
     /// A PersistentVolumeClaim mounted at `storage_path` in every pod: where `file://` URIs of data,
     /// checkpoints and artifacts live.
     pub storage_claim: Option<String>,
@@ -56,6 +58,10 @@ impl Default for TrainerSettings {
         TrainerSettings {
             image: format!(
                 "ghcr.io/flywheel-dev/flywheel-trainer:{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            gpu_image: format!(
+                "ghcr.io/flywheel-dev/flywheel-trainer:{}-cuda",
                 env!("CARGO_PKG_VERSION")
             ),
             storage_claim: None,
@@ -411,7 +417,7 @@ fn member_env(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Vec<
                     vars.push(env("FLYWHEEL_LISTEN", format!("$(POD_IP):{RPC_PORT}")));
                     // One training process per GPU: the worker starts `gpusPerWorker` local ranks, the
                     // i-th on the pod's GPU (or MIG slice) i, as the device plugin numbers them.
-                    if dp.gpu_resource.starts_with("nvidia.com/") {
+                    if trains_on_cuda(&spec.topology) {
                         vars.push(env("FLYWHEEL_DEVICE", "cuda"));
                         vars.push(env("FLYWHEEL_LOCAL_RANKS", dp.gpus_per_worker.to_string()));
                     }
@@ -435,6 +441,11 @@ fn member_env(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Vec<
         vars.push(env("FLYWHEEL_WARM_START_SHA256", sha256));
     }
     vars
+}
+
+/// Whether the job's workers train with burn-cuda: a data-parallel gang on NVIDIA GPUs or MIG slices.
+fn trains_on_cuda(topology: &Topology) -> bool {
+    matches!(topology, Topology::DataParallel(dp) if dp.gpu_resource.starts_with("nvidia.com/"))
 }
 
 fn resources(spec: &TrainingJobSpec, role: Role) -> Option<ResourceRequirements> {
@@ -632,11 +643,13 @@ pub fn pod(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Pod {
             volumes: Some(volumes),
             containers: vec![Container {
                 name: CONTAINER.to_owned(),
-                image: Some(
-                    spec.image
-                        .clone()
-                        .unwrap_or_else(|| gang.settings.image.clone()),
-                ),
+                image: Some(spec.image.clone().unwrap_or_else(|| {
+                    if trains_on_cuda(&spec.topology) {
+                        gang.settings.gpu_image.clone()
+                    } else {
+                        gang.settings.image.clone()
+                    }
+                })),
                 args: Some(args),
                 env: Some(member_env(job, member, gang)),
                 ports: Some(ports),
@@ -717,6 +730,11 @@ mod tests {
         assert_eq!(env["FLYWHEEL_RANK"], "1");
         assert_eq!(env["FLYWHEEL_WORKERS"], "2");
         assert_eq!(env["FLYWHEEL_DEVICE"], "cuda");
+        assert_eq!(
+            container.image.as_deref(),
+            Some(TrainerSettings::default().gpu_image.as_str()),
+            "GPU workers run the CUDA build"
+        );
         assert_eq!(env["FLYWHEEL_LOCAL_RANKS"], "4", "one process per GPU");
         assert_eq!(
             env["FLYWHEEL_DP_CHIEF"],
@@ -796,6 +814,7 @@ mod tests {
             spec.containers[0].resources.is_none(),
             "PS workers ask for no GPUs"
         );
+        assert_eq!(spec.containers[0].image, Some(settings.image.clone()));
         assert!(
             spec.volumes
                 .unwrap_or_default()
