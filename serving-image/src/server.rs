@@ -217,8 +217,9 @@ impl Server {
             .label(request_id, clicked, Instant::now());
         match labeled {
             Some(labeled) => {
-                self.metrics.feedback(source, "matched", 1);
+                // Labeled first: a scrape that sees a label matched also sees it in the labeled series.
                 self.account(&[labeled]);
+                self.metrics.feedback(source, "matched", 1);
                 true
             }
             None => {
