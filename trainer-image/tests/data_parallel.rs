@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 use common::{
@@ -40,15 +40,7 @@ fn rank(dir: &Path, rank: usize, port: u16, extra: &[&str]) -> Child {
 }
 
 fn single(dir: &Path) -> f64 {
-    let out = Command::new(common::BIN)
-        .args(train_args(dir, "single"))
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::train_alone(dir, "single");
     auc(dir, "single")
 }
 

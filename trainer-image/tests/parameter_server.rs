@@ -5,10 +5,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::{BIN, auc, free_port, generate, log, s, spawn, train_args, wait};
+use common::{auc, free_port, generate, log, s, spawn, train_args, wait};
 use serde_json::Value;
 
 fn scratch(name: &str) -> std::path::PathBuf {
@@ -59,15 +59,7 @@ fn worker_with(dir: &Path, rank: usize, ports: &[u16], extra: &[&str]) -> Child 
 fn two_shards_and_two_workers_match_a_single_worker() {
     let dir = scratch("match");
     generate(&dir, "40000");
-    let single: Output = Command::new(BIN)
-        .args(train_args(&dir, "single"))
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        single.status.success(),
-        "{}",
-        String::from_utf8_lossy(&single.stderr)
-    );
+    common::train_alone(&dir, "single");
 
     let ports = [free_port(), free_port()];
     let mut shards = [shard(&dir, 0, ports[0], &[]), shard(&dir, 1, ports[1], &[])];
@@ -167,15 +159,7 @@ fn losing_a_worker_fails_the_shards() {
 fn a_killed_gang_restarts_from_its_checkpoints() {
     let dir = scratch("restart");
     generate(&dir, "40000");
-    let single: Output = Command::new(BIN)
-        .args(train_args(&dir, "single"))
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        single.status.success(),
-        "{}",
-        String::from_utf8_lossy(&single.stderr)
-    );
+    common::train_alone(&dir, "single");
     let checkpoints = s(&dir.join("checkpoints"));
     let shard_args = ["--checkpoint-dir", checkpoints.as_str()];
     let worker_args = [
@@ -255,15 +239,7 @@ fn first_loss(dir: &Path, name: &str) -> f64 {
 fn a_warm_started_gang_continues_from_the_earlier_model() {
     let dir = scratch("warm");
     generate(&dir, "40000");
-    let base: Output = Command::new(BIN)
-        .args(train_args(&dir, "base"))
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        base.status.success(),
-        "{}",
-        String::from_utf8_lossy(&base.stderr)
-    );
+    common::train_alone(&dir, "base");
     let artifact = s(&dir.join("base/model.fwm"));
     let digest = common::result(&dir, "base")["sha256"]
         .as_str()

@@ -86,6 +86,19 @@ pub fn train_args(dir: &Path, name: &str) -> Vec<String> {
     .collect()
 }
 
+/// Trains one process on the generated data of `dir` into `dir/name` (see [`train_args`]), which must succeed.
+pub fn train_alone(dir: &Path, name: &str) {
+    let out = Command::new(BIN)
+        .args(train_args(dir, name))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Starts the trainer with `args`, stdout and stderr into `log`.
 pub fn spawn(args: &[String], log: &Path) -> Child {
     let file = std::fs::File::create(log).unwrap_or_else(|err| panic!("{err}"));
