@@ -13,6 +13,7 @@
 //! (`/dev/termination-log` unless `--termination-log` says otherwise), where the operator reads it.
 
 mod collective;
+mod cpu_threads;
 mod dataset;
 mod featurestore;
 mod launcher;
@@ -254,7 +255,11 @@ struct TrainArgs {
     /// How long to keep trying to reach the shards (or the data-parallel chief) at start.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     connect_timeout: std::time::Duration,
-    /// Where to train: `cpu` (burn's CPU backend, every core) or `cuda[:N]` (GPU N with burn-cuda; needs a binary
+    /// Threads of burn's CPU kernels. Unset (and no `RAYON_NUM_THREADS`): the trainer times a few steps of this
+    /// model with 1, 2, 4, … and every core, and trains with the fastest (narrow models train faster on one).
+    #[arg(long, env = "FLYWHEEL_CPU_THREADS")]
+    cpu_threads: Option<usize>,
+    /// Where to train: `cpu` (burn's CPU backend) or `cuda[:N]` (GPU N with burn-cuda; needs a binary
     /// built with `--features cuda`). A data-parallel gang runs one process per GPU, each with its own device.
     #[arg(long, env = "FLYWHEEL_DEVICE", value_parser = parse_device, default_value = "cpu")]
     device: TrainDevice,
@@ -456,10 +461,44 @@ fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let status_listen = args.status_listen.filter(|_| args.rank == 0);
     let mut progress = ProgressReporter::start(args.rank, args.progress_every, status_listen)?;
     match args.device {
-        TrainDevice::Cpu => train_on::<CpuBackend>(args, &mut progress, Default::default())?,
+        TrainDevice::Cpu => {
+            set_cpu_threads(args)?;
+            train_on::<CpuBackend>(args, &mut progress, Default::default())?
+        }
         TrainDevice::Cuda(index) => train_on_cuda(args, &mut progress, index)?,
     }
     progress.phase(Phase::Done);
+    Ok(())
+}
+
+/// Sizes rayon's global pool (burn-flex's matmuls run on it): `--cpu-threads`, else `RAYON_NUM_THREADS` as rayon
+/// reads it, else the fastest pool for this model as measured.
+fn set_cpu_threads(args: &TrainArgs) -> anyhow::Result<()> {
+    let threads = match args.cpu_threads {
+        Some(0) => bail!("--cpu-threads must be at least 1"),
+        Some(threads) => threads,
+        None if std::env::var_os("RAYON_NUM_THREADS").is_some() => return Ok(()),
+        None => {
+            let cores = std::thread::available_parallelism().map_or(1, usize::from);
+            let schema = read_schema(&args.schema)?;
+            let choice =
+                cpu_threads::choose(&model_config(args, &schema), &train_config(args)?, cores)?;
+            let measured: serde_json::Map<_, _> = choice
+                .step_seconds
+                .iter()
+                .map(|(threads, seconds)| (threads.to_string(), json!(seconds)))
+                .collect();
+            emit(
+                json!({"event": "cpuThreads", "threads": choice.threads, "stepSeconds": measured}),
+            );
+            return Ok(());
+        }
+    };
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .with_context(|| format!("starting {threads} CPU threads"))?;
+    emit(json!({"event": "cpuThreads", "threads": threads}));
     Ok(())
 }
 
@@ -1045,7 +1084,19 @@ fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
         group: Some(args.group.clone()),
     };
     let train = read_encoded(&args.train, &schema, &columns)?;
-    let model = ModelConfig {
+    let model = model_config(args, &schema);
+    let config = train_config(args)?;
+    Ok(Prepared {
+        schema,
+        columns,
+        train,
+        model,
+        config,
+    })
+}
+
+fn model_config(args: &TrainArgs, schema: &FeatureSchema) -> ModelConfig {
+    ModelConfig {
         architecture: args.architecture,
         embedding_dim: args.embedding_dim,
         hidden_layers: if args.architecture == Architecture::Logistic {
@@ -1053,23 +1104,19 @@ fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
         } else {
             args.hidden.clone()
         },
-        fields: train.fields,
-        numeric: train.numeric_width,
-    };
-    let config = TrainConfig {
+        fields: schema.categorical().len(),
+        numeric: schema.numeric().len(),
+    }
+}
+
+fn train_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    Ok(TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
         learning_rate: args.learning_rate,
         sparse_optimizer: sparse_optimizer(&args.sparse_optimizer, args.sparse_learning_rate)?,
         seed: args.seed,
         ..TrainConfig::default()
-    };
-    Ok(Prepared {
-        schema,
-        columns,
-        train,
-        model,
-        config,
     })
 }
 

@@ -326,6 +326,47 @@ fn a_restarted_run_resumes_its_checkpoint_and_ends_identical() {
 }
 
 #[test]
+fn the_cpu_thread_count_is_measured_and_never_changes_the_weights() {
+    let dir = scratch("threads");
+    generated(&dir);
+    // Wide enough that burn-flex splits the matmuls over threads.
+    let wide = ["--hidden", "256,256"];
+    let measured = train_with(&dir, "measured", &wide);
+    assert!(measured.status.success(), "{}", stderr(&measured));
+    let stdout = String::from_utf8_lossy(&measured.stdout);
+    let choice: Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["event"] == "cpuThreads")
+        .unwrap_or(Value::Null);
+    let chosen = choice["threads"].to_string();
+    assert!(
+        choice["stepSeconds"][&chosen].as_f64().is_some(),
+        "{stdout}"
+    );
+    for threads in ["1", "2"] {
+        let run = train_with(
+            &dir,
+            threads,
+            &[&wide[..], &["--cpu-threads", threads]].concat(),
+        );
+        assert!(run.status.success(), "{}", stderr(&run));
+        assert_eq!(
+            result_of(&dir, threads)["metrics"],
+            result_of(&dir, "measured")["metrics"],
+            "{threads} thread(s)"
+        );
+    }
+    let refused = train_with(&dir, "none", &["--cpu-threads", "0"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--cpu-threads must be at least 1"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+#[test]
 fn warm_start_checks_the_artifact_digest_and_records_it() {
     let dir = scratch("warm");
     generated(&dir);
