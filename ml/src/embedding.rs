@@ -7,6 +7,10 @@
 
 use std::collections::HashMap;
 
+/// Row ids to slots. Every training step looks up each of its rows several times, so the map uses foldhash
+/// (fixed seed, a few ns per u64) rather than the DoS-resistant SipHash default: ids come from our own hashing.
+type SlotMap = HashMap<u64, usize, foldhash::fast::FixedState>;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
@@ -62,7 +66,7 @@ pub struct EmbeddingTable {
     dim: usize,
     init_std: f32,
     seed: u64,
-    slots: HashMap<u64, usize>,
+    slots: SlotMap,
     /// Row weights, `dim` floats per slot.
     weights: Vec<f32>,
     /// Optimizer state, `dim * state_per_weight` floats per slot.
@@ -78,7 +82,7 @@ impl EmbeddingTable {
             dim,
             init_std,
             seed,
-            slots: HashMap::new(),
+            slots: SlotMap::default(),
             weights: Vec::new(),
             state: Vec::new(),
             steps: Vec::new(),
@@ -154,7 +158,7 @@ impl EmbeddingTable {
     /// Repeated ids have their gradients summed first, as a dense embedding's backward would.
     pub fn apply_gradients(&mut self, ids: &[u64], grads: &[f32]) {
         let dim = self.dim;
-        let mut summed: HashMap<u64, usize> = HashMap::with_capacity(ids.len());
+        let mut summed = SlotMap::with_capacity_and_hasher(ids.len(), Default::default());
         let mut order: Vec<u64> = Vec::with_capacity(ids.len());
         let mut totals: Vec<f32> = Vec::with_capacity(grads.len());
         for (position, &id) in ids.iter().enumerate() {
