@@ -11,6 +11,35 @@ use std::collections::HashMap;
 /// (fixed seed, a few ns per u64) rather than the DoS-resistant SipHash default: ids come from our own hashing.
 type SlotMap = HashMap<u64, usize, foldhash::fast::FixedState>;
 
+/// The distinct keys of `keys` in order of first appearance, and for each position the index of its key among
+/// them. A batch touches popular rows many times; this is how each is fetched, sent and updated once.
+pub fn distinct_keys(keys: &[u64]) -> (Vec<u64>, Vec<usize>) {
+    let mut index_of = SlotMap::with_capacity_and_hasher(keys.len(), Default::default());
+    let mut distinct = Vec::new();
+    let indices = keys
+        .iter()
+        .map(|&key| {
+            *index_of.entry(key).or_insert_with(|| {
+                distinct.push(key);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (distinct, indices)
+}
+
+/// Adds up the `width`-wide rows of `values` whose keys are the same: `indices` as [`distinct_keys`] gives them,
+/// `count` distinct keys. Rows are added in order of appearance, as a dense embedding's backward would.
+pub fn sum_rows(values: &[f32], width: usize, indices: &[usize], count: usize) -> Vec<f32> {
+    let mut sums = vec![0.0; count * width];
+    for (&index, row) in indices.iter().zip(values.chunks_exact(width.max(1))) {
+        for (sum, value) in sums[index * width..(index + 1) * width].iter_mut().zip(row) {
+            *sum += value;
+        }
+    }
+    sums
+}
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
@@ -157,28 +186,11 @@ impl EmbeddingTable {
     /// Applies one optimizer step to the rows of `ids`, given `grads` (`ids.len() * dim`, aligned with `ids`).
     /// Repeated ids have their gradients summed first, as a dense embedding's backward would.
     pub fn apply_gradients(&mut self, ids: &[u64], grads: &[f32]) {
-        let dim = self.dim;
-        let mut summed = SlotMap::with_capacity_and_hasher(ids.len(), Default::default());
-        let mut order: Vec<u64> = Vec::with_capacity(ids.len());
-        let mut totals: Vec<f32> = Vec::with_capacity(grads.len());
-        for (position, &id) in ids.iter().enumerate() {
-            let grad = &grads[position * dim..(position + 1) * dim];
-            match summed.get(&id) {
-                Some(&index) => {
-                    for (total, g) in totals[index * dim..(index + 1) * dim].iter_mut().zip(grad) {
-                        *total += g;
-                    }
-                }
-                None => {
-                    summed.insert(id, order.len());
-                    order.push(id);
-                    totals.extend_from_slice(grad);
-                }
-            }
-        }
-        for (index, id) in order.into_iter().enumerate() {
+        let (ids, indices) = distinct_keys(ids);
+        let totals = sum_rows(grads, self.dim, &indices, ids.len());
+        for (row, id) in totals.chunks_exact(self.dim.max(1)).zip(ids) {
             let slot = self.slot(id);
-            self.update_row(slot, &totals[index * dim..(index + 1) * dim]);
+            self.update_row(slot, row);
         }
     }
 

@@ -10,6 +10,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Tensor, TensorData};
 
+use crate::embedding::{distinct_keys, sum_rows};
 use crate::model::CtrModel;
 
 /// One worker's gradients for one step, or (after [`GradientReducer::reduce`]) the whole batch's.
@@ -19,7 +20,7 @@ pub struct StepGradients {
     pub examples: usize,
     /// Gradients of every dense parameter, flattened in module order.
     pub dense: Vec<f32>,
-    /// Embedding row keys of the examples (repeats allowed; repeated rows' gradients add up).
+    /// Embedding row keys (repeats allowed; repeated rows' gradients add up).
     pub keys: Vec<u64>,
     /// One gradient per key for the first-order table.
     pub first_order: Vec<f32>,
@@ -56,7 +57,23 @@ impl StepGradients {
                 .factors
                 .extend(part.factors.iter().map(|g| share * g));
         }
+        combined.sum_repeated_rows();
         combined
+    }
+
+    /// Merges repeated keys into one, adding their gradients in order of appearance (what the table's update
+    /// would do): a batch touches each popular row many times, and every copy would cross the network and be
+    /// added up again by every worker.
+    pub fn sum_repeated_rows(&mut self) {
+        let factor_width = if self.keys.is_empty() {
+            0
+        } else {
+            self.factors.len() / self.keys.len()
+        };
+        let (keys, indices) = distinct_keys(&self.keys);
+        self.first_order = sum_rows(&self.first_order, 1, &indices, keys.len());
+        self.factors = sum_rows(&self.factors, factor_width, &indices, keys.len());
+        self.keys = keys;
     }
 }
 
@@ -166,8 +183,8 @@ mod tests {
         ]);
         assert_eq!(combined.examples, 4);
         assert_eq!(combined.dense, vec![0.75 + 1.25, 1.5 + 1.5]);
-        assert_eq!(combined.keys, vec![7, 7, 9]);
-        assert_eq!(combined.first_order, vec![0.75, 0.5, 1.0]);
+        assert_eq!(combined.keys, vec![7, 9]);
+        assert_eq!(combined.first_order, vec![0.75 + 0.5, 1.0]);
     }
 
     #[test]
@@ -179,5 +196,30 @@ mod tests {
         assert_eq!(combined.dense, vec![1.0]);
         assert_eq!(combined.first_order, vec![3.0]);
         assert_eq!(StepGradients::combine(&[]).examples, 0);
+    }
+
+    #[test]
+    fn repeated_rows_are_summed_in_order_of_appearance() {
+        let mut gradients = StepGradients {
+            examples: 3,
+            dense: vec![1.0],
+            keys: vec![4, 2, 4, 4],
+            first_order: vec![1.0, 2.0, 3.0, 4.0],
+            factors: vec![1.0, 10.0, 2.0, 20.0, 3.0, 30.0, 4.0, 40.0],
+        };
+        gradients.sum_repeated_rows();
+        assert_eq!(gradients.keys, vec![4, 2]);
+        assert_eq!(gradients.first_order, vec![8.0, 2.0]);
+        assert_eq!(gradients.factors, vec![8.0, 80.0, 2.0, 20.0]);
+        assert_eq!(gradients.dense, vec![1.0]);
+
+        let mut logistic = StepGradients {
+            keys: vec![1, 1],
+            first_order: vec![0.5, 0.25],
+            ..StepGradients::default()
+        };
+        logistic.sum_repeated_rows();
+        assert_eq!((logistic.keys, logistic.first_order), (vec![1], vec![0.75]));
+        assert!(logistic.factors.is_empty());
     }
 }

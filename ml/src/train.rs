@@ -478,13 +478,14 @@ impl<B: AutodiffBackend> Trainer<B> {
                 Ok(backward) => backward,
                 Err(never) => match never {},
             };
-            let gradients = StepGradients {
+            let mut gradients = StepGradients {
                 examples: batch.len(),
                 dense: reduce::flatten_dense(&self.model, &backward.dense),
                 keys: backward.keys,
                 first_order: backward.first_order,
                 factors: backward.factors.unwrap_or_default(),
             };
+            gradients.sum_repeated_rows();
             (backward.loss, gradients)
         };
         reducer.reduce(&mut gradients)?;

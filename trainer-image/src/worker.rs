@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use flywheel_ml::embedding::{EmbeddingTable, shard_of};
+use flywheel_ml::embedding::{EmbeddingTable, distinct_keys, shard_of, sum_rows};
 use flywheel_ml::train::{RowStore, TableKind};
 use futures::future::join_all;
 use tokio::runtime::Runtime;
@@ -225,6 +225,7 @@ fn table_index(table: TableKind) -> u32 {
 impl RowStore for RemoteStore {
     type Error = RemoteError;
 
+    /// Pulls each distinct row once and copies it to every position that uses it.
     fn gather(
         &mut self,
         table: TableKind,
@@ -232,7 +233,8 @@ impl RowStore for RemoteStore {
         out: &mut Vec<f32>,
     ) -> Result<(), RemoteError> {
         let dim = self.dim(table);
-        let groups = self.by_shard(keys);
+        let (distinct, indices) = distinct_keys(keys);
+        let groups = self.by_shard(&distinct);
         let requests = groups
             .iter()
             .enumerate()
@@ -241,14 +243,13 @@ impl RowStore for RemoteStore {
                 let mut client = self.clients[shard].clone();
                 let request = PullRequest {
                     table: table_index(table),
-                    ids: positions.iter().map(|&p| keys[p]).collect(),
+                    ids: positions.iter().map(|&p| distinct[p]).collect(),
                     worker: self.worker,
                 };
                 async move { (shard, client.pull(request).await) }
             });
         let answers = self.runtime.block_on(join_all(requests));
-        let start = out.len();
-        out.resize(start + keys.len() * dim, 0.0);
+        let mut rows = vec![0.0; distinct.len() * dim];
         for (shard, answer) in answers {
             let values = answer
                 .map_err(|s| self.call_error(shard, s))?
@@ -263,16 +264,23 @@ impl RowStore for RemoteStore {
                 });
             }
             for (row, &position) in positions.iter().enumerate() {
-                out[start + position * dim..start + (position + 1) * dim]
+                rows[position * dim..(position + 1) * dim]
                     .copy_from_slice(&values[row * dim..(row + 1) * dim]);
             }
+        }
+        out.reserve(keys.len() * dim);
+        for index in indices {
+            out.extend_from_slice(&rows[index * dim..(index + 1) * dim]);
         }
         Ok(())
     }
 
+    /// Pushes one summed gradient per distinct row (summed in order of appearance, as the shard would).
     fn apply(&mut self, table: TableKind, keys: &[u64], grads: &[f32]) -> Result<(), RemoteError> {
         let dim = self.dim(table);
-        let groups = self.by_shard(keys);
+        let (distinct, indices) = distinct_keys(keys);
+        let summed = sum_rows(grads, dim, &indices, distinct.len());
+        let groups = self.by_shard(&distinct);
         let requests = groups
             .iter()
             .enumerate()
@@ -281,10 +289,10 @@ impl RowStore for RemoteStore {
                 let mut client = self.clients[shard].clone();
                 let request = PushRequest {
                     table: table_index(table),
-                    ids: positions.iter().map(|&p| keys[p]).collect(),
+                    ids: positions.iter().map(|&p| distinct[p]).collect(),
                     gradients: positions
                         .iter()
-                        .flat_map(|&p| grads[p * dim..(p + 1) * dim].iter().copied())
+                        .flat_map(|&p| summed[p * dim..(p + 1) * dim].iter().copied())
                         .collect(),
                     worker: self.worker,
                 };

@@ -103,9 +103,10 @@ fn losing_a_shard_fails_the_workers_with_its_address() {
     ];
     let mut first = worker(&dir, 0, &ports);
     let mut second = worker(&dir, 1, &ports);
-    // Let training start, then lose shard 1.
+    // Let both workers start training (past their connection retries), then lose shard 1.
     let started = Instant::now();
-    while !log(&dir, "worker0").contains("\"event\":\"progress\"")
+    let training = |name| log(&dir, name).contains("\"event\":\"progress\"");
+    while !(training("worker0") && training("worker1"))
         && started.elapsed() < Duration::from_secs(120)
     {
         std::thread::sleep(Duration::from_millis(100));
