@@ -15,7 +15,8 @@ use crate::CpuBackend;
 /// Steps each candidate runs before it is timed (first-touch allocations, caches).
 const WARM_UP_STEPS: usize = 2;
 const TIMED_STEPS: usize = 5;
-/// A candidate stops early once its timed steps took this long (large models: tuning stays a small cost).
+/// A candidate stops warming up, and timing, once it spent this long on either (large models and batches: tuning
+/// stays a small cost).
 const TIME_PER_CANDIDATE: Duration = Duration::from_millis(400);
 
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +80,12 @@ fn median_step_seconds(model: &ModelConfig, config: &TrainConfig) -> f64 {
     let data = synthetic_batch(model, batch);
     let rows: Vec<usize> = (0..batch).collect();
     let mut trainer = Trainer::<CpuBackend>::new(model.clone(), config.clone(), Default::default());
+    let warming = Instant::now();
     for _ in 0..WARM_UP_STEPS {
         trainer.train_step(&data, &rows);
+        if warming.elapsed() > TIME_PER_CANDIDATE {
+            break;
+        }
     }
     let started = Instant::now();
     let mut times = Vec::with_capacity(TIMED_STEPS);
