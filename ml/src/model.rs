@@ -101,7 +101,7 @@ impl<B: Backend> CtrModel<B> {
                 let field_sum = field_sum_matrix::<B>(fields, dim, &device);
                 let sum = x.clone().matmul(field_sum.clone());
                 let square_of_sum = sum.clone() * sum;
-                let sum_of_squares = (x.clone() * x.clone()).matmul(field_sum);
+                let sum_of_squares = x.clone().square().matmul(field_sum);
                 let pairwise =
                     (square_of_sum - sum_of_squares).matmul(Tensor::ones([dim, 1], &device)) * 0.5;
                 logit = logit + pairwise;

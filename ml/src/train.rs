@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 
 use crate::artifact::{self, ArtifactError, ModelCard, SavedModel};
-use crate::embedding::{EmbeddingTable, SparseOptimizer};
+use crate::embedding::{EmbeddingTable, SparseOptimizer, distinct_keys, sum_rows};
 use crate::metrics;
 use crate::model::{CtrModel, ModelConfig, bce_with_logits};
 use crate::reduce::{self, GradientReducer, StepGradients};
@@ -151,7 +151,7 @@ pub enum TableKind {
 /// Where embedding rows live: this process's [`Tables`], or parameter-server shards.
 pub trait RowStore {
     type Error: std::error::Error + Send + Sync + 'static;
-    /// Appends the rows of `keys` (creating missing ones) to `out`.
+    /// Appends the rows of `keys` (creating missing ones) to `out`. Training passes each row once per step.
     fn gather(
         &mut self,
         table: TableKind,
@@ -478,14 +478,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 Ok(backward) => backward,
                 Err(never) => match never {},
             };
-            let mut gradients = StepGradients {
+            let gradients = StepGradients {
                 examples: batch.len(),
                 dense: reduce::flatten_dense(&self.model, &backward.dense),
                 keys: backward.keys,
                 first_order: backward.first_order,
                 factors: backward.factors.unwrap_or_default(),
             };
-            gradients.sum_repeated_rows();
             (backward.loss, gradients)
         };
         reducer.reduce(&mut gradients)?;
@@ -551,6 +550,7 @@ pub fn predict<B: Backend>(
 /// A batch's loss and gradients, before any update.
 struct Backward<B: AutodiffBackend> {
     loss: f64,
+    /// The batch's distinct embedding rows; the gradients below are summed per row.
     keys: Vec<u64>,
     first_order: Vec<f32>,
     factors: Option<Vec<f32>>,
@@ -568,18 +568,28 @@ fn forward_backward<B: AutodiffBackend, S: RowStore>(
     batch: &[usize],
 ) -> Result<Backward<B>, S::Error> {
     let fields = data.fields;
-    let keys = batch_keys(data, batch);
+    // Each distinct row is fetched, and later updated, once; positions copy it into the batch.
+    let (keys, positions) = distinct_keys(&batch_keys(data, batch));
     let mut first = Vec::with_capacity(keys.len());
     store.gather(TableKind::FirstOrder, &keys, &mut first)?;
-    let first = Tensor::<B, 2>::from_data(TensorData::new(first, [batch.len(), fields]), device)
-        .require_grad();
+    let first = Tensor::<B, 2>::from_data(
+        TensorData::new(spread_rows(&first, 1, &positions), [batch.len(), fields]),
+        device,
+    )
+    .require_grad();
     let factors = if model_config.uses_factors() {
         let dim = model_config.embedding_dim;
         let mut rows = Vec::with_capacity(keys.len() * dim);
         store.gather(TableKind::Factors, &keys, &mut rows)?;
         Some(
-            Tensor::<B, 3>::from_data(TensorData::new(rows, [batch.len(), fields, dim]), device)
-                .require_grad(),
+            Tensor::<B, 3>::from_data(
+                TensorData::new(
+                    spread_rows(&rows, dim, &positions),
+                    [batch.len(), fields, dim],
+                ),
+                device,
+            )
+            .require_grad(),
         )
     } else {
         None
@@ -591,12 +601,12 @@ fn forward_backward<B: AutodiffBackend, S: RowStore>(
     let mut grads = loss.backward();
     let first_order = first
         .grad(&grads)
-        .map(|g| floats(g.into_data()))
+        .map(|g| sum_rows(&floats(g.into_data()), 1, &positions, keys.len()))
         .unwrap_or_default();
-    let factors = factors
-        .as_ref()
-        .and_then(|f| f.grad(&grads))
-        .map(|g| floats(g.into_data()));
+    let factors = factors.as_ref().and_then(|f| f.grad(&grads)).map(|g| {
+        let dim = model_config.embedding_dim;
+        sum_rows(&floats(g.into_data()), dim, &positions, keys.len())
+    });
     let dense = GradientsParams::from_module(&mut grads, model);
     Ok(Backward {
         loss: loss_value,
@@ -666,6 +676,15 @@ fn split_section(input: &[u8]) -> Result<(&[u8], &[u8]), ArtifactError> {
         return Err(ArtifactError::Truncated);
     }
     Ok(rest.split_at(len))
+}
+
+/// `rows` (one `width`-wide row per distinct key) laid out by batch position: position p holds row `positions[p]`.
+fn spread_rows(rows: &[f32], width: usize, positions: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(positions.len() * width);
+    for &row in positions {
+        out.extend_from_slice(&rows[row * width..(row + 1) * width]);
+    }
+    out
 }
 
 fn batch_keys(data: &EncodedDataset, batch: &[usize]) -> Vec<u64> {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use flywheel_ml::embedding::{EmbeddingTable, distinct_keys, shard_of, sum_rows};
+use flywheel_ml::embedding::{EmbeddingTable, shard_of};
 use flywheel_ml::train::{RowStore, TableKind};
 use futures::future::join_all;
 use tokio::runtime::Runtime;
@@ -225,7 +225,6 @@ fn table_index(table: TableKind) -> u32 {
 impl RowStore for RemoteStore {
     type Error = RemoteError;
 
-    /// Pulls each distinct row once and copies it to every position that uses it.
     fn gather(
         &mut self,
         table: TableKind,
@@ -233,8 +232,7 @@ impl RowStore for RemoteStore {
         out: &mut Vec<f32>,
     ) -> Result<(), RemoteError> {
         let dim = self.dim(table);
-        let (distinct, indices) = distinct_keys(keys);
-        let groups = self.by_shard(&distinct);
+        let groups = self.by_shard(keys);
         let requests = groups
             .iter()
             .enumerate()
@@ -243,13 +241,14 @@ impl RowStore for RemoteStore {
                 let mut client = self.clients[shard].clone();
                 let request = PullRequest {
                     table: table_index(table),
-                    ids: positions.iter().map(|&p| distinct[p]).collect(),
+                    ids: positions.iter().map(|&p| keys[p]).collect(),
                     worker: self.worker,
                 };
                 async move { (shard, client.pull(request).await) }
             });
         let answers = self.runtime.block_on(join_all(requests));
-        let mut rows = vec![0.0; distinct.len() * dim];
+        let start = out.len();
+        out.resize(start + keys.len() * dim, 0.0);
         for (shard, answer) in answers {
             let values = answer
                 .map_err(|s| self.call_error(shard, s))?
@@ -264,23 +263,16 @@ impl RowStore for RemoteStore {
                 });
             }
             for (row, &position) in positions.iter().enumerate() {
-                rows[position * dim..(position + 1) * dim]
+                out[start + position * dim..start + (position + 1) * dim]
                     .copy_from_slice(&values[row * dim..(row + 1) * dim]);
             }
-        }
-        out.reserve(keys.len() * dim);
-        for index in indices {
-            out.extend_from_slice(&rows[index * dim..(index + 1) * dim]);
         }
         Ok(())
     }
 
-    /// Pushes one summed gradient per distinct row (summed in order of appearance, as the shard would).
     fn apply(&mut self, table: TableKind, keys: &[u64], grads: &[f32]) -> Result<(), RemoteError> {
         let dim = self.dim(table);
-        let (distinct, indices) = distinct_keys(keys);
-        let summed = sum_rows(grads, dim, &indices, distinct.len());
-        let groups = self.by_shard(&distinct);
+        let groups = self.by_shard(keys);
         let requests = groups
             .iter()
             .enumerate()
@@ -289,10 +281,10 @@ impl RowStore for RemoteStore {
                 let mut client = self.clients[shard].clone();
                 let request = PushRequest {
                     table: table_index(table),
-                    ids: positions.iter().map(|&p| distinct[p]).collect(),
+                    ids: positions.iter().map(|&p| keys[p]).collect(),
                     gradients: positions
                         .iter()
-                        .flat_map(|&p| summed[p * dim..(p + 1) * dim].iter().copied())
+                        .flat_map(|&p| grads[p * dim..(p + 1) * dim].iter().copied())
                         .collect(),
                     worker: self.worker,
                 };
