@@ -88,8 +88,15 @@ pub enum ArtifactFormat {
 pub struct Lineage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training_job: Option<String>,
+    /// The FeatureView the training data's features came from (`namespace/name` when the training set recorded
+    /// it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature_view: Option<String>,
+    /// Schema hash of that FeatureView's features when the training set was built: compare it with the view's
+    /// `status.schemaHash` to see whether the features have changed since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(SHA256_PATTERN))]
+    pub feature_view_schema_hash: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_range: Option<TimeRange>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

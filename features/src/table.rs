@@ -1,6 +1,7 @@
 //! The Parquet tables of the batch side: source events in, the offline feature table (partitioned by event
 //! date) out and back in, and labeled events with features joined on. Every error names the file and column.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -284,6 +285,10 @@ pub struct FeatureRows {
 
 /// Name of the event-time column of the offline table and of training sets' feature timestamp.
 pub const FEATURE_TIME_COLUMN: &str = "feature_timestamp";
+/// Schema metadata of a training set: the FeatureView (`namespace/name`) its features were joined from.
+pub const FEATURE_VIEW_KEY: &str = "flywheel.dev/feature-view";
+/// Schema metadata of a training set: that FeatureView's schema hash, which a trained model records.
+pub const FEATURE_VIEW_SCHEMA_HASH_KEY: &str = "flywheel.dev/feature-view-schema-hash";
 
 /// A column of feature values as the feature's declared type.
 pub fn feature_array<'a>(
@@ -310,11 +315,20 @@ pub fn feature_array<'a>(
 /// Writes `columns` as one Parquet file, atomically (a temporary file renamed into place), so a re-run replaces
 /// a partition whole and a reader never sees half of one.
 pub fn write_parquet(path: &Path, columns: Vec<(String, ArrayRef)>) -> Result<(), TableError> {
+    write_parquet_with_metadata(path, columns, HashMap::new())
+}
+
+/// [`write_parquet`] with key-value metadata in the file's schema (e.g. [`FEATURE_VIEW_KEY`]).
+pub fn write_parquet_with_metadata(
+    path: &Path,
+    columns: Vec<(String, ArrayRef)>,
+    metadata: HashMap<String, String>,
+) -> Result<(), TableError> {
     let fields: Vec<Field> = columns
         .iter()
         .map(|(name, array)| Field::new(name, array.data_type().clone(), true))
         .collect();
-    let schema = Arc::new(Schema::new(fields));
+    let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
     let batch = RecordBatch::try_new(
         schema.clone(),
         columns.into_iter().map(|(_, a)| a).collect(),

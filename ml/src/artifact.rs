@@ -47,6 +47,18 @@ pub struct Lineage {
     /// SHA-256 of the artifact training warm-started from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_start: Option<String>,
+    /// The FeatureView the training set's features were joined from (`build-dataset` records it in the set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_view: Option<FeatureViewSource>,
+}
+
+/// A FeatureView, and the schema hash of its features when the training set was built.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FeatureViewSource {
+    /// `namespace/name`.
+    pub name: String,
+    pub schema_hash: String,
 }
 
 #[derive(Debug, thiserror::Error)]

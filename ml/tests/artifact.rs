@@ -51,6 +51,7 @@ fn trained() -> (Trainer<Cpu>, ModelCard, EncodedDataset) {
             train_rows: data.len(),
             eval_rows: data.len(),
             warm_start: None,
+            feature_view: None,
         },
         code_version: "test".into(),
         step: trainer.step,

@@ -10,6 +10,8 @@ use arrow_array::{
     LargeStringArray, RecordBatch, StringArray, UInt64Array,
 };
 use arrow_schema::{DataType, Field, Schema};
+use flywheel_features::table;
+use flywheel_ml::artifact::FeatureViewSource;
 use flywheel_ml::schema::FeatureSchema;
 use flywheel_ml::synthetic::Impression;
 use flywheel_ml::train::EncodedDataset;
@@ -51,6 +53,16 @@ pub enum DatasetError {
     },
     #[error("{path}: the file holds no rows")]
     Empty { path: PathBuf },
+    #[error(
+        "{train} and {eval} were built from different FeatureViews or feature schemas ({train_view} and \
+         {eval_view}): rebuild both from the same view"
+    )]
+    FeatureViewMismatch {
+        train: PathBuf,
+        eval: PathBuf,
+        train_view: String,
+        eval_view: String,
+    },
 }
 
 /// Which columns hold the label (clicked or not) and the group for GAUC (e.g. the user).
@@ -109,6 +121,45 @@ impl<'a> Column<'a> {
             Column::Bool(a) => Value::Bool(a.value(row)),
         }
     }
+}
+
+/// The FeatureView whose features the training set `train` (and evaluation set `eval`) were joined from, as
+/// `build-dataset` records it in their schema metadata; `None` for sets made any other way. Both sets must come
+/// from the same view and schema, or the model would be evaluated on features it was not trained on.
+pub fn feature_view_source(
+    train: &Path,
+    eval: &Path,
+) -> Result<Option<FeatureViewSource>, DatasetError> {
+    let (of_train, of_eval) = (recorded_feature_view(train)?, recorded_feature_view(eval)?);
+    match (&of_train, &of_eval) {
+        (Some(a), Some(b)) if a != b => Err(DatasetError::FeatureViewMismatch {
+            train: train.to_owned(),
+            eval: eval.to_owned(),
+            train_view: format!("{}@{}", a.name, a.schema_hash),
+            eval_view: format!("{}@{}", b.name, b.schema_hash),
+        }),
+        _ => Ok(of_train.or(of_eval)),
+    }
+}
+
+fn recorded_feature_view(path: &Path) -> Result<Option<FeatureViewSource>, DatasetError> {
+    let file = File::open(path).map_err(|source| DatasetError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| DatasetError::Parquet {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    let metadata = builder.schema().metadata();
+    Ok(metadata
+        .get(table::FEATURE_VIEW_KEY)
+        .zip(metadata.get(table::FEATURE_VIEW_SCHEMA_HASH_KEY))
+        .map(|(name, schema_hash)| FeatureViewSource {
+            name: name.clone(),
+            schema_hash: schema_hash.clone(),
+        }))
 }
 
 /// Reads `path` and encodes every row with `schema`.

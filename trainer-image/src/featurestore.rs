@@ -2,7 +2,7 @@
 //! `build-dataset` (point-in-time correct training sets, sample joining) and `generate-events` (synthetic
 //! feature events for demos and benchmarks).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -734,7 +734,19 @@ pub fn build_dataset(args: &BuildDatasetArgs) -> anyhow::Result<()> {
             .with_timezone("UTC"),
         ),
     ));
-    write_parquet(&args.out, columns)?;
+    let namespace = manifest.metadata.namespace.as_deref().unwrap_or("default");
+    let name = manifest.metadata.name.as_deref().unwrap_or("features");
+    let lineage = HashMap::from([
+        (
+            table::FEATURE_VIEW_KEY.to_owned(),
+            format!("{namespace}/{name}"),
+        ),
+        (
+            table::FEATURE_VIEW_SCHEMA_HASH_KEY.to_owned(),
+            manifest.spec.schema_hash(),
+        ),
+    ]);
+    table::write_parquet_with_metadata(&args.out, columns, lineage)?;
     let matched = matches.iter().filter(|m| m.is_some()).count();
     println!(
         "{}",

@@ -635,7 +635,7 @@ fn train_command<B: AutodiffBackend>(
         config,
         (train.len(), eval.len()),
         warm_start_digest,
-    );
+    )?;
     card.step = trainer.step;
     let training_started = Instant::now();
     let on_progress = |step: &flywheel_ml::train::Progress| {
@@ -787,7 +787,7 @@ fn data_parallel_command<B: AutodiffBackend>(
         prepared.config.clone(),
         (prepared.train.len(), 0),
         warm_start_digest,
-    );
+    )?;
     emit(json!({
         "event": "loaded", "rank": rank, "trainRows": prepared.train.len(),
         "seconds": started.elapsed().as_secs_f64(),
@@ -985,7 +985,7 @@ fn ps_worker_command<B: AutodiffBackend>(
         config.clone(),
         (train.len(), 0),
         warm_start_digest.clone(),
-    );
+    )?;
     let (rank, workers) = (args.rank as usize, args.workers as usize);
     // This worker's steps: every epoch it trains the rows `i mod W == R` (R, R + W, ...) in batches.
     let rows_per_epoch = train.len().saturating_sub(rank).div_ceil(workers);
@@ -1152,7 +1152,7 @@ fn finish_as_chief<B: AutodiffBackend>(
         config,
         (train.len(), eval.len()),
         warm_start_digest,
-    );
+    )?;
     card.metrics = trainer.evaluate(&eval);
     card.step = trainer.step;
     publish(args, &card, &trainer, samples, train_seconds, json!({}))?;
@@ -1186,6 +1186,9 @@ fn publish<B: AutodiffBackend>(
     });
     if let (Some(result), serde_json::Value::Object(extra)) = (result.as_object_mut(), extra) {
         result.extend(extra);
+    }
+    if let (Some(result), Some(view)) = (result.as_object_mut(), &card.lineage.feature_view) {
+        result.insert("featureView".into(), json!(view));
     }
     emit(result.clone());
     write_termination_message(&args.termination_log, &result);
@@ -1224,8 +1227,9 @@ fn model_card(
     config: TrainConfig,
     rows: (usize, usize),
     warm_start: Option<String>,
-) -> ModelCard {
-    ModelCard {
+) -> anyhow::Result<ModelCard> {
+    let feature_view = dataset::feature_view_source(&args.train, &args.eval)?;
+    Ok(ModelCard {
         format: FORMAT.to_owned(),
         model,
         feature_schema_hash: schema.hash(),
@@ -1240,10 +1244,11 @@ fn model_card(
             train_rows: rows.0,
             eval_rows: rows.1,
             warm_start,
+            feature_view,
         },
         code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
         step: 0,
-    }
+    })
 }
 
 fn emit(event: serde_json::Value) {

@@ -591,3 +591,116 @@ fn a_cuda_build_trains_on_the_gpu_or_says_why_it_cannot() {
     assert!(!message.contains("panicked"), "{message}");
     assert!(!dir.join("gpu/model.fwm").exists());
 }
+
+/// An offline-only FeatureView `namespace/name` over the events `generate-events` wrote to `dir/events`.
+fn offline_view(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(format!("{name}.json"));
+    let view = serde_json::json!({
+        "apiVersion": "flywheel.dev/v1alpha1", "kind": "FeatureView",
+        "metadata": {"name": name, "namespace": "ml"},
+        "spec": {
+            "entities": [{"name": "user", "joinKey": "user_id", "valueType": "Int64"}],
+            "source": {"batch": {"uri": format!("file://{}", s(&dir.join("events/events.parquet"))),
+                                 "timestampField": "event_timestamp"}},
+            "features": [{"name": "price", "valueType": "Float64"},
+                         {"name": "category", "valueType": "String"}],
+            "ttl": "1d",
+            "offline": {"uri": format!("file://{}", s(&dir.join(format!("offline-{name}"))))},
+        },
+    });
+    std::fs::write(&path, view.to_string()).unwrap_or_else(|err| panic!("{err}"));
+    path
+}
+
+#[test]
+fn a_model_records_the_feature_view_its_training_set_was_built_from() {
+    let dir = scratch("lineage");
+    let events = s(&dir.join("events"));
+    let generated = trainer(&[
+        "generate-events",
+        "--events",
+        "4000",
+        "--users",
+        "100",
+        "--labels",
+        "3000",
+        "--out",
+        &events,
+    ]);
+    assert!(generated.status.success(), "{}", stderr(&generated));
+    let build = |view: &Path, out: &str| {
+        let materialized = trainer(&[
+            "materialize",
+            "--view",
+            &s(view),
+            "--termination-log",
+            &s(&dir.join("materialized.json")),
+        ]);
+        assert!(materialized.status.success(), "{}", stderr(&materialized));
+        let built = trainer(&[
+            "build-dataset",
+            "--view",
+            &s(view),
+            "--events",
+            &format!("{events}/labels.parquet"),
+            "--out",
+            &s(&dir.join(out)),
+        ]);
+        assert!(built.status.success(), "{}", stderr(&built));
+    };
+    build(&offline_view(&dir, "acts"), "train.parquet");
+    let view_hash = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(dir.join("materialized.json")).unwrap_or_default(),
+    )
+    .unwrap_or(Value::Null)["schemaHash"]
+        .clone();
+    std::fs::write(
+        dir.join("schema.json"),
+        r#"{"features": [{"name": "price", "valueType": "Float64", "transform": {"log1p": {}}},
+            {"name": "category", "valueType": "String", "transform": {"hashBucket": {"buckets": 100}}}]}"#,
+    )
+    .unwrap_or_else(|err| panic!("{err}"));
+    let train = |eval: &str, output: &str| {
+        trainer(&[
+            "train",
+            "--train",
+            &s(&dir.join("train.parquet")),
+            "--eval",
+            &s(&dir.join(eval)),
+            "--schema",
+            &s(&dir.join("schema.json")),
+            "--label",
+            "label",
+            "--group",
+            "user_id",
+            "--hidden",
+            "8",
+            "--embedding-dim",
+            "4",
+            "--batch-size",
+            "256",
+            "--output",
+            &s(&dir.join(output)),
+            "--termination-log",
+            &s(&dir.join(format!("{output}.termination-log"))),
+        ])
+    };
+    let trained = train("train.parquet", "model");
+    assert!(trained.status.success(), "{}", stderr(&trained));
+    let source = &result_of(&dir, "model")["featureView"];
+    assert_eq!(source["name"], "ml/acts");
+    assert!(
+        view_hash.is_string() && source["schemaHash"] == view_hash,
+        "{source} vs {view_hash}"
+    );
+
+    // Evaluating on a set joined from another view is refused before any training.
+    build(&offline_view(&dir, "other"), "other.parquet");
+    let refused = train("other.parquet", "mixed");
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("were built from different FeatureViews or feature schemas"),
+        "{}",
+        stderr(&refused)
+    );
+}

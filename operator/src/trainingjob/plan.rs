@@ -91,6 +91,17 @@ pub struct ChiefResult {
     pub steps: u64,
     #[serde(default)]
     pub samples_per_second: Option<f64>,
+    /// The FeatureView the training set was built from, when `build-dataset` recorded it in the set.
+    #[serde(default)]
+    pub feature_view: Option<ChiefFeatureView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChiefFeatureView {
+    /// `namespace/name`.
+    pub name: String,
+    pub schema_hash: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -799,7 +810,17 @@ fn succeed(b: &mut Builder<'_, '_>, result: &ChiefResult, warm_start: Option<(&s
             feature_schema_hash: result.feature_schema_hash.clone(),
             lineage: Lineage {
                 training_job: Some(name.clone()),
-                feature_view: job.spec.data.feature_view.as_ref().map(|v| v.name.clone()),
+                feature_view: job
+                    .spec
+                    .data
+                    .feature_view
+                    .as_ref()
+                    .map(|v| v.name.clone())
+                    .or_else(|| result.feature_view.as_ref().map(|v| v.name.clone())),
+                feature_view_schema_hash: result
+                    .feature_view
+                    .as_ref()
+                    .map(|v| v.schema_hash.clone()),
                 data_range: job
                     .spec
                     .data

@@ -350,6 +350,35 @@ fn success_registers_a_model_version_and_removes_the_parameter_servers() {
 }
 
 #[test]
+fn the_model_version_records_the_feature_view_its_training_set_came_from() {
+    let job = with_status(
+        ps_job(),
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            ..TrainingJobStatus::default()
+        },
+    );
+    let hash = "c".repeat(64);
+    let result = RESULT.replacen(
+        "\"steps\"",
+        &format!("\"featureView\":{{\"name\":\"ml/acts\",\"schemaHash\":\"{hash}\"}},\"steps\""),
+        1,
+    );
+    let mut pods = gang_pods(&job, 0, "Running");
+    for pod in pods.iter_mut().filter(|p| p.name_any().contains("worker")) {
+        let chief = pod.name_any().ends_with("worker-0");
+        terminate(pod, "Succeeded", 0, if chief { &result } else { "{}" });
+    }
+    let decided = observe(&job, &pods, None, &TrainerSettings::default());
+    let lineage = decided
+        .model_version
+        .map(|version| version.spec.lineage)
+        .unwrap_or_default();
+    assert_eq!(lineage.feature_view.as_deref(), Some("ml/acts"));
+    assert_eq!(lineage.feature_view_schema_hash, Some(hash));
+}
+
+#[test]
 fn a_failed_member_restarts_the_whole_gang_as_a_new_attempt() {
     let settings = TrainerSettings::default();
     let job = with_status(
