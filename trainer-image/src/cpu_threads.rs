@@ -51,13 +51,17 @@ pub fn choose(
     cores: usize,
 ) -> Result<Choice, ThreadsError> {
     let mut step_seconds = Vec::new();
-    for threads in candidates(cores) {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|source| ThreadsError::Pool { threads, source })?;
-        let seconds = pool.install(|| median_step_seconds(model, config));
-        step_seconds.push((threads, seconds));
+    let candidates = candidates(cores);
+    // One core (a pod limited to a CPU or less) leaves nothing to choose, so nothing is measured.
+    if candidates.len() > 1 {
+        for threads in candidates {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map_err(|source| ThreadsError::Pool { threads, source })?;
+            let seconds = pool.install(|| median_step_seconds(model, config));
+            step_seconds.push((threads, seconds));
+        }
     }
     let threads = step_seconds
         .iter()
