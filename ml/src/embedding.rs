@@ -7,6 +7,8 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
+
 /// Row ids to slots. Every training step looks up each of its rows several times, so the map uses foldhash
 /// (fixed seed, a few ns per u64) rather than the DoS-resistant SipHash default: ids come from our own hashing.
 type SlotMap = HashMap<u64, usize, foldhash::fast::FixedState>;
@@ -39,8 +41,6 @@ pub fn sum_rows(values: &[f32], width: usize, indices: &[usize], count: usize) -
     }
     sums
 }
-
-use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", tag = "kind")]

@@ -64,7 +64,7 @@ impl StepGradients {
     /// Merges repeated keys into one, adding their gradients in order of appearance (what the table's update
     /// would do): a batch touches each popular row many times, and every copy would cross the network and be
     /// added up again by every worker.
-    pub fn sum_repeated_rows(&mut self) {
+    fn sum_repeated_rows(&mut self) {
         let factor_width = if self.keys.is_empty() {
             0
         } else {
