@@ -15,6 +15,18 @@ fn scratch(name: &str) -> std::path::PathBuf {
     common::scratch("ps", name)
 }
 
+/// Waits for every worker (rank order) and requires each to succeed, showing a failed one's log.
+fn workers_succeed(dir: &Path, workers: &mut [Child]) {
+    for (rank, child) in workers.iter_mut().enumerate() {
+        let status = wait(child, Duration::from_secs(240));
+        assert!(
+            status.success(),
+            "worker {rank}: {}",
+            log(dir, &format!("worker{rank}"))
+        );
+    }
+}
+
 fn shard(dir: &Path, index: usize, port: u16, extra: &[&str]) -> Child {
     let mut args: Vec<String> = [
         "ps",
@@ -64,14 +76,7 @@ fn two_shards_and_two_workers_match_a_single_worker() {
     let ports = [free_port(), free_port()];
     let mut shards = [shard(&dir, 0, ports[0], &[]), shard(&dir, 1, ports[1], &[])];
     let mut workers = [worker(&dir, 0, &ports), worker(&dir, 1, &ports)];
-    for (rank, child) in workers.iter_mut().enumerate() {
-        let status = wait(child, Duration::from_secs(240));
-        assert!(
-            status.success(),
-            "worker {rank}: {}",
-            log(&dir, &format!("worker{rank}"))
-        );
-    }
+    workers_succeed(&dir, &mut workers);
     for (index, child) in shards.iter_mut().enumerate() {
         let status = wait(child, Duration::from_secs(30));
         assert!(
@@ -201,14 +206,7 @@ fn a_killed_gang_restarts_from_its_checkpoints() {
         worker_with(&dir, 0, &ports, &worker_args),
         worker_with(&dir, 1, &ports, &worker_args),
     ];
-    for (rank, child) in workers.iter_mut().enumerate() {
-        let status = wait(child, Duration::from_secs(240));
-        assert!(
-            status.success(),
-            "worker {rank}: {}",
-            log(&dir, &format!("worker{rank}"))
-        );
-    }
+    workers_succeed(&dir, &mut workers);
     for child in &mut shards {
         assert!(wait(child, Duration::from_secs(30)).success());
     }
@@ -264,14 +262,7 @@ fn a_warm_started_gang_continues_from_the_earlier_model() {
         worker_with(&dir, 0, &ports, &extra),
         worker_with(&dir, 1, &ports, &extra),
     ];
-    for (rank, child) in workers.iter_mut().enumerate() {
-        let status = wait(child, Duration::from_secs(240));
-        assert!(
-            status.success(),
-            "worker {rank}: {}",
-            log(&dir, &format!("worker{rank}"))
-        );
-    }
+    workers_succeed(&dir, &mut workers);
     for (index, child) in shards.iter_mut().enumerate() {
         let status = wait(child, Duration::from_secs(60));
         assert!(
