@@ -403,12 +403,18 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start(dir: &Path) -> Result<Redis, ServingError> {
+        Redis::start_with(dir, &[]).await
+    }
+
+    /// A server with further configuration `options` (`--name value` pairs).
+    pub async fn start_with(dir: &Path, options: &[&str]) -> Result<Redis, ServingError> {
         let port = free_port()?;
         let process = Process::spawn(
             "redis",
             Command::new("redis-server")
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"]),
+                .args(["--save", "", "--appendonly", "no"])
+                .args(options),
             &dir.join("redis.log"),
         )?;
         until("redis listening", Duration::from_secs(20), || async move {

@@ -363,7 +363,7 @@ async fn values_older_than_the_ttl_are_not_served() -> TestResult {
 }
 
 /// The conditional write: an entity whose stored values are newer than the batch's (a streamed update) keeps
-/// them, in a script call that also creates new hashes, while the others are written.
+/// them (its key refuses `RESTORE`, and the script compares times), while the others are created.
 #[tokio::test]
 async fn a_batch_never_overwrites_newer_online_values() -> TestResult {
     let dir = temp_dir("newer");
@@ -401,6 +401,68 @@ async fn a_batch_never_overwrites_newer_online_values() -> TestResult {
     )?;
     assert!(number(&other, "price").is_finite(), "{other:?}");
     Ok(())
+}
+
+/// A Redis that refuses `RESTORE` (an ACL without it, a managed Redis that renamed it) gets the same hashes and
+/// expiries from the conditional script as one that takes it.
+#[tokio::test]
+async fn without_restore_the_script_writes_the_same_hashes() -> TestResult {
+    let dir = temp_dir("no-restore");
+    let (plain_dir, restoreless_dir) = (dir.join("plain"), dir.join("restoreless"));
+    std::fs::create_dir_all(&plain_dir)?;
+    std::fs::create_dir_all(&restoreless_dir)?;
+    let plain = Redis::start(&plain_dir).await?;
+    let restoreless =
+        Redis::start_with(&restoreless_dir, &["--rename-command", "RESTORE", ""]).await?;
+    assert!(
+        restoreless
+            .command(&["restore", "probe", "0", "x"])?
+            .contains("unknown command"),
+        "the server still has RESTORE"
+    );
+    let source = dir.join("source");
+    generate_hour(&source, None)?;
+    let view = write_view(
+        &dir,
+        &source.join("events.parquet"),
+        Some(plain.port),
+        "1d",
+        None,
+    );
+    let mut written = Vec::new();
+    for redis in [&plain, &restoreless] {
+        let address = format!("127.0.0.1:{}", redis.port);
+        let offline = redis_offline(&dir, redis.port);
+        let report = trainer(&[
+            "materialize",
+            "--view",
+            &view.display().to_string(),
+            "--termination-log",
+            &dir.join("termination.json").display().to_string(),
+            "--redis",
+            &address,
+            "--offline",
+            &offline,
+        ])?;
+        written.push(report["report"]["entitiesWritten"].clone());
+    }
+    assert_eq!(written[0], written[1]);
+    assert_eq!(written[0], 50, "{written:?}");
+    let snapshot_plain = snapshot(&plain)?;
+    assert_eq!(snapshot_plain.len(), 50);
+    assert_eq!(snapshot(&restoreless)?, snapshot_plain);
+    for key in snapshot_plain.keys() {
+        let expiry = |redis: &Redis| -> Result<i64, Box<dyn std::error::Error>> {
+            Ok(redis.command(&["pexpiretime", key])?.trim().parse()?)
+        };
+        assert_eq!(expiry(&plain)?, expiry(&restoreless)?, "{key}");
+    }
+    Ok(())
+}
+
+/// A separate offline table per server, so each run is a first run.
+fn redis_offline(dir: &Path, port: u16) -> String {
+    format!("file://{}", dir.join(format!("offline-{port}")).display())
 }
 
 fn write_columns(

@@ -22,7 +22,8 @@ use arrow_array::{
 use arrow_schema::{ArrowError, DataType};
 use flywheel_crds::featureview::{EntityValueType, FeatureValueType};
 use flywheel_ml::transform::Value;
-use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
+use rayon::iter::{IndexedParallelIterator, IntoParallelRefIterator, ParallelIterator};
+use rayon::slice::ParallelSliceMut;
 
 use crate::FastMap;
 use crate::aggregate::{
@@ -485,7 +486,7 @@ impl SourceEvents {
 
     /// Dense ids for the entities of the first `rows` events, in order of first appearance.
     pub fn entity_ids(&self, rows: usize) -> EntityIds {
-        let (ids, first_rows) = match self.keys.len() {
+        let grouped = match self.keys.len() {
             1 => group_ids(rows, |row| self.key_ref(0, row)),
             parts => group_ids(rows, |row| {
                 (0..parts)
@@ -493,31 +494,98 @@ impl SourceEvents {
                     .collect::<Vec<_>>()
             }),
         };
-        let mut last_rows = first_rows.clone();
-        for (row, &id) in ids.iter().enumerate() {
-            last_rows[id] = row;
-        }
         EntityIds {
-            keys: first_rows.iter().map(|&row| self.entity_key(row)).collect(),
-            ids,
-            last_rows,
+            keys: grouped
+                .first_rows
+                .iter()
+                .map(|&row| self.entity_key(row))
+                .collect(),
+            ids: grouped.ids,
+            last_rows: grouped.last_rows,
         }
     }
 }
 
-/// Dense ids for the keys of the first `rows` rows (in first-seen order), and the first row of each id.
-fn group_ids<K: Hash + Eq>(rows: usize, key: impl Fn(usize) -> K) -> (Vec<usize>, Vec<usize>) {
-    let mut slots: FastMap<K, usize> = FastMap::default();
-    let mut first_rows = Vec::new();
-    let ids = (0..rows)
-        .map(|row| {
-            *slots.entry(key(row)).or_insert_with(|| {
-                first_rows.push(row);
-                first_rows.len() - 1
-            })
+/// Rows below which grouping stays on one core: splitting costs a merge of the parts' keys.
+const GROUP_PART_ROWS: usize = 1 << 16;
+
+/// Rows grouped by key: `ids[row]` numbers each row's key in order of first appearance; `first_rows[id]` and
+/// `last_rows[id]` are the key's first and last rows.
+struct Grouped {
+    ids: Vec<usize>,
+    first_rows: Vec<usize>,
+    last_rows: Vec<usize>,
+}
+
+/// Groups the first `rows` rows by `key`. Contiguous parts are grouped on every core, each with its own ids;
+/// then the parts' keys, in order, are numbered after those of the parts before them, which keeps the order of
+/// first appearance over all rows, and each part's ids are translated.
+fn group_ids<K: Hash + Eq + Send>(rows: usize, key: impl Fn(usize) -> K + Sync) -> Grouped {
+    let parts = rayon::current_num_threads()
+        .min(rows / GROUP_PART_ROWS)
+        .max(1);
+    let part_rows = rows.div_ceil(parts).max(1);
+    let mut ids = vec![0; rows];
+    let mut locals: Vec<(FastMap<K, usize>, Grouped)> = ids
+        .par_chunks_mut(part_rows)
+        .enumerate()
+        .map(|(part, ids)| {
+            let offset = part * part_rows;
+            let mut slots: FastMap<K, usize> = FastMap::default();
+            let (mut first_rows, mut last_rows) = (Vec::new(), Vec::new());
+            for (i, id) in ids.iter_mut().enumerate() {
+                let row = offset + i;
+                *id = *slots.entry(key(row)).or_insert_with(|| {
+                    first_rows.push(row);
+                    last_rows.push(row);
+                    first_rows.len() - 1
+                });
+                last_rows[*id] = row;
+            }
+            let grouped = Grouped {
+                ids: Vec::new(),
+                first_rows,
+                last_rows,
+            };
+            (slots, grouped)
         })
         .collect();
-    (ids, first_rows)
+    if locals.is_empty() {
+        return Grouped {
+            ids,
+            first_rows: Vec::new(),
+            last_rows: Vec::new(),
+        };
+    }
+    let (mut slots, mut all) = locals.remove(0);
+    let translations: Vec<Vec<usize>> = locals
+        .into_iter()
+        .map(|(_, part)| {
+            part.first_rows
+                .iter()
+                .zip(&part.last_rows)
+                .map(|(&first, &last)| {
+                    let id = *slots.entry(key(first)).or_insert_with(|| {
+                        all.first_rows.push(first);
+                        all.last_rows.push(last);
+                        all.first_rows.len() - 1
+                    });
+                    all.last_rows[id] = last;
+                    id
+                })
+                .collect()
+        })
+        .collect();
+    ids.par_chunks_mut(part_rows)
+        .skip(1)
+        .zip(&translations)
+        .for_each(|(ids, translation)| {
+            for id in ids {
+                *id = translation[*id];
+            }
+        });
+    all.ids = ids;
+    all
 }
 
 /// The entities of a run's events: `ids[row]` numbers the entity of each event, `keys[id]` is its key and
@@ -910,6 +978,38 @@ mod tests {
             }
             _ => a == b,
         }
+    }
+
+    /// Rows split over every core number their keys exactly as one pass in row order would.
+    #[test]
+    fn grouping_in_parts_numbers_keys_as_one_pass_does() {
+        // Enough rows for several parts; keys repeat across parts, and some first appear in a late part.
+        let rows = 5 * GROUP_PART_ROWS + 123;
+        let key = |row: usize| {
+            if row > 4 * GROUP_PART_ROWS && row.is_multiple_of(997) {
+                row
+            } else {
+                row.wrapping_mul(2_654_435_761) % 1_000
+            }
+        };
+        let grouped = group_ids(rows, key);
+        let mut slots: std::collections::HashMap<usize, usize> = Default::default();
+        let (mut first_rows, mut last_rows) = (Vec::new(), Vec::new());
+        let ids: Vec<usize> = (0..rows)
+            .map(|row| {
+                let id = *slots.entry(key(row)).or_insert_with(|| {
+                    first_rows.push(row);
+                    last_rows.push(row);
+                    first_rows.len() - 1
+                });
+                last_rows[id] = row;
+                id
+            })
+            .collect();
+        assert!(first_rows.len() > 1_000, "some keys are new in late parts");
+        assert_eq!(grouped.ids, ids);
+        assert_eq!(grouped.first_rows, first_rows);
+        assert_eq!(grouped.last_rows, last_rows);
     }
 
     #[test]

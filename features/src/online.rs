@@ -7,6 +7,9 @@
 //! - a write replaces the hash only if it is as new as the stored one ([`WRITE_SCRIPT`], atomic in Redis, many
 //!   hashes per call), so re-running a materialization or replaying a stream rewrites the same values, and an
 //!   older batch never overwrites newer streamed values;
+//! - a hash that does not exist yet can instead be created by `RESTORE` of its [`hash_dump`] with its expiry:
+//!   one plain command, which Redis refuses (`BUSYKEY`) when the key exists, so it never replaces newer values
+//!   and costs Redis under half the script's work per hash;
 //! - streaming keeps each entity's recent events in the sorted set `<hash key>#events` (score: event time,
 //!   member: the event), which makes replays idempotent: a replayed event is the same member.
 
@@ -40,6 +43,74 @@ for _, key in ipairs(KEYS) do
 end
 return written
 ";
+
+/// The RDB version [`hash_dump`] declares: the oldest one with the hash encoding it uses that every Redis
+/// (2.8 on) and Valkey restores; servers accept payloads of their own or older versions.
+const DUMP_RDB_VERSION: u16 = 6;
+/// RDB's type tag of a hash stored as a plain list of field/value strings.
+const RDB_TYPE_HASH: u8 = 4;
+/// The checksum closing a dump: Redis's CRC-64 (Jones polynomial, reflected) of everything before it.
+const DUMP_CHECKSUM: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_REDIS);
+
+/// The `DUMP` payload of the hash holding `row` (its as-of time and fields), as `RESTORE` takes it: the hash's
+/// RDB serialization, the RDB version, and the checksum. Redis rebuilds it in its compact encoding.
+pub fn hash_dump(row: &OnlineRow) -> Vec<u8> {
+    let as_of = row.as_of.to_string();
+    let pairs = std::iter::once((AS_OF_FIELD, as_of.as_str()))
+        .chain(row.fields.iter().map(|(f, v)| (f.as_str(), v.as_str())));
+    let mut dump = Vec::with_capacity(
+        16 + AS_OF_FIELD.len()
+            + as_of.len()
+            + row
+                .fields
+                .iter()
+                .map(|(f, v)| f.len() + v.len() + 4)
+                .sum::<usize>(),
+    );
+    dump.push(RDB_TYPE_HASH);
+    push_rdb_length(&mut dump, row.fields.len() + 1);
+    for (field, value) in pairs {
+        push_rdb_length(&mut dump, field.len());
+        dump.extend_from_slice(field.as_bytes());
+        push_rdb_length(&mut dump, value.len());
+        dump.extend_from_slice(value.as_bytes());
+    }
+    dump.extend_from_slice(&DUMP_RDB_VERSION.to_le_bytes());
+    let checksum = DUMP_CHECKSUM.checksum(&dump);
+    dump.extend_from_slice(&checksum.to_le_bytes());
+    dump
+}
+
+/// RDB's variable-length integer: 6 bits in one byte, 14 bits in two, else a marker and 32 or 64 big-endian bits.
+fn push_rdb_length(out: &mut Vec<u8>, length: usize) {
+    match u32::try_from(length) {
+        Ok(short) if short < 1 << 6 => out.push(short as u8),
+        Ok(medium) if medium < 1 << 14 => {
+            out.extend_from_slice(&[0x40 | (medium >> 8) as u8, medium as u8])
+        }
+        Ok(long) => {
+            out.push(0x80);
+            out.extend_from_slice(&long.to_be_bytes());
+        }
+        Err(_) => {
+            out.push(0x81);
+            out.extend_from_slice(&(length as u64).to_be_bytes());
+        }
+    }
+}
+
+/// Appends a `RESTORE` creating each of `rows`' hashes with its expiry, unless the key exists (`BUSYKEY`):
+/// one reply per row, in order.
+pub fn add_creates(pipeline: &mut redis::Pipeline, rows: &[OnlineRow]) {
+    for row in rows {
+        pipeline
+            .cmd("RESTORE")
+            .arg(&row.key)
+            .arg(row.expire_at_ms)
+            .arg(hash_dump(row))
+            .arg("ABSTTL");
+    }
+}
 
 /// One entity's values, ready to write.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,4 +199,49 @@ pub fn redis_url(address: &str, password: Option<&str>, database: u8) -> String 
 /// Now, in microseconds since the epoch.
 pub fn now_micros() -> Micros {
     jiff::Timestamp::now().as_microsecond()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn length(n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        push_rdb_length(&mut out, n);
+        out
+    }
+
+    #[test]
+    fn rdb_lengths_take_the_shortest_form_at_each_boundary() {
+        assert_eq!(length(0), [0]);
+        assert_eq!(length(63), [63]);
+        assert_eq!(length(64), [0x40, 64]);
+        assert_eq!(length(16_383), [0x7f, 0xff]);
+        assert_eq!(length(16_384), [0x80, 0, 0, 0x40, 0]);
+    }
+
+    #[test]
+    fn the_dump_checksum_is_redis_crc64() {
+        // The check value Redis's own crc64 test asserts.
+        assert_eq!(DUMP_CHECKSUM.checksum(b"123456789"), 0xe9c6d914c4b8d9ca);
+    }
+
+    #[test]
+    fn a_hash_dump_holds_the_as_of_time_then_the_fields_then_version_and_checksum() {
+        let row = OnlineRow {
+            key: "user:7".into(),
+            as_of: 42,
+            expire_at_ms: 1,
+            fields: vec![("price".into(), "1.5".into())],
+        };
+        let dump = hash_dump(&row);
+        let mut expected = vec![RDB_TYPE_HASH, 2, 9];
+        expected.extend_from_slice(b"_as_of_us");
+        expected.extend_from_slice(&[2, b'4', b'2', 5]);
+        expected.extend_from_slice(b"price");
+        expected.extend_from_slice(&[3, b'1', b'.', b'5', 6, 0]);
+        let (body, checksum) = dump.split_at(dump.len() - 8);
+        assert_eq!(body, expected.as_slice());
+        assert_eq!(checksum, DUMP_CHECKSUM.checksum(body).to_le_bytes());
+    }
 }

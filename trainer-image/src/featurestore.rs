@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -18,7 +19,7 @@ use flywheel_crds::featureview::{FeatureStatistics, FeatureViewSpec, Materializa
 use flywheel_features::offline::{
     Column, Computed, EntityIds, SourceEvents, values_at_events, write_partition,
 };
-use flywheel_features::online::{WRITE_BATCH, add_writes, is_expired, now_micros, redis_url};
+use flywheel_features::online::{WRITE_BATCH, is_expired, now_micros, redis_url};
 use flywheel_features::pit::PointInTimeIndex;
 use flywheel_features::samples::{Click, Windows, label_impressions};
 use flywheel_features::stats::{Baseline, drift_of, profile};
@@ -32,10 +33,10 @@ use rayon::iter::{IndexedParallelIterator, IntoParallelRefIterator, ParallelIter
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::online_writer::OnlineWriter;
+
 /// The kubelet keeps at most this much of a termination message.
 const TERMINATION_MESSAGE_LIMIT: usize = 4096;
-/// Script calls ([`WRITE_BATCH`] entities each) sent to Redis before the first answer is awaited.
-const WRITES_IN_FLIGHT: usize = 4;
 
 #[derive(clap::Args)]
 pub struct ViewArgs {
@@ -241,6 +242,7 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
         (None, None) => 0,
     };
     let schema_hash = spec.schema_hash();
+    let online = connect_online(args, &manifest);
 
     let events = SourceEvents::read(&source, &view)?.in_time_order();
     phases.done("read");
@@ -273,16 +275,21 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
     for row in new_rows.clone() {
         touched[ids.ids[row]] = true;
     }
-    let writes_online = spec.online.is_some() && !args.no_online;
     let (events, ids, computed, view, manifest) = (&events, &ids, &computed, &view, &manifest);
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let online = writes_online.then(|| {
+        let online = online.map(|(address, connection)| {
             let touched = &touched;
             scope.spawn(move || {
                 let began = Instant::now();
-                let written = write_online(
-                    args, manifest, view, events, ids, computed, touched, watermark,
-                );
+                let written = connection
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("connecting to the online store panicked"))
+                    .and_then(|connected| connected)
+                    .and_then(|connection| {
+                        write_online(
+                            connection, &address, view, events, ids, computed, touched, watermark,
+                        )
+                    });
                 (written, began.elapsed())
             })
         });
@@ -408,12 +415,37 @@ fn add_statistics(
     Ok(())
 }
 
+/// Connects to the view's online store on a thread of its own, so the connection is ready when the values are:
+/// `None` when the run writes no online store. Answers the store's address and the connection.
+fn connect_online(
+    args: &MaterializeArgs,
+    manifest: &FeatureView,
+) -> Option<(String, JoinHandle<anyhow::Result<redis::Connection>>)> {
+    let online = manifest.spec.online.as_ref().filter(|_| !args.no_online)?;
+    let address = args
+        .redis
+        .clone()
+        .unwrap_or_else(|| online.redis.address.clone());
+    let url = redis_url(
+        &address,
+        args.redis_password.as_deref(),
+        online.redis.database,
+    );
+    let connecting = address.clone();
+    let connection = std::thread::spawn(move || {
+        redis::Client::open(url.as_str())
+            .and_then(|client| client.get_connection())
+            .with_context(|| format!("connecting to the online store at {connecting}"))
+    });
+    Some((address, connection))
+}
+
 /// Writes the values of the `touched` entities as of the watermark, unless already stale; returns how many
 /// hashes were written and how many entities were stale.
 #[allow(clippy::too_many_arguments)]
 fn write_online(
-    args: &MaterializeArgs,
-    manifest: &FeatureView,
+    connection: redis::Connection,
+    address: &str,
     view: &View,
     events: &SourceEvents,
     ids: &EntityIds,
@@ -421,33 +453,11 @@ fn write_online(
     touched: &[bool],
     watermark: Micros,
 ) -> anyhow::Result<(i64, i64)> {
-    let Some(online) = &manifest.spec.online else {
-        return Ok((0, 0));
-    };
-    let address = args.redis.as_deref().unwrap_or(&online.redis.address);
-    let url = redis_url(
-        address,
-        args.redis_password.as_deref(),
-        online.redis.database,
-    );
-    let mut connection = redis::Client::open(url.as_str())
-        .and_then(|client| client.get_connection())
-        .with_context(|| format!("connecting to the online store at {address}"))?;
     let now = now_micros();
     let times = events.timestamps();
     let touched: Vec<usize> = (0..ids.len()).filter(|&id| touched[id]).collect();
-    let (mut written, mut expired) = (0, 0);
-    // One script call per chunk, several in flight: Redis runs one while the next is prepared and sent.
-    let mut in_flight = 0;
-    let receive = |connection: &mut redis::Connection| -> anyhow::Result<i64> {
-        match connection
-            .recv_response()
-            .with_context(|| format!("writing to the online store at {address}"))?
-        {
-            redis::Value::Int(count) => Ok(count),
-            other => bail!("the online store at {address} answered a write with {other:?}"),
-        }
-    };
+    let mut writer = OnlineWriter::new(connection, address);
+    let mut expired = 0;
     for batch in touched.chunks(WRITE_BATCH) {
         let mut rows = Vec::with_capacity(batch.len());
         for &id in batch {
@@ -459,24 +469,9 @@ fn write_online(
             let values = computed.values_of(view, id)?;
             rows.push(view.online_row(&ids.keys[id], watermark, newest, &values));
         }
-        if rows.is_empty() {
-            continue;
-        }
-        let mut call = redis::pipe();
-        add_writes(&mut call, &rows);
-        connection
-            .send_packed_command(&call.get_packed_pipeline())
-            .with_context(|| format!("writing to the online store at {address}"))?;
-        in_flight += 1;
-        if in_flight > WRITES_IN_FLIGHT {
-            written += receive(&mut connection)?;
-            in_flight -= 1;
-        }
+        writer.write(rows)?;
     }
-    for _ in 0..in_flight {
-        written += receive(&mut connection)?;
-    }
-    Ok((written, expired))
+    Ok((writer.finish()?, expired))
 }
 
 /// Seconds spent in each phase of a run, for the log line (where the time goes, without a profiler).

@@ -18,6 +18,7 @@ mod dataset;
 mod featurestore;
 mod launcher;
 mod movielens;
+mod online_writer;
 mod ps;
 mod status;
 mod worker;
