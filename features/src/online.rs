@@ -49,8 +49,10 @@ return written
 const DUMP_RDB_VERSION: u16 = 6;
 /// RDB's type tag of a hash stored as a plain list of field/value strings.
 const RDB_TYPE_HASH: u8 = 4;
-/// The checksum closing a dump: Redis's CRC-64 (Jones polynomial, reflected) of everything before it.
-const DUMP_CHECKSUM: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_REDIS);
+/// The checksum closing a dump: Redis's CRC-64 (Jones polynomial, reflected) of everything before it, 16 bytes
+/// per step.
+const DUMP_CHECKSUM: crc::Crc<u64, crc::Table<16>> =
+    crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_REDIS);
 
 /// The `DUMP` payload of the hash holding `row` (its as-of time and fields), as `RESTORE` takes it: the hash's
 /// RDB serialization, the RDB version, and the checksum. Redis rebuilds it in its compact encoding.

@@ -13,6 +13,7 @@ use arrow_array::types::{
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
 };
+use arrow_buffer::ScalarBuffer;
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use flywheel_crds::featureview::{EntityValueType, FeatureValueType};
 use parquet::arrow::arrow_reader::{
@@ -166,6 +167,25 @@ fn wrong_type(path: &Path, column: &str, found: &DataType, expected: &str) -> Ta
         found: found.to_string(),
         expected: expected.to_owned(),
     }
+}
+
+/// [`timestamps`], sharing the column's buffer when it already holds µs (no copy of a million times).
+pub fn timestamp_buffer(
+    batch: &RecordBatch,
+    path: &Path,
+    name: &str,
+) -> Result<ScalarBuffer<Micros>, TableError> {
+    let array = column(batch, path, name)?;
+    if let DataType::Timestamp(TimeUnit::Microsecond, _) = array.data_type()
+        && array.null_count() == 0
+    {
+        use arrow_array::cast::AsArray;
+        return Ok(array
+            .as_primitive::<TimestampMicrosecondType>()
+            .values()
+            .clone());
+    }
+    timestamps(batch, path, name).map(ScalarBuffer::from)
 }
 
 /// Event times in µs: a Timestamp column of any unit, or Int64 seconds since the epoch. Nulls are refused.
