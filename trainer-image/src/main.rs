@@ -16,6 +16,7 @@ mod collective;
 mod cpu_threads;
 mod dataset;
 mod featurestore;
+mod huge_pages;
 mod launcher;
 mod movielens;
 mod online_writer;
@@ -311,14 +312,8 @@ fn main() -> std::process::ExitCode {
             out,
         } => generate_command(rows, seed, users, items, buckets, eval_fraction, &out),
         Command::Train(args) => train(&args),
-        Command::Materialize(args) => {
-            without_transparent_huge_pages();
-            featurestore::materialize(&args)
-        }
-        Command::BuildDataset(args) => {
-            without_transparent_huge_pages();
-            featurestore::build_dataset(&args)
-        }
+        Command::Materialize(args) => featurestore::materialize(&args),
+        Command::BuildDataset(args) => featurestore::build_dataset(&args),
         Command::GenerateEvents(args) => featurestore::generate_events(&args),
         Command::Ps(args) => ps_command(&args),
         Command::Movielens { from, out } => movielens::convert(&from, &out).map_err(Into::into).map(
@@ -346,19 +341,6 @@ fn main() -> std::process::ExitCode {
             eprintln!("flywheel-trainer: {err:#}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// Stops the kernel from backing this process with transparent huge pages. mimalloc asks for them on its arenas;
-/// a short batch job that touches a few hundred MiB once then spends more time in the kernel (clearing 2 MiB
-/// pages, compacting memory to find them) than computing: a million-event materialization took 0.45–0.8 s with
-/// them and 0.3–0.4 s without. Training keeps them (its buffers are reused every step). Best effort: a kernel
-/// without the setting runs as before.
-fn without_transparent_huge_pages() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes nothing but this process's paging policy.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 
