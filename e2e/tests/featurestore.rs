@@ -13,6 +13,7 @@ use flywheel_e2e::bin_dir;
 use flywheel_e2e::serving::{Broker, Process, Redis, free_port, metric};
 use flywheel_e2e::wait::until;
 use flywheel_features::FeatureValue;
+use flywheel_features::online::{AS_OF_FIELD, OnlineRow, hash_dump};
 use flywheel_features::table::{self, read_batches, write_parquet};
 use serde_json::{Value, json};
 
@@ -411,7 +412,8 @@ async fn without_restore_the_script_writes_the_same_hashes() -> TestResult {
     let (plain_dir, restoreless_dir) = (dir.join("plain"), dir.join("restoreless"));
     std::fs::create_dir_all(&plain_dir)?;
     std::fs::create_dir_all(&restoreless_dir)?;
-    let plain = Redis::start(&plain_dir).await?;
+    // Deep checks of every restored payload, so a malformed dump fails here instead of loading.
+    let plain = Redis::start_with(&plain_dir, &["--sanitize-dump-payload", "yes"]).await?;
     let restoreless =
         Redis::start_with(&restoreless_dir, &["--rename-command", "RESTORE", ""]).await?;
     assert!(
@@ -458,6 +460,72 @@ async fn without_restore_the_script_writes_the_same_hashes() -> TestResult {
         assert_eq!(expiry(&plain)?, expiry(&restoreless)?, "{key}");
     }
     Ok(())
+}
+
+/// Dumps of hashes with values of every listpack width restore, under Redis's deep payload checks, to exactly
+/// the fields written, expiring when asked.
+#[tokio::test]
+async fn hash_dumps_restore_to_the_same_hash_in_redis() -> TestResult {
+    let dir = temp_dir("dump");
+    let redis = Redis::start_with(&dir, &["--sanitize-dump-payload", "yes"]).await?;
+    let expire_at_ms = jiff::Timestamp::now().as_millisecond() + 3_600_000;
+    for (index, length) in [0, 1, 63, 64, 127, 4_095, 4_096, 20_000]
+        .into_iter()
+        .enumerate()
+    {
+        let row = OnlineRow {
+            key: format!("dump:{index}"),
+            as_of: 1_700_000_000_000_000,
+            expire_at_ms,
+            fields: vec![
+                ("price".into(), "12.5".into()),
+                (
+                    "note".into(),
+                    "é".repeat(length / 2) + &"x".repeat(length % 2),
+                ),
+                ("count".into(), "-3".into()),
+            ],
+        };
+        let answer = restore(redis.port, &row.key, row.expire_at_ms, &hash_dump(&row))?;
+        assert_eq!(answer, "+OK", "value of {length} bytes");
+        let stored = hash(&redis, &row.key)?;
+        let mut expected: BTreeMap<String, String> = row.fields.iter().cloned().collect();
+        expected.insert(AS_OF_FIELD.into(), row.as_of.to_string());
+        assert_eq!(stored, expected, "value of {length} bytes");
+        let expiry: i64 = redis.command(&["pexpiretime", &row.key])?.trim().parse()?;
+        assert_eq!(expiry, expire_at_ms);
+    }
+    Ok(())
+}
+
+/// `RESTORE key expire_at_ms dump ABSTTL` over the wire (redis-cli only takes binary input as the last
+/// argument); returns the first line of the answer.
+fn restore(
+    port: u16,
+    key: &str,
+    expire_at_ms: i64,
+    dump: &[u8],
+) -> Result<String, Box<dyn std::error::Error>> {
+    use std::io::{BufRead, Write};
+    let expire_at = expire_at_ms.to_string();
+    let arguments: [&[u8]; 5] = [
+        b"RESTORE",
+        key.as_bytes(),
+        expire_at.as_bytes(),
+        dump,
+        b"ABSTTL",
+    ];
+    let mut request = format!("*{}\r\n", arguments.len()).into_bytes();
+    for argument in arguments {
+        request.extend_from_slice(format!("${}\r\n", argument.len()).as_bytes());
+        request.extend_from_slice(argument);
+        request.extend_from_slice(b"\r\n");
+    }
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.write_all(&request)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(stream).read_line(&mut answer)?;
+    Ok(answer.trim_end().to_owned())
 }
 
 /// A separate offline table per server, so each run is a first run.

@@ -44,43 +44,111 @@ end
 return written
 ";
 
-/// The RDB version [`hash_dump`] declares: the oldest one with the hash encoding it uses that every Redis
-/// (2.8 on) and Valkey restores; servers accept payloads of their own or older versions.
-const DUMP_RDB_VERSION: u16 = 6;
-/// RDB's type tag of a hash stored as a plain list of field/value strings.
-const RDB_TYPE_HASH: u8 = 4;
+/// The RDB version [`hash_dump`] declares: 10, the first with hashes stored as listpacks (Redis 7.0, Valkey 7.2).
+/// Servers restore payloads of their own version or older; an older server refuses the dump, and the writer
+/// falls back to the conditional script.
+const DUMP_RDB_VERSION: u16 = 10;
+/// RDB's type tag of a hash stored as a listpack, Redis's own encoding of small hashes: restoring one is a copy,
+/// where a hash sent as a list of strings is rebuilt entry by entry (a third more of Redis's time per hash).
+const RDB_TYPE_HASH_LISTPACK: u8 = 16;
 /// The checksum closing a dump: Redis's CRC-64 (Jones polynomial, reflected) of everything before it, 16 bytes
 /// per step.
 const DUMP_CHECKSUM: crc::Crc<u64, crc::Table<16>> =
     crc::Crc::<u64, crc::Table<16>>::new(&crc::CRC_64_REDIS);
+/// A listpack's header: its total size (u32) and entry count (u16); then the entries and [`LISTPACK_END`].
+const LISTPACK_HEADER: usize = 6;
+const LISTPACK_END: u8 = 0xFF;
+/// The entry count a listpack's header holds when it does not know (too many to count in 16 bits).
+const LISTPACK_UNKNOWN_COUNT: u16 = u16::MAX;
 
-/// The `DUMP` payload of the hash holding `row` (its as-of time and fields), as `RESTORE` takes it: the hash's
-/// RDB serialization, the RDB version, and the checksum. Redis rebuilds it in its compact encoding.
+/// The `DUMP` payload of the hash holding `row` (its as-of time and fields), as `RESTORE` takes it: the hash as
+/// a listpack of field, value, field, value…, the RDB version, and the checksum.
 pub fn hash_dump(row: &OnlineRow) -> Vec<u8> {
     let as_of = row.as_of.to_string();
-    let pairs = std::iter::once((AS_OF_FIELD, as_of.as_str()))
-        .chain(row.fields.iter().map(|(f, v)| (f.as_str(), v.as_str())));
-    let mut dump = Vec::with_capacity(
-        16 + AS_OF_FIELD.len()
-            + as_of.len()
-            + row
-                .fields
+    let entries: Vec<&[u8]> = [AS_OF_FIELD.as_bytes(), as_of.as_bytes()]
+        .into_iter()
+        .chain(
+            row.fields
                 .iter()
-                .map(|(f, v)| f.len() + v.len() + 4)
-                .sum::<usize>(),
-    );
-    dump.push(RDB_TYPE_HASH);
-    push_rdb_length(&mut dump, row.fields.len() + 1);
-    for (field, value) in pairs {
-        push_rdb_length(&mut dump, field.len());
-        dump.extend_from_slice(field.as_bytes());
-        push_rdb_length(&mut dump, value.len());
-        dump.extend_from_slice(value.as_bytes());
+                .flat_map(|(field, value)| [field.as_bytes(), value.as_bytes()]),
+        )
+        .collect();
+    let listpack_size = LISTPACK_HEADER
+        + entries
+            .iter()
+            .map(|e| listpack_entry_size(e.len()))
+            .sum::<usize>()
+        + 1;
+    let mut dump = Vec::with_capacity(listpack_size + 16);
+    dump.push(RDB_TYPE_HASH_LISTPACK);
+    push_rdb_length(&mut dump, listpack_size);
+    let total = u32::try_from(listpack_size).unwrap_or(u32::MAX);
+    dump.extend_from_slice(&total.to_le_bytes());
+    let count = u16::try_from(entries.len())
+        .ok()
+        .filter(|&n| n < LISTPACK_UNKNOWN_COUNT)
+        .unwrap_or(LISTPACK_UNKNOWN_COUNT);
+    dump.extend_from_slice(&count.to_le_bytes());
+    for entry in entries {
+        push_listpack_string(&mut dump, entry);
     }
+    dump.push(LISTPACK_END);
     dump.extend_from_slice(&DUMP_RDB_VERSION.to_le_bytes());
     let checksum = DUMP_CHECKSUM.checksum(&dump);
     dump.extend_from_slice(&checksum.to_le_bytes());
     dump
+}
+
+/// The bytes a string of `length` bytes takes in a listpack: its encoding, itself, and its back-length.
+fn listpack_entry_size(length: usize) -> usize {
+    let encoded = listpack_string_header(length) + length;
+    encoded + listpack_back_length(encoded, &mut Vec::new())
+}
+
+fn listpack_string_header(length: usize) -> usize {
+    match length {
+        0..64 => 1,
+        64..4096 => 2,
+        _ => 5,
+    }
+}
+
+/// A listpack string entry: a 6-, 12- or 32-bit length with its tag, the bytes, then the entry's own size
+/// written so that it reads backwards (for walking the list from its end).
+fn push_listpack_string(out: &mut Vec<u8>, entry: &[u8]) {
+    let length = entry.len();
+    match length {
+        0..64 => out.push(0x80 | length as u8),
+        64..4096 => out.extend_from_slice(&[0xE0 | (length >> 8) as u8, length as u8]),
+        _ => {
+            out.push(0xF0);
+            out.extend_from_slice(&(length as u32).to_le_bytes());
+        }
+    }
+    out.extend_from_slice(entry);
+    listpack_back_length(listpack_string_header(length) + length, out);
+}
+
+/// Appends `size` as a listpack back-length (7 bits per byte, most significant first, every byte but the first
+/// flagged) and returns how many bytes that took. The widths switch where Redis's `lpEncodeBacklen` switches
+/// them (one below each power of 128), which its integrity check walks by.
+fn listpack_back_length(size: usize, out: &mut Vec<u8>) -> usize {
+    let bytes = match size {
+        0..=127 => 1,
+        128..16_383 => 2,
+        16_383..2_097_151 => 3,
+        2_097_151..268_435_455 => 4,
+        _ => 5,
+    };
+    for index in (0..bytes).rev() {
+        let group = ((size >> (7 * index)) & 0x7F) as u8;
+        out.push(if index == bytes - 1 {
+            group
+        } else {
+            group | 0x80
+        });
+    }
+    bytes
 }
 
 /// RDB's variable-length integer: 6 bits in one byte, 14 bits in two, else a marker and 32 or 64 big-endian bits.
@@ -229,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn a_hash_dump_holds_the_as_of_time_then_the_fields_then_version_and_checksum() {
+    fn a_hash_dump_is_a_listpack_of_the_as_of_time_then_the_fields() {
         let row = OnlineRow {
             key: "user:7".into(),
             as_of: 42,
@@ -237,13 +305,39 @@ mod tests {
             fields: vec![("price".into(), "1.5".into())],
         };
         let dump = hash_dump(&row);
-        let mut expected = vec![RDB_TYPE_HASH, 2, 9];
+        // Type, the listpack's RDB length (34 bytes), its header (34 bytes, 4 entries), each entry as its
+        // 6-bit-length tag, its bytes and its size, the end mark, then RDB version 10.
+        let mut expected = vec![RDB_TYPE_HASH_LISTPACK, 34, 34, 0, 0, 0, 4, 0, 0x80 | 9];
         expected.extend_from_slice(b"_as_of_us");
-        expected.extend_from_slice(&[2, b'4', b'2', 5]);
+        expected.extend_from_slice(&[10, 0x82, b'4', b'2', 3, 0x85]);
         expected.extend_from_slice(b"price");
-        expected.extend_from_slice(&[3, b'1', b'.', b'5', 6, 0]);
+        expected.extend_from_slice(&[6, 0x83, b'1', b'.', b'5', 4, LISTPACK_END, 10, 0]);
         let (body, checksum) = dump.split_at(dump.len() - 8);
         assert_eq!(body, expected.as_slice());
         assert_eq!(checksum, DUMP_CHECKSUM.checksum(body).to_le_bytes());
+    }
+
+    #[test]
+    fn listpack_entries_switch_widths_where_redis_does() {
+        let back_length = |size| {
+            let mut out = Vec::new();
+            listpack_back_length(size, &mut out);
+            out
+        };
+        assert_eq!(back_length(127), [127]);
+        assert_eq!(back_length(128), [1, 0x80]);
+        assert_eq!(back_length(16_382), [127, 0xFE]);
+        assert_eq!(back_length(16_383), [0, 0xFF, 0xFF]);
+        for length in [0, 63, 64, 4_095, 4_096, 16_380] {
+            let mut out = Vec::new();
+            push_listpack_string(&mut out, &vec![b'x'; length]);
+            assert_eq!(out.len(), listpack_entry_size(length), "length {length}");
+        }
+        let mut twelve_bit = Vec::new();
+        push_listpack_string(&mut twelve_bit, &[b'x'; 300]);
+        assert_eq!(twelve_bit[..2], [0xE0 | 1, 44]);
+        let mut wide = Vec::new();
+        push_listpack_string(&mut wide, &[b'x'; 5_000]);
+        assert_eq!(wide[..5], [0xF0, 0x88, 0x13, 0, 0]);
     }
 }

@@ -3,9 +3,13 @@
 //! A hash that does not exist yet is created by `RESTORE` (one plain command, refused with `BUSYKEY` when the
 //! key exists), which costs Redis under half the work of the conditional write script. Keys that exist, and
 //! every key once `RESTORE` is refused for another reason (an ACL without it, a managed Redis that renamed
-//! it) or most keys turn out to exist (an incremental run over a populated store), go through the script,
-//! which keeps whichever values are newer. Several batches are in flight, so Redis runs one while the next is
-//! prepared and sent.
+//! it, a server too old for the dump's format) or most keys turn out to exist (an incremental run over a
+//! populated store), go through the script, which keeps whichever values are newer. Several batches are in
+//! flight, so Redis runs one while the next is prepared and sent.
+//!
+//! Whether the server runs `RESTORE` at all is asked once, with an empty payload (which restores nothing), before
+//! any dump is sent: a server that does not know the command echoes its first arguments in the error, and a
+//! dump's bytes there would make the answer unreadable.
 
 use std::collections::VecDeque;
 
@@ -28,8 +32,8 @@ pub struct OnlineWriter<'a> {
     connection: redis::Connection,
     address: &'a str,
     sent: VecDeque<Sent>,
-    /// Whether new batches are sent as `RESTORE`s.
-    creating: bool,
+    /// Whether new batches are sent as `RESTORE`s; unknown until the server is asked.
+    creating: Option<bool>,
     /// Rows whose key existed, waiting for the conditional script.
     existing: Vec<OnlineRow>,
     written: i64,
@@ -41,7 +45,7 @@ impl<'a> OnlineWriter<'a> {
             connection,
             address,
             sent: VecDeque::new(),
-            creating: true,
+            creating: None,
             existing: Vec::new(),
             written: 0,
         }
@@ -49,7 +53,11 @@ impl<'a> OnlineWriter<'a> {
 
     /// Sends one batch of at most [`WRITE_BATCH`] rows.
     pub fn write(&mut self, rows: Vec<OnlineRow>) -> anyhow::Result<()> {
-        self.send(rows, self.creating)?;
+        if let (None, Some(first)) = (self.creating, rows.first()) {
+            let runs_restore = self.runs_restore(&first.key)?;
+            self.creating = Some(runs_restore);
+        }
+        self.send(rows, self.creating == Some(true))?;
         if self.existing.len() >= WRITE_BATCH {
             let existing = self.existing.drain(..WRITE_BATCH).collect();
             self.send(existing, false)?;
@@ -93,6 +101,36 @@ impl<'a> OnlineWriter<'a> {
         Ok(())
     }
 
+    /// Whether the server runs `RESTORE`, asked with an empty payload for `key` (a key of the view, which an
+    /// ACL limited to the view's keys allows): it answers that the payload is malformed, or that the key
+    /// exists, and restores nothing.
+    fn runs_restore(&mut self, key: &str) -> anyhow::Result<bool> {
+        let probe = redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg("")
+            .get_packed_command();
+        self.connection
+            .send_packed_command(&probe)
+            .with_context(|| format!("writing to the online store at {}", self.address))?;
+        Ok(match self.receive()? {
+            Value::ServerError(error)
+                if error.code() == "BUSYKEY"
+                    || error.details().is_some_and(|d| d.contains("payload")) =>
+            {
+                true
+            }
+            answer => {
+                eprintln!(
+                    "flywheel-trainer: the online store at {} does not run RESTORE ({answer:?}); writing with \
+                     the conditional script",
+                    self.address
+                );
+                false
+            }
+        })
+    }
+
     fn receive_oldest(&mut self) -> anyhow::Result<()> {
         match self.sent.pop_front() {
             None => Ok(()),
@@ -115,13 +153,13 @@ impl<'a> OnlineWriter<'a> {
                         Value::ServerError(error) => {
                             if error.code() == "BUSYKEY" {
                                 busy += 1;
-                            } else if self.creating {
+                            } else if self.creating == Some(true) {
                                 eprintln!(
                                     "flywheel-trainer: the online store at {} refused RESTORE ({error}); \
                                      writing with the conditional script",
                                     self.address
                                 );
-                                self.creating = false;
+                                self.creating = Some(false);
                             }
                             self.existing.push(row);
                         }
@@ -133,7 +171,7 @@ impl<'a> OnlineWriter<'a> {
                 }
                 // Mostly existing keys: a refused RESTORE and then the script cost more than the script alone.
                 if busy * 2 > batch {
-                    self.creating = false;
+                    self.creating = Some(false);
                 }
                 Ok(())
             }
