@@ -2,7 +2,7 @@
 # Feature-store benchmark: Flywheel (`flywheel-trainer materialize` / `build-dataset`, release build) side by side
 # with stock Feast 0.67 (bench/feast_reference.py) on the same generated Parquet and the same Redis. Prints a
 # table of materialization (events/s, Parquet → Redis) and point-in-time join (label rows/s). Not part of the
-# test command (it installs Feast, ~0.6 GB once). Each system runs REPEAT times (default 5) and the medians are
+# test command (it installs Feast, ~0.6 GB once). Each system runs REPEAT times (default 9) and the medians are
 # compared, because a single run of a few tens of milliseconds moves by ±20% on a shared 2-core machine. Every
 # Flywheel run is a fresh process (Redis flushed, offline table removed), as a scheduled materialization Job is;
 # Feast runs in a fresh process each time too, timed on its first call of each kind (cold, as a scheduled job
@@ -31,7 +31,7 @@ elapsed() {
   printf '%d.%06d\n' $(((now - began) / 1000000)) $(((now - began) % 1000000))
 }
 
-repeat="${REPEAT:-5}"
+repeat="${REPEAT:-9}"
 # The median of the numbers on stdin.
 median() { sort -g | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 

@@ -9,7 +9,7 @@
 //!   older batch never overwrites newer streamed values;
 //! - a hash that does not exist yet can instead be created by `RESTORE` of its [`hash_dump`] with its expiry:
 //!   one plain command, which Redis refuses (`BUSYKEY`) when the key exists, so it never replaces newer values
-//!   and costs Redis under half the script's work per hash;
+//!   and costs Redis a fifth of the script's work per hash;
 //! - streaming keeps each entity's recent events in the sorted set `<hash key>#events` (score: event time,
 //!   member: the event), which makes replays idempotent: a replayed event is the same member.
 
@@ -49,7 +49,7 @@ return written
 /// falls back to the conditional script.
 const DUMP_RDB_VERSION: u16 = 10;
 /// RDB's type tag of a hash stored as a listpack, Redis's own encoding of small hashes: restoring one is a copy,
-/// where a hash sent as a list of strings is rebuilt entry by entry (a third more of Redis's time per hash).
+/// where a hash sent as a list of strings is rebuilt entry by entry (about 4× Redis's time per hash).
 const RDB_TYPE_HASH_LISTPACK: u8 = 16;
 /// The checksum closing a dump: Redis's CRC-64 (Jones polynomial, reflected) of everything before it, 16 bytes
 /// per step.

@@ -1,7 +1,7 @@
 //! Writes a materialization's latest values to the Redis online store (layout: `flywheel_features::online`).
 //!
 //! A hash that does not exist yet is created by `RESTORE` (one plain command, refused with `BUSYKEY` when the
-//! key exists), which costs Redis under half the work of the conditional write script. Keys that exist, and
+//! key exists), which costs Redis a fifth of the work of the conditional write script. Keys that exist, and
 //! every key once `RESTORE` is refused for another reason (an ACL without it, a managed Redis that renamed
 //! it, a server too old for the dump's format) or most keys turn out to exist (an incremental run over a
 //! populated store), go through the script, which keeps whichever values are newer. Several batches are in
