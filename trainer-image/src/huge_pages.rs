@@ -14,8 +14,8 @@ use std::ffi::{CStr, c_char, c_int};
 /// The commands that run once over their input and exit.
 const BATCH_COMMANDS: [&[u8]; 2] = [b"materialize", b"build-dataset"];
 
-/// Runs before mimalloc's own constructor: the linker orders prioritized `.init_array` entries first.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Runs before mimalloc's own constructor: the linker orders prioritized `.init_array` entries first. (glibc
+/// passes every `.init_array` function the program's arguments; the module is built for glibc targets only.)
 #[used]
 #[unsafe(link_section = ".init_array.00200")]
 static BEFORE_THE_ALLOCATOR: extern "C" fn(c_int, *const *const c_char) = choose_for_command;

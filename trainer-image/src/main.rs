@@ -16,6 +16,7 @@ mod collective;
 mod cpu_threads;
 mod dataset;
 mod featurestore;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod huge_pages;
 mod launcher;
 mod movielens;

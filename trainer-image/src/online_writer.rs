@@ -28,6 +28,7 @@ enum Sent {
     Conditional,
 }
 
+/// One materialization's writes over one connection.
 pub struct OnlineWriter<'a> {
     connection: redis::Connection,
     address: &'a str,
