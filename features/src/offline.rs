@@ -531,6 +531,13 @@ struct Grouped {
     last_rows: Vec<usize>,
 }
 
+/// One part's grouping: its keys' local ids, and each local id's first and last row.
+struct PartGroups<K> {
+    slots: FastMap<K, usize>,
+    first_rows: Vec<usize>,
+    last_rows: Vec<usize>,
+}
+
 /// Groups the first `rows` rows by `key`. Contiguous parts are grouped on every core, each with its own ids;
 /// then the parts' keys, in order, are numbered after those of the parts before them, which keeps the order of
 /// first appearance over all rows, and each part's ids are translated.
@@ -540,7 +547,7 @@ fn group_ids<K: Hash + Eq + Send>(rows: usize, key: impl Fn(usize) -> K + Sync) 
         .max(1);
     let part_rows = rows.div_ceil(parts).max(1);
     let mut ids = vec![0; rows];
-    let mut locals: Vec<(FastMap<K, usize>, Grouped)> = ids
+    let parts: Vec<PartGroups<K>> = ids
         .par_chunks_mut(part_rows)
         .enumerate()
         .map(|(part, ids)| {
@@ -556,25 +563,33 @@ fn group_ids<K: Hash + Eq + Send>(rows: usize, key: impl Fn(usize) -> K + Sync) 
                 });
                 last_rows[*id] = row;
             }
-            let grouped = Grouped {
-                ids: Vec::new(),
+            PartGroups {
+                slots,
                 first_rows,
                 last_rows,
-            };
-            (slots, grouped)
+            }
         })
         .collect();
-    if locals.is_empty() {
+    let mut parts = parts.into_iter();
+    let Some(PartGroups {
+        mut slots,
+        first_rows,
+        last_rows,
+    }) = parts.next()
+    else {
         return Grouped {
             ids,
             first_rows: Vec::new(),
             last_rows: Vec::new(),
         };
-    }
-    let (mut slots, mut all) = locals.remove(0);
-    let translations: Vec<Vec<usize>> = locals
-        .into_iter()
-        .map(|(_, part)| {
+    };
+    let mut all = Grouped {
+        ids: Vec::new(),
+        first_rows,
+        last_rows,
+    };
+    let translations: Vec<Vec<usize>> = parts
+        .map(|part| {
             part.first_rows
                 .iter()
                 .zip(&part.last_rows)
