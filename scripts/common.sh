@@ -11,11 +11,21 @@ mkdir -p "$FLYWHEEL_CACHE"
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Debian's Docker client builds with BuildKit by itself (DOCKER_BUILDKIT=1); a client elsewhere on PATH may
+# need the buildx plugin instead.
+if [[ -z "${DOCKER:-}" && -x /usr/bin/docker ]]; then export DOCKER=/usr/bin/docker; fi
+
 prepare_system() {
   step "system packages (etcd, Go, Prometheus, …)"
   "$repo/e2e/scripts/install-system-deps.sh"
   step "kube-apiserver, kube-controller-manager, kubectl v1.20.2 (cached in $FLYWHEEL_CACHE)"
   "$repo/e2e/scripts/build-kube.sh"
+  step "apiextensions-apiserver of Kubernetes 1.36 (checks the CRDs' CEL rules; cached in $FLYWHEEL_CACHE)"
+  "$repo/e2e/scripts/build-apiextensions.sh"
+  step "the node: Docker, CNI plugins, iptables, conntrack, dnsmasq; a Docker daemon"
+  "$repo/e2e/scripts/install-node-deps.sh"
+  export DOCKER="${DOCKER:-/usr/bin/docker}"
+  "$repo/e2e/scripts/ensure-docker.sh"
   step "tansu (Kafka-protocol broker for the serving tests; cached in $FLYWHEEL_CACHE)"
   "$repo/e2e/scripts/build-tansu.sh"
   step "tritonclient (an off-the-shelf Open Inference Protocol client for the serving tests)"

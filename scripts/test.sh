@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting, clippy, unit tests, CRD freshness, and the tests against a real
-# kube-apiserver (started per test binary). Installs what it needs; caches builds under ~/.cache/flywheel.
+# Runs every check and test: formatting, clippy, unit tests, CRD freshness, the tests against a real
+# kube-apiserver (started per test binary), a current CRD server, and a real node running the built images.
+# Installs what it needs; caches builds under ~/.cache/flywheel.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$repo"
 start=$SECONDS
@@ -18,6 +19,9 @@ cargo clippy -p flywheel-trainer --features cuda --all-targets --locked -- -D wa
 
 step "cargo build (binaries the e2e tests run)"
 cargo build --workspace --bins --locked
+
+step "images (flywheel-operator, -trainer, -serving) from the dev binaries, for the real node's pods"
+scripts/build-images.sh --profile dev
 
 step "cargo test"
 cargo test --workspace --locked

@@ -62,7 +62,7 @@ pub struct GPUQuotaSpec {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("size(self.names) > 0 || has(self.selector)").message("spec.namespaces: list names, set a selector, or both"))]
+#[x_kube(validation = Rule::new("(has(self.names) && size(self.names) > 0) || has(self.selector)").message("spec.namespaces: list names, set a selector, or both"))]
 pub struct NamespaceScope {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000), inner(pattern(DNS_LABEL_PATTERN), length(max = 63)), extend("x-kubernetes-list-type" = "set"))]

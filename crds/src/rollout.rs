@@ -102,8 +102,8 @@ pub struct Strategy {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[x_kube(
-    validation = Rule::new("self.steps.filter(s, has(s.setWeight)).map(s, s.setWeight).isSorted()").message("spec.strategy.canary.steps: setWeight values must strictly increase"),
-    validation = Rule::new("self.steps.filter(s, has(s.setWeight)).all(s, self.steps.filter(t, has(t.setWeight) && t.setWeight == s.setWeight).size() == 1)").message("spec.strategy.canary.steps: setWeight values must strictly increase")
+    validation = Rule::new("!has(self.steps) || self.steps.filter(s, has(s.setWeight)).map(s, s.setWeight).isSorted()").message("spec.strategy.canary.steps: setWeight values must strictly increase"),
+    validation = Rule::new("!has(self.steps) || self.steps.filter(s, has(s.setWeight)).all(s, self.steps.filter(t, has(t.setWeight) && t.setWeight == s.setWeight).size() == 1)").message("spec.strategy.canary.steps: setWeight values must strictly increase")
 )]
 pub struct CanaryStrategy {
     /// Ordered steps; empty means 1 → 5 → 20 → 100 with an analysis pass between steps.

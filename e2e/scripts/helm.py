@@ -4,6 +4,7 @@
 usage:
   helm.py lint CHART
   helm.py install RELEASE CHART NAMESPACE KUBECONFIG [key=value ...]
+  helm.py uninstall RELEASE NAMESPACE KUBECONFIG
 """
 import asyncio
 import json
@@ -41,6 +42,12 @@ async def main(argv):
         result = await helm_sdkpy.Install(config).run(
             release, chart, values=parse_values(argv[5:]), create_namespace=True, wait=False, timeout=120
         )
+        print(json.dumps(result, indent=2, default=str)[:4000])
+        return 0
+    if len(argv) == 4 and argv[0] == "uninstall":
+        release, namespace, kubeconfig = argv[1:4]
+        config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig)
+        result = await helm_sdkpy.Uninstall(config).run(release, wait=True, timeout=120)
         print(json.dumps(result, indent=2, default=str)[:4000])
         return 0
     print(__doc__, file=sys.stderr)

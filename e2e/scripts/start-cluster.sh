@@ -3,11 +3,14 @@
 # (RBAC, token auth, TLS from a CA made here) and kube-controller-manager (garbage collector, namespace and job
 # controllers only). Writes $DIR/kubeconfig and returns when the API server is ready.
 #
-# usage: start-cluster.sh DIR [--owner-pid PID] [--with-workloads]
+# usage: start-cluster.sh DIR [--owner-pid PID] [--with-workloads] [--with-node]
 #   DIR               state directory (certs, logs, pids, kubeconfig); created if missing
 #   --owner-pid       tear everything down (and delete DIR) once PID exits: a test binary's cluster dies with it
 #   --with-workloads  also run the deployment and replicaset controllers, so Deployments get Pods (which the
 #                     kubelet stand-in runs); off by default so tests that only check manifests start nothing
+#   --with-node       a real node (start-node.sh: Docker, kubelet, kube-scheduler, kube-proxy, cluster DNS);
+#                     the API server then also answers pods on the node's address and Service IP 10.96.0.1,
+#                     ServiceAccount tokens are mounted into pods, and every workload controller runs
 set -euo pipefail
 
 usage="usage: start-cluster.sh DIR [--owner-pid PID] [--with-workloads]"
@@ -15,13 +18,21 @@ dir="${1:?$usage}"
 shift
 owner=""
 controllers="garbagecollector,namespace,job"
+node=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --owner-pid) owner="${2:?--owner-pid needs a PID}"; shift 2 ;;
     --with-workloads) controllers="$controllers,deployment,replicaset"; shift ;;
+    --with-node) node=1; shift ;;
     *) echo "$usage" >&2; exit 2 ;;
   esac
 done
+# The node's address (its CNI bridge's gateway), where pods reach the API server and the cluster DNS.
+node_ip=10.244.0.1
+if [[ -n "$node" ]]; then
+  controllers="garbagecollector,namespace,job,deployment,replicaset,statefulset,daemonset,endpoint,endpointslice"
+  controllers+=",nodelifecycle,serviceaccount,serviceaccount-token,persistentvolume-binder,attachdetach"
+fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 "$here/build-kube.sh"
@@ -47,7 +58,8 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=flywheel-local-c
   -keyout "$pki/ca.key" -out "$pki/ca.crt" 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
   -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
-printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' >"$pki/san.ext"
+printf 'subjectAltName=IP:127.0.0.1,IP:10.96.0.1,IP:%s,DNS:localhost,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n' \
+  "$node_ip" >"$pki/san.ext"
 openssl x509 -req -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
   -days 3650 -extfile "$pki/san.ext" -out "$pki/apiserver.crt" 2>/dev/null
 openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
@@ -69,9 +81,19 @@ echo $! >>"$dir/pids"
 
 # --- kube-apiserver ---------------------------------------------------------------------------------------
 api_port="$(free_port)"
+if [[ -n "$node" ]]; then
+  # Pods reach the API server through the `kubernetes` Service, whose endpoint is the node's address; the
+  # ServiceAccount admission plugin mounts their tokens.
+  "$here/node-network.sh" up "$node_ip"
+  node_flags=(--bind-address 0.0.0.0 --advertise-address "$node_ip" --endpoint-reconciler-type lease
+    --kubelet-preferred-address-types InternalIP)
+else
+  node_flags=(--bind-address 127.0.0.1 --advertise-address 127.0.0.1 --endpoint-reconciler-type none
+    --disable-admission-plugins ServiceAccount)
+fi
 "$bin/kube-apiserver" \
   --etcd-servers "http://127.0.0.1:$etcd_port" \
-  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" --insecure-port 0 \
+  "${node_flags[@]}" --secure-port "$api_port" --insecure-port 0 \
   --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
   --client-ca-file "$pki/ca.crt" \
   --token-auth-file "$pki/tokens.csv" \
@@ -79,8 +101,6 @@ api_port="$(free_port)"
   --service-account-issuer https://kubernetes.default.svc \
   --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
   --service-cluster-ip-range 10.96.0.0/12 \
-  --endpoint-reconciler-type none \
-  --disable-admission-plugins ServiceAccount \
   --allow-privileged=true \
   >"$dir/apiserver.log" 2>&1 &
 echo $! >>"$dir/pids"
@@ -126,9 +146,14 @@ fi
 "$bin/kube-controller-manager" \
   --kubeconfig "$dir/kubeconfig" \
   --controllers "$controllers" \
+  --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
   --leader-elect=false --port 0 --secure-port 0 \
   >"$dir/controller-manager.log" 2>&1 &
 echo $! >>"$dir/pids"
+
+if [[ -n "$node" ]]; then
+  "$here/start-node.sh" "$dir" "$node_ip" >&2
+fi
 
 if [[ -n "$owner" ]]; then
   # Detached reaper: outlives this script, not the owner.

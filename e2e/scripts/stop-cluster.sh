@@ -16,6 +16,13 @@ if [[ -f "$dir/pids" ]]; then
   for pid in $pids; do kill -9 "$pid" 2>/dev/null; done
   : >"$dir/pids"
 fi
+if [[ -d "$dir/node" ]]; then
+  # The node's containers outlive its kubelet, and kube-proxy's rules its process.
+  here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+  "$here/remove-node-containers.sh" "$dir/node/kubelet"
+  "${FLYWHEEL_CACHE:-$HOME/.cache/flywheel}/kube-v1.20.2/kube-proxy" --cleanup >/dev/null 2>&1
+  "$here/node-network.sh" down
+fi
 if [[ -f "$dir/etcd-data" ]]; then
   rm -rf "$(cat "$dir/etcd-data")"
   rm -f "$dir/etcd-data"

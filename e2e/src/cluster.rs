@@ -37,23 +37,34 @@ pub struct TestCluster {
 }
 
 static SHARED: OnceLock<Result<TestCluster, String>> = OnceLock::new();
+static SHARED_WITH_NODE: OnceLock<Result<TestCluster, String>> = OnceLock::new();
 
 impl TestCluster {
     /// The cluster of this test binary, started on first use; it lives until the binary exits.
     pub fn shared() -> Result<&'static TestCluster, String> {
         SHARED
-            .get_or_init(|| TestCluster::start().map_err(|err| err.to_string()))
+            .get_or_init(|| TestCluster::start(&[]).map_err(|err| err.to_string()))
             .as_ref()
             .map_err(Clone::clone)
     }
 
-    fn start() -> Result<TestCluster, ClusterError> {
+    /// Like [`TestCluster::shared`], with a real node (`start-cluster.sh --with-node`): kubelet and Docker run
+    /// the pods, kube-proxy routes Services, dnsmasq answers cluster DNS. One per machine at a time.
+    pub fn with_node() -> Result<&'static TestCluster, String> {
+        SHARED_WITH_NODE
+            .get_or_init(|| TestCluster::start(&["--with-node"]).map_err(|err| err.to_string()))
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn start(flags: &[&str]) -> Result<TestCluster, ClusterError> {
         let dir = std::env::temp_dir().join(format!("flywheel-cluster-{}", std::process::id()));
         let script = repo_root().join("e2e/scripts/start-cluster.sh");
         let output = run(Command::new(&script)
             .arg(&dir)
             .arg("--owner-pid")
-            .arg(std::process::id().to_string()))?;
+            .arg(std::process::id().to_string())
+            .args(flags))?;
         let kubeconfig = PathBuf::from(
             String::from_utf8_lossy(&output.stdout)
                 .trim()
@@ -85,10 +96,22 @@ impl TestCluster {
 
     /// A client for this cluster, bound to the caller's runtime (each `#[tokio::test]` has its own).
     pub async fn client(&self) -> Result<Client, ClusterError> {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig)?;
-        let config =
-            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-        Ok(Client::try_from(config)?)
+        client_from(&self.kubeconfig).await
+    }
+
+    /// Starts a current Kubernetes CRD server (apiextensions-apiserver, built by
+    /// `e2e/scripts/build-apiextensions.sh`) that delegates authentication to this cluster and stops with it;
+    /// returns its kubeconfig. It serves CRDs and custom resources only: use explicit resources, no discovery.
+    pub fn start_current_crd_server(&self) -> Result<PathBuf, ClusterError> {
+        let script = repo_root().join("e2e/scripts/start-apiextensions.sh");
+        let output = run(Command::new(&script).arg(&self.dir))?;
+        Ok(PathBuf::from(
+            String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or(""),
+        ))
     }
 
     /// Runs the cluster's kubectl (v1.20.2, built with the server) and returns its output; a non-zero exit is an
@@ -171,6 +194,13 @@ impl TestCluster {
         let created = api.create(&PostParams::default(), &namespace).await?;
         Ok(created.metadata.name.unwrap_or_default())
     }
+}
+
+/// A client for the API server of `kubeconfig`, bound to the caller's runtime.
+pub async fn client_from(kubeconfig: &Path) -> Result<Client, ClusterError> {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
 }
 
 /// kubectl v1.20.2 from the build cache (matching the server), else the one on PATH.

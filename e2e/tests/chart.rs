@@ -1,11 +1,11 @@
 //! The Helm chart: it lints with Helm's own engine, installs into a real API server, and the RBAC it grants is
 //! enough for the operator: the operator runs with the chart's ServiceAccount token and reconciles.
 
-use std::process::Command;
 use std::time::Duration;
 
 use flywheel_e2e::cluster::TestCluster;
 use flywheel_e2e::fixtures::{api_for, condition, create, example};
+use flywheel_e2e::helm::helm;
 use flywheel_e2e::operator::OperatorProcess;
 use flywheel_e2e::repo_root;
 use flywheel_e2e::wait::until;
@@ -15,23 +15,6 @@ use kube::Api;
 use kube::api::PostParams;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn helm(args: &[&str]) -> Result<String, Box<dyn std::error::Error>> {
-    let output = Command::new("python3")
-        .arg(repo_root().join("e2e/scripts/helm.py"))
-        .args(args)
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if output.status.success() {
-        Ok(text)
-    } else {
-        Err(format!("helm {args:?} failed:\n{text}").into())
-    }
-}
 
 #[tokio::test]
 async fn chart_lints_installs_and_grants_the_operator_enough() -> TestResult {

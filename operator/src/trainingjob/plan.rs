@@ -690,6 +690,7 @@ fn run_gang(b: &mut Builder<'_, '_>, paths: &gang::Paths, warm_start: Option<(&s
             }
             b.enter(TrainingPhase::Running);
             scheduling(b, &current);
+            containers_starting(b, &current);
             if let Some(progress) = &observed.progress {
                 b.status.progress = Some(progress.clone());
             }
@@ -750,6 +751,67 @@ fn scheduling(b: &mut Builder<'_, '_>, current: &[&Pod]) {
 }
 
 pub const CONDITION_PODS_SCHEDULED: &str = "PodsScheduled";
+
+/// Why a container that the kubelet cannot start waits: nothing will change without a fix (a wrong image, a
+/// missing Secret), so the gang would look like it trains forever.
+const STUCK_STARTING: [&str; 7] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// `PodsStarted`: a scheduled gang whose containers the kubelet cannot start (image pull, container config)
+/// names the pod, the container and the kubelet's reason; the Warning is raised once per episode.
+fn containers_starting(b: &mut Builder<'_, '_>, current: &[&Pod]) {
+    let stuck: Vec<(String, String, &'static str, String)> = current
+        .iter()
+        .flat_map(|pod| {
+            let statuses = pod
+                .status
+                .as_ref()
+                .and_then(|status| status.container_statuses.as_ref());
+            statuses.into_iter().flatten().filter_map(|container| {
+                let waiting = container.state.as_ref()?.waiting.as_ref()?;
+                let reason = waiting.reason.as_deref()?;
+                let reason = STUCK_STARTING.into_iter().find(|stuck| *stuck == reason)?;
+                Some((
+                    pod.name_any(),
+                    container.name.clone(),
+                    reason,
+                    waiting.message.clone().unwrap_or_default(),
+                ))
+            })
+        })
+        .collect();
+    let was_stuck = find_condition(&b.status.conditions, CONDITION_PODS_STARTED)
+        .is_some_and(|c| c.status == ConditionStatus::False.as_str());
+    match stuck.first() {
+        Some((pod, container, reason, message)) => {
+            let text = format!(
+                "{} of {} pods cannot start; {pod} (container {container}): {reason}: {message}",
+                stuck.len(),
+                current.len()
+            );
+            if !was_stuck {
+                b.event(true, reason, "Start", text.clone());
+            }
+            b.set(CONDITION_PODS_STARTED, ConditionStatus::False, reason, text);
+        }
+        None if was_stuck => b.set(
+            CONDITION_PODS_STARTED,
+            ConditionStatus::True,
+            "Started",
+            "no container of the gang is stuck starting".to_owned(),
+        ),
+        None => {}
+    }
+}
+
+pub const CONDITION_PODS_STARTED: &str = "PodsStarted";
 
 fn restart_or_fail(b: &mut Builder<'_, '_>, reason: String) {
     let limit = b.observed.job.spec.backoff_limit;

@@ -5,7 +5,8 @@ use flywheel_crds::trainingjob::{DatasetUris, TrainingData, TrainingJobStatus, T
 use flywheel_crds::{GPUQuota, TrainingJob};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodCondition, PodStatus,
+    ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
+    PodCondition, PodStatus,
 };
 use kube::ResourceExt;
 
@@ -284,6 +285,72 @@ fn an_admitted_gang_the_scheduler_cannot_place_says_so() {
     );
     assert_eq!(
         condition(&placed.plan.status.conditions, "PodsScheduled").0,
+        "True"
+    );
+}
+
+#[test]
+fn a_gang_whose_image_cannot_be_pulled_names_the_pod_and_the_reason() {
+    let settings = TrainerSettings::default();
+    let job = with_status(
+        ps_job(),
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            attempt: 1,
+            ..TrainingJobStatus::default()
+        },
+    );
+    let mut pods = gang_pods(&job, 1, "Pending");
+    let stuck_pod = pods[0].name_any();
+    if let Some(status) = pods[0].status.as_mut() {
+        status.container_statuses = Some(vec![ContainerStatus {
+            name: gang::CONTAINER.into(),
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("ErrImagePull".into()),
+                    message: Some("pull access denied for example/missing".into()),
+                }),
+                ..ContainerState::default()
+            }),
+            ..ContainerStatus::default()
+        }]);
+    }
+    let stuck = observe(&job, &pods, None, &settings);
+    let (status, message, _) = condition(&stuck.plan.status.conditions, "PodsStarted");
+    assert_eq!(status, "False");
+    let reason =
+        flywheel_crds::common::find_condition(&stuck.plan.status.conditions, "PodsStarted")
+            .map(|c| c.reason.as_str());
+    assert_eq!(reason, Some("ErrImagePull"));
+    assert!(
+        message.contains(&stuck_pod) && message.contains("pull access denied"),
+        "{message}"
+    );
+    assert!(
+        stuck
+            .plan
+            .events
+            .iter()
+            .any(|e| e.reason == "ErrImagePull" && e.warning)
+    );
+    let again = observe(
+        &with_status(job.clone(), stuck.plan.status.clone()),
+        &pods,
+        None,
+        &settings,
+    );
+    assert!(
+        again.plan.events.iter().all(|e| e.reason != "ErrImagePull"),
+        "the Warning is raised once"
+    );
+    let started = observe(
+        &with_status(job.clone(), stuck.plan.status.clone()),
+        &gang_pods(&job, 1, "Running"),
+        None,
+        &settings,
+    );
+    assert_eq!(
+        condition(&started.plan.status.conditions, "PodsStarted").0,
         "True"
     );
 }

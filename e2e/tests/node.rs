@@ -1,0 +1,497 @@
+//! A real node: kubelet runs Flywheel's built images in Docker, with addresses on the CNI bridge, and answers
+//! what only a real runtime can — a read-only root filesystem refuses writes, a mounted volume takes them,
+//! a ConfigMap is mounted, a pod whose readiness probe fails gets no traffic from its Service, and cluster DNS
+//! names a Service's ClusterIP. The chart installs the operator as two pods from its image, under its own
+//! ServiceAccount, and the Lease moves to another replica when the leader's pod goes.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use flywheel_e2e::cluster::TestCluster;
+use flywheel_e2e::fixtures::{api_for, condition, create, example};
+use flywheel_e2e::helm::helm;
+use flywheel_e2e::images::image;
+use flywheel_e2e::repo_root;
+use flywheel_e2e::wait::until;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Pod, Service, ServiceAccount};
+use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// The node's address: its CNI bridge's gateway, where cluster DNS listens.
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+const POD_START: Duration = Duration::from_secs(90);
+
+/// A namespace of the node's cluster, once its `default` ServiceAccount exists (the ServiceAccount admission
+/// plugin refuses pods before that).
+async fn setup(prefix: &str) -> Result<(Client, String), Box<dyn std::error::Error>> {
+    let cluster = TestCluster::with_node()?;
+    let client = cluster.client().await?;
+    let namespace = cluster.namespace(&client, prefix).await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+    until(
+        "the default ServiceAccount",
+        Duration::from_secs(30),
+        || {
+            let accounts = accounts.clone();
+            async move {
+                accounts
+                    .get("default")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
+    .await?;
+    Ok((client, namespace))
+}
+
+/// The restricted security context every Flywheel container runs with.
+fn restricted() -> serde_json::Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"}
+    })
+}
+
+async fn create_pod(
+    client: &Client,
+    namespace: &str,
+    pod: serde_json::Value,
+) -> Result<Pod, Box<dyn std::error::Error>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    Ok(pods
+        .create(&PostParams::default(), &serde_json::from_value(pod)?)
+        .await?)
+}
+
+/// Waits for `name` to reach `phase`, returning the pod.
+async fn pod_in_phase(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    phase: &str,
+) -> Result<Pod, Box<dyn std::error::Error>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    Ok(until(&format!("pod {name} to be {phase}"), POD_START, || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get(name).await.map_err(|e| e.to_string())?;
+            let status = pod.status.clone().unwrap_or_default();
+            if status.phase.as_deref() == Some(phase) {
+                Ok(pod)
+            } else {
+                Err(format!("{:?}", status))
+            }
+        }
+    })
+    .await?)
+}
+
+fn pod_ip(pod: &Pod) -> Result<Ipv4Addr, Box<dyn std::error::Error>> {
+    let ip = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
+        .ok_or("pod has no IP")?;
+    Ok(ip.parse()?)
+}
+
+fn on_the_bridge(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    (a, b, c) == (10, 244, 0) && ip != NODE_IP
+}
+
+#[tokio::test]
+async fn the_root_filesystem_is_read_only_and_a_volume_is_writable() -> TestResult {
+    let (client, namespace) = setup("rootfs").await?;
+    let generate = |name: &str, out: &str| {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never",
+                "automountServiceAccountToken": false,
+                "containers": [{
+                    "name": "trainer",
+                    "image": image("flywheel-trainer"),
+                    "imagePullPolicy": "Never",
+                    "args": ["generate", "--rows", "2000", "--out", out],
+                    "securityContext": restricted(),
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]
+                }],
+                "volumes": [{"name": "data", "emptyDir": {}}]
+            }
+        })
+    };
+    create_pod(&client, &namespace, generate("onto-root", "/generated")).await?;
+    create_pod(
+        &client,
+        &namespace,
+        generate("onto-volume", "/data/generated"),
+    )
+    .await?;
+
+    let refused = pod_in_phase(&client, &namespace, "onto-root", "Failed").await?;
+    let exit_code = refused
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+        .map(|t| t.exit_code);
+    assert!(
+        matches!(exit_code, Some(code) if code != 0),
+        "{exit_code:?}"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let log = pods.logs("onto-root", &LogParams::default()).await?;
+    assert!(log.contains("Read-only file system"), "{log}");
+
+    let written = pod_in_phase(&client, &namespace, "onto-volume", "Succeeded").await?;
+    assert!(on_the_bridge(pod_ip(&written)?), "{:?}", written.status);
+    Ok(())
+}
+
+/// A router pod listening where its Service points (`ready`), and one listening elsewhere, whose readiness
+/// probe on the Service's port therefore fails (`unready`). Both mount their routes from a ConfigMap.
+fn router(name: &str, listen_port: u16) -> serde_json::Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "router"}},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [{
+                "name": "route",
+                "image": image("flywheel-serving"),
+                "imagePullPolicy": "Never",
+                "args": ["route", "--config", "/etc/flywheel/routes.json",
+                         "--listen", format!("0.0.0.0:{listen_port}")],
+                "ports": [{"containerPort": listen_port}],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+                "securityContext": restricted(),
+                "volumeMounts": [{"name": "routes", "mountPath": "/etc/flywheel", "readOnly": true}]
+            }],
+            "volumes": [{"name": "routes", "configMap": {"name": "routes"}}]
+        }
+    })
+}
+
+/// A DNS A query for `name` to the cluster DNS, answered with its addresses.
+fn resolve(name: &str) -> Result<Vec<Ipv4Addr>, Box<dyn std::error::Error>> {
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(u8::try_from(label.len())?);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let socket = UdpSocket::bind((NODE_IP, 0))?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    socket.send_to(&query, SocketAddr::from((NODE_IP, 53)))?;
+    let mut answer = [0u8; 512];
+    let length = socket.recv(&mut answer)?;
+    let answer = &answer[..length];
+    let count = usize::from(u16::from_be_bytes([answer[6], answer[7]]));
+    // Answers follow the echoed question; each A record ends in its 4-byte address.
+    let mut addresses = Vec::new();
+    let mut at = query.len();
+    for _ in 0..count {
+        // A compressed name (2 bytes), type, class, TTL, length.
+        let data_length = usize::from(u16::from_be_bytes([answer[at + 10], answer[at + 11]]));
+        let data = &answer[at + 12..at + 12 + data_length];
+        if let [a, b, c, d] = *data {
+            addresses.push(Ipv4Addr::new(a, b, c, d));
+        }
+        at += 12 + data_length;
+    }
+    Ok(addresses)
+}
+
+#[tokio::test]
+async fn a_service_sends_traffic_only_to_ready_pods_and_dns_names_it() -> TestResult {
+    let (client, namespace) = setup("service").await?;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let routes = json!({"backends": [{"name": "v1", "http": "http://ctr-v1:8080", "weight": 100}]});
+    config_maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "routes"},
+                "data": {"routes.json": routes.to_string()}
+            }))?,
+        )
+        .await?;
+    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
+    let service = services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "router"},
+                "spec": {"selector": {"app": "router"},
+                         "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+            }))?,
+        )
+        .await?;
+    let cluster_ip: Ipv4Addr = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .ok_or("no ClusterIP")?
+        .parse()?;
+    create_pod(&client, &namespace, router("ready", 8080)).await?;
+    create_pod(&client, &namespace, router("unready", 9090)).await?;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+    let ready = until("pod `ready` to be Ready", POD_START, || {
+        let pods = pods.clone();
+        async move {
+            let pod = pods.get("ready").await.map_err(|e| e.to_string())?;
+            let conditions = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.clone())
+                .unwrap_or_default();
+            if conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+            {
+                Ok(pod)
+            } else {
+                Err(format!("{:?}", pod.status))
+            }
+        }
+    })
+    .await?;
+    let unready = pod_in_phase(&client, &namespace, "unready", "Running").await?;
+    let (ready_ip, unready_ip) = (pod_ip(&ready)?, pod_ip(&unready)?);
+    assert!(on_the_bridge(ready_ip) && on_the_bridge(unready_ip));
+
+    // The Service's endpoints are the ready pod alone, and the unready one is really running (it answers on
+    // its own port), so a connection through the Service can only have reached the ready pod.
+    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), &namespace);
+    let addresses = until("the router's endpoints", POD_START, || {
+        let endpoints = endpoints.clone();
+        async move {
+            let found = endpoints.get("router").await.map_err(|e| e.to_string())?;
+            let addresses: Vec<String> = found
+                .subsets
+                .iter()
+                .flatten()
+                .flat_map(|s| s.addresses.iter().flatten().map(|a| a.ip.clone()))
+                .collect();
+            if addresses.is_empty() {
+                Err(format!("{found:?}"))
+            } else {
+                Ok(addresses)
+            }
+        }
+    })
+    .await?;
+    assert_eq!(addresses, vec![ready_ip.to_string()]);
+    tokio::net::TcpStream::connect((unready_ip, 9090)).await?;
+    // kube-proxy writes the Service's rules a moment after the endpoints appear.
+    until(
+        "kube-proxy to route the Service",
+        Duration::from_secs(30),
+        || async move {
+            tokio::net::TcpStream::connect((cluster_ip, 80))
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await?;
+    for attempt in 0..40 {
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect((cluster_ip, 80)),
+        )
+        .await
+        .map_err(|_| format!("connection {attempt} through the Service timed out"))?
+        .map_err(|e| format!("connection {attempt} through the Service: {e}"))?;
+    }
+
+    let name = format!("router.{namespace}.svc.cluster.local");
+    let resolved = until(
+        &format!("{name} to resolve"),
+        Duration::from_secs(20),
+        || {
+            let name = name.clone();
+            async move {
+                match resolve(&name) {
+                    Ok(addresses) if !addresses.is_empty() => Ok(addresses),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await?;
+    assert_eq!(resolved, vec![cluster_ip]);
+    Ok(())
+}
+
+/// Holder of the operator's leader Lease.
+async fn lease_holder(client: &Client, namespace: &str) -> Result<String, String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
+    let lease = leases
+        .get("flywheel-operator")
+        .await
+        .map_err(|e| e.to_string())?;
+    lease
+        .spec
+        .and_then(|spec| spec.holder_identity)
+        .filter(|holder| !holder.is_empty())
+        .ok_or_else(|| "no holder".to_owned())
+}
+
+/// Names of the operator's pods that are Ready and not being deleted.
+async fn ready_operator_pods(client: &Client, namespace: &str) -> Result<Vec<String>, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let listed = pods
+        .list(&ListParams::default().labels("app.kubernetes.io/name=flywheel-operator"))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(listed
+        .items
+        .into_iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter(|pod| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .map(|pod| pod.name_any())
+        .collect())
+}
+
+#[tokio::test]
+async fn the_chart_runs_the_operator_as_pods_that_hand_over_the_lease() -> TestResult {
+    let cluster = TestCluster::with_node()?;
+    let client = cluster.client().await?;
+    let release_namespace = "flywheel-system";
+    let chart = repo_root().join("charts/flywheel");
+    helm(&[
+        "install",
+        "flywheel",
+        &chart.to_string_lossy(),
+        release_namespace,
+        &cluster.kubeconfig().to_string_lossy(),
+        "image.pullPolicy=Never",
+    ])?;
+
+    // Both replicas run from the operator image with the chart's ServiceAccount; one of them holds the Lease.
+    let ready = until("two Ready operator pods", Duration::from_secs(120), || {
+        let client = client.clone();
+        async move {
+            let ready = ready_operator_pods(&client, release_namespace).await?;
+            if ready.len() == 2 {
+                Ok(ready)
+            } else {
+                Err(format!("ready: {ready:?}"))
+            }
+        }
+    })
+    .await?;
+    let leader = until("a pod to hold the Lease", Duration::from_secs(60), || {
+        let client = client.clone();
+        async move { lease_holder(&client, release_namespace).await }
+    })
+    .await?;
+    assert!(ready.contains(&leader), "{leader} is not one of {ready:?}");
+
+    // The leader reconciles: a GPUQuota gets its verdict.
+    let (_, namespace) = setup("chart-node").await?;
+    let quota = example("gpuquota.yaml")?;
+    create(&client, &namespace, &quota).await??;
+    let quotas = api_for(&client, "GPUQuota", &namespace)?;
+    until("the GPUQuota to be Ready", Duration::from_secs(60), || {
+        let quotas = quotas.clone();
+        async move {
+            let object = quotas
+                .get("ranking-team")
+                .await
+                .map_err(|e| e.to_string())?;
+            match condition(&object, "Ready") {
+                Some((status, ..)) if status == "True" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await?;
+
+    // The leader's pod goes away: the other replica takes the Lease over.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), release_namespace);
+    pods.delete(&leader, &DeleteParams::default()).await?;
+    let successor = until("the other replica to lead", Duration::from_secs(60), || {
+        let client = client.clone();
+        let leader = leader.clone();
+        async move {
+            match lease_holder(&client, release_namespace).await? {
+                holder if holder != leader => Ok(holder),
+                holder => Err(format!("still {holder}")),
+            }
+        }
+    })
+    .await?;
+    // The standby or the ReplicaSet's replacement, whichever asked first once the leader let go.
+    assert_ne!(successor, leader);
+
+    // Uninstalling removes the operator's pods and every object of the release.
+    helm(&[
+        "uninstall",
+        "flywheel",
+        release_namespace,
+        &cluster.kubeconfig().to_string_lossy(),
+    ])?;
+    until(
+        "the release's objects to go",
+        Duration::from_secs(90),
+        || {
+            let client = client.clone();
+            async move {
+                let pods: Api<Pod> = Api::namespaced(client.clone(), release_namespace);
+                let leases: Api<Lease> = Api::namespaced(client.clone(), release_namespace);
+                let deployments: Api<Deployment> =
+                    Api::namespaced(client.clone(), release_namespace);
+                let left = (
+                    pods.list(&ListParams::default())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .len(),
+                    leases
+                        .list(&ListParams::default())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .len(),
+                    deployments
+                        .list(&ListParams::default())
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .len(),
+                );
+                if left == (0, 0, 0) {
+                    Ok(())
+                } else {
+                    Err(format!("(pods, leases, deployments) left: {left:?}"))
+                }
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
