@@ -94,6 +94,11 @@ impl TestCluster {
         &self.kubeconfig
     }
 
+    /// The cluster's state directory (removed with the cluster): certificates, logs, the node's files.
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// A client for this cluster, bound to the caller's runtime (each `#[tokio::test]` has its own).
     pub async fn client(&self) -> Result<Client, ClusterError> {
         client_from(&self.kubeconfig).await
