@@ -1,6 +1,7 @@
 //! The online data plane as real processes on 127.0.0.1: trained model artifacts, `flywheel-serving serve`
 //! and `route`, a Kafka-protocol broker (tansu), and a keep-alive HTTP client to drive them.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -278,7 +279,8 @@ impl Default for HttpClient {
 }
 
 impl HttpClient {
-    /// Sends `body` (JSON) with `method` and optional headers; returns the status and the JSON answer.
+    /// Sends `body` (JSON) with `method` and optional headers to 127.0.0.1; returns the status and the JSON
+    /// answer.
     pub async fn send(
         &self,
         method: &str,
@@ -287,9 +289,22 @@ impl HttpClient {
         body: Option<Vec<u8>>,
         headers: &[(&str, &str)],
     ) -> Result<(u16, Value), ServingError> {
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        self.send_to(method, address, path, body, headers).await
+    }
+
+    /// Like [`HttpClient::send`], to any address (a pod's, a Service's ClusterIP).
+    pub async fn send_to(
+        &self,
+        method: &str,
+        address: SocketAddr,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, Value), ServingError> {
         let mut request = http::Request::builder()
             .method(method)
-            .uri(format!("http://127.0.0.1:{port}{path}"))
+            .uri(format!("http://{address}{path}"))
             .header("content-type", "application/json");
         for (name, value) in headers {
             request = request.header(*name, *value);

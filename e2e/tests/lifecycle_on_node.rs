@@ -1,10 +1,12 @@
-//! TrainingJobs on a real node, as a user runs them: the operator installed by the chart (its pods, its
+//! The lifecycle on a real node, as a user runs it: the operator installed by the chart (its pod, its
 //! ServiceAccount), gangs run by kubelet and Docker from the trainer image with the restricted security
 //! context, data, checkpoints and artifacts on a PersistentVolume, gang members finding each other through
 //! cluster DNS. A parameter-server gang trains and leaves a ModelVersion; a training container killed with
 //! `docker kill` restarts the gang from its checkpoint; an image that cannot be pulled is named in the job's
-//! status instead of the job looking like it trains.
+//! status instead of the job looking like it trains; a trained model is served by a Rollout's serving and
+//! router pods (serving image) and answers through the Rollout's Service.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
@@ -12,11 +14,16 @@ use std::time::Duration;
 use flywheel_crds::trainingjob::TrainingPhase;
 use flywheel_crds::{ModelVersion, TrainingJob};
 use flywheel_e2e::cluster::TestCluster;
+use flywheel_e2e::fixtures::api_for;
 use flywheel_e2e::helm::helm;
 use flywheel_e2e::images::image;
 use flywheel_e2e::repo_root;
+use flywheel_e2e::serving::{HttpClient, rest_body};
 use flywheel_e2e::wait::until;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount};
+use flywheel_ml::synthetic::{SyntheticConfig, generate};
+use k8s_openapi::api::core::v1::{
+    PersistentVolume, PersistentVolumeClaim, Pod, Service, ServiceAccount,
+};
 use kube::api::{LogParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -361,6 +368,100 @@ async fn an_image_that_cannot_be_pulled_is_named_in_the_jobs_status() -> TestRes
     assert!(
         condition.message.contains("missing-image-worker-0"),
         "{condition:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_trained_model_is_served_from_containers_through_the_rollouts_router() -> TestResult {
+    let s = setup("serve-node", 20_000).await?;
+    create_job(
+        &s.client,
+        &s.namespace,
+        &job("ctr-v1", json!({"single": {}})),
+    )
+    .await?;
+    let done = job_until(&s, "ctr-v1", "to finish", TRAINING, finished).await?;
+    let status = done.status.unwrap_or_default();
+    assert_eq!(status.phase, Some(TrainingPhase::Succeeded), "{status:?}");
+
+    let rollouts = api_for(&s.client, "Rollout", &s.namespace)?;
+    rollouts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "flywheel.dev/v1alpha1", "kind": "Rollout",
+                "metadata": {"name": "ctr"},
+                "spec": {
+                    "modelVersion": "ctr-v1",
+                    "serving": {"replicas": 1},
+                    "traffic": {"router": {"replicas": 1}},
+                },
+            }))?,
+        )
+        .await?;
+    until("ctr-v1 to be the stable version", TRAINING, || {
+        let rollouts = rollouts.clone();
+        async move {
+            let rollout = rollouts.get("ctr").await.map_err(|e| e.to_string())?;
+            let status = rollout.data.get("status").cloned().unwrap_or_default();
+            if status["stableVersion"] == "ctr-v1" {
+                Ok(())
+            } else {
+                Err(status.to_string())
+            }
+        }
+    })
+    .await?;
+
+    // Clients call the Rollout's Service: kube-proxy sends them to the router pod, which forwards to the
+    // serving pod by its Service's DNS name; the model was read from the claim, mounted read-only.
+    let services: Api<Service> = Api::namespaced(s.client.clone(), &s.namespace);
+    let cluster_ip: Ipv4Addr = services
+        .get("ctr")
+        .await?
+        .spec
+        .and_then(|spec| spec.cluster_ip)
+        .ok_or("the Rollout's Service has no ClusterIP")?
+        .parse()?;
+    let rows = generate(&SyntheticConfig {
+        seed: 3,
+        rows: 16,
+        ..SyntheticConfig::default()
+    })
+    .impressions;
+    let body = rest_body(Some("node"), &rows).to_string().into_bytes();
+    let http = HttpClient::default();
+    let answer = until("a prediction through the router", SETTLE, || {
+        let http = http.clone();
+        let body = body.clone();
+        async move {
+            match http
+                .send_to(
+                    "POST",
+                    SocketAddr::from((cluster_ip, 8080)),
+                    "/v2/models/ctr/infer",
+                    Some(body),
+                    &[("x-user-id", "u-1")],
+                )
+                .await
+            {
+                Ok((200, answer)) => Ok(answer),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await?;
+    let predictions: Vec<f64> = answer["outputs"][0]["data"]
+        .as_array()
+        .ok_or_else(|| format!("no outputs in {answer}"))?
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    assert_eq!(predictions.len(), rows.len(), "{answer}");
+    assert!(
+        predictions.iter().all(|p| *p > 0.0 && *p < 1.0),
+        "{predictions:?}"
     );
     Ok(())
 }
