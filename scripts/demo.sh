@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The local end-to-end demo: a fresh control plane on 127.0.0.1, the Flywheel CRDs, the operator, a kubelet
-# stand-in, every manifest of examples/, a parameter-server TrainingJob that trains on generated data under a
-# GPUQuota and leaves a ModelVersion, a FeatureView materialized into Redis by an operator-scheduled Job and a
+# The local end-to-end demo, run as a user runs Flywheel: a fresh control plane on 127.0.0.1 with a real node
+# (kubelet, Docker, kube-proxy, cluster DNS), Flywheel's images built here, the operator installed by its Helm
+# chart (two pods, leader election, its own ServiceAccount), training storage on a PersistentVolume, every
+# manifest of examples/, a parameter-server TrainingJob whose gang runs in containers under a GPUQuota and
+# leaves a ModelVersion, a FeatureView materialized into Redis by an operator-scheduled Job and a
 # point-in-time training set built from it, a Rollout serving the trained model behind the built-in router under
 # generated labeled traffic with a real Prometheus evaluating the chart's alert rules: a second model walks
 # 1 → 5 → 20 → 100% and becomes stable, and a model trained on the wrong data is rolled back by its online-AUC
@@ -14,31 +16,60 @@ keep=""
 [[ "${1:-}" == "--keep" ]] && keep=1
 
 prepare_system
-step "building the Flywheel binaries"
+step "building the Flywheel binaries and images"
 cargo build --workspace --bins --locked
+scripts/build-images.sh --profile dev
 
 state="$FLYWHEEL_CACHE/demo"
 "$repo/e2e/scripts/stop-cluster.sh" "$state" --purge
-step "starting etcd + kube-apiserver + kube-controller-manager"
+step "starting etcd + kube-apiserver + kube-controller-manager and a node (kubelet, Docker, kube-proxy, DNS)"
 owner=()
 [[ -z "$keep" ]] && owner=(--owner-pid $$)
-kubeconfig="$("$repo/e2e/scripts/start-cluster.sh" "$state" "${owner[@]}" --with-workloads | tail -n 1)"
+kubeconfig="$("$repo/e2e/scripts/start-cluster.sh" "$state" "${owner[@]}" --with-node | tail -n 1)"
 export KUBECONFIG="$kubeconfig"
 kubectl="$FLYWHEEL_CACHE/kube-v1.20.2/kubectl"
-
-step "installing the CRDs"
-# A 1.20 server does not know x-kubernetes-validations (CEL); kubectl's client-side check would refuse them.
-"$kubectl" apply --validate=false -f crds/
-"$kubectl" wait --for condition=established --timeout=60s crd --all
+# The node's address: pods reach Redis and Prometheus on the host there.
+node_ip=10.244.0.1
+# The example GPUQuota places its team's pods on the nodes of its pool.
+"$kubectl" label node node1 flywheel.dev/pool=ranking-gpu >/dev/null
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-step "starting the operator and the kubelet stand-in"
-operator_port=$(free_port)
-"$FLYWHEEL_BIN_DIR/flywheel-operator" --http-addr "127.0.0.1:$operator_port" --log-format json >"$state/operator.log" 2>&1 &
-echo $! >>"$state/pids"
-"$FLYWHEEL_BIN_DIR/flywheel-kubelet" "$FLYWHEEL_BIN_DIR" "$state/pods" >"$state/kubelet.log" 2>&1 &
-echo $! >>"$state/pids"
+step "training storage: a PersistentVolume on the node's disk, claimed as flywheel-data"
+storage="$state/storage"
+mkdir -p "$storage"
+chmod 0777 "$storage"
+"$kubectl" apply -f - <<EOT
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: flywheel-data}
+spec:
+  capacity: {storage: 10Gi}
+  accessModes: [ReadWriteMany]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: ""
+  claimRef: {namespace: default, name: flywheel-data}
+  hostPath: {path: "$storage", type: Directory}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: flywheel-data, namespace: default}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  volumeName: flywheel-data
+  resources: {requests: {storage: 10Gi}}
+EOT
+# Inside every training, materialization and serving pod the claim is mounted here.
+mnt=/var/lib/flywheel
+
+step "helm install flywheel charts/flywheel (CRDs, RBAC, the operator: two pods from its image)"
+python3 e2e/scripts/helm.py install flywheel charts/flywheel flywheel-system "$kubeconfig" \
+  image.pullPolicy=Never training.storageClaim=flywheel-data "training.storagePath=$mnt" >/dev/null
+"$kubectl" wait --for condition=established --timeout=60s crd --all
+"$kubectl" -n flywheel-system rollout status deployment/flywheel-operator --timeout=180s
+"$kubectl" -n flywheel-system get pods -o wide
+echo "leader: $("$kubectl" -n flywheel-system get lease flywheel-operator -o jsonpath='{.spec.holderIdentity}')"
 
 step "applying examples/ (the example Rollout and parameter-server TrainingJob are left out: their model and data are"
 echo "not on this machine; the demo's own below train on generated data and serve what they trained)"
@@ -52,9 +83,10 @@ for kind in featureviews modelversions gpuquotas; do
   "$kubectl" wait --for condition=Ready --timeout=60s "$kind" --all
 done
 
-step "generating CTR training data"
-data="$state/data"
-"$FLYWHEEL_BIN_DIR/flywheel-trainer" generate --rows 100000 --users 2000 --items 400 --buckets 20000 --out "$data"
+step "generating CTR training data onto the volume"
+"$FLYWHEEL_BIN_DIR/flywheel-trainer" generate --rows 100000 --users 2000 --items 400 --buckets 20000 \
+  --out "$storage/data"
+data="$mnt/data"
 
 step "a parameter-server TrainingJob (2 servers, 2 workers) admitted under the ranking-team GPUQuota"
 "$kubectl" apply -f - <<EOT
@@ -76,20 +108,31 @@ spec:
   topology:
     parameterServer: {servers: 2, workers: 2}
   queue: ranking-team
-  checkpoint: {uri: "file://$state/checkpoints/", everySteps: 100}
-  output: {artifactUri: "file://$state/models/"}
+  checkpoint: {uri: "file://$mnt/checkpoints/", everySteps: 100}
+  output: {artifactUri: "file://$mnt/models/"}
 EOT
 "$kubectl" wait --for condition=Admitted --timeout=60s trainingjob/ctr-demo
+sleep 5
 "$kubectl" get pods -l flywheel.dev/training-job=ctr-demo -o wide
-step "training for real (the kubelet stand-in runs flywheel-trainer as the pods' processes)"
+step "training for real: the gang's containers (docker ps)"
+containers() { # the node's containers of pods in `default` whose pod name matches $1
+  "${DOCKER:-docker}" ps --filter label=io.kubernetes.pod.namespace=default \
+    --filter label=io.kubernetes.docker.type=container \
+    --format '{{.ID}}  {{.Label "io.kubernetes.pod.name"}}/{{.Label "io.kubernetes.container.name"}}  {{.Status}}' \
+    | grep -E "$1" || true
+}
+containers ctr-demo
 "$kubectl" wait --for condition=Ready --timeout=600s trainingjob/ctr-demo
 "$kubectl" get pods -l flywheel.dev/training-job=ctr-demo
 
 step "a FeatureView materialized into Redis by an operator-scheduled Job"
 redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no >"$state/redis.log" 2>&1 &
+# Redis stands outside the cluster, as a managed store would; pods reach it on the node's address.
+redis-server --port "$redis_port" --bind "127.0.0.1 $node_ip" --protected-mode no --save '' --appendonly no \
+  >"$state/redis.log" 2>&1 &
 echo $! >>"$state/pids"
-"$FLYWHEEL_BIN_DIR/flywheel-trainer" generate-events --events 100000 --users 2000 --labels 20000 --out "$state/events"
+"$FLYWHEEL_BIN_DIR/flywheel-trainer" generate-events --events 100000 --users 2000 --labels 20000 \
+  --out "$storage/events"
 "$kubectl" apply -f - <<EOT
 apiVersion: flywheel.dev/v1alpha1
 kind: FeatureView
@@ -98,7 +141,7 @@ metadata:
 spec:
   entities: [{name: user, joinKey: user_id, valueType: Int64}]
   source:
-    batch: {uri: "file://$state/events/events.parquet", timestampField: event_timestamp}
+    batch: {uri: "file://$mnt/events/events.parquet", timestampField: event_timestamp}
   features:
     - {name: price, valueType: Float64}
     - {name: category, valueType: String}
@@ -106,8 +149,8 @@ spec:
     - {name: events_1d, column: price, valueType: Int64, aggregation: {function: count, window: 1d}}
     - {name: log_price, column: price, valueType: Float64, transform: {log1p: {}}}
   ttl: 2d
-  offline: {uri: "file://$state/offline/user-activity"}
-  online: {redis: {address: "127.0.0.1:$redis_port"}}
+  offline: {uri: "file://$mnt/offline/user-activity"}
+  online: {redis: {address: "$node_ip:$redis_port"}}
   materialization: {schedule: "*/5 * * * *"}
 EOT
 "$kubectl" wait --for condition=Materialized --timeout=180s featureview/user-activity
@@ -116,14 +159,15 @@ EOT
 echo "online features of user 42:"
 redis-cli -p "$redis_port" hgetall "default/user-activity:42" | paste - -
 step "a point-in-time correct training set from the FeatureView's offline table"
-"$kubectl" get featureview user-activity -o json >"$state/user-activity.json"
+# The view's offline table is on the volume; read it where the node keeps it.
+"$kubectl" get featureview user-activity -o json | sed "s|file://$mnt/|file://$storage/|g" >"$state/user-activity.json"
 "$FLYWHEEL_BIN_DIR/flywheel-trainer" build-dataset --view "$state/user-activity.json" \
-  --events "$state/events/labels.parquet" --out "$state/events/training-set.parquet"
+  --events "$storage/events/labels.parquet" --out "$storage/events/training-set.parquet"
 
 step "two more models: ctr-v2 (same data, another seed) and ctr-wrong (trained on another market's data)"
 # ctr-wrong's own eval set scores as well as the others offline; on this market's traffic it is near random.
 "$FLYWHEEL_BIN_DIR/flywheel-trainer" generate --seed 7 --rows 100000 --users 2000 --items 400 --buckets 20000 \
-  --out "$state/data-other-market"
+  --out "$storage/data-other-market"
 training_job() { # NAME SEED DATA
   "$kubectl" apply -f - <<EOT
 apiVersion: flywheel.dev/v1alpha1
@@ -140,11 +184,11 @@ spec:
   seed: $2
   topology: {single: {}}
   queue: ranking-team
-  output: {artifactUri: "file://$state/models/"}
+  output: {artifactUri: "file://$mnt/models/"}
 EOT
 }
 training_job ctr-v2 7 "$data"
-training_job ctr-wrong 7 "$state/data-other-market"
+training_job ctr-wrong 7 "$mnt/data-other-market"
 "$kubectl" wait --for condition=Ready --timeout=600s trainingjob/ctr-v2 trainingjob/ctr-wrong
 "$kubectl" wait --for condition=Validated --timeout=60s modelversion/ctr-demo modelversion/ctr-v2 modelversion/ctr-wrong
 "$kubectl" get modelversions ctr-demo ctr-v2 ctr-wrong
@@ -163,33 +207,43 @@ rule_files: [serving-rules.yaml]
 scrape_configs:
   - job_name: flywheel-operator
     honor_labels: true
-    static_configs: [{targets: ["127.0.0.1:$operator_port"]}]
+    file_sd_configs: [{files: ["$state/prometheus/operator.json"], refresh_interval: 1s}]
   - job_name: pods
     file_sd_configs: [{files: ["$state/prometheus/pods.json"], refresh_interval: 1s}]
 EOT
 promtool check config "$state/prometheus/prometheus.yml" >/dev/null
 # Debian builds Prometheus without Kubernetes service discovery, so the demo plays it: every second the pods
-# annotated prometheus.io/scrape become file_sd targets <podIP>:<prometheus.io/port> labeled namespace and pod.
+# annotated prometheus.io/scrape become file_sd targets <podIP>:<prometheus.io/port> labeled namespace and pod,
+# and the operator's pods (the chart's selector, its metrics port) targets of their own job.
 discover_pods() {
   while sleep 1; do
     "$kubectl" get pods --all-namespaces -o json 2>/dev/null | python3 -c '
 import json, sys
-targets = []
+pods, operator = [], []
 for pod in json.load(sys.stdin)["items"]:
     notes = pod["metadata"].get("annotations") or {}
+    labels = pod["metadata"].get("labels") or {}
     ip = pod.get("status", {}).get("podIP")
-    if notes.get("prometheus.io/scrape") == "true" and ip and pod["status"].get("phase") == "Running":
-        targets.append({"targets": [ip + ":" + notes.get("prometheus.io/port", "80")],
-                        "labels": {"namespace": pod["metadata"]["namespace"], "pod": pod["metadata"]["name"]}})
-json.dump(targets, sys.stdout)
-' >"$state/prometheus/pods.json.new" && mv "$state/prometheus/pods.json.new" "$state/prometheus/pods.json"
+    if not ip or pod["status"].get("phase") != "Running":
+        continue
+    meta = {"namespace": pod["metadata"]["namespace"], "pod": pod["metadata"]["name"]}
+    if notes.get("prometheus.io/scrape") == "true":
+        pods.append({"targets": [ip + ":" + notes.get("prometheus.io/port", "80")], "labels": meta})
+    if labels.get("app.kubernetes.io/name") == "flywheel-operator":
+        operator.append({"targets": [ip + ":8080"], "labels": {"pod": meta["pod"]}})
+json.dump(pods, open(sys.argv[1] + ".new", "w"))
+json.dump(operator, open(sys.argv[2] + ".new", "w"))
+' "$state/prometheus/pods.json" "$state/prometheus/operator.json" \
+      && mv "$state/prometheus/pods.json.new" "$state/prometheus/pods.json" \
+      && mv "$state/prometheus/operator.json.new" "$state/prometheus/operator.json"
   done
 }
 echo "[]" >"$state/prometheus/pods.json"
+echo "[]" >"$state/prometheus/operator.json"
 discover_pods &
 echo $! >>"$state/pids"
 prometheus --config.file="$state/prometheus/prometheus.yml" --storage.tsdb.path="$state/prometheus/data" \
-  --web.listen-address="127.0.0.1:$prometheus_port" >"$state/prometheus.log" 2>&1 &
+  --web.listen-address="$node_ip:$prometheus_port" >"$state/prometheus.log" 2>&1 &
 echo $! >>"$state/pids"
 
 step "Rollout ctr: serving ctr-demo behind the router"
@@ -213,7 +267,7 @@ spec:
         - pause: {duration: 30s}
         - setWeight: 100
   analysis:
-    prometheus: http://127.0.0.1:$prometheus_port
+    prometheus: http://$node_ip:$prometheus_port
     interval: 5s
     initialDelay: 5s
     count: 2
@@ -244,10 +298,11 @@ rollout_manifest ctr-demo
 wait_rollout Healthy ctr-demo 120
 "$kubectl" wait --for condition=Ready --timeout=120s pod -l flywheel.dev/rollout=ctr
 "$kubectl" get deployments,services,pods -l flywheel.dev/rollout=ctr -o wide
-router="$("$kubectl" get pods -l flywheel.dev/rollout=ctr,flywheel.dev/role=router -o jsonpath='{.items[0].status.podIP}')"
+containers '/(serve|route) '
+endpoint="$("$kubectl" get service ctr -o jsonpath='{.spec.clusterIP}')"
 
-step "generated labeled traffic through the router (users sticky by x-user-id; clicks fed back)"
-"$FLYWHEEL_BIN_DIR/flywheel-traffic" --url "http://$router:8080" --model ctr --concurrency 8 \
+step "generated labeled traffic to the Rollout's Service (users sticky by x-user-id; clicks fed back)"
+"$FLYWHEEL_BIN_DIR/flywheel-traffic" --url "http://$endpoint:8080" --model ctr --concurrency 8 \
   >"$state/traffic.log" 2>&1 &
 traffic=$!
 echo $traffic >>"$state/pids"
@@ -274,11 +329,11 @@ kill "$watch" 2>/dev/null || true
 echo "abort reason: $("$kubectl" get rollout ctr -o jsonpath='{.status.abortReason}')"
 # The canary is gone from the rules' inputs once it is rolled back, so look back over the last two minutes.
 echo "alerts that fired in Prometheus (last 2 minutes):"
-curl -fsS "http://127.0.0.1:$prometheus_port/api/v1/query" \
+curl -fsS "http://$node_ip:$prometheus_port/api/v1/query" \
   --data-urlencode 'query=max_over_time(ALERTS{alertstate="firing"}[2m])' \
   | python3 -c 'import json,sys; [print("  ", r["metric"]) for r in json.load(sys.stdin)["data"]["result"]]'
 echo "last online AUC of each version (its labeled window):"
-curl -fsS "http://127.0.0.1:$prometheus_port/api/v1/query" \
+curl -fsS "http://$node_ip:$prometheus_port/api/v1/query" \
   --data-urlencode 'query=max by (version) (last_over_time(flywheel_serving_online_auc{model="ctr"}[2m]))' \
   | python3 -c 'import json,sys; [print("  ", r["metric"].get("version"), round(float(r["value"][1]), 4)) for r in json.load(sys.stdin)["data"]["result"]]'
 sleep 5
@@ -297,9 +352,10 @@ The demo is still running. Try:
   $kubectl get flywheel
   $kubectl describe trainingjob ctr-demo
   $kubectl get rollout ctr -o yaml
-  Prometheus:    http://127.0.0.1:$prometheus_port
+  Prometheus:    http://$node_ip:$prometheus_port
   $kubectl get gpuquota ranking-team -o yaml
-Operator logs: $state/operator.log
+  $kubectl get pods -A -o wide
+Operator logs: $kubectl -n flywheel-system logs deployment/flywheel-operator
 Stop it with:  e2e/scripts/stop-cluster.sh $state --purge
 EOT
 else

@@ -68,9 +68,10 @@ CNI
   >"$dir/cluster-dns.log" 2>&1 &
 echo $! >>"$cluster/pids"
 # No upstream servers: a name outside cluster.local gets no answer from here, and nothing leaves the machine.
+# It stays root: the records live in the cluster's state directory, which may be in root's home.
 dnsmasq --keep-in-foreground --no-resolv --no-hosts --no-poll --listen-address "$node_ip" --bind-interfaces \
   --hostsdir "$dir/dns" --local=/cluster.local/ --domain-needed --bogus-priv --cache-size=0 \
-  --pid-file="$dir/dnsmasq.pid" --log-facility=- >"$dir/dnsmasq.log" 2>&1 &
+  --user=root --pid-file="$dir/dnsmasq.pid" --log-facility=- >"$dir/dnsmasq.log" 2>&1 &
 echo $! >>"$cluster/pids"
 
 # --- kube-scheduler, kube-proxy, kubelet ------------------------------------------------------------------------
@@ -97,13 +98,39 @@ echo $! >>"$cluster/pids"
 echo $! >>"$cluster/pids"
 
 kubectl_() { "$bin/kubectl" --kubeconfig "$kubeconfig" "$@"; }
+# The cluster DNS answers for the API server's Service (a DNS query by hand: the host's resolver is not it).
+dns_answers() {
+  python3 - "$node_ip" <<'PY'
+import socket, sys
+name = b"".join(bytes([len(label)]) + label.encode() for label in "kubernetes.default.svc.cluster.local".split("."))
+query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + b"\x00\x00\x01\x00\x01"
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.settimeout(1)
+udp.sendto(query, (sys.argv[1], 53))
+answer = udp.recv(512)
+sys.exit(0 if answer[6:8] != b"\x00\x00" and answer[-4:] == bytes([10, 96, 0, 1]) else 1)
+PY
+}
+ready=""
 for _ in $(seq 1 120); do
   if [[ "$(kubectl_ get node "$node_name" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]; then
-    echo "node $node_name is Ready at $node_ip"
+    ready=1
+    break
+  fi
+  sleep 0.5
+done
+if [[ -z "$ready" ]]; then
+  echo "node $node_name did not become Ready; last kubelet log lines:" >&2
+  tail -n 30 "$dir/kubelet.log" >&2
+  exit 1
+fi
+for _ in $(seq 1 60); do
+  if dns_answers 2>/dev/null; then
+    echo "node $node_name is Ready at $node_ip; cluster DNS answers there"
     exit 0
   fi
   sleep 0.5
 done
-echo "node $node_name did not become Ready; last kubelet log lines:" >&2
-tail -n 30 "$dir/kubelet.log" >&2
+echo "cluster DNS does not answer for kubernetes.default; its logs:" >&2
+tail -n 10 "$dir/dnsmasq.log" "$dir/cluster-dns.log" >&2
 exit 1

@@ -894,20 +894,6 @@ fn parse_count(quantity: &str) -> Option<u64> {
     u64::try_from(numerator / denominator).ok()
 }
 
-/// Parses a `RESOURCE=COUNT` capacity (`nvidia.com/gpu=8`) of an extended resource.
-pub fn parse_capacity(spec: &str) -> Result<(String, u64), String> {
-    let (resource, count) = spec
-        .split_once('=')
-        .ok_or_else(|| format!("{spec:?} is not RESOURCE=COUNT"))?;
-    if resource.is_empty() || !is_extended_resource(resource) {
-        return Err(format!(
-            "{resource:?} is not an extended resource (the stand-in does not account cpu, memory, ephemeral-storage or hugepages)"
-        ));
-    }
-    let count = parse_count(count).ok_or_else(|| format!("{count:?} is not a whole number"))?;
-    Ok((resource.to_owned(), count))
-}
-
 async fn report_unschedulable(
     client: &Client,
     pod: &Pod,
@@ -1776,13 +1762,5 @@ mod tests {
         ] {
             assert_eq!(parse_count(text), want, "{text:?}");
         }
-        assert_eq!(
-            parse_capacity("nvidia.com/gpu=8"),
-            Ok(("nvidia.com/gpu".to_owned(), 8))
-        );
-        assert!(parse_capacity("nvidia.com/gpu").is_err());
-        assert!(parse_capacity("cpu=8").is_err());
-        assert!(parse_capacity("=8").is_err());
-        assert!(parse_capacity("nvidia.com/gpu=eight").is_err());
     }
 }
