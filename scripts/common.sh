@@ -20,6 +20,8 @@ prepare_system() {
   "$repo/e2e/scripts/install-system-deps.sh"
   step "kube-apiserver, kube-controller-manager, kubectl v1.20.2 (cached in $FLYWHEEL_CACHE)"
   "$repo/e2e/scripts/build-kube.sh"
+  step "Prometheus 3 with Kubernetes discovery, from Debian sid (cached in $FLYWHEEL_CACHE)"
+  "$repo/e2e/scripts/install-prometheus.sh"
   step "apiextensions-apiserver of Kubernetes 1.36 (checks the CRDs' CEL rules; cached in $FLYWHEEL_CACHE)"
   "$repo/e2e/scripts/build-apiextensions.sh"
   step "the node: Docker, CNI plugins, iptables, conntrack, dnsmasq; a Docker daemon"

@@ -193,7 +193,7 @@ training_job ctr-wrong 7 "$mnt/data-other-market"
 "$kubectl" wait --for condition=Validated --timeout=60s modelversion/ctr-demo modelversion/ctr-v2 modelversion/ctr-wrong
 "$kubectl" get modelversions ctr-demo ctr-v2 ctr-wrong
 
-step "a real Prometheus: scrapes the serving pods and the operator, evaluates the chart's alert rules"
+step "a real Prometheus (3.x, with Kubernetes discovery): scrapes the operator and the serving pods, evaluates the chart's alert rules"
 prometheus_port=$(free_port)
 mkdir -p "$state/prometheus"
 # The chart's rules as they are, but judged on the demo's small traffic: a relative AUC drop above 15% (not
@@ -201,50 +201,84 @@ mkdir -p "$state/prometheus"
 # online AUC of a window is only known to a few percent.
 sed -e 's/for: 2m/for: 5s/' -e 's/canary > 0.01$/canary > 0.15/' -e 's/canary > 0.005$/canary > 0.05/' \
   charts/flywheel/files/serving-rules.yaml >"$state/prometheus/serving-rules.yaml"
+# Prometheus finds its targets through the API server (Kubernetes service discovery), reading with a
+# ServiceAccount of its own that may only list and watch.
+"$kubectl" apply -f - <<EOT >/dev/null
+apiVersion: v1
+kind: Namespace
+metadata: {name: monitoring}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: prometheus, namespace: monitoring}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: prometheus-discovery}
+rules:
+  - apiGroups: [""]
+    resources: [pods, services, endpoints]
+    verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: prometheus-discovery}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: prometheus-discovery}
+subjects: [{kind: ServiceAccount, name: prometheus, namespace: monitoring}]
+EOT
+for _ in $(seq 1 60); do
+  secret="$("$kubectl" -n monitoring get serviceaccount prometheus -o jsonpath='{.secrets[0].name}' 2>/dev/null)"
+  [[ -n "$secret" ]] && break
+  sleep 0.5
+done
+"$kubectl" -n monitoring get secret "$secret" -o jsonpath='{.data.token}' | base64 -d >"$state/prometheus/token"
+api_server="$(awk '/server:/ {print $2; exit}' "$kubeconfig")"
+# The jobs select and label what the chart's ServiceMonitor (the operator's metrics Service, port
+# http-metrics, its labels honored) and PodMonitor (serving and router pods in any namespace, port admin)
+# select, the way the Prometheus Operator turns those into scrape configs.
 cat >"$state/prometheus/prometheus.yml" <<EOT
 global: {scrape_interval: 1s, evaluation_interval: 1s}
 rule_files: [serving-rules.yaml]
 scrape_configs:
   - job_name: flywheel-operator
     honor_labels: true
-    file_sd_configs: [{files: ["$state/prometheus/operator.json"], refresh_interval: 1s}]
-  - job_name: pods
-    file_sd_configs: [{files: ["$state/prometheus/pods.json"], refresh_interval: 1s}]
+    kubernetes_sd_configs:
+      - role: endpoints
+        api_server: $api_server
+        tls_config: {ca_file: $state/pki/ca.crt}
+        authorization: {credentials_file: $state/prometheus/token}
+        namespaces: {names: [flywheel-system]}
+    relabel_configs:
+      - {source_labels: [__meta_kubernetes_service_label_app_kubernetes_io_name], regex: flywheel-operator, action: keep}
+      - {source_labels: [__meta_kubernetes_endpoint_port_name], regex: http-metrics, action: keep}
+      - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
+  - job_name: flywheel-serving
+    kubernetes_sd_configs:
+      - role: pod
+        api_server: $api_server
+        tls_config: {ca_file: $state/pki/ca.crt}
+        authorization: {credentials_file: $state/prometheus/token}
+    relabel_configs:
+      - {source_labels: [__meta_kubernetes_pod_label_flywheel_dev_role], regex: serve|router, action: keep}
+      - {source_labels: [__meta_kubernetes_pod_container_port_name], regex: admin, action: keep}
+      - {source_labels: [__meta_kubernetes_pod_phase], regex: Running, action: keep}
+      - {source_labels: [__meta_kubernetes_namespace], target_label: namespace}
+      - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
 EOT
-promtool check config "$state/prometheus/prometheus.yml" >/dev/null
-# Debian builds Prometheus without Kubernetes service discovery, so the demo plays it: every second the pods
-# annotated prometheus.io/scrape become file_sd targets <podIP>:<prometheus.io/port> labeled namespace and pod,
-# and the operator's pods (the chart's selector, its metrics port) targets of their own job.
-discover_pods() {
-  while sleep 1; do
-    "$kubectl" get pods --all-namespaces -o json 2>/dev/null | python3 -c '
+prometheus_sid="$FLYWHEEL_CACHE/prometheus-sid"
+"$prometheus_sid/promtool" check config "$state/prometheus/prometheus.yml" >/dev/null
+"$prometheus_sid/prometheus" --config.file="$state/prometheus/prometheus.yml" \
+  --storage.tsdb.path="$state/prometheus/data" --web.listen-address="$node_ip:$prometheus_port" \
+  >"$state/prometheus.log" 2>&1 &
+echo $! >>"$state/pids"
+for _ in $(seq 1 60); do
+  curl -fsS "http://$node_ip:$prometheus_port/-/ready" >/dev/null 2>&1 && break
+  sleep 0.5
+done
+echo "discovered: $(curl -fsS "http://$node_ip:$prometheus_port/api/v1/targets" | python3 -c '
 import json, sys
-pods, operator = [], []
-for pod in json.load(sys.stdin)["items"]:
-    notes = pod["metadata"].get("annotations") or {}
-    labels = pod["metadata"].get("labels") or {}
-    ip = pod.get("status", {}).get("podIP")
-    if not ip or pod["status"].get("phase") != "Running":
-        continue
-    meta = {"namespace": pod["metadata"]["namespace"], "pod": pod["metadata"]["name"]}
-    if notes.get("prometheus.io/scrape") == "true":
-        pods.append({"targets": [ip + ":" + notes.get("prometheus.io/port", "80")], "labels": meta})
-    if labels.get("app.kubernetes.io/name") == "flywheel-operator":
-        operator.append({"targets": [ip + ":8080"], "labels": {"pod": meta["pod"]}})
-json.dump(pods, open(sys.argv[1] + ".new", "w"))
-json.dump(operator, open(sys.argv[2] + ".new", "w"))
-' "$state/prometheus/pods.json" "$state/prometheus/operator.json" \
-      && mv "$state/prometheus/pods.json.new" "$state/prometheus/pods.json" \
-      && mv "$state/prometheus/operator.json.new" "$state/prometheus/operator.json"
-  done
-}
-echo "[]" >"$state/prometheus/pods.json"
-echo "[]" >"$state/prometheus/operator.json"
-discover_pods &
-echo $! >>"$state/pids"
-prometheus --config.file="$state/prometheus/prometheus.yml" --storage.tsdb.path="$state/prometheus/data" \
-  --web.listen-address="$node_ip:$prometheus_port" >"$state/prometheus.log" 2>&1 &
-echo $! >>"$state/pids"
+targets = json.load(sys.stdin)["data"]["activeTargets"]
+print(", ".join(sorted(t["labels"].get("pod", "?") + " (" + t["labels"]["job"] + ")" for t in targets)))')"
 
 step "Rollout ctr: serving ctr-demo behind the router"
 rollout_manifest() { # MODEL_VERSION

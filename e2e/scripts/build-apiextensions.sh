@@ -11,31 +11,17 @@ set -euo pipefail
 
 cache="${FLYWHEEL_CACHE:-$HOME/.cache/flywheel}"
 out="$cache/apiextensions-apiserver"
-recipe="$(sha256sum "${BASH_SOURCE[0]}" | cut -d' ' -f1)"
+recipe="$(cat "${BASH_SOURCE[0]}" "$(dirname "${BASH_SOURCE[0]}")/sid-apt.sh" | sha256sum | cut -d' ' -f1)"
 if [[ -x "$out/apiextensions-apiserver" && "$(cat "$out/recipe" 2>/dev/null)" == "$recipe" ]]; then
   exit 0
 fi
 
 work="$cache/apiextensions-build"
 rm -rf "$work"
-mkdir -p "$work"/{apt/lists/partial,apt/cache/archives/partial,debs,root} "$out"
-
-# sid from the same mirror as the machine's own Debian entry.
-mirror=""
-if [[ -f /etc/apt/sources.list.d/debian.sources ]]; then
-  mirror="$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)"
-fi
-if [[ -z "$mirror" ]]; then
-  mirror="$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; exit}}' \
-    /etc/apt/sources.list 2>/dev/null || true)"
-fi
-[[ -n "$mirror" ]] || { echo "no Debian mirror found in the apt sources" >&2; exit 1; }
-echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" >"$work/apt/sources.list"
-: >"$work/apt/status"
-apt_opts=(-o "Dir::Etc::sourcelist=$work/apt/sources.list" -o Dir::Etc::sourceparts=/dev/null
-  -o "Dir::State::Lists=$work/apt/lists" -o "Dir::Cache=$work/apt/cache" -o "Dir::State::status=$work/apt/status"
-  -o APT::Architecture=amd64 -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
-apt-get "${apt_opts[@]}" -qq update
+mkdir -p "$work"/{debs,root} "$out"
+source "$(dirname "${BASH_SOURCE[0]}")/sid-apt.sh"
+sid_apt_setup "$work"
+apt_opts=("${sid_apt[@]}")
 
 # The Go sources the server imports, and the Go sid builds them with.
 go_version="$(apt-cache "${apt_opts[@]}" depends golang-go | awk '/Depends: golang-1\.[0-9]+-go/ {print $2; exit}')"

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Removes every container a kubelet started on this machine's Docker daemon (they carry kubelet labels) and
-# the tmpfs and bind mounts its pods' volumes left under a kubelet root directory, if given.
+# the tmpfs and bind mounts its pods' volumes left under a kubelet root directory, if given. With
+# --mounts-only, only the mounts (the containers may belong to another node by now).
 #
-# usage: remove-node-containers.sh [KUBELET_ROOT_DIR]
+# usage: remove-node-containers.sh [--mounts-only] [KUBELET_ROOT_DIR]
 set -uo pipefail
 
 docker="${DOCKER:-docker}"
-ids="$("$docker" ps -aq --filter label=io.kubernetes.pod.uid 2>/dev/null)"
-[[ -n "$ids" ]] && "$docker" rm -f $ids >/dev/null 2>&1
+if [[ "${1:-}" == --mounts-only ]]; then
+  shift
+else
+  ids="$("$docker" ps -aq --filter label=io.kubernetes.pod.uid 2>/dev/null)"
+  [[ -n "$ids" ]] && "$docker" rm -f $ids >/dev/null 2>&1
+fi
 root="${1:-}"
 if [[ -n "$root" && -d "$root" ]]; then
   # Deepest first.

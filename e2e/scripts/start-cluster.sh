@@ -84,7 +84,7 @@ api_port="$(free_port)"
 if [[ -n "$node" ]]; then
   # Pods reach the API server through the `kubernetes` Service, whose endpoint is the node's address; the
   # ServiceAccount admission plugin mounts their tokens.
-  "$here/node-network.sh" up "$node_ip"
+  "$here/node-network.sh" up "$node_ip" "$dir"
   node_flags=(--bind-address 0.0.0.0 --advertise-address "$node_ip" --endpoint-reconciler-type lease
     --kubelet-preferred-address-types InternalIP)
 else

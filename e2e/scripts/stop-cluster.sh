@@ -17,11 +17,21 @@ if [[ -f "$dir/pids" ]]; then
   : >"$dir/pids"
 fi
 if [[ -d "$dir/node" ]]; then
-  # The node's containers outlive its kubelet, and kube-proxy's rules its process.
+  # The node's containers outlive its kubelet, and kube-proxy's rules its process. Another cluster's node
+  # may have the machine's network by now (it waited for this one to die): then nothing here is ours.
   here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-  "$here/remove-node-containers.sh" "$dir/node/kubelet"
-  "${FLYWHEEL_CACHE:-$HOME/.cache/flywheel}/kube-v1.20.2/kube-proxy" --cleanup >/dev/null 2>&1
-  "$here/node-network.sh" down
+  self="$(cd "$dir" && pwd)"
+  mkdir -p /run/flywheel
+  (
+    flock 9
+    if [[ "$(cat /run/flywheel/node-owner 2>/dev/null)" == "$self" ]]; then
+      "$here/remove-node-containers.sh" "$dir/node/kubelet"
+      "${FLYWHEEL_CACHE:-$HOME/.cache/flywheel}/kube-v1.20.2/kube-proxy" --cleanup >/dev/null 2>&1
+      "$here/node-network.sh" down "$self"
+    else
+      "$here/remove-node-containers.sh" --mounts-only "$dir/node/kubelet"
+    fi
+  ) 9>/run/flywheel/node.lock
 fi
 if [[ -f "$dir/etcd-data" ]]; then
   rm -rf "$(cat "$dir/etcd-data")"

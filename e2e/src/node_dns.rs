@@ -59,9 +59,14 @@ pub fn hosts_file<'a>(
         .collect()
 }
 
-/// Replaces `path` with `contents` in one rename, so a reader never sees half a file.
+/// Replaces `path` with `contents` in one rename, so a reader never sees half a file. The staging file is a
+/// dotfile, which dnsmasq does not read from its hosts directory.
 pub fn write_atomically(path: &Path, contents: &str) -> std::io::Result<()> {
-    let staging = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = path.with_file_name(format!(".{name}.tmp"));
     std::fs::write(&staging, contents)?;
     std::fs::rename(&staging, path)
 }
