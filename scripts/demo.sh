@@ -275,10 +275,6 @@ for _ in $(seq 1 60); do
   curl -fsS "http://$node_ip:$prometheus_port/-/ready" >/dev/null 2>&1 && break
   sleep 0.5
 done
-echo "discovered: $(curl -fsS "http://$node_ip:$prometheus_port/api/v1/targets" | python3 -c '
-import json, sys
-targets = json.load(sys.stdin)["data"]["activeTargets"]
-print(", ".join(sorted(t["labels"].get("pod", "?") + " (" + t["labels"]["job"] + ")" for t in targets)))')"
 
 step "Rollout ctr: serving ctr-demo behind the router"
 rollout_manifest() { # MODEL_VERSION
@@ -333,6 +329,12 @@ wait_rollout Healthy ctr-demo 120
 "$kubectl" wait --for condition=Ready --timeout=120s pod -l flywheel.dev/rollout=ctr
 "$kubectl" get deployments,services,pods -l flywheel.dev/rollout=ctr -o wide
 containers '/(serve|route) '
+sleep 3
+echo "Prometheus discovered through the API server: $(curl -fsS "http://$node_ip:$prometheus_port/api/v1/targets" \
+  | python3 -c '
+import json, sys
+targets = json.load(sys.stdin)["data"]["activeTargets"]
+print(", ".join(sorted(t["labels"].get("pod", "?") + " (" + t["labels"]["job"] + ")" for t in targets)))')"
 endpoint="$("$kubectl" get service ctr -o jsonpath='{.spec.clusterIP}')"
 
 step "generated labeled traffic to the Rollout's Service (users sticky by x-user-id; clicks fed back)"
