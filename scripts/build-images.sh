@@ -3,22 +3,25 @@
 # version, and pushes them when given a registry. No image registry is needed to build: the binaries are
 # compiled once here and copied onto a base made from Debian packages (scripts/build-base-image.sh).
 #
-# usage: scripts/build-images.sh [REGISTRY] [--profile release|dev]
-#   REGISTRY   push to it (e.g. registry.example.com/ml); without it the images are only tagged locally as
-#              ghcr.io/flywheel-dev/NAME:VERSION, the chart's default `image.registry`
-#   --profile  the Cargo profile to compile (default release; the tests use dev, which they have built anyway)
+# usage: scripts/build-images.sh [REGISTRY] [--profile release|dev] [--binaries DIR]
+#   REGISTRY    push to it (e.g. registry.example.com/ml); without it the images are only tagged locally as
+#               ghcr.io/flywheel-dev/NAME:VERSION, the chart's default `image.registry`
+#   --profile   the Cargo profile to compile (default release; the tests use dev, which they have built anyway)
+#   --binaries  take the three binaries from DIR instead of compiling them
 #
 # Needs a Docker daemon and a client that builds with BuildKit (Docker 20.10+ with DOCKER_BUILDKIT=1, or
 # buildx); set DOCKER to pick the client. Prints each image's size.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-usage="usage: scripts/build-images.sh [REGISTRY] [--profile release|dev]"
+usage="usage: scripts/build-images.sh [REGISTRY] [--profile release|dev] [--binaries DIR]"
 registry=""
 profile=release
+binaries_dir=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) profile="${2:?$usage}"; shift 2 ;;
+    --binaries) binaries_dir="${2:?$usage}"; shift 2 ;;
     -h|--help) echo "$usage"; exit 0 ;;
     -*) echo "$usage" >&2; exit 2 ;;
     *) registry="$1"; shift ;;
@@ -42,15 +45,18 @@ base=flywheel-base:bookworm
 DOCKER="$docker" "$repo/scripts/build-base-image.sh" "$base"
 
 binaries=(flywheel-operator flywheel-trainer flywheel-serving)
-(cd "$repo" && cargo build --locked --profile "$profile" -p flywheel-operator -p flywheel-trainer \
-  -p flywheel-serving --bins)
+if [[ -z "$binaries_dir" ]]; then
+  (cd "$repo" && cargo build --locked --profile "$profile" -p flywheel-operator -p flywheel-trainer \
+    -p flywheel-serving --bins)
+  binaries_dir="$target/$profile_dir"
+fi
 
 # A build context with nothing but the binaries: the Dockerfiles' `prebuilt` stage copies them from it.
-context="$cache/image-context/$profile_dir"
+context="$cache/image-context/$$"
 rm -rf "$context"
 mkdir -p "$context"
 for binary in "${binaries[@]}"; do
-  cp "$target/$profile_dir/$binary" "$context/$binary"
+  cp "$binaries_dir/$binary" "$context/$binary"
 done
 
 declare -A dockerfile=(

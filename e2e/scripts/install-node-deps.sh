@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages a local node needs: Docker (dockerd, containerd, runc, and a BuildKit-capable
-# client), the CNI plugins, iptables and conntrack for kube-proxy, and dnsmasq for cluster DNS. Idempotent and
-# quiet when present.
+# client), the CNI plugins, iptables and conntrack for kube-proxy, dnsmasq for cluster DNS, and Docker's own
+# registry (distribution) to publish images to on loopback. Idempotent and quiet when present.
 set -euo pipefail
 
 need=()
@@ -11,6 +11,7 @@ command -v iptables >/dev/null || need+=(iptables)
 command -v conntrack >/dev/null || need+=(conntrack)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v ip >/dev/null || need+=(iproute2)
+command -v docker-registry >/dev/null || need+=(docker-registry)
 if ((${#need[@]})); then
   sudo=""
   [[ $(id -u) -eq 0 ]] || sudo="sudo"

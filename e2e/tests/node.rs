@@ -2,9 +2,11 @@
 //! what only a real runtime can — a read-only root filesystem refuses writes, a mounted volume takes them,
 //! a ConfigMap is mounted, a pod whose readiness probe fails gets no traffic from its Service, and cluster DNS
 //! names a Service's ClusterIP. The chart installs the operator as two pods from its image, under its own
-//! ServiceAccount, and the Lease moves to another replica when the leader's pod goes.
+//! ServiceAccount, and the Lease moves to another replica when the leader's pod goes. Images published with
+//! `scripts/build-images.sh REGISTRY` to a registry are pulled from it by the node.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::Command;
 use std::time::Duration;
 
 use flywheel_e2e::cluster::TestCluster;
@@ -12,10 +14,12 @@ use flywheel_e2e::fixtures::{api_for, condition, create, example};
 use flywheel_e2e::helm::helm;
 use flywheel_e2e::images::image;
 use flywheel_e2e::repo_root;
+use flywheel_e2e::serving::{HttpClient, Process, free_port};
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Pod, Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -493,5 +497,92 @@ async fn the_chart_runs_the_operator_as_pods_that_hand_over_the_lease() -> TestR
         },
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn images_published_to_a_registry_are_pulled_from_it_by_the_node() -> TestResult {
+    let (client, namespace) = setup("registry").await?;
+    // Docker's own registry (distribution) on loopback, as a team's registry would be.
+    let dir = TestCluster::with_node()?.state_dir().join("registry");
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    std::fs::write(
+        dir.join("config.yml"),
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("data").display()
+        ),
+    )?;
+    let _registry = Process::spawn(
+        "docker-registry",
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("config.yml")),
+        &dir.join("registry.log"),
+    )?;
+    let http = HttpClient::default();
+    until("the registry to answer", Duration::from_secs(30), || {
+        let http = http.clone();
+        async move {
+            match http.send("GET", port, "/v2/", None, &[]).await {
+                Ok((200, _)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await?;
+
+    // The one command a user publishes with (the binaries the tests built, not compiled again).
+    let registry = format!("127.0.0.1:{port}/flywheel");
+    let published = Command::new(repo_root().join("scripts/build-images.sh"))
+        .arg(&registry)
+        .arg("--binaries")
+        .arg(flywheel_e2e::bin_dir())
+        .output()?;
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+
+    let pulled = format!("{registry}/flywheel-trainer:{}", env!("CARGO_PKG_VERSION"));
+    create_pod(
+        &client,
+        &namespace,
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "pulled"},
+            "spec": {
+                "restartPolicy": "Never",
+                "automountServiceAccountToken": false,
+                "containers": [{
+                    "name": "trainer",
+                    "image": pulled,
+                    "imagePullPolicy": "Always",
+                    "args": ["--version"],
+                    "securityContext": restricted()
+                }]
+            }
+        }),
+    )
+    .await?;
+    pod_in_phase(&client, &namespace, "pulled", "Succeeded").await?;
+    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    let pulls: Vec<String> = events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|event| event.reason.as_deref() == Some("Pulled"))
+        .filter_map(|event| event.note)
+        .collect();
+    assert!(
+        pulls
+            .iter()
+            .any(|note| note.contains("Successfully pulled") && note.contains(&pulled)),
+        "{pulls:?}"
+    );
     Ok(())
 }
