@@ -584,5 +584,16 @@ async fn images_published_to_a_registry_are_pulled_from_it_by_the_node() -> Test
             .any(|note| note.contains("Successfully pulled") && note.contains(&pulled)),
         "{pulls:?}"
     );
+
+    // The registry's port is new each run: drop its tags, the layers stay shared with the local images.
+    let docker = std::env::var("DOCKER").unwrap_or_else(|_| "docker".to_owned());
+    for name in ["flywheel-operator", "flywheel-trainer", "flywheel-serving"] {
+        let _ = Command::new(&docker)
+            .args([
+                "rmi",
+                &format!("{registry}/{name}:{}", env!("CARGO_PKG_VERSION")),
+            ])
+            .output();
+    }
     Ok(())
 }
