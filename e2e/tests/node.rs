@@ -585,12 +585,14 @@ async fn images_published_to_a_registry_are_pulled_from_it_by_the_node() -> Test
         "{pulls:?}"
     );
 
-    // The registry's port is new each run: drop its tags, the layers stay shared with the local images.
+    // The registry's port is new each run: drop its tags (the pod's stopped container still names one), the
+    // layers stay shared with the local images.
     let docker = std::env::var("DOCKER").unwrap_or_else(|_| "docker".to_owned());
     for name in ["flywheel-operator", "flywheel-trainer", "flywheel-serving"] {
         let _ = Command::new(&docker)
             .args([
                 "rmi",
+                "--force",
                 &format!("{registry}/{name}:{}", env!("CARGO_PKG_VERSION")),
             ])
             .output();
