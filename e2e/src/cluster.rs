@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
 use crate::repo_root;
+use crate::wait::{Timeout, until};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -29,6 +30,8 @@ pub enum ClusterError {
     Kubeconfig(#[from] kube::config::KubeconfigError),
     #[error("building client: {0}")]
     Client(#[from] kube::Error),
+    #[error(transparent)]
+    Timeout(#[from] Timeout),
 }
 
 pub struct TestCluster {
@@ -184,6 +187,33 @@ impl TestCluster {
             .append(true)
             .open(self.dir.join("pids"))?;
         writeln!(pids, "{pid}")
+    }
+
+    /// A namespace for one test on the node's cluster, once its `default` ServiceAccount exists: the
+    /// ServiceAccount admission plugin refuses pods before that.
+    pub async fn namespace_for_pods(
+        &self,
+        client: &Client,
+        prefix: &str,
+    ) -> Result<String, ClusterError> {
+        let namespace = self.namespace(client, prefix).await?;
+        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+        until(
+            &format!("the default ServiceAccount of {namespace}"),
+            std::time::Duration::from_secs(30),
+            || {
+                let accounts = accounts.clone();
+                async move {
+                    accounts
+                        .get("default")
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+            },
+        )
+        .await?;
+        Ok(namespace)
     }
 
     /// Creates a namespace with a unique name for one test.

@@ -21,9 +21,7 @@ use flywheel_e2e::repo_root;
 use flywheel_e2e::serving::{HttpClient, rest_body};
 use flywheel_e2e::wait::until;
 use flywheel_ml::synthetic::{SyntheticConfig, generate};
-use k8s_openapi::api::core::v1::{
-    PersistentVolume, PersistentVolumeClaim, Pod, Service, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Service};
 use kube::api::{LogParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -74,19 +72,7 @@ struct Setup {
 async fn setup(prefix: &str, rows: u32) -> Result<Setup, Box<dyn std::error::Error>> {
     let cluster = operator().await?;
     let client = cluster.client().await?;
-    let namespace = cluster.namespace(&client, prefix).await?;
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-    until("the default ServiceAccount", SETTLE, || {
-        let accounts = accounts.clone();
-        async move {
-            accounts
-                .get("default")
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-    })
-    .await?;
+    let namespace = cluster.namespace_for_pods(&client, prefix).await?;
 
     // The node's local disk as the volume (removed with the cluster); pods run as 65532, so the directory is
     // open to them.

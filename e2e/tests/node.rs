@@ -18,7 +18,7 @@ use flywheel_e2e::serving::{HttpClient, Process, free_port};
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -30,28 +30,10 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 const POD_START: Duration = Duration::from_secs(90);
 
-/// A namespace of the node's cluster, once its `default` ServiceAccount exists (the ServiceAccount admission
-/// plugin refuses pods before that).
 async fn setup(prefix: &str) -> Result<(Client, String), Box<dyn std::error::Error>> {
     let cluster = TestCluster::with_node()?;
     let client = cluster.client().await?;
-    let namespace = cluster.namespace(&client, prefix).await?;
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-    until(
-        "the default ServiceAccount",
-        Duration::from_secs(30),
-        || {
-            let accounts = accounts.clone();
-            async move {
-                accounts
-                    .get("default")
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
-        },
-    )
-    .await?;
+    let namespace = cluster.namespace_for_pods(&client, prefix).await?;
     Ok((client, namespace))
 }
 
