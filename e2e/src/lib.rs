@@ -13,6 +13,7 @@ pub mod operator;
 pub mod prometheus;
 pub mod rollouts;
 pub mod serving;
+pub mod training_jobs;
 pub mod wait;
 
 use std::path::PathBuf;

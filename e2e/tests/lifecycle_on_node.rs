@@ -19,6 +19,7 @@ use flywheel_e2e::helm::helm;
 use flywheel_e2e::images::image;
 use flywheel_e2e::repo_root;
 use flywheel_e2e::serving::{HttpClient, rest_body};
+use flywheel_e2e::training_jobs::{finished, job_until};
 use flywheel_e2e::wait::until;
 use flywheel_ml::synthetic::{SyntheticConfig, generate};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Service};
@@ -189,36 +190,6 @@ async fn create_job(client: &Client, namespace: &str, manifest: &Value) -> TestR
     Ok(())
 }
 
-async fn job_until(
-    s: &Setup,
-    name: &str,
-    what: &str,
-    limit: Duration,
-    check: impl Fn(&TrainingJob) -> bool,
-) -> Result<TrainingJob, Box<dyn std::error::Error>> {
-    let jobs: Api<TrainingJob> = Api::namespaced(s.client.clone(), &s.namespace);
-    Ok(until(&format!("{name}: {what}"), limit, || async {
-        let job = jobs.get(name).await.map_err(|e| e.to_string())?;
-        if check(&job) {
-            Ok(job)
-        } else {
-            Err(serde_json::to_string(&job.status).unwrap_or_default())
-        }
-    })
-    .await?)
-}
-
-fn phase(job: &TrainingJob) -> Option<TrainingPhase> {
-    job.status.as_ref().and_then(|s| s.phase)
-}
-
-fn finished(job: &TrainingJob) -> bool {
-    matches!(
-        phase(job),
-        Some(TrainingPhase::Succeeded | TrainingPhase::Failed)
-    )
-}
-
 #[tokio::test]
 async fn a_parameter_server_gang_trains_in_containers_and_leaves_a_model_version() -> TestResult {
     let s = setup("ps-node", 20_000).await?;
@@ -227,7 +198,15 @@ async fn a_parameter_server_gang_trains_in_containers_and_leaves_a_model_version
         json!({"parameterServer": {"servers": 2, "workers": 2}}),
     );
     create_job(&s.client, &s.namespace, &manifest).await?;
-    let done = job_until(&s, "ps-train", "to finish", TRAINING, finished).await?;
+    let done = job_until(
+        &s.client,
+        &s.namespace,
+        "ps-train",
+        "to finish",
+        TRAINING,
+        finished,
+    )
+    .await?;
     let status = done.status.clone().unwrap_or_default();
     assert_eq!(status.phase, Some(TrainingPhase::Succeeded), "{status:?}");
     assert_eq!(status.restarts, 0, "{status:?}");
@@ -278,7 +257,8 @@ async fn a_training_container_killed_by_docker_restarts_the_gang_from_its_checkp
 
     // The operator's pod polls the chief's status port over the pod network.
     job_until(
-        &s,
+        &s.client,
+        &s.namespace,
         "long-train",
         "progress from the chief",
         TRAINING,
@@ -300,16 +280,29 @@ async fn a_training_container_killed_by_docker_restarts_the_gang_from_its_checkp
     let killed = Command::new(docker).args(["kill", &container]).output()?;
     assert!(killed.status.success(), "{killed:?}");
 
-    let restarted = job_until(&s, "long-train", "a counted gang restart", SETTLE, |job| {
-        job.status.as_ref().is_some_and(|s| s.restarts == 1)
-    })
+    let restarted = job_until(
+        &s.client,
+        &s.namespace,
+        "long-train",
+        "a counted gang restart",
+        SETTLE,
+        |job| job.status.as_ref().is_some_and(|s| s.restarts == 1),
+    )
     .await?;
     let reasons = restarted.status.clone().unwrap_or_default().restart_reasons;
     assert!(
         reasons[0].starts_with("long-train-worker-0 exited 137"),
         "{reasons:?}"
     );
-    let done = job_until(&s, "long-train", "to finish", TRAINING, finished).await?;
+    let done = job_until(
+        &s.client,
+        &s.namespace,
+        "long-train",
+        "to finish",
+        TRAINING,
+        finished,
+    )
+    .await?;
     let status = done.status.unwrap_or_default();
     assert_eq!(status.phase, Some(TrainingPhase::Succeeded), "{status:?}");
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.namespace);
@@ -330,13 +323,20 @@ async fn an_image_that_cannot_be_pulled_is_named_in_the_jobs_status() -> TestRes
     // A registry on this machine's loopback that nothing serves: the pull fails here, nothing leaves.
     manifest["spec"]["image"] = json!("127.0.0.1:9/flywheel/no-such-trainer:0");
     create_job(&s.client, &s.namespace, &manifest).await?;
-    let stuck = job_until(&s, "missing-image", "PodsStarted=False", SETTLE, |job| {
-        job.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "PodsStarted" && c.status == "False")
-        })
-    })
+    let stuck = job_until(
+        &s.client,
+        &s.namespace,
+        "missing-image",
+        "PodsStarted=False",
+        SETTLE,
+        |job| {
+            job.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "PodsStarted" && c.status == "False")
+            })
+        },
+    )
     .await?;
     let status = stuck.status.unwrap_or_default();
     let condition = status
@@ -367,7 +367,15 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
         &job("ctr-v1", json!({"single": {}})),
     )
     .await?;
-    let done = job_until(&s, "ctr-v1", "to finish", TRAINING, finished).await?;
+    let done = job_until(
+        &s.client,
+        &s.namespace,
+        "ctr-v1",
+        "to finish",
+        TRAINING,
+        finished,
+    )
+    .await?;
     let status = done.status.unwrap_or_default();
     assert_eq!(status.phase, Some(TrainingPhase::Succeeded), "{status:?}");
 

@@ -17,6 +17,7 @@ use flywheel_crds::{GPUQuota, ModelVersion, TrainingJob};
 use flywheel_e2e::cluster::TestCluster;
 use flywheel_e2e::kubelet::Kubelet;
 use flywheel_e2e::operator::OperatorProcess;
+use flywheel_e2e::training_jobs::{job_until, phase};
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -193,31 +194,6 @@ async fn create_quota(
             &serde_json::from_value(manifest.clone())?,
         )
         .await?)
-}
-
-/// Waits until the job's status satisfies `check`; returns that job.
-async fn job_until(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    what: &str,
-    limit: Duration,
-    check: impl Fn(&TrainingJob) -> bool,
-) -> Result<TrainingJob, Box<dyn std::error::Error>> {
-    let api: Api<TrainingJob> = Api::namespaced(client.clone(), namespace);
-    Ok(until(&format!("{name}: {what}"), limit, || async {
-        let job = api.get(name).await.map_err(|e| e.to_string())?;
-        if check(&job) {
-            Ok(job)
-        } else {
-            Err(serde_json::to_string(&job.status).unwrap_or_default())
-        }
-    })
-    .await?)
-}
-
-fn phase(job: &TrainingJob) -> Option<TrainingPhase> {
-    job.status.as_ref().and_then(|s| s.phase)
 }
 
 /// The job's pods once at least `count` exist (status is written before the pods are created).
