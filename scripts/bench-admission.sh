@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Admission benchmark: JOBS TrainingJobs (default 1000) applied at once against a fresh local kube-apiserver,
-# the release-built operator, and the kubelet stand-in marking pods Running. Prints one table.
+# the release-built operator; the admitted gangs' pods are created and stay Pending (no node). Prints one table.
 #   scripts/bench-admission.sh [JOBS]
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$repo"

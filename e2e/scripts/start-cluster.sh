@@ -3,17 +3,15 @@
 # (RBAC, token auth, TLS from a CA made here) and kube-controller-manager (garbage collector, namespace and job
 # controllers only). Writes $DIR/kubeconfig and returns when the API server is ready.
 #
-# usage: start-cluster.sh DIR [--owner-pid PID] [--with-workloads] [--with-node]
+# usage: start-cluster.sh DIR [--owner-pid PID] [--with-node]
 #   DIR               state directory (certs, logs, pids, kubeconfig); created if missing
 #   --owner-pid       tear everything down (and delete DIR) once PID exits: a test binary's cluster dies with it
-#   --with-workloads  also run the deployment and replicaset controllers, so Deployments get Pods (which the
-#                     kubelet stand-in runs); off by default so tests that only check manifests start nothing
 #   --with-node       a real node (start-node.sh: Docker, kubelet, kube-scheduler, kube-proxy, cluster DNS);
 #                     the API server then also answers pods on the node's address and Service IP 10.96.0.1,
 #                     ServiceAccount tokens are mounted into pods, and every workload controller runs
 set -euo pipefail
 
-usage="usage: start-cluster.sh DIR [--owner-pid PID] [--with-workloads]"
+usage="usage: start-cluster.sh DIR [--owner-pid PID] [--with-node]"
 dir="${1:?$usage}"
 shift
 owner=""
@@ -22,7 +20,6 @@ node=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --owner-pid) owner="${2:?--owner-pid needs a PID}"; shift 2 ;;
-    --with-workloads) controllers="$controllers,deployment,replicaset"; shift ;;
     --with-node) node=1; shift ;;
     *) echo "$usage" >&2; exit 2 ;;
   esac

@@ -1,14 +1,14 @@
-//! Test harness against a real kube-apiserver: a fresh local control plane per test binary, the operator as a
-//! real process, and a kubelet stand-in that runs Flywheel's own images as local processes.
+//! Test harness against a real Kubernetes: a fresh local control plane per test binary and, for the tests
+//! that run pods, a real node (kubelet, Docker, kube-proxy, cluster DNS) running Flywheel's built images with
+//! the operator installed by its chart.
 
 pub mod cluster;
-pub mod cluster_dns;
-pub mod config_volumes;
 pub mod fixtures;
 pub mod helm;
+pub mod http;
 pub mod images;
-pub mod kubelet;
 pub mod node_dns;
+pub mod on_node;
 pub mod operator;
 pub mod prometheus;
 pub mod rollouts;

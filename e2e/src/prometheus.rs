@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::operator::http_get;
+use crate::http::http_get;
 use crate::wait::{Timeout, until};
 
 #[derive(Debug, thiserror::Error)]

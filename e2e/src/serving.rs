@@ -15,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use crate::bin_dir;
-use crate::operator::http_get;
+use crate::http::http_get;
 use crate::wait::until;
 
 #[derive(Debug, thiserror::Error)]

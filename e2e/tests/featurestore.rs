@@ -971,7 +971,7 @@ async fn ingestion_killed_mid_stream_loses_nothing_and_counts_nothing_twice() ->
         Ok((process, admin))
     };
     let ingested = |admin: u16| async move {
-        let (_, text) = flywheel_e2e::operator::http_get(admin, "/metrics")
+        let (_, text) = flywheel_e2e::http::http_get(admin, "/metrics")
             .await
             .map_err(|e| e.to_string())?;
         Ok::<f64, String>(
@@ -1022,7 +1022,7 @@ async fn ingestion_killed_mid_stream_loses_nothing_and_counts_nothing_twice() ->
         "the last batch is written",
         Duration::from_secs(30),
         || async move {
-            let (_, text) = flywheel_e2e::operator::http_get(admin, "/metrics")
+            let (_, text) = flywheel_e2e::http::http_get(admin, "/metrics")
                 .await
                 .map_err(|e| e.to_string())?;
             let lag: f64 = text

@@ -1,16 +1,14 @@
-//! The FeatureView controller against a real API server, with Jobs run by kube-controller-manager's job
-//! controller and the kubelet stand-in running the real `flywheel-trainer materialize` into a real Redis:
-//! scheduled materialization, status from the Job's report, drift, the ingestion Deployment, and a spec the
-//! controller refuses.
+//! FeatureViews on the real node: the operator installed by the chart schedules materialization Jobs, whose
+//! pods (trainer image) read the source from the namespace's volume and write the offline table there and the
+//! online features into a real Redis on the node's address. Status from the Job's report, drift, the
+//! ingestion Deployment, and a spec the operator refuses.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use flywheel_crds::FeatureView;
-use flywheel_e2e::cluster::TestCluster;
-use flywheel_e2e::kubelet::Kubelet;
-use flywheel_e2e::operator::OperatorProcess;
+use flywheel_e2e::on_node::{self, NODE_IP, STORAGE, namespace_with_storage};
 use flywheel_e2e::serving::Redis;
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -46,21 +44,16 @@ fn condition(view: &FeatureView, type_: &str) -> Option<(String, String)> {
 
 #[tokio::test]
 async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
-    let cluster = TestCluster::shared()?;
-    let _operator =
-        OperatorProcess::spawn(cluster, "featureview-tests", &["--no-leader-election"])?;
+    let cluster = on_node::operator(&[]).await?;
     let client = cluster.client().await?;
-    let namespace = cluster.namespace(&client, "fv").await?;
-    let work = std::env::temp_dir().join(format!("flywheel-featureview-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
-    tokio::spawn(
-        Kubelet::new(client.clone(), flywheel_e2e::bin_dir(), work.join("pods"))
-            .in_namespace(&namespace)
-            .run(),
-    );
-    let redis = Redis::start(&work).await?;
-    let source = work.join("source");
+    let (namespace, storage) = namespace_with_storage(cluster, &client, "fv").await?;
+    // Redis stands outside the cluster, as a managed store would; pods reach it on the node's address.
+    let bind = format!("127.0.0.1 {NODE_IP}");
+    let staging = cluster.state_dir().join(format!("{namespace}-staging"));
+    std::fs::create_dir_all(&staging)?;
+    let redis = Redis::start_with(&staging, &["--bind", &bind, "--protected-mode", "no"]).await?;
+    // The source lands on the volume the way a data pipeline would drop it there.
+    let source = storage.join("source");
     let now = jiff::Timestamp::now();
     let hour_ago = now
         .checked_sub(jiff::SignedDuration::from_hours(1))?
@@ -77,7 +70,7 @@ async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
         "spec": {
             "entities": [{"name": "user", "joinKey": "user_id", "valueType": "Int64"}],
             "source": {
-                "batch": {"uri": format!("file://{}", source.display()), "timestampField": "event_timestamp"},
+                "batch": {"uri": format!("file://{STORAGE}/source"), "timestampField": "event_timestamp"},
                 "stream": {"brokers": ["127.0.0.1:9"], "topic": "user-events", "timestampField": "event_timestamp"},
             },
             "features": [
@@ -87,8 +80,8 @@ async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
                  "aggregation": {"function": "count", "window": "1d"}},
             ],
             "ttl": "2d",
-            "offline": {"uri": format!("file://{}", work.join("offline").display())},
-            "online": {"redis": {"address": format!("127.0.0.1:{}", redis.port)}},
+            "offline": {"uri": format!("file://{STORAGE}/offline")},
+            "online": {"redis": {"address": format!("{NODE_IP}:{}", redis.port)}},
             "materialization": {"schedule": "@every 15s"},
         },
     }))?;
@@ -160,7 +153,7 @@ async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
 
     // Newer events with prices shifted up: the next scheduled run reads only them and reports drift.
     generate(
-        &work.join("shifted"),
+        &staging.join("shifted"),
         &[
             "--events",
             "4000",
@@ -173,7 +166,7 @@ async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
         ],
     )?;
     std::fs::rename(
-        work.join("shifted/events.parquet"),
+        staging.join("shifted/events.parquet"),
         source.join("shifted.parquet"),
     )?;
     let first_job = run.job.clone();
@@ -222,9 +215,7 @@ async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
 
 #[tokio::test]
 async fn a_feature_whose_type_cannot_hold_its_aggregation_is_invalid() -> TestResult {
-    let cluster = TestCluster::shared()?;
-    let _operator =
-        OperatorProcess::spawn(cluster, "featureview-invalid", &["--no-leader-election"])?;
+    let cluster = on_node::operator(&[]).await?;
     let client = cluster.client().await?;
     let namespace = cluster.namespace(&client, "fv-bad").await?;
     let views: Api<FeatureView> = Api::namespaced(client.clone(), &namespace);

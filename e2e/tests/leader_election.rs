@@ -1,59 +1,71 @@
-//! Two operator replicas on one Lease: only the leader reconciles; when it dies the standby takes over within
-//! the lease duration; when it is stopped with SIGTERM it hands the Lease over at once.
-//!
-//! The killed leader's object must wait for the Lease to lapse: measured here, bounded by one lease duration
-//! plus one retry period.
+//! The operator as its chart runs it: two replicas, as pods from the operator image with the chart's
+//! ServiceAccount, on one Lease. Only the leader reconciles; the standby answers probes. When the leader's
+//! container is killed (`docker kill`: no chance to release the Lease), a new object is reconciled within one
+//! lease duration plus one retry period; when the leader's pod is deleted (SIGTERM), it hands the Lease to the
+//! other replica at once. `helm uninstall` leaves no object of the release behind.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use flywheel_e2e::cluster::TestCluster;
 use flywheel_e2e::fixtures::{api_for, condition, create, example, set};
-use flywheel_e2e::operator::OperatorProcess;
+use flywheel_e2e::http::http_get_at;
+use flywheel_e2e::on_node::{self, RELEASE_NAMESPACE, container_of, docker_kill};
 use flywheel_e2e::wait::until;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::{Api, Client};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams};
+use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const LEASE_DURATION: Duration = Duration::from_secs(6);
 const RETRY: Duration = Duration::from_secs(1);
+/// The chart's metrics and probe port.
+const HTTP_PORT: u16 = 8080;
 
-const LEASE: &str = "election-test";
-const ARGS: [&str; 8] = [
-    "--lease-name",
-    LEASE,
-    "--lease-namespace",
-    "default",
-    "--lease-duration",
-    "6s",
-    "--lease-retry",
-    "1s",
-];
-
-async fn holder(client: &Client) -> Option<String> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
-    leases
-        .get_opt(LEASE)
+/// Holder of the operator's leader Lease.
+async fn holder(client: &Client) -> Result<String, String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let lease = leases
+        .get("flywheel-operator")
         .await
-        .ok()
-        .flatten()?
-        .spec?
-        .holder_identity
-        .filter(|h| !h.is_empty())
+        .map_err(|e| e.to_string())?;
+    lease
+        .spec
+        .and_then(|spec| spec.holder_identity)
+        .filter(|holder| !holder.is_empty())
+        .ok_or_else(|| "no holder".to_owned())
 }
 
-fn spawn_pair(
-    cluster: &TestCluster,
-    lease: &str,
-) -> std::io::Result<(OperatorProcess, OperatorProcess)> {
-    let first = OperatorProcess::spawn(cluster, &format!("{lease}-a"), &ARGS)?;
-    let second = OperatorProcess::spawn(cluster, &format!("{lease}-b"), &ARGS)?;
-    Ok((first, second))
+/// The operator's pods that are Ready and not being deleted, by name, with their IPs.
+async fn ready_operators(client: &Client) -> Result<Vec<(String, Ipv4Addr)>, String> {
+    let pods = on_node::operator_pods(client)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(pods
+        .into_iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter_map(|pod| {
+            let status = pod.status.as_ref()?;
+            let ready = status
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let ip = status.pod_ip.as_ref()?.parse().ok()?;
+            ready.then(|| (pod.name_any(), ip))
+        })
+        .collect())
 }
 
-async fn reconciled_count(operator: &OperatorProcess) -> Result<u64, Box<dyn std::error::Error>> {
-    let (_, body) = operator.get("/metrics").await?;
+async fn get(ip: Ipv4Addr, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_at(SocketAddr::from((ip, HTTP_PORT)), path).await
+}
+
+async fn reconciled_count(ip: Ipv4Addr) -> Result<u64, Box<dyn std::error::Error>> {
+    let (_, body) = get(ip, "/metrics").await?;
     Ok(body
         .lines()
         .filter(|line| line.starts_with("flywheel_operator_reconciliations_total"))
@@ -90,85 +102,142 @@ async fn time_to_ready(
     Ok(start.elapsed())
 }
 
-async fn elect(client: &Client) -> Result<String, Box<dyn std::error::Error>> {
-    Ok(until("a leader", Duration::from_secs(30), || async {
-        holder(client).await.ok_or_else(|| "no holder".to_owned())
-    })
-    .await?)
-}
-
-/// One narrative, because every replica set reconciles the whole cluster: two groups in parallel tests would
-/// reconcile each other's objects.
+/// One narrative, because the release's replicas reconcile the whole cluster.
 #[tokio::test]
-async fn only_the_leader_reconciles_and_the_standby_takes_over() -> TestResult {
-    let cluster = TestCluster::shared()?;
+async fn only_the_leader_reconciles_and_the_lease_survives_a_kill_and_hands_over_on_delete()
+-> TestResult {
+    let cluster = on_node::operator(&[
+        "replicaCount=2",
+        "leaderElection.leaseDuration=6s",
+        "leaderElection.retryPeriod=1s",
+    ])
+    .await?;
     let client = cluster.client().await?;
     let namespace = cluster.namespace(&client, "leader").await?;
-    let (mut first, mut second) = spawn_pair(cluster, LEASE)?;
-    let leader_id = elect(&client).await?;
+
+    let replicas = until("two Ready operator pods", Duration::from_secs(120), || {
+        let client = client.clone();
+        async move {
+            let ready = ready_operators(&client).await?;
+            if ready.len() == 2 {
+                Ok(ready)
+            } else {
+                Err(format!("ready: {ready:?}"))
+            }
+        }
+    })
+    .await?;
+    let leader = until("a pod to hold the Lease", Duration::from_secs(60), || {
+        let client = client.clone();
+        async move { holder(&client).await }
+    })
+    .await?;
     time_to_ready(&client, &namespace, "before").await?;
-    let (leader, standby) = if leader_id == first.identity {
-        (&mut first, &mut second)
-    } else {
-        (&mut second, &mut first)
-    };
+    let (_, standby_ip) = replicas
+        .iter()
+        .find(|(name, _)| *name != leader)
+        .ok_or_else(|| format!("{leader} holds the Lease but is not one of {replicas:?}"))?;
     assert_eq!(
-        reconciled_count(standby).await?,
+        reconciled_count(*standby_ip).await?,
         0,
         "the standby must not reconcile"
     );
     assert!(
-        standby
-            .get("/metrics")
+        get(*standby_ip, "/metrics")
             .await?
             .1
             .contains("flywheel_operator_leader 0")
     );
     assert_eq!(
-        standby.get("/readyz").await?.0,
+        get(*standby_ip, "/readyz").await?.0,
         200,
         "a standby is ready to serve probes"
     );
 
-    // A crash: the Lease is not released and must lapse first.
-    leader.kill();
+    // A crash: the Lease is not released. The kubelet restarts the container, which is the same pod and so
+    // the same identity, or the standby takes the Lease once it lapses: either way within a lease duration.
+    let container = container_of(RELEASE_NAMESPACE, &leader, "operator")?;
+    docker_kill(&container)?;
     let killed_at = Instant::now();
     time_to_ready(&client, &namespace, "after-kill").await?;
     let takeover = killed_at.elapsed();
-    eprintln!("leader killed: a new object was Ready {takeover:?} after the kill");
-    assert_eq!(
-        holder(&client).await.as_deref(),
-        Some(standby.identity.as_str())
-    );
-    assert!(reconciled_count(standby).await? > 0);
+    eprintln!("leader's container killed: a new object was Ready {takeover:?} after the kill");
     assert!(
-        takeover <= LEASE_DURATION + RETRY + Duration::from_secs(3),
+        takeover <= LEASE_DURATION + RETRY + Duration::from_secs(5),
         "takeover took {takeover:?}"
     );
+    let leader = holder(&client).await?;
 
-    // A graceful stop: the Lease is released and a new standby takes it at once.
-    let third = OperatorProcess::spawn(cluster, &format!("{LEASE}-c"), &ARGS)?;
-    tokio::time::sleep(RETRY).await;
-    let status = standby.terminate()?;
-    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    // A graceful stop: the leader's pod is deleted, releases the Lease, and the other replica takes it
+    // before it would have lapsed.
+    Api::<Pod>::namespaced(client.clone(), RELEASE_NAMESPACE)
+        .delete(&leader, &DeleteParams::default())
+        .await?;
     let stopped_at = Instant::now();
-    until(
-        "the new standby to lead",
-        Duration::from_secs(30),
-        || async {
-            match holder(&client).await {
-                Some(holder) if holder == third.identity => Ok(()),
-                other => Err(format!("{other:?}")),
+    let successor = until("the other replica to lead", Duration::from_secs(30), || {
+        let client = client.clone();
+        let leader = leader.clone();
+        async move {
+            match holder(&client).await? {
+                holder if holder != leader => Ok(holder),
+                holder => Err(format!("still {holder}")),
             }
-        },
-    )
+        }
+    })
     .await?;
     let handover = stopped_at.elapsed();
-    eprintln!("SIGTERM: lease handed over in {handover:?}");
+    eprintln!("pod deleted: the Lease went from {leader} to {successor} in {handover:?}");
     assert!(
         handover < LEASE_DURATION,
         "a released lease is taken before it would lapse: {handover:?}"
     );
-    time_to_ready(&client, &namespace, "after-term").await?;
+    time_to_ready(&client, &namespace, "after-delete").await?;
+
+    // Uninstalling removes the operator's pods and every object of the release.
+    flywheel_e2e::helm::helm(&[
+        "uninstall",
+        "flywheel",
+        RELEASE_NAMESPACE,
+        &cluster.kubeconfig().to_string_lossy(),
+    ])?;
+    until(
+        "the release's objects to go",
+        Duration::from_secs(90),
+        || {
+            let client = client.clone();
+            async move {
+                let list = ListParams::default();
+                let pods: Api<Pod> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+                let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+                let deployments: Api<Deployment> =
+                    Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+                let left = (
+                    pods.list(&list)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .len(),
+                    leases
+                        .list(&list)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .len(),
+                    deployments
+                        .list(&list)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .items
+                        .len(),
+                );
+                if left == (0, 0, 0) {
+                    Ok(())
+                } else {
+                    Err(format!("(pods, leases, deployments) left: {left:?}"))
+                }
+            }
+        },
+    )
+    .await?;
     Ok(())
 }

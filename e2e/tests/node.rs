@@ -1,27 +1,22 @@
 //! A real node: kubelet runs Flywheel's built images in Docker, with addresses on the CNI bridge, and answers
 //! what only a real runtime can — a read-only root filesystem refuses writes, a mounted volume takes them,
 //! a ConfigMap is mounted, a pod whose readiness probe fails gets no traffic from its Service, and cluster DNS
-//! names a Service's ClusterIP. The chart installs the operator as two pods from its image, under its own
-//! ServiceAccount, and the Lease moves to another replica when the leader's pod goes. Images published with
-//! `scripts/build-images.sh REGISTRY` to a registry are pulled from it by the node.
+//! names a Service's ClusterIP. Images published with `scripts/build-images.sh REGISTRY` to a registry are
+//! pulled from it by the node. (The operator's pods, installed by the chart, are `leader_election.rs`.)
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::Duration;
 
 use flywheel_e2e::cluster::TestCluster;
-use flywheel_e2e::fixtures::{api_for, condition, create, example};
-use flywheel_e2e::helm::helm;
 use flywheel_e2e::images::image;
 use flywheel_e2e::repo_root;
 use flywheel_e2e::serving::{HttpClient, Process, free_port};
 use flywheel_e2e::wait::until;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Endpoints, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::api::{ListParams, LogParams, PostParams};
+use kube::{Api, Client};
 use serde_json::json;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -324,161 +319,6 @@ async fn a_service_sends_traffic_only_to_ready_pods_and_dns_names_it() -> TestRe
     )
     .await?;
     assert_eq!(resolved, vec![cluster_ip]);
-    Ok(())
-}
-
-/// Holder of the operator's leader Lease.
-async fn lease_holder(client: &Client, namespace: &str) -> Result<String, String> {
-    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let lease = leases
-        .get("flywheel-operator")
-        .await
-        .map_err(|e| e.to_string())?;
-    lease
-        .spec
-        .and_then(|spec| spec.holder_identity)
-        .filter(|holder| !holder.is_empty())
-        .ok_or_else(|| "no holder".to_owned())
-}
-
-/// Names of the operator's pods that are Ready and not being deleted.
-async fn ready_operator_pods(client: &Client, namespace: &str) -> Result<Vec<String>, String> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let listed = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/name=flywheel-operator"))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(listed
-        .items
-        .into_iter()
-        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
-        .filter(|pod| {
-            pod.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .map(|pod| pod.name_any())
-        .collect())
-}
-
-#[tokio::test]
-async fn the_chart_runs_the_operator_as_pods_that_hand_over_the_lease() -> TestResult {
-    let cluster = TestCluster::with_node()?;
-    let client = cluster.client().await?;
-    let release_namespace = "flywheel-system";
-    let chart = repo_root().join("charts/flywheel");
-    helm(&[
-        "install",
-        "flywheel",
-        &chart.to_string_lossy(),
-        release_namespace,
-        &cluster.kubeconfig().to_string_lossy(),
-        "image.pullPolicy=Never",
-    ])?;
-
-    // Both replicas run from the operator image with the chart's ServiceAccount; one of them holds the Lease.
-    let ready = until("two Ready operator pods", Duration::from_secs(120), || {
-        let client = client.clone();
-        async move {
-            let ready = ready_operator_pods(&client, release_namespace).await?;
-            if ready.len() == 2 {
-                Ok(ready)
-            } else {
-                Err(format!("ready: {ready:?}"))
-            }
-        }
-    })
-    .await?;
-    let leader = until("a pod to hold the Lease", Duration::from_secs(60), || {
-        let client = client.clone();
-        async move { lease_holder(&client, release_namespace).await }
-    })
-    .await?;
-    assert!(ready.contains(&leader), "{leader} is not one of {ready:?}");
-
-    // The leader reconciles: a GPUQuota gets its verdict.
-    let (_, namespace) = setup("chart-node").await?;
-    let quota = example("gpuquota.yaml")?;
-    create(&client, &namespace, &quota).await??;
-    let quotas = api_for(&client, "GPUQuota", &namespace)?;
-    until("the GPUQuota to be Ready", Duration::from_secs(60), || {
-        let quotas = quotas.clone();
-        async move {
-            let object = quotas
-                .get("ranking-team")
-                .await
-                .map_err(|e| e.to_string())?;
-            match condition(&object, "Ready") {
-                Some((status, ..)) if status == "True" => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        }
-    })
-    .await?;
-
-    // The leader's pod goes away: the other replica takes the Lease over.
-    let pods: Api<Pod> = Api::namespaced(client.clone(), release_namespace);
-    pods.delete(&leader, &DeleteParams::default()).await?;
-    let successor = until("the other replica to lead", Duration::from_secs(60), || {
-        let client = client.clone();
-        let leader = leader.clone();
-        async move {
-            match lease_holder(&client, release_namespace).await? {
-                holder if holder != leader => Ok(holder),
-                holder => Err(format!("still {holder}")),
-            }
-        }
-    })
-    .await?;
-    // The standby or the ReplicaSet's replacement, whichever asked first once the leader let go.
-    assert_ne!(successor, leader);
-
-    // Uninstalling removes the operator's pods and every object of the release.
-    helm(&[
-        "uninstall",
-        "flywheel",
-        release_namespace,
-        &cluster.kubeconfig().to_string_lossy(),
-    ])?;
-    until(
-        "the release's objects to go",
-        Duration::from_secs(90),
-        || {
-            let client = client.clone();
-            async move {
-                let pods: Api<Pod> = Api::namespaced(client.clone(), release_namespace);
-                let leases: Api<Lease> = Api::namespaced(client.clone(), release_namespace);
-                let deployments: Api<Deployment> =
-                    Api::namespaced(client.clone(), release_namespace);
-                let left = (
-                    pods.list(&ListParams::default())
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .items
-                        .len(),
-                    leases
-                        .list(&ListParams::default())
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .items
-                        .len(),
-                    deployments
-                        .list(&ListParams::default())
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .items
-                        .len(),
-                );
-                if left == (0, 0, 0) {
-                    Ok(())
-                } else {
-                    Err(format!("(pods, leases, deployments) left: {left:?}"))
-                }
-            }
-        },
-    )
-    .await?;
     Ok(())
 }
 

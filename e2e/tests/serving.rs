@@ -12,7 +12,7 @@ use flywheel_e2e::serving::{
     rest_body, train,
 };
 use flywheel_e2e::wait::until;
-use flywheel_e2e::{bin_dir, operator::http_get};
+use flywheel_e2e::{bin_dir, http::http_get};
 use flywheel_serving::grpc::feedback::feedback_client::FeedbackClient;
 use flywheel_serving::grpc::feedback::{Label, LabelRequest};
 use flywheel_serving::grpc::inference::grpc_inference_service_client::GrpcInferenceServiceClient;

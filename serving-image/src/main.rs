@@ -508,46 +508,8 @@ async fn shutdown_signal() {
     }
 }
 
-/// Where pods share one network namespace (the local kubelet stand-in), `FLYWHEEL_BIND_ADDRESS` is the pod's own
-/// address, and "all interfaces" must mean only it, or two pods' listeners on the same port collide.
-fn effective_address(
-    address: SocketAddr,
-    bind_address: Option<&str>,
-) -> anyhow::Result<SocketAddr> {
-    match bind_address {
-        Some(ip) if address.ip().is_unspecified() => {
-            let ip = ip
-                .parse()
-                .with_context(|| format!("FLYWHEEL_BIND_ADDRESS {ip:?} is not an IP address"))?;
-            Ok(SocketAddr::new(ip, address.port()))
-        }
-        _ => Ok(address),
-    }
-}
-
 async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
-    let bind_address = std::env::var("FLYWHEEL_BIND_ADDRESS").ok();
-    let address = effective_address(address, bind_address.as_deref())?;
     TcpListener::bind(address)
         .await
         .with_context(|| format!("binding {address}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_unspecified_addresses_take_the_bind_address() -> anyhow::Result<()> {
-        let all: SocketAddr = "0.0.0.0:8080".parse()?;
-        let loopback: SocketAddr = "127.0.0.1:8081".parse()?;
-        assert_eq!(
-            effective_address(all, Some("127.1.0.7"))?,
-            "127.1.0.7:8080".parse()?
-        );
-        assert_eq!(effective_address(loopback, Some("127.1.0.7"))?, loopback);
-        assert_eq!(effective_address(all, None)?, all);
-        assert!(effective_address(all, Some("pod-7")).is_err());
-        Ok(())
-    }
 }

@@ -1,5 +1,6 @@
-//! Admission benchmark: N TrainingJobs applied at once against a real kube-apiserver, the real operator
-//! (`FLYWHEEL_BIN_DIR`, build it with `--release`), and the kubelet stand-in marking admitted pods Running.
+//! Admission benchmark: N TrainingJobs applied at once against a real kube-apiserver and the real operator
+//! (`FLYWHEEL_BIN_DIR`, build it with `--release`). It measures the operator's admission and gang creation:
+//! the cluster has no node, so the admitted gangs' pods are created and stay Pending.
 //!
 //! One GPUQuota of N/2 GPUs; every job is a one-worker data-parallel gang asking for one GPU, so exactly the
 //! first N/2 jobs (by creation) must run and the rest wait in order. Prints a table: time until every job is
@@ -7,14 +8,12 @@
 //!
 //!     scripts/bench-admission.sh [JOBS]
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use flywheel_crds::trainingjob::TrainingPhase;
 use flywheel_crds::{GPUQuota, TrainingJob};
 use flywheel_e2e::cluster::TestCluster;
-use flywheel_e2e::kubelet::Kubelet;
 use flywheel_e2e::operator::OperatorProcess;
 use futures::StreamExt;
 use kube::api::{ListParams, PostParams};
@@ -39,14 +38,6 @@ async fn main() -> anyhow::Result<()> {
     let namespace = cluster.namespace(&client, "bench").await?;
     let mut operator =
         OperatorProcess::spawn(cluster, "bench-admission", &["--no-leader-election"])?;
-    let capacity = BTreeMap::from([("nvidia.com/gpu".to_owned(), gpus as u64)]);
-    let work = std::env::temp_dir().join(format!("flywheel-bench-{}", std::process::id()));
-    tokio::spawn(
-        Kubelet::new(client.clone(), flywheel_e2e::bin_dir(), work)
-            .in_namespace(&namespace)
-            .with_capacity(capacity)
-            .run(),
-    );
     let quota_name = format!("{namespace}-quota");
     let quota: GPUQuota = serde_json::from_value(json!({
         "apiVersion": "flywheel.dev/v1alpha1", "kind": "GPUQuota",
@@ -126,7 +117,7 @@ async fn create(api: Api<TrainingJob>, name: String, queue: String) -> anyhow::R
     Ok(())
 }
 
-/// When exactly `admitted` jobs run with all their pods Running and every other job waits, at positions
+/// When exactly `admitted` jobs run with all their pods created and every other job waits, at positions
 /// 1, 2, … in creation order (equal priorities): the elapsed time. Which jobs run depends on the order they
 /// reached the API server, so it is not checked.
 async fn correct(
