@@ -194,87 +194,14 @@ training_job ctr-wrong 7 "$mnt/data-other-market"
 "$kubectl" get modelversions ctr-demo ctr-v2 ctr-wrong
 
 step "a real Prometheus (3.x, with Kubernetes discovery): scrapes the operator and the serving pods, evaluates the chart's alert rules"
-prometheus_port=$(free_port)
-mkdir -p "$state/prometheus"
 # The chart's rules as they are, but judged on the demo's small traffic: a relative AUC drop above 15% (not
 # 1%) on ≥ 1000 labeled predictions, for 5 s (not 2 m). At a few hundred labeled requests per second the
 # online AUC of a window is only known to a few percent.
 sed -e 's/for: 2m/for: 5s/' -e 's/canary > 0.01$/canary > 0.15/' -e 's/canary > 0.005$/canary > 0.05/' \
-  charts/flywheel/files/serving-rules.yaml >"$state/prometheus/serving-rules.yaml"
-# Prometheus finds its targets through the API server (Kubernetes service discovery), reading with a
-# ServiceAccount of its own that may only list and watch.
-"$kubectl" apply -f - <<EOT >/dev/null
-apiVersion: v1
-kind: Namespace
-metadata: {name: monitoring}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: prometheus, namespace: monitoring}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: prometheus-discovery}
-rules:
-  - apiGroups: [""]
-    resources: [pods, services, endpoints]
-    verbs: [get, list, watch]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: prometheus-discovery}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: prometheus-discovery}
-subjects: [{kind: ServiceAccount, name: prometheus, namespace: monitoring}]
-EOT
-for _ in $(seq 1 60); do
-  secret="$("$kubectl" -n monitoring get serviceaccount prometheus -o jsonpath='{.secrets[0].name}' 2>/dev/null)"
-  [[ -n "$secret" ]] && break
-  sleep 0.5
-done
-"$kubectl" -n monitoring get secret "$secret" -o jsonpath='{.data.token}' | base64 -d >"$state/prometheus/token"
-api_server="$(awk '/server:/ {print $2; exit}' "$kubeconfig")"
-# The jobs select and label what the chart's ServiceMonitor (the operator's metrics Service, port
-# http-metrics, its labels honored) and PodMonitor (serving and router pods in any namespace, port admin)
-# select, the way the Prometheus Operator turns those into scrape configs.
-cat >"$state/prometheus/prometheus.yml" <<EOT
-global: {scrape_interval: 1s, evaluation_interval: 1s}
-rule_files: [serving-rules.yaml]
-scrape_configs:
-  - job_name: flywheel-operator
-    honor_labels: true
-    kubernetes_sd_configs:
-      - role: endpoints
-        api_server: $api_server
-        tls_config: {ca_file: $state/pki/ca.crt}
-        authorization: {credentials_file: $state/prometheus/token}
-        namespaces: {names: [flywheel-system]}
-    relabel_configs:
-      - {source_labels: [__meta_kubernetes_service_label_app_kubernetes_io_name], regex: flywheel-operator, action: keep}
-      - {source_labels: [__meta_kubernetes_endpoint_port_name], regex: http-metrics, action: keep}
-      - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
-  - job_name: flywheel-serving
-    kubernetes_sd_configs:
-      - role: pod
-        api_server: $api_server
-        tls_config: {ca_file: $state/pki/ca.crt}
-        authorization: {credentials_file: $state/prometheus/token}
-    relabel_configs:
-      - {source_labels: [__meta_kubernetes_pod_label_flywheel_dev_role], regex: serve|router, action: keep}
-      - {source_labels: [__meta_kubernetes_pod_container_port_name], regex: admin, action: keep}
-      - {source_labels: [__meta_kubernetes_pod_phase], regex: Running, action: keep}
-      - {source_labels: [__meta_kubernetes_namespace], target_label: namespace}
-      - {source_labels: [__meta_kubernetes_pod_name], target_label: pod}
-EOT
-prometheus_sid="$FLYWHEEL_CACHE/prometheus-sid"
-"$prometheus_sid/promtool" check config "$state/prometheus/prometheus.yml" >/dev/null
-"$prometheus_sid/prometheus" --config.file="$state/prometheus/prometheus.yml" \
-  --storage.tsdb.path="$state/prometheus/data" --web.listen-address="$node_ip:$prometheus_port" \
-  >"$state/prometheus.log" 2>&1 &
-echo $! >>"$state/pids"
-for _ in $(seq 1 60); do
-  curl -fsS "http://$node_ip:$prometheus_port/-/ready" >/dev/null 2>&1 && break
-  sleep 0.5
-done
+  charts/flywheel/files/serving-rules.yaml >"$state/serving-rules.yaml"
+# Prometheus finds the operator and the serving pods through the API server, as the chart's ServiceMonitor and
+# PodMonitor select them.
+prometheus="$(e2e/scripts/start-prometheus.sh "$state" "$node_ip" "$state/serving-rules.yaml" | tail -n 1)"
 
 step "Rollout ctr: serving ctr-demo behind the router"
 rollout_manifest() { # MODEL_VERSION
@@ -297,7 +224,7 @@ spec:
         - pause: {duration: 30s}
         - setWeight: 100
   analysis:
-    prometheus: http://$node_ip:$prometheus_port
+    prometheus: $prometheus
     interval: 5s
     initialDelay: 5s
     count: 2
@@ -330,7 +257,7 @@ wait_rollout Healthy ctr-demo 120
 "$kubectl" get deployments,services,pods -l flywheel.dev/rollout=ctr -o wide
 containers '/(serve|route) '
 sleep 3
-echo "Prometheus discovered through the API server: $(curl -fsS "http://$node_ip:$prometheus_port/api/v1/targets" \
+echo "Prometheus discovered through the API server: $(curl -fsS "$prometheus/api/v1/targets" \
   | python3 -c '
 import json, sys
 targets = json.load(sys.stdin)["data"]["activeTargets"]
@@ -365,11 +292,11 @@ kill "$watch" 2>/dev/null || true
 echo "abort reason: $("$kubectl" get rollout ctr -o jsonpath='{.status.abortReason}')"
 # The canary is gone from the rules' inputs once it is rolled back, so look back over the last two minutes.
 echo "alerts that fired in Prometheus (last 2 minutes):"
-curl -fsS "http://$node_ip:$prometheus_port/api/v1/query" \
+curl -fsS "$prometheus/api/v1/query" \
   --data-urlencode 'query=max_over_time(ALERTS{alertstate="firing"}[2m])' \
   | python3 -c 'import json,sys; [print("  ", r["metric"]) for r in json.load(sys.stdin)["data"]["result"]]'
 echo "last online AUC of each version (its labeled window):"
-curl -fsS "http://$node_ip:$prometheus_port/api/v1/query" \
+curl -fsS "$prometheus/api/v1/query" \
   --data-urlencode 'query=max by (version) (last_over_time(flywheel_serving_online_auc{model="ctr"}[2m]))' \
   | python3 -c 'import json,sys; [print("  ", r["metric"].get("version"), round(float(r["value"][1]), 4)) for r in json.load(sys.stdin)["data"]["result"]]'
 sleep 5
@@ -388,7 +315,7 @@ The demo is still running. Try:
   $kubectl get flywheel
   $kubectl describe trainingjob ctr-demo
   $kubectl get rollout ctr -o yaml
-  Prometheus:    http://$node_ip:$prometheus_port
+  Prometheus:    $prometheus
   $kubectl get gpuquota ranking-team -o yaml
   $kubectl get pods -A -o wide
 Operator logs: $kubectl -n flywheel-system logs deployment/flywheel-operator

@@ -2,11 +2,13 @@
 //! namespaces whose training storage is a volume on the node's disk, pods of the trainer image run to
 //! completion, and the Docker containers behind pods.
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::api::{ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -24,7 +26,7 @@ pub const STORAGE: &str = "/var/lib/flywheel";
 pub const CLAIM: &str = "flywheel-data";
 /// The node's address (its CNI bridge's gateway): pods reach services of this machine, such as a Redis
 /// standing in for a managed store, there.
-pub const NODE_IP: &str = "10.244.0.1";
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
 /// The namespace the chart's release (the operator's pods, its Lease) lives in.
 pub const RELEASE_NAMESPACE: &str = "flywheel-system";
 const SETTLE: Duration = Duration::from_secs(90);
@@ -276,4 +278,50 @@ pub async fn operator_pods(client: &Client) -> Result<Vec<Pod>, kube::Error> {
         .items;
     found.sort_by_key(|pod| pod.name_any());
     Ok(found)
+}
+
+/// The chart's metrics, probe and webhook port of the operator.
+pub const OPERATOR_HTTP_PORT: u16 = 8080;
+
+/// Where the leading operator pod's HTTP endpoints answer (its pod IP, reached over the bridge): the pod
+/// holding the release's Lease, once it is Ready.
+pub async fn leader_address(client: &Client) -> Result<SocketAddr, NodeError> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let client = client.clone();
+    Ok(until("a Ready operator pod holding the Lease", SETTLE, || {
+        let client = client.clone();
+        let leases = leases.clone();
+        async move {
+            let holder = leases
+                .get("flywheel-operator")
+                .await
+                .map_err(|e| e.to_string())?
+                .spec
+                .and_then(|spec| spec.holder_identity)
+                .ok_or("no holder")?;
+            let pods = operator_pods(&client).await.map_err(|e| e.to_string())?;
+            let pod = pods
+                .iter()
+                .find(|pod| pod.name_any() == holder)
+                .ok_or_else(|| format!("{holder} is not an operator pod"))?;
+            let status = pod.status.as_ref().ok_or("no status")?;
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            let ip: Ipv4Addr = status
+                .pod_ip
+                .as_deref()
+                .ok_or("no pod IP")?
+                .parse()
+                .map_err(|e| format!("{e}"))?;
+            if ready {
+                Ok(SocketAddr::from((ip, OPERATOR_HTTP_PORT)))
+            } else {
+                Err(format!("{holder} is not Ready"))
+            }
+        }
+    })
+    .await?)
 }

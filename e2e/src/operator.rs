@@ -1,4 +1,5 @@
-//! The real operator binary as a child process of a test, with its own metrics port.
+//! The operator binary as a process of this machine, for the benchmarks that measure the operator alone on a
+//! cluster without a node (its reconcile counters and memory); every test runs the chart's operator pods.
 
 use std::net::TcpListener;
 use std::path::Path;

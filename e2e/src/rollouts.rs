@@ -1,7 +1,8 @@
 //! Rollout test fixtures: an exporter of serving metrics whose values a test sets, a real Prometheus scraping
-//! it, and helpers to drive a Rollout `ctr` and read what the operator did.
+//! it, and helpers to drive a Rollout `ctr` and read what the operator (the chart's, on the node) did.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cluster::TestCluster;
 use crate::fixtures::{api_for, create, example, set};
+use crate::on_node;
 use crate::prometheus::PrometheusServer;
 use crate::wait::until;
 
@@ -78,31 +80,33 @@ pub struct Setup {
     pub client: Client,
     pub namespace: String,
     pub exporter: Exporter,
-    pub operator_port: u16,
     pub prometheus: PrometheusServer,
-    pub prometheus_port: u16,
 }
 
 impl Setup {
-    /// A fresh namespace, an exporter and a Prometheus scraping it, for an operator already listening on
-    /// `operator_port`.
-    pub async fn start(
+    /// A fresh namespace on the node's cluster (the operator installed by the chart), an exporter, and a
+    /// Prometheus scraping it on the node's address, where the operator's pod queries it.
+    pub async fn start(prefix: &str) -> Result<Setup, BoxError> {
+        let cluster = on_node::operator(&[]).await?;
+        Setup::in_cluster(cluster, prefix, on_node::NODE_IP).await
+    }
+
+    /// The same on `cluster` with Prometheus listening on `listen`: the operator's benchmark runs the operator
+    /// as a process of this machine on a cluster without a node, so that only the operator is measured.
+    pub async fn in_cluster(
         cluster: &TestCluster,
         prefix: &str,
-        operator_port: u16,
+        listen: Ipv4Addr,
     ) -> Result<Setup, BoxError> {
         let client = cluster.client().await?;
         let namespace = cluster.namespace(&client, prefix).await?;
         let (exporter, exporter_port) = Exporter::start().await?;
-        let prometheus = PrometheusServer::start(&[("serving", exporter_port)]).await?;
-        let prometheus_port = prometheus.port;
+        let prometheus = PrometheusServer::start(listen, &[("serving", exporter_port)]).await?;
         Ok(Setup {
             client,
             namespace,
             exporter,
-            operator_port,
             prometheus,
-            prometheus_port,
         })
     }
 }
@@ -140,7 +144,7 @@ pub fn rollout_manifest(setup: &Setup, version: &str, min_samples: u64) -> Value
             "modelVersion": version,
             "serving": {"replicas": 1},
             "analysis": {
-                "prometheus": format!("http://127.0.0.1:{}", setup.prometheus_port),
+                "prometheus": setup.prometheus.url(),
                 "interval": "1s",
                 "count": 2,
                 "minSamples": min_samples,

@@ -1,12 +1,12 @@
-//! The Flywheel API against a real kube-apiserver v1.20 with the real operator: examples become Ready, bad
-//! specs are refused by the schema (422) or reported as InvalidSpec naming the field, metrics scrape.
+//! The Flywheel API against a real kube-apiserver v1.20 with the operator installed by its chart on the real
+//! node: examples become Ready, bad specs are refused by the schema (422) or reported as InvalidSpec naming the
+//! field, and the cluster's Prometheus finds the operator through the API server and scrapes its metrics.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use flywheel_e2e::cluster::TestCluster;
 use flywheel_e2e::fixtures::{api_for, condition, create, example, example_files, set};
-use flywheel_e2e::operator::OperatorProcess;
+use flywheel_e2e::http::http_get_at;
+use flywheel_e2e::on_node;
 use flywheel_e2e::prometheus::PrometheusServer;
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::events::v1::Event;
@@ -18,28 +18,10 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const SETTLE: Duration = Duration::from_secs(30);
 
-fn cluster() -> Result<&'static TestCluster, String> {
-    TestCluster::shared()
-}
-
-/// One operator for the whole binary, elected leader on its own Lease.
-fn operator() -> Result<&'static OperatorProcess, String> {
-    static OPERATOR: OnceLock<Result<OperatorProcess, String>> = OnceLock::new();
-    OPERATOR
-        .get_or_init(|| {
-            let cluster = cluster()?;
-            OperatorProcess::spawn(cluster, "api-tests", &["--lease-name", "api-tests"])
-                .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map_err(Clone::clone)
-}
-
 async fn setup(prefix: &str) -> Result<(Client, String), Box<dyn std::error::Error>> {
-    let cluster = cluster()?;
-    operator()?;
+    let cluster = on_node::operator(&[]).await?;
     let client = cluster.client().await?;
-    let namespace = cluster.namespace(&client, prefix).await?;
+    let namespace = cluster.namespace_for_pods(&client, prefix).await?;
     Ok((client, namespace))
 }
 
@@ -159,7 +141,7 @@ async fn every_example_becomes_ready_for_its_generation() -> TestResult {
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        let output = cluster()?.kubectl(&[
+        let output = on_node::operator(&[]).await?.kubectl(&[
             "apply",
             "-n",
             &namespace,
@@ -372,10 +354,10 @@ async fn metrics_scrape_parses_as_prometheus_text() -> TestResult {
     let (client, namespace) = setup("metrics").await?;
     create(&client, &namespace, &example("featureview.yaml")?).await??;
     verdict(&client, &namespace, "FeatureView", "ctr-events").await?;
-    let operator = operator()?;
-    assert_eq!(operator.get("/healthz").await?.0, 200);
-    assert_eq!(operator.get("/readyz").await?.0, 200);
-    let (code, body) = operator.get("/metrics").await?;
+    let operator = on_node::leader_address(&client).await?;
+    assert_eq!(http_get_at(operator, "/healthz").await?.0, 200);
+    assert_eq!(http_get_at(operator, "/readyz").await?.0, 200);
+    let (code, body) = http_get_at(operator, "/metrics").await?;
     assert_eq!(code, 200);
     for family in [
         "flywheel_operator_reconciliations_total{kind=\"FeatureView\"}",
@@ -384,15 +366,20 @@ async fn metrics_scrape_parses_as_prometheus_text() -> TestResult {
     ] {
         assert!(body.contains(family), "missing {family} in:\n{body}");
     }
-    // The real consumer: Prometheus scrapes the endpoint, parses it, and answers queries over it.
-    let prometheus = PrometheusServer::start(&[("flywheel-operator", operator.http_port)]).await?;
+    // The real consumer: the cluster's Prometheus finds the operator through its Service, as the chart's
+    // ServiceMonitor selects it, scrapes it, and answers queries over it.
+    let cluster = on_node::operator(&[]).await?;
+    let prometheus = PrometheusServer::for_cluster(cluster, None).await?;
     let samples = until("prometheus to scrape the operator", SETTLE, || async {
         let targets = prometheus.targets().await.map_err(|e| e.to_string())?;
-        if let Some((_, health, error)) = targets.iter().find(|(_, health, _)| health != "up") {
+        if let Some((_, health, error)) = targets
+            .iter()
+            .find(|(job, health, _)| job == "flywheel-operator" && health != "up")
+        {
             return Err(format!("target {health}: {error}"));
         }
         let result = prometheus
-            .query("flywheel_operator_reconciliations_total{kind=\"FeatureView\"}")
+            .query("flywheel_operator_reconciliations_total{job=\"flywheel-operator\",kind=\"FeatureView\"}")
             .await
             .map_err(|e| e.to_string())?;
         if result.is_empty() {
@@ -404,7 +391,15 @@ async fn metrics_scrape_parses_as_prometheus_text() -> TestResult {
     .await?;
     let reconciled: f64 = samples[0]["value"][1].as_str().unwrap_or("0").parse()?;
     assert!(reconciled >= 1.0, "{samples:?}");
-    let leader = prometheus.query("flywheel_operator_leader").await?;
+    assert!(
+        samples[0]["metric"]["pod"]
+            .as_str()
+            .is_some_and(|pod| pod.starts_with("flywheel-operator-")),
+        "labeled with the operator's pod: {samples:?}"
+    );
+    let leader = prometheus
+        .query("flywheel_operator_leader{job=\"flywheel-operator\"}")
+        .await?;
     assert_eq!(leader[0]["value"][1], "1");
     Ok(())
 }

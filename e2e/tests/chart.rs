@@ -1,18 +1,17 @@
-//! The Helm chart: it lints with Helm's own engine, installs into a real API server, and the RBAC it grants is
-//! enough for the operator: the operator runs with the chart's ServiceAccount token and reconciles.
+//! The Helm chart: it lints with Helm's own engine, installs on the real node, and the RBAC it grants is enough
+//! for the operator: the operator's pod runs with the chart's ServiceAccount, reconciles every kind, and is
+//! never refused.
 
 use std::time::Duration;
 
-use flywheel_e2e::cluster::TestCluster;
 use flywheel_e2e::fixtures::{api_for, condition, create, example};
 use flywheel_e2e::helm::helm;
-use flywheel_e2e::operator::OperatorProcess;
+use flywheel_e2e::on_node;
 use flywheel_e2e::repo_root;
 use flywheel_e2e::wait::until;
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::Api;
-use kube::api::PostParams;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::LogParams;
+use kube::{Api, ResourceExt};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -22,45 +21,8 @@ async fn chart_lints_installs_and_grants_the_operator_enough() -> TestResult {
     let chart = chart.to_string_lossy();
     helm(&["lint", &chart])?;
 
-    let cluster = TestCluster::shared()?;
+    let cluster = on_node::operator(&[]).await?;
     let client = cluster.client().await?;
-    let release_namespace = "flywheel-system";
-    helm(&[
-        "install",
-        "flywheel",
-        &chart,
-        release_namespace,
-        &cluster.kubeconfig().to_string_lossy(),
-    ])?;
-
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), release_namespace);
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![],
-            expiration_seconds: Some(3600),
-            ..TokenRequestSpec::default()
-        },
-        ..TokenRequest::default()
-    };
-    let token = accounts
-        .create_token_request("flywheel-operator", &PostParams::default(), &request)
-        .await?
-        .status
-        .map(|status| status.token)
-        .ok_or("no token in the TokenRequest answer")?;
-    let kubeconfig = cluster.kubeconfig_with_token("chart-operator", &token)?;
-
-    let _operator = OperatorProcess::spawn_with(
-        cluster,
-        &kubeconfig,
-        "chart-rbac",
-        &[
-            "--lease-name",
-            "flywheel-operator",
-            "--lease-namespace",
-            release_namespace,
-        ],
-    )?;
     let namespace = cluster.namespace(&client, "chart").await?;
     for file in ["featureview.yaml", "rollout.yaml", "gpuquota.yaml"] {
         let manifest = example(file)?;
@@ -88,8 +50,11 @@ async fn chart_lints_installs_and_grants_the_operator_enough() -> TestResult {
         )
         .await?;
     }
-    let log =
-        std::fs::read_to_string(std::env::temp_dir().join("flywheel-operator-chart-rbac.log"))?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), on_node::RELEASE_NAMESPACE);
+    let mut log = String::new();
+    for pod in on_node::operator_pods(&client).await? {
+        log += &pods.logs(&pod.name_any(), &LogParams::default()).await?;
+    }
     assert!(
         !log.contains("forbidden"),
         "the chart's RBAC refused the operator something:\n{log}"

@@ -3,12 +3,10 @@
 //! inconclusive analysis, aliases and the in-use finalizer, and the route table the router reads.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use flywheel_e2e::cluster::TestCluster;
 use flywheel_e2e::fixtures::api_for;
-use flywheel_e2e::operator::OperatorProcess;
+use flywheel_e2e::on_node;
 use flywheel_e2e::rollouts::{
     Setup, model_version, rollout_status, routes, serving_from, set_target, wait_status,
 };
@@ -21,19 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-static OPERATOR: OnceLock<Result<OperatorProcess, String>> = OnceLock::new();
-
 async fn setup(prefix: &str) -> Result<Setup, Box<dyn std::error::Error>> {
-    let cluster = TestCluster::shared()?;
-    let operator_port = OPERATOR
-        .get_or_init(|| {
-            OperatorProcess::spawn(cluster, "rollout-tests", &["--no-leader-election"])
-                .map_err(|e| e.to_string())
-        })
-        .as_ref()
-        .map(|operator| operator.http_port)
-        .map_err(Clone::clone)?;
-    Setup::start(cluster, prefix, operator_port).await
+    Setup::start(prefix).await
 }
 
 #[tokio::test]
@@ -230,7 +217,8 @@ async fn a_firing_alert_from_the_webhook_aborts_within_a_second() -> TestResult 
         }],
     });
     let sent = Instant::now();
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", setup.operator_port)).await?;
+    let operator = on_node::leader_address(&setup.client).await?;
+    let mut stream = tokio::net::TcpStream::connect(operator).await?;
     let body = notification.to_string();
     stream
         .write_all(

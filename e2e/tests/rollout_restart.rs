@@ -1,26 +1,23 @@
-//! A Rollout survives its operator: killed while the canary holds 20%, a new operator process carries on at the
-//! same step with the same analysis counters and the same workloads (no duplicates). Its own test binary, so it
-//! has its own cluster and may kill its operator.
+//! A Rollout survives its operator: the operator's container killed (`docker kill`) while the canary holds 20%,
+//! the restarted operator carries on at the same step with the same analysis counters and the same workloads
+//! (no duplicates). Its own test binary, so it has its own cluster and may kill its operator.
 
 use std::time::Duration;
 
-use flywheel_e2e::cluster::TestCluster;
 use flywheel_e2e::fixtures::{api_for, create};
-use flywheel_e2e::operator::OperatorProcess;
+use flywheel_e2e::on_node::{self, docker_kill};
 use flywheel_e2e::rollouts::{
     Setup, model_version, rollout_manifest, rollout_status, set_target, wait_scraped, wait_status,
 };
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
 use serde_json::json;
 
 #[tokio::test]
 async fn a_killed_operator_resumes_the_rollout_at_20_percent()
 -> Result<(), Box<dyn std::error::Error>> {
-    let cluster = TestCluster::shared()?;
-    let mut operator = OperatorProcess::spawn(cluster, "restart-1", &["--no-leader-election"])?;
-    let setup = Setup::start(cluster, "restart", operator.http_port).await?;
+    let setup = Setup::start("restart").await?;
     model_version(&setup, "ctr-v1").await?;
     model_version(&setup, "ctr-v2").await?;
     setup.exporter.set("ctr-v1", 0.80, 1.0, 50_000.0);
@@ -41,12 +38,20 @@ async fn a_killed_operator_resumes_the_rollout_at_20_percent()
         s["canaryWeight"] == 20 && s["phase"] == "Paused"
     })
     .await?;
-    operator.kill();
+    let operator = on_node::operator_pods(&setup.client)
+        .await?
+        .first()
+        .map(ResourceExt::name_any)
+        .ok_or("no operator pod")?;
+    docker_kill(&on_node::container_of(
+        on_node::RELEASE_NAMESPACE,
+        &operator,
+        "operator",
+    )?)?;
     let before = rollout_status(&setup).await?;
     let measured_before = before["measurements"].as_array().map_or(0, Vec::len);
 
-    let replacement = OperatorProcess::spawn(cluster, "restart-2", &["--no-leader-election"])?;
-    // The new operator analyses on: more measurements, same step, same weight, nothing reset.
+    // The restarted operator analyses on: more measurements, same step, same weight, nothing reset.
     let after = wait_status(&setup, "analysis resumed", Duration::from_secs(30), |s| {
         s["measurements"].as_array().map_or(0, Vec::len) > measured_before
     })
@@ -84,6 +89,5 @@ async fn a_killed_operator_resumes_the_rollout_at_20_percent()
         |s| s["stableVersion"] == "ctr-v2" && s["phase"] == "Healthy",
     )
     .await?;
-    drop(replacement);
     Ok(())
 }

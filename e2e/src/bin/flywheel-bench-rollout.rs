@@ -122,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or(1000);
     let cluster = TestCluster::shared().map_err(anyhow::Error::msg)?;
     let mut operator = OperatorProcess::spawn(cluster, "bench-rollout", &["--no-leader-election"])?;
-    let setup = Setup::start(cluster, "bench-rollout", operator.http_port)
+    let setup = Setup::in_cluster(cluster, "bench-rollout", std::net::Ipv4Addr::LOCALHOST)
         .await
         .map_err(boxed)?;
     model_version(&setup, "ctr-v1").await.map_err(boxed)?;
@@ -140,14 +140,14 @@ async fn main() -> anyhow::Result<()> {
     let mut by_webhook = Vec::new();
     for round in 0..ROUNDS {
         if round > 0 {
-            webhook(setup.operator_port, &setup.namespace, "resolved").await?;
+            webhook(operator.http_port, &setup.namespace, "resolved").await?;
             restart_progression(&setup, round).await?;
         }
         let sent = Instant::now();
-        webhook(setup.operator_port, &setup.namespace, "firing").await?;
+        webhook(operator.http_port, &setup.namespace, "firing").await?;
         by_webhook.push(until_rolled_back(&setup, sent).await?);
     }
-    webhook(setup.operator_port, &setup.namespace, "resolved").await?;
+    webhook(operator.http_port, &setup.namespace, "resolved").await?;
 
     let mut by_sample = Vec::new();
     let mut by_change = Vec::new();
