@@ -246,7 +246,8 @@ pub enum Topology {
     Single(SingleTopology),
     /// Embedding rows sharded over parameter servers, asynchronous CPU workers.
     ParameterServer(ParameterServerTopology),
-    /// Synchronous data-parallel GPU workers (dense gradients all-reduced).
+    /// Synchronous data-parallel workers (dense gradients all-reduced), on GPUs or, with `gpusPerWorker: 0`,
+    /// on CPUs.
     DataParallel(DataParallelTopology),
 }
 
@@ -264,9 +265,12 @@ pub struct ParameterServerTopology {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DataParallelTopology {
+    /// Worker pods; worker 0 is the chief that coordinates the all-reduce and writes the model.
     #[schemars(range(min = 1, max = 1024))]
     pub workers: u32,
-    #[schemars(range(min = 1, max = 16))]
+    /// GPUs each worker requests and trains on, one training process per GPU. 0 trains on the worker's CPUs
+    /// with one process, asks for no GPU and needs no GPUQuota.
+    #[schemars(range(min = 0, max = 16))]
     pub gpus_per_worker: u32,
     /// Extended resource each worker requests: `nvidia.com/gpu`, `amd.com/gpu` or a MIG profile
     /// (`nvidia.com/mig-1g.10gb`).
@@ -292,6 +296,9 @@ impl Topology {
         match self {
             Topology::Single(_) => "single".to_owned(),
             Topology::ParameterServer(ps) => format!("ps {}x{}", ps.servers, ps.workers),
+            Topology::DataParallel(dp) if dp.gpus_per_worker == 0 => {
+                format!("dp {}x cpu", dp.workers)
+            }
             Topology::DataParallel(dp) => format!(
                 "dp {}x{} {}",
                 dp.workers, dp.gpus_per_worker, dp.gpu_resource
@@ -302,6 +309,7 @@ impl Topology {
     /// GPUs the whole gang needs, by resource name.
     pub fn gpu_demand(&self) -> Option<(&str, u64)> {
         match self {
+            Topology::DataParallel(dp) if dp.gpus_per_worker == 0 => None,
             Topology::DataParallel(dp) => Some((
                 dp.gpu_resource.as_str(),
                 u64::from(dp.workers) * u64::from(dp.gpus_per_worker),
@@ -523,7 +531,14 @@ impl TrainingJobSpec {
                     ),
                 );
             }
-            if self.queue.is_none() {
+            if dp.gpus_per_worker == 0 {
+                if dp.gpu_type.is_some() {
+                    violations.push(
+                        "spec.topology.dataParallel.gpuType",
+                        "a GPU product needs gpusPerWorker of 1 or more; remove it to train on CPUs",
+                    );
+                }
+            } else if self.queue.is_none() {
                 violations.push(
                     "spec.queue",
                     "a job that asks for GPUs must name its GPUQuota",

@@ -254,3 +254,41 @@ fn quota_must_cover_some_namespace() {
     let quota = with(example("gpuquota.yaml"), "/spec/namespaces", json!({}));
     assert_both_refuse(&quota, "spec.namespaces");
 }
+
+#[test]
+fn data_parallel_on_cpus_needs_no_quota_and_no_gpu_product() {
+    let gpu = example("trainingjob-gpu.yaml");
+    let cpu = without(
+        with(
+            gpu.clone(),
+            "/spec/topology/dataParallel/gpusPerWorker",
+            json!(0),
+        ),
+        "/spec/queue",
+    );
+    assert_eq!(controller_errors(&cpu, None), Vec::<String>::new());
+    assert_eq!(cel_errors(&cpu, None), Vec::<String>::new());
+    let job: TrainingJob = serde_json::from_value(cpu.clone()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(job.spec.topology.gpu_demand(), None);
+    assert_eq!(job.spec.topology.summary(), "dp 2x cpu");
+
+    let with_product = with(
+        cpu,
+        "/spec/topology/dataParallel/gpuType",
+        json!("NVIDIA-H100-80GB-HBM3"),
+    );
+    let errors = controller_errors(&with_product, None);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("spec.topology.dataParallel.gpuType")),
+        "{errors:?}"
+    );
+    let without_queue = without(gpu, "/spec/queue");
+    assert!(
+        controller_errors(&without_queue, None)
+            .iter()
+            .any(|e| e.starts_with("spec.queue")),
+        "GPU jobs still need their quota"
+    );
+}

@@ -254,6 +254,61 @@ async fn a_parameter_server_gang_trains_for_real_and_leaves_a_model_version() ->
 }
 
 #[tokio::test]
+async fn a_data_parallel_gang_on_cpus_all_reduces_between_pods_and_leaves_a_model_version()
+-> TestResult {
+    let s = setup("dp-cpu", 20_000).await?;
+    let manifest = job(
+        "dp-train",
+        json!({"dataParallel": {"workers": 2, "gpusPerWorker": 0}}),
+    );
+    create_job(&s.client, &s.namespace, &manifest).await?;
+    let pods = gang_of(&s.client, &s.namespace, "dp-train", 2).await?;
+    for pod in &pods {
+        let resources = pod
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.containers[0].resources.clone())
+            .unwrap_or_default();
+        assert!(
+            !resources
+                .limits
+                .unwrap_or_default()
+                .contains_key("nvidia.com/gpu"),
+            "a CPU gang asks for no GPU"
+        );
+    }
+    let done = job_until(
+        &s.client,
+        &s.namespace,
+        "dp-train",
+        "to finish",
+        TRAINING,
+        finished,
+    )
+    .await?;
+    let status = done.status.clone().unwrap_or_default();
+    assert_eq!(status.phase, Some(TrainingPhase::Succeeded), "{status:?}");
+    assert_eq!(status.restarts, 0, "{status:?}");
+    let version = Api::<ModelVersion>::namespaced(s.client.clone(), &s.namespace)
+        .get("dp-train")
+        .await?;
+    assert!(
+        version.spec.metrics.auc.unwrap_or_default() > 0.55,
+        "it learned: {:?}",
+        version.spec.metrics
+    );
+    // Both ranks trained to the end of the chief's all-reduce.
+    let peer_log = Api::<Pod>::namespaced(s.client.clone(), &s.namespace)
+        .logs("dp-train-worker-1", &LogParams::default())
+        .await?;
+    assert!(
+        peer_log.contains("\"event\":\"done\",\"rank\":1"),
+        "rank 1 trained to the end:\n{peer_log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_training_container_killed_by_docker_restarts_the_gang_from_its_checkpoint() -> TestResult
 {
     let s = setup("kill-node", 60_000).await?;

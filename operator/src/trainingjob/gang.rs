@@ -445,7 +445,8 @@ fn member_env(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Vec<
 
 /// Whether the job's workers train with burn-cuda: a data-parallel gang on NVIDIA GPUs or MIG slices.
 fn trains_on_cuda(topology: &Topology) -> bool {
-    matches!(topology, Topology::DataParallel(dp) if dp.gpu_resource.starts_with("nvidia.com/"))
+    matches!(topology, Topology::DataParallel(dp)
+        if dp.gpus_per_worker > 0 && dp.gpu_resource.starts_with("nvidia.com/"))
 }
 
 fn resources(spec: &TrainingJobSpec, role: Role) -> Option<ResourceRequirements> {
@@ -456,6 +457,9 @@ fn resources(spec: &TrainingJobSpec, role: Role) -> Option<ResourceRequirements>
     let (Role::Worker, Topology::DataParallel(dp)) = (role, &spec.topology) else {
         return base;
     };
+    if dp.gpus_per_worker == 0 {
+        return base;
+    }
     // GPUs are extended resources: requests must equal limits, and the gang's quota is counted from them.
     let mut requirements = base.unwrap_or_default();
     let gpus = Quantity(dp.gpus_per_worker.to_string());
@@ -761,6 +765,47 @@ mod tests {
         assert_eq!(labels[LABEL_QUOTA], "ranking-team");
         assert_eq!(pod.name_any(), "ctr-widedeep-gpu-worker-1");
         assert_eq!(spec.subdomain.as_deref(), Some("ctr-widedeep-gpu"));
+    }
+
+    #[test]
+    fn data_parallel_workers_without_gpus_train_on_cpu_with_the_cpu_image() {
+        let mut job = gpu_job();
+        job.spec.queue = None;
+        if let Topology::DataParallel(dp) = &mut job.spec.topology {
+            dp.gpus_per_worker = 0;
+            dp.gpu_type = None;
+        }
+        assert_eq!(job.spec.topology.gpu_demand(), None);
+        let paths = paths(&job.name_any(), &job.spec).unwrap_or_else(|e| panic!("{e}"));
+        let settings = TrainerSettings::default();
+        let gang = GangContext {
+            attempt: 0,
+            paths: &paths,
+            settings: &settings,
+            quota: None,
+            warm_start: None,
+        };
+        let members = members(&job.spec.topology);
+        assert_eq!(members.len(), 2);
+        let pod = pod(&job, members[1], &gang);
+        let container = &pod.spec.clone().unwrap_or_default().containers[0];
+        let asks_for_gpus = container
+            .resources
+            .iter()
+            .flat_map(|r| r.limits.iter().chain(r.requests.iter()))
+            .any(|quantities| quantities.contains_key("nvidia.com/gpu"));
+        assert!(!asks_for_gpus, "{:?}", container.resources);
+        assert_eq!(container.image.as_deref(), Some(settings.image.as_str()));
+        let env = env_of(&pod);
+        assert!(
+            !env.contains_key("FLYWHEEL_DEVICE"),
+            "the trainer's default: cpu"
+        );
+        assert!(!env.contains_key("FLYWHEEL_LOCAL_RANKS"), "one process");
+        assert_eq!(
+            env["FLYWHEEL_DP_CHIEF"],
+            "worker-0.ctr-widedeep-gpu.ranking.svc:7070"
+        );
     }
 
     #[test]
