@@ -356,13 +356,18 @@ pub struct Broker {
 
 impl Broker {
     pub async fn start(dir: &Path) -> Result<Broker, ServingError> {
+        Broker::start_on(dir, Ipv4Addr::LOCALHOST).await
+    }
+
+    /// A broker listening on `listen` (the node's address, for pods to reach it).
+    pub async fn start_on(dir: &Path, listen: Ipv4Addr) -> Result<Broker, ServingError> {
         let cache = std::env::var_os("FLYWHEEL_CACHE").map_or_else(
             || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flywheel"),
             PathBuf::from,
         );
         let tansu = cache.join("tansu/bin/tansu");
         let port = free_port()?;
-        let address = format!("127.0.0.1:{port}");
+        let address = format!("{listen}:{port}");
         let url = format!("tcp://{address}");
         let process = Process::spawn(
             "tansu",
@@ -373,7 +378,7 @@ impl Broker {
             &dir.join("tansu.log"),
         )?;
         until("tansu listening", Duration::from_secs(30), || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
+            tokio::net::TcpStream::connect((listen, port))
                 .await
                 .map(|_| ())
                 .map_err(|err| err.to_string())

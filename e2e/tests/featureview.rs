@@ -1,7 +1,8 @@
 //! FeatureViews on the real node: the operator installed by the chart schedules materialization Jobs, whose
 //! pods (trainer image) read the source from the namespace's volume and write the offline table there and the
 //! online features into a real Redis on the node's address. Status from the Job's report, drift, the
-//! ingestion Deployment, and a spec the operator refuses.
+//! ingestion Deployment whose pod consumes the view's topic on a Kafka-protocol broker (tansu) on the node's
+//! address into the same Redis, and a spec the operator refuses.
 
 use std::path::Path;
 use std::process::Command;
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use flywheel_crds::FeatureView;
 use flywheel_e2e::on_node::{self, NODE_IP, STORAGE, namespace_with_storage};
-use flywheel_e2e::serving::Redis;
+use flywheel_e2e::serving::{Broker, Redis};
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
@@ -52,6 +53,9 @@ async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
     let staging = cluster.state_dir().join(format!("{namespace}-staging"));
     std::fs::create_dir_all(&staging)?;
     let redis = Redis::start_with(&staging, &["--bind", &bind, "--protected-mode", "no"]).await?;
+    // So does the Kafka-protocol broker the view's stream comes from.
+    let broker = Broker::start_on(&staging, NODE_IP).await?;
+    broker.create_topic("user-events")?;
     // The source lands on the volume the way a data pipeline would drop it there.
     let source = storage.join("source");
     let now = jiff::Timestamp::now();
@@ -71,7 +75,7 @@ async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
             "entities": [{"name": "user", "joinKey": "user_id", "valueType": "Int64"}],
             "source": {
                 "batch": {"uri": format!("file://{STORAGE}/source"), "timestampField": "event_timestamp"},
-                "stream": {"brokers": ["127.0.0.1:9"], "topic": "user-events", "timestampField": "event_timestamp"},
+                "stream": {"brokers": [broker.address], "topic": "user-events", "timestampField": "event_timestamp"},
             },
             "features": [
                 {"name": "price", "valueType": "Float64"},
@@ -150,6 +154,50 @@ async fn scheduled_materialization_reports_runs_and_drift() -> TestResult {
         .and_then(|e| serde_json::from_str(e["value"].as_str()?).ok())
         .unwrap_or_default();
     assert_eq!(view_env["spec"]["source"]["stream"]["topic"], "user-events");
+
+    // Its pod consumes the view's topic: an event of a user the batch never saw reaches the online store.
+    let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .create()?;
+    let event = json!({
+        "event_id": "stream-1", "user_id": 100_000, "price": 12.5, "clicks": 2,
+        "event_timestamp": jiff::Timestamp::now().as_second() as f64,
+    })
+    .to_string();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to("user-events")
+                .payload(&event)
+                .key("100000"),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    let key = format!("{namespace}/users:100000");
+    let redis_ref = &redis;
+    let streamed = until(
+        "the ingestion pod to write the streamed event",
+        Duration::from_secs(120),
+        || {
+            let key = key.clone();
+            async move {
+                let price = redis_ref
+                    .command(&["hget", &key, "price"])
+                    .map_err(|e| e.to_string())?;
+                match price.trim() {
+                    "" => Err("not yet".to_owned()),
+                    price => Ok(price.to_owned()),
+                }
+            }
+        },
+    )
+    .await?;
+    assert_eq!(streamed.parse::<f64>()?, 12.5);
+    assert_eq!(
+        redis.command(&["hget", &key, "events_1d"])?.trim(),
+        "1",
+        "the window counts the one event"
+    );
 
     // Newer events with prices shifted up: the next scheduled run reads only them and reports drift.
     generate(
