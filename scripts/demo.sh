@@ -110,6 +110,11 @@ spec:
   queue: ranking-team
   checkpoint: {uri: "file://$mnt/checkpoints/", everySteps: 100}
   output: {artifactUri: "file://$mnt/models/"}
+  # The ModelVersion it creates is Validated only if it clears these.
+  validation:
+    gates:
+      - {metric: auc, min: 0.6}
+      - {metric: calibration, min: 0.8, max: 1.25}
 EOT
 "$kubectl" wait --for condition=Admitted --timeout=60s trainingjob/ctr-demo
 sleep 5
@@ -185,6 +190,10 @@ spec:
   topology: {single: {}}
   queue: ranking-team
   output: {artifactUri: "file://$mnt/models/"}
+  validation:
+    gates:
+      - {metric: auc, min: 0.6}
+      - {metric: auc, baseline: {alias: production}, maxDecrease: 0.02}
 EOT
 }
 training_job ctr-v2 7 "$data"

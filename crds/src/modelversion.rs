@@ -119,6 +119,43 @@ pub struct Validation {
     pub gates: Vec<Gate>,
 }
 
+impl Validation {
+    pub fn is_empty(&self) -> bool {
+        self.gates.is_empty()
+    }
+
+    /// The gate rules OpenAPI cannot express on a 1.20 server, each violation named under `path`
+    /// (`spec.validation`).
+    pub fn check(&self, path: &str, violations: &mut SpecViolations) {
+        for (index, gate) in self.gates.iter().enumerate() {
+            let field = format!("{path}.gates[{index}]");
+            let relative = gate.max_decrease.is_some() || gate.max_increase.is_some();
+            if gate.min.is_none() && !relative && gate.max.is_none() {
+                violations.push(&field, "a gate needs min, max, maxDecrease or maxIncrease");
+            }
+            if relative && gate.baseline.is_none() {
+                violations.push(
+                    format!("{field}.baseline"),
+                    "maxDecrease and maxIncrease compare against a baseline; set baseline",
+                );
+            }
+            if let (Some(min), Some(max)) = (gate.min, gate.max)
+                && min > max
+            {
+                violations.push(
+                    format!("{field}.min"),
+                    format!("min {min} exceeds max {max}"),
+                );
+            }
+            for (name, value) in [("min", gate.min), ("max", gate.max)] {
+                if value.is_some_and(|v| !v.is_finite()) {
+                    violations.push(format!("{field}.{name}"), "must be a finite number");
+                }
+            }
+        }
+    }
+}
+
 /// One gate: an absolute bound (`min`/`max`), or a change versus a baseline (`maxDecrease`/`maxIncrease`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -253,32 +290,7 @@ impl ModelVersionSpec {
                 ),
             );
         }
-        for (index, gate) in self.validation.gates.iter().enumerate() {
-            let field = format!("spec.validation.gates[{index}]");
-            let relative = gate.max_decrease.is_some() || gate.max_increase.is_some();
-            if gate.min.is_none() && !relative && gate.max.is_none() {
-                violations.push(&field, "a gate needs min, max, maxDecrease or maxIncrease");
-            }
-            if relative && gate.baseline.is_none() {
-                violations.push(
-                    format!("{field}.baseline"),
-                    "maxDecrease and maxIncrease compare against a baseline; set baseline",
-                );
-            }
-            if let (Some(min), Some(max)) = (gate.min, gate.max)
-                && min > max
-            {
-                violations.push(
-                    format!("{field}.min"),
-                    format!("min {min} exceeds max {max}"),
-                );
-            }
-            for (name, value) in [("min", gate.min), ("max", gate.max)] {
-                if value.is_some_and(|v| !v.is_finite()) {
-                    violations.push(format!("{field}.{name}"), "must be a finite number");
-                }
-            }
-        }
+        self.validation.check("spec.validation", &mut violations);
         if let Some(range) = &self.lineage.data_range
             && range.end.0 <= range.start.0
         {

@@ -11,6 +11,7 @@ use crate::common::{
     DNS_LABEL_PATTERN, GPU_RESOURCE_PATTERN, LocalRef, SpecViolations, TimeRange, is_gpu_resource,
 };
 use crate::featureview::STORAGE_URI_PATTERN;
+use crate::modelversion::Validation;
 
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -87,6 +88,11 @@ pub struct TrainingJobSpec {
     pub backoff_limit: u32,
     /// Where the model artifact is written.
     pub output: TrainingOutput,
+    /// Gates of the ModelVersion this job creates: absolute bounds, or a change versus another version or the
+    /// holder of an alias such as `production`. The version is `Validated` or `Rejected` by them; without
+    /// gates it is validated against nothing, and its `Validated` condition says so.
+    #[serde(default, skip_serializing_if = "Validation::is_empty")]
+    pub validation: Validation,
     /// While true no pods run; running pods are removed (progress is kept in checkpoints).
     #[serde(default)]
     pub suspend: bool,
@@ -521,6 +527,7 @@ impl TrainingJobSpec {
                 "must be a positive number",
             );
         }
+        self.validation.check("spec.validation", &mut violations);
         if let Topology::DataParallel(dp) = &self.topology {
             if !is_gpu_resource(&dp.gpu_resource) {
                 violations.push(

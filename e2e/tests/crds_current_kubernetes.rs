@@ -227,6 +227,18 @@ fn rule_cases() -> Result<Vec<RuleCase>, Box<dyn std::error::Error>> {
                 )],
             )?,
         },
+        // The same gate rules hold where a TrainingJob states the gates of the version it will create.
+        RuleCase {
+            rule: "!(has(self.maxDecrease) || has(self.maxIncrease)) || has(self.baseline)",
+            breaking: edited(
+                "trainingjob-ps.yaml",
+                &[(
+                    "/spec/validation/gates/1",
+                    Some(json!({"metric": "auc", "maxDecrease": 0.002})),
+                )],
+            )?,
+            satisfying: example("trainingjob-ps.yaml")?,
+        },
         RuleCase {
             rule: "!(has(self.min) && has(self.max)) || self.min <= self.max",
             breaking: edited(

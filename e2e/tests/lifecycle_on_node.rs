@@ -1,12 +1,15 @@
 //! The lifecycle on a real node, as a user runs it: a model trained by a gang of trainer-image pods (the
 //! operator installed by the chart) is served by a Rollout's serving and router pods (serving image) and
-//! answers through the Rollout's Service, the model read from the claim the gang wrote it to.
+//! answers through the Rollout's Service, the model read from the claim the gang wrote it to. The next
+//! TrainingJobs state gates against the version holding `production`, and the versions they create are
+//! validated or rejected by them.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use flywheel_crds::TrainingJob;
+use flywheel_crds::modelversion::ModelVersionPhase;
 use flywheel_crds::trainingjob::TrainingPhase;
+use flywheel_crds::{ModelVersion, TrainingJob};
 use flywheel_e2e::fixtures::api_for;
 use flywheel_e2e::on_node::{self, STORAGE, generate_training_data, namespace_with_storage};
 use flywheel_e2e::serving::{HttpClient, rest_body};
@@ -147,5 +150,94 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
         predictions.iter().all(|p| *p > 0.0 && *p < 1.0),
         "{predictions:?}"
     );
+
+    // The served version holds `production`; the next jobs state gates against it, and their versions are
+    // judged by them: a retrain with the same data and seed (the same model) passes, one that barely learned
+    // is rejected.
+    let versions: Api<ModelVersion> = Api::namespaced(client.clone(), &namespace);
+    until("ctr-v1 to hold production", SETTLE, || {
+        let versions = versions.clone();
+        async move {
+            let aliases = versions
+                .get("ctr-v1")
+                .await
+                .map_err(|e| e.to_string())?
+                .status
+                .map(|s| s.aliases)
+                .unwrap_or_default();
+            if aliases.iter().any(|a| a == "production") {
+                Ok(())
+            } else {
+                Err(format!("{aliases:?}"))
+            }
+        }
+    })
+    .await?;
+    let gated = |name: &str| {
+        let mut manifest = job(name, json!({"single": {}}));
+        manifest["spec"]["validation"] = json!({"gates": [
+            {"metric": "auc", "baseline": {"alias": "production"}, "maxDecrease": 0.002},
+        ]});
+        manifest
+    };
+    let mut untrained = gated("ctr-untrained");
+    untrained["spec"]["optimizer"] =
+        json!({"kind": "adagrad", "learningRate": 1e-9, "sparseLearningRate": 1e-9});
+    for manifest in [gated("ctr-v2"), untrained] {
+        jobs.create(&PostParams::default(), &serde_json::from_value(manifest)?)
+            .await?;
+    }
+    let verdict = |name: &'static str| {
+        let versions = versions.clone();
+        async move {
+            until(&format!("{name} to get a verdict"), TRAINING, || {
+                let versions = versions.clone();
+                async move {
+                    let version = versions
+                        .get_opt(name)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or("not created yet")?;
+                    match version.status.as_ref().and_then(|s| s.phase) {
+                        Some(ModelVersionPhase::Validated | ModelVersionPhase::Rejected) => {
+                            Ok(version)
+                        }
+                        other => Err(format!("{other:?}")),
+                    }
+                }
+            })
+            .await
+        }
+    };
+    let retrained = verdict("ctr-v2").await?;
+    let status = retrained.status.unwrap_or_default();
+    assert_eq!(
+        status.phase,
+        Some(ModelVersionPhase::Validated),
+        "{status:?}"
+    );
+    assert_eq!(status.gate_results.len(), 1, "{status:?}");
+    let untrained = verdict("ctr-untrained").await?;
+    let status = untrained.status.unwrap_or_default();
+    assert_eq!(
+        status.phase,
+        Some(ModelVersionPhase::Rejected),
+        "{status:?}"
+    );
+    assert!(
+        status.gate_results[0]
+            .threshold
+            .contains("(baseline ctr-v1 "),
+        "judged against the production holder: {:?}",
+        status.gate_results
+    );
+    // The first version stated no gates, and says so.
+    let first = versions.get("ctr-v1").await?.status.unwrap_or_default();
+    let validated = first
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Validated")
+        .ok_or("no Validated condition")?;
+    assert_eq!(validated.reason, "NoGates", "{validated:?}");
     Ok(())
 }

@@ -116,15 +116,35 @@ pub fn plan(observed: &Observed<'_>) -> Plan<ModelVersionStatus> {
             })
             .collect();
         let phase = gates::phase_of(&results);
-        let summary = gates::summary(&results);
-        let (condition_status, reason) = match phase {
-            ModelVersionPhase::Validated => (ConditionStatus::True, "GatesPassed"),
-            ModelVersionPhase::Rejected => (ConditionStatus::False, "GateFailed"),
-            ModelVersionPhase::Pending => (ConditionStatus::Unknown, "GatesPending"),
+        let ungated = results.is_empty();
+        let (condition_status, reason, summary) = match phase {
+            // Nothing was compared: valid, but never silently so.
+            ModelVersionPhase::Validated if ungated => (
+                ConditionStatus::True,
+                "NoGates",
+                "no gates: the version was compared with nothing; set spec.validation.gates (or the \
+                 TrainingJob's spec.validation)"
+                    .to_owned(),
+            ),
+            ModelVersionPhase::Validated => (
+                ConditionStatus::True,
+                "GatesPassed",
+                gates::summary(&results),
+            ),
+            ModelVersionPhase::Rejected => (
+                ConditionStatus::False,
+                "GateFailed",
+                gates::summary(&results),
+            ),
+            ModelVersionPhase::Pending => (
+                ConditionStatus::Unknown,
+                "GatesPending",
+                gates::summary(&results),
+            ),
         };
         if status.phase != Some(phase) && phase != ModelVersionPhase::Pending {
             events.push(PlannedEvent {
-                warning: phase == ModelVersionPhase::Rejected,
+                warning: phase == ModelVersionPhase::Rejected || ungated,
                 reason,
                 action: "Validate",
                 note: summary.clone(),
@@ -498,6 +518,35 @@ mod tests {
             plan.events
                 .iter()
                 .any(|e| e.reason == "GatesPassed" && !e.warning)
+        );
+    }
+
+    #[test]
+    fn a_version_without_gates_says_it_was_compared_with_nothing() {
+        let mut version: ModelVersion = load("modelversion.yaml", 1);
+        version.spec.validation.gates.clear();
+        let plan = planned(&version, &[]);
+        assert_eq!(plan.status.phase, Some(ModelVersionPhase::Validated));
+        let validated = plan
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Validated")
+            .unwrap_or_else(|| panic!("no Validated condition"));
+        assert_eq!(validated.reason, "NoGates");
+        assert!(
+            validated
+                .message
+                .starts_with("no gates: the version was compared with nothing"),
+            "{}",
+            validated.message
+        );
+        assert!(
+            plan.events
+                .iter()
+                .any(|e| e.reason == "NoGates" && e.warning),
+            "{:?}",
+            plan.events
         );
     }
 

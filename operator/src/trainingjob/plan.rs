@@ -901,7 +901,7 @@ fn succeed(b: &mut Builder<'_, '_>, result: &ChiefResult, warm_start: Option<(&s
                     .map(|parent| parent.name.clone()),
             },
             metrics: metrics.clone(),
-            validation: Default::default(),
+            validation: job.spec.validation.clone(),
         },
     );
     version.metadata = ObjectMeta {

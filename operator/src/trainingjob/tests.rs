@@ -407,6 +407,11 @@ fn success_registers_a_model_version_and_removes_the_parameter_servers() {
     assert_eq!(version.spec.metrics.eval_samples, Some(2000));
     assert_eq!(version.spec.lineage.training_job.as_deref(), Some("ps-job"));
     assert_eq!(version.spec.model_name, "ctr");
+    assert_eq!(
+        version.spec.validation, job.spec.validation,
+        "the version is judged by the job's gates"
+    );
+    assert_eq!(version.spec.validation.gates.len(), 2);
 
     // The next reconcile finds the job finished: only lingering servers are removed.
     let done = with_status(job.clone(), decided.plan.status.clone());
