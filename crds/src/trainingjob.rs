@@ -125,14 +125,30 @@ pub struct TrainingData {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FeatureViewData {
+    /// The FeatureView, in the job's namespace, whose features are joined onto the events as of each event's
+    /// time (point in time: no feature from after the event).
     #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
     pub name: String,
-    /// Label column of the joined set (e.g. `clicked`).
+    /// Labeled events: a Parquet file or directory on the training storage (`file://`) with the view's join
+    /// keys, the event time and the label. Each event is one training row.
+    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
+    pub events: String,
+    /// Event-time column of the events.
+    #[serde(default = "default_event_time")]
+    #[schemars(length(min = 1, max = 63))]
+    pub timestamp_field: String,
+    /// Label column of the events (e.g. `clicked`).
     #[schemars(length(min = 1, max = 63))]
     pub label: String,
+    /// Events whose time falls in this range train the model.
     pub train_range: TimeRange,
-    /// Must start at or after the end of `trainRange`, so evaluation never sees the training period.
+    /// Events in this range evaluate it; must start at or after the end of `trainRange`, so evaluation never
+    /// sees the training period.
     pub eval_range: TimeRange,
+}
+
+fn default_event_time() -> String {
+    "event_timestamp".to_owned()
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

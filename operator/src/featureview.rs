@@ -26,6 +26,7 @@ use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 
+use crate::batch_job::{self, Outcome};
 use crate::controller::{Context, Error, FIELD_MANAGER, apply_plan, run_controller_with};
 use crate::plan::{Plan, PlannedEvent, spec_conditions};
 use crate::traffic::{ServingSettings, owner, security};
@@ -351,7 +352,7 @@ fn wait_until(now: Timestamp, then: Timestamp) -> Duration {
 }
 
 /// The view as the data-plane processes read it (FLYWHEEL_FEATURE_VIEW).
-fn view_json(view: &FeatureView) -> String {
+pub fn view_json(view: &FeatureView) -> String {
     json!({
         "apiVersion": "flywheel.dev/v1alpha1",
         "kind": KIND,
@@ -478,58 +479,23 @@ pub fn ingest_deployment(
 
 /// The Job as the plan sees it; a finished Job's report comes from its pod's termination message.
 fn job_run(job: &Job, pods: &[Pod]) -> JobRun {
-    let name = job.name_any();
-    let created = job
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map_or(Timestamp::UNIX_EPOCH, |t| t.0);
-    let status = job.status.clone().unwrap_or_default();
-    let finished = |type_: &str| {
-        status
-            .conditions
-            .iter()
-            .flatten()
-            .any(|c| c.type_ == type_ && c.status == "True")
-    };
-    let messages: Vec<(Timestamp, String)> = pods
-        .iter()
-        .filter(|pod| pod.labels().get("job-name") == Some(&name))
-        .flat_map(|pod| {
-            pod.status
-                .iter()
-                .flat_map(|s| s.container_statuses.iter().flatten())
-        })
-        .filter_map(|container| {
-            let terminated = container.state.as_ref()?.terminated.as_ref()?;
-            Some((
-                terminated
-                    .finished_at
-                    .as_ref()
-                    .map_or(Timestamp::UNIX_EPOCH, |t| t.0),
-                terminated.message.clone().unwrap_or_default(),
-            ))
-        })
-        .collect();
-    let newest_message = messages
-        .iter()
-        .max_by_key(|(at, _)| *at)
-        .map(|(_, m)| m.clone());
-    let state = if finished("Complete") || status.succeeded.unwrap_or(0) > 0 {
-        JobState::Succeeded {
-            finished: status.completion_time.map_or(created, |t| t.0),
-            report: newest_message.and_then(|m| serde_json::from_str(&m).ok()),
-        }
-    } else if finished("Failed") {
-        JobState::Failed {
-            message: newest_message.unwrap_or_else(|| "no termination message".into()),
-        }
-    } else {
-        JobState::Running
+    let state = match batch_job::outcome(job, pods) {
+        Outcome::Running => JobState::Running,
+        Outcome::Succeeded { finished, message } => JobState::Succeeded {
+            finished,
+            report: message.and_then(|m| serde_json::from_str(&m).ok()),
+        },
+        Outcome::Failed { message } => JobState::Failed {
+            message: message.unwrap_or_else(|| "no termination message".into()),
+        },
     };
     JobRun {
-        name,
-        created,
+        name: job.name_any(),
+        created: job
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(Timestamp::UNIX_EPOCH, |t| t.0),
         state,
     }
 }

@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod alerts;
 pub mod analysis;
+pub mod batch_job;
 pub mod config;
 pub mod controller;
 pub mod featureview;

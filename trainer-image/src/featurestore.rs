@@ -38,7 +38,7 @@ use crate::online_writer::OnlineWriter;
 /// The kubelet keeps at most this much of a termination message.
 const TERMINATION_MESSAGE_LIMIT: usize = 4096;
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct ViewArgs {
     /// The FeatureView manifest (YAML or JSON).
     #[arg(long, env = "FLYWHEEL_FEATURE_VIEW_FILE")]
@@ -119,8 +119,43 @@ pub struct BuildDatasetArgs {
     click_window: String,
     #[arg(long, default_value = "7d")]
     conversion_window: String,
+    /// Keep only the base rows (events or impressions) at or after this time (RFC 3339).
+    #[arg(long)]
+    start: Option<String>,
+    /// Keep only the base rows before this time (RFC 3339).
+    #[arg(long)]
+    end: Option<String>,
     #[arg(long)]
     out: PathBuf,
+}
+
+impl BuildDatasetArgs {
+    /// Point-in-time features for the labeled `events` whose `event_time` is in `[start, end)`.
+    pub fn labeled_events(
+        view: ViewArgs,
+        events: PathBuf,
+        event_time: &str,
+        (start, end): (&str, &str),
+        out: PathBuf,
+    ) -> BuildDatasetArgs {
+        BuildDatasetArgs {
+            view,
+            features: None,
+            events: Some(events),
+            impressions: None,
+            clicks: None,
+            conversions: None,
+            prediction_log: None,
+            event_time: event_time.to_owned(),
+            request_id: "request_id".to_owned(),
+            click_id: "click_id".to_owned(),
+            click_window: "30m".to_owned(),
+            conversion_window: "7d".to_owned(),
+            start: Some(start.to_owned()),
+            end: Some(end.to_owned()),
+            out,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -147,7 +182,7 @@ pub struct GenerateEventsArgs {
     out: PathBuf,
 }
 
-fn load_view(args: &ViewArgs) -> anyhow::Result<FeatureView> {
+pub fn load_view(args: &ViewArgs) -> anyhow::Result<FeatureView> {
     let text = match (&args.view, &args.view_json) {
         (Some(path), _) => std::fs::read_to_string(path)
             .with_context(|| format!("reading the FeatureView {}", path.display()))?,
@@ -605,7 +640,7 @@ pub fn build_dataset(args: &BuildDatasetArgs) -> anyhow::Result<()> {
             bail!("give --events (labeled events) or --impressions with --clicks (sample joining)")
         }
     };
-    let base = read_table(&base_path)?;
+    let base = within_range(read_table(&base_path)?, &base_path, args)?;
     let keys = table::keys(&base, &base_path, &view.entities)?;
     let times = table::timestamps(&base, &base_path, &args.event_time)?;
     let mut columns: Vec<(String, ArrayRef)> = base
@@ -751,6 +786,43 @@ pub fn build_dataset(args: &BuildDatasetArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// The rows of `base` whose event time lies in `[--start, --end)`; all of them without bounds.
+fn within_range(
+    base: arrow_array::RecordBatch,
+    path: &Path,
+    args: &BuildDatasetArgs,
+) -> anyhow::Result<arrow_array::RecordBatch> {
+    if args.start.is_none() && args.end.is_none() {
+        return Ok(base);
+    }
+    let start = args
+        .start
+        .as_deref()
+        .map(|text| parse_time(text, "--start"))
+        .transpose()?
+        .unwrap_or(Micros::MIN);
+    let end = args
+        .end
+        .as_deref()
+        .map(|text| parse_time(text, "--end"))
+        .transpose()?
+        .unwrap_or(Micros::MAX);
+    let times = table::timestamps(&base, path, &args.event_time)?;
+    let keep = BooleanArray::from_iter(times.iter().map(|t| Some((start..end).contains(t))));
+    let kept = arrow_select::filter::filter_record_batch(&base, &keep)
+        .with_context(|| format!("{}: selecting rows by time", path.display()))?;
+    if kept.num_rows() == 0 {
+        bail!(
+            "{}: no rows with {} in [{}, {})",
+            path.display(),
+            args.event_time,
+            format_time(start),
+            format_time(end)
+        );
+    }
+    Ok(kept)
 }
 
 pub fn generate_events(args: &GenerateEventsArgs) -> anyhow::Result<()> {

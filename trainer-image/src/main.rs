@@ -23,6 +23,7 @@ mod movielens;
 mod online_writer;
 mod ps;
 mod status;
+mod training_set;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -111,6 +112,9 @@ enum Command {
     /// Build a training set: point-in-time correct features for labeled events, or sample joining of
     /// impressions, clicks and conversions.
     BuildDataset(Box<featurestore::BuildDatasetArgs>),
+    /// Build a TrainingJob's train and eval sets from a FeatureView and labeled events, and the model's
+    /// feature schema (`train.parquet`, `eval.parquet`, `schema.json`); the summary is the termination message.
+    TrainingSet(Box<training_set::TrainingSetArgs>),
     /// Write synthetic feature events (`events.parquet`) and labeled events (`labels.parquet`).
     GenerateEvents(featurestore::GenerateEventsArgs),
     /// Write the model inputs of a Parquet data set after the schema's transforms (`c<i>`, `x<j>`, `label`,
@@ -315,6 +319,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => train(&args),
         Command::Materialize(args) => featurestore::materialize(&args),
         Command::BuildDataset(args) => featurestore::build_dataset(&args),
+        Command::TrainingSet(args) => training_set::build(&args),
         Command::GenerateEvents(args) => featurestore::generate_events(&args),
         Command::Ps(args) => ps_command(&args),
         Command::Movielens { from, out } => movielens::convert(&from, &out).map_err(Into::into).map(

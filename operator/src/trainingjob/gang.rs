@@ -28,7 +28,7 @@ pub const STATUS_PORT: u16 = 7071;
 pub const CONTAINER: &str = "trainer";
 const TERMINATION_LOG: &str = "/dev/termination-log";
 /// Where the trainer writes scratch files: the root filesystem is read-only.
-const SCRATCH: &str = "/tmp";
+pub const SCRATCH: &str = "/tmp";
 
 pub const LABEL_JOB: &str = "flywheel.dev/training-job";
 pub const LABEL_ROLE: &str = "flywheel.dev/role";
@@ -159,23 +159,33 @@ pub struct Paths {
 
 /// Resolves the job's storage URIs, or says which field the trainer cannot read.
 pub fn paths(job_name: &str, spec: &TrainingJobSpec) -> Result<Paths, String> {
-    let Some(dataset) = &spec.data.dataset else {
-        return Err(
-            "spec.data.featureView: building a training set from a FeatureView is not available yet; \
-             give spec.data.dataset"
-                .to_owned(),
-        );
-    };
-    let train = local_path("spec.data.dataset.train", &dataset.train)?;
-    let eval = local_path("spec.data.dataset.eval", &dataset.eval)?;
-    let schema = match &dataset.schema {
-        Some(uri) => local_path("spec.data.dataset.schema", uri)?,
-        None => sibling(&train, "schema.json"),
-    };
     let output = join(
         &local_path("spec.output.artifactUri", &spec.output.artifact_uri)?,
         job_name,
     );
+    let (train, eval, label, schema) = match (&spec.data.dataset, &spec.data.feature_view) {
+        (Some(dataset), _) => {
+            let train = local_path("spec.data.dataset.train", &dataset.train)?;
+            let eval = local_path("spec.data.dataset.eval", &dataset.eval)?;
+            let schema = match &dataset.schema {
+                Some(uri) => local_path("spec.data.dataset.schema", uri)?,
+                None => sibling(&train, "schema.json"),
+            };
+            (train, eval, dataset.label.clone(), schema)
+        }
+        // The training-set step writes the sets and their schema beside the job's model.
+        (None, Some(view)) => {
+            local_path("spec.data.featureView.events", &view.events)?;
+            let dir = dataset_dir(&output);
+            (
+                join(&dir, "train.parquet"),
+                join(&dir, "eval.parquet"),
+                view.label.clone(),
+                join(&dir, "schema.json"),
+            )
+        }
+        (None, None) => return Err("spec.data: set featureView or dataset".to_owned()),
+    };
     let checkpoints = match &spec.checkpoint {
         Some(checkpoint) => join(
             &local_path("spec.checkpoint.uri", &checkpoint.uri)?,
@@ -186,14 +196,19 @@ pub fn paths(job_name: &str, spec: &TrainingJobSpec) -> Result<Paths, String> {
     Ok(Paths {
         train,
         eval,
-        label: dataset.label.clone(),
+        label,
         schema,
         output,
         checkpoints,
     })
 }
 
-fn local_path(field: &str, uri: &str) -> Result<String, String> {
+/// Where a job's training-set step writes `train.parquet`, `eval.parquet` and `schema.json`.
+pub fn dataset_dir(output: &str) -> String {
+    join(output, "dataset")
+}
+
+pub fn local_path(field: &str, uri: &str) -> Result<String, String> {
     match uri.strip_prefix("file://") {
         Some(path) if path.starts_with('/') => Ok(path.to_owned()),
         Some(_) => Err(format!("{field}: `{uri}` must be an absolute file:///path")),
@@ -503,7 +518,7 @@ fn pod_security_context() -> PodSecurityContext {
     }
 }
 
-fn volumes(settings: &TrainerSettings) -> (Vec<Volume>, Vec<VolumeMount>) {
+pub fn volumes(settings: &TrainerSettings) -> (Vec<Volume>, Vec<VolumeMount>) {
     let mut volumes = vec![Volume {
         name: "scratch".to_owned(),
         empty_dir: Some(Default::default()),
@@ -877,9 +892,15 @@ mod tests {
         }
         let error = paths("j", &job.spec).err().unwrap_or_default();
         assert!(error.starts_with("spec.data.dataset.train:"), "{error}");
-        let feature_view: TrainingJob = load("trainingjob-ps.yaml", 1);
+        let mut feature_view: TrainingJob = load("trainingjob-ps.yaml", 1);
+        if let Some(view) = &mut feature_view.spec.data.feature_view {
+            view.events = "gs://bucket/impressions/".into();
+        }
         let error = paths("j", &feature_view.spec).err().unwrap_or_default();
-        assert!(error.starts_with("spec.data.featureView"), "{error}");
+        assert!(
+            error.starts_with("spec.data.featureView.events:"),
+            "{error}"
+        );
     }
 
     #[test]

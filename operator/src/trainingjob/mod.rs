@@ -5,6 +5,7 @@
 //! [`crate::gpuquota`]). A job labelled `kueue.x-k8s.io/queue-name` is left to Kueue: Flywheel's quota does
 //! not consider it, Kueue admits it by setting `spec.suspend: false`, and the label is passed to every pod.
 
+pub mod dataset;
 pub mod gang;
 pub mod plan;
 pub mod progress;
@@ -13,11 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_crds::trainingjob::{TrainingPhase, TrainingProgress};
-use flywheel_crds::{GPUQuota, ModelVersion, TrainingJob};
+use flywheel_crds::{FeatureView, GPUQuota, ModelVersion, TrainingJob};
 use futures::StreamExt;
 use jiff::Timestamp;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -25,6 +27,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
+pub use dataset::DatasetObservation;
 pub use gang::{KUEUE_QUEUE_LABEL, TrainerSettings};
 pub use plan::{Observed, TrainingPlan, WarmStart, plan};
 
@@ -88,6 +91,62 @@ async fn chief_progress(pods: &[&Pod], job: &TrainingJob) -> Option<TrainingProg
     progress::poll(ip).await
 }
 
+/// What the training-set step of a job on a FeatureView needs: the view and its Job's outcome. Nothing is
+/// looked up once the job's status says its sets are built, or when it reads ready-made sets.
+async fn training_set(ctx: &Context, job: &TrainingJob) -> Result<DatasetObservation, Error> {
+    let status = job.status.clone().unwrap_or_default();
+    let finished = matches!(
+        status.phase,
+        Some(TrainingPhase::Succeeded | TrainingPhase::Failed)
+    );
+    let built = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == dataset::CONDITION_DATASET_BUILT && c.status == "True");
+    let Some(data) = job
+        .spec
+        .data
+        .feature_view
+        .as_ref()
+        .filter(|_| !finished && !built)
+    else {
+        return Ok(DatasetObservation::NotNeeded);
+    };
+    let namespace = job.namespace().unwrap_or_default();
+    let views: Api<FeatureView> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(view) = views.get_opt(&data.name).await? else {
+        return Ok(DatasetObservation::ViewMissing);
+    };
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+    let name = dataset::job_name(&job.name_any());
+    let outcome = match jobs.get_opt(&name).await? {
+        // A namesake from a deleted TrainingJob is not this job's step.
+        Some(found)
+            if found
+                .owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == job.uid().as_ref()) =>
+        {
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+            let pods = pods
+                .list(&ListParams::default().labels(&format!("job-name={name}")))
+                .await?
+                .items;
+            Some(crate::batch_job::outcome(&found, &pods))
+        }
+        Some(_) => {
+            return Err(Error::Conflict(format!(
+                "Job {name} exists and belongs to something else; delete it or rename the TrainingJob"
+            )));
+        }
+        None => None,
+    };
+    Ok(DatasetObservation::View {
+        view: Box::new(view),
+        job: outcome,
+    })
+}
+
 /// Registers the produced ModelVersion. Its name is the job's; when a ModelVersion of that name exists from
 /// another job (a deleted job's namesake), the job's UID prefix makes the name unique. Returns the name used.
 async fn register(ctx: &Context, version: &ModelVersion, job_uid: &str) -> Result<String, Error> {
@@ -137,6 +196,7 @@ pub async fn reconcile(
         .and_then(|name| stores.quotas.get(&ObjectRef::new(name)));
     let progress = chief_progress(&pods, &job).await;
     let warm_start = warm_start(&ctx, &job).await?;
+    let dataset = training_set(&ctx, &job).await?;
     let mut decided = plan(&Observed {
         job: &job,
         pods,
@@ -144,6 +204,7 @@ pub async fn reconcile(
         warm_start,
         progress,
         settings: &ctx.trainer,
+        dataset,
         now: Timestamp::now(),
     });
 
@@ -173,6 +234,18 @@ pub async fn reconcile(
         match pods_api.delete(name, &DeleteParams::background()).await {
             Ok(_) => info!(job = %job.name_any(), pod = %name, "deleted pod"),
             Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    if let Some(dataset_job) = &decided.dataset_job {
+        match Api::<Job>::namespaced(ctx.client.clone(), &namespace)
+            .create(&PostParams::default(), dataset_job)
+            .await
+        {
+            Ok(_) => {
+                info!(job = %job.name_any(), dataset_job = %dataset_job.name_any(), "started the training-set Job")
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {}
             Err(err) => return Err(err.into()),
         }
     }
@@ -291,15 +364,27 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
     .reflect(pods_writer)
     .touched_objects();
     let (quotas, quotas_writer) = reflector::store();
-    let quota_events = watcher(Api::<GPUQuota>::all(client), watcher::Config::default())
-        .default_backoff()
-        .modify(strip_managed_fields)
-        .reflect(quotas_writer)
-        .touched_objects();
+    let quota_events = watcher(
+        Api::<GPUQuota>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .modify(strip_managed_fields)
+    .reflect(quotas_writer)
+    .touched_objects();
+    // The training-set Jobs: their end moves their TrainingJob on.
+    let dataset_job_events = watcher(
+        Api::<Job>::all(client.clone()),
+        watcher::Config::default().labels(dataset::LABEL_DATASET_OF),
+    )
+    .default_backoff()
+    .modify(strip_managed_fields)
+    .touched_objects();
     let stores = Arc::new(Stores { pods, quotas });
     let mapper_jobs = jobs.clone();
     let controller = Controller::for_stream(job_events, jobs.clone())
         .owns_stream(pod_events)
+        .owns_stream(dataset_job_events)
         .watches_stream(quota_events, move |quota: GPUQuota| {
             jobs_of_quota(&mapper_jobs, &quota)
         })

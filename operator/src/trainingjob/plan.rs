@@ -14,14 +14,17 @@ use flywheel_crds::TrainingJob;
 use flywheel_crds::common::{ConditionStatus, condition, find_condition, set_condition};
 use flywheel_crds::modelversion::{Artifact, ArtifactFormat, Lineage, ModelVersionSpec};
 use flywheel_crds::trainingjob::{
-    OfflineMetrics, QueueStatus, ReplicaStatus, TrainingJobStatus, TrainingPhase, TrainingProgress,
+    FeatureViewData, OfflineMetrics, QueueStatus, ReplicaStatus, TrainingJobStatus, TrainingPhase,
+    TrainingProgress,
 };
 use jiff::Timestamp;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::ResourceExt;
 use serde::Deserialize;
 
+use super::dataset::{self, CONDITION_DATASET_BUILT, DatasetObservation, DatasetStep};
 use super::gang::{
     self, CHIEF, GangContext, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, LABEL_INDEX, LABEL_ROLE, Member,
     Role, TrainerSettings,
@@ -42,6 +45,8 @@ const MAX_RESTART_REASONS: usize = 10;
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// How soon to look again while pods of an older attempt terminate.
 const TERMINATION_POLL: Duration = Duration::from_secs(2);
+/// How often a job looks again for the FeatureView it names.
+const MISSING_VIEW_RETRY: Duration = Duration::from_secs(30);
 
 /// The ModelVersion a job warm-starts from, as far as the operator knows.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +66,8 @@ pub struct Observed<'a> {
     /// The chief's latest progress, when it could be read.
     pub progress: Option<TrainingProgress>,
     pub settings: &'a TrainerSettings,
+    /// The training-set step of a job on a FeatureView.
+    pub dataset: DatasetObservation,
     pub now: Timestamp,
 }
 
@@ -72,6 +79,8 @@ pub struct TrainingPlan {
     pub create_pods: Vec<Pod>,
     pub delete_pods: Vec<String>,
     pub model_version: Option<ModelVersion>,
+    /// The training-set Job to create.
+    pub dataset_job: Option<Job>,
     /// How long the job waited for admission, on the reconcile that admitted it.
     pub admitted_after: Option<Duration>,
     /// A gang restart after a failure was decided.
@@ -256,6 +265,7 @@ struct Builder<'o, 'a> {
     create_pods: Vec<Pod>,
     service: Option<Service>,
     model_version: Option<ModelVersion>,
+    dataset_job: Option<Job>,
     admitted_after: Option<Duration>,
     restarted: bool,
     requeue: Option<Duration>,
@@ -374,6 +384,7 @@ pub fn plan(observed: &Observed<'_>) -> TrainingPlan {
         create_pods: Vec::new(),
         service: None,
         model_version: None,
+        dataset_job: None,
         admitted_after: None,
         restarted: false,
         requeue: None,
@@ -400,6 +411,7 @@ pub fn plan(observed: &Observed<'_>) -> TrainingPlan {
         create_pods: builder.create_pods,
         delete_pods: builder.delete_pods,
         model_version: builder.model_version,
+        dataset_job: builder.dataset_job,
         admitted_after: builder.admitted_after,
         restarted: builder.restarted,
     }
@@ -506,6 +518,11 @@ fn advance(b: &mut Builder<'_, '_>) {
         );
         return;
     }
+    if let Some(data) = &job.spec.data.feature_view
+        && !training_set_built(b, data, &paths)
+    {
+        return;
+    }
     match admission(observed) {
         Admission::Waiting {
             reason,
@@ -596,6 +613,96 @@ fn advance(b: &mut Builder<'_, '_>) {
         },
     );
     run_gang(b, &paths, warm_start);
+}
+
+/// The training-set step of a job on a FeatureView ([`dataset`]); true once its sets are built.
+fn training_set_built(
+    b: &mut Builder<'_, '_>,
+    data: &FeatureViewData,
+    paths: &gang::Paths,
+) -> bool {
+    let observed = b.observed;
+    let step = match dataset::step(
+        observed.job,
+        data,
+        paths,
+        observed.settings,
+        &observed.dataset,
+    ) {
+        Ok(step) => step,
+        Err(err) => {
+            b.fail(
+                "DatasetBuildFailed",
+                format!("the training-set Job cannot be written: {err}"),
+            );
+            return false;
+        }
+    };
+    let building = format!(
+        "Job {} builds the training and evaluation sets from FeatureView {}",
+        dataset::job_name(&observed.job.name_any()),
+        data.name
+    );
+    let (reason, message) = match step {
+        DatasetStep::Built { summary } => {
+            if let Some(summary) = summary {
+                let message = format!("from FeatureView {}: {summary}", data.name);
+                b.event(false, "DatasetBuilt", "BuildDataset", message.clone());
+                b.set(
+                    CONDITION_DATASET_BUILT,
+                    ConditionStatus::True,
+                    "Built",
+                    message,
+                );
+            }
+            return true;
+        }
+        DatasetStep::Failed(message) => {
+            b.set(
+                CONDITION_DATASET_BUILT,
+                ConditionStatus::False,
+                "Failed",
+                message.clone(),
+            );
+            b.fail("DatasetBuildFailed", message);
+            return false;
+        }
+        DatasetStep::Start(job) => {
+            b.event(false, "BuildingDataset", "BuildDataset", building.clone());
+            b.dataset_job = Some(*job);
+            ("Building", building)
+        }
+        DatasetStep::Building => ("Building", building),
+        DatasetStep::WaitingForView => {
+            b.requeue = Some(MISSING_VIEW_RETRY);
+            (
+                "FeatureViewMissing",
+                format!(
+                    "waiting for FeatureView `{}` (spec.data.featureView.name)",
+                    data.name
+                ),
+            )
+        }
+    };
+    b.set(
+        CONDITION_DATASET_BUILT,
+        ConditionStatus::False,
+        reason,
+        message.clone(),
+    );
+    // No GPU is held while the data is built: the job waits before admission.
+    b.enter(TrainingPhase::Queued);
+    b.status.queue = Some(QueueStatus {
+        reason: message,
+        position: None,
+        since: b
+            .status
+            .queue
+            .as_ref()
+            .and_then(|q| q.since.clone())
+            .or(Some(Time(observed.now))),
+    });
+    false
 }
 
 fn run_gang(b: &mut Builder<'_, '_>, paths: &gang::Paths, warm_start: Option<(&str, &str)>) {

@@ -2,7 +2,7 @@
 
 use flywheel_crds::gpuquota::{GPUQuotaStatus, JobRef};
 use flywheel_crds::trainingjob::{DatasetUris, TrainingData, TrainingJobStatus, TrainingPhase};
-use flywheel_crds::{GPUQuota, TrainingJob};
+use flywheel_crds::{FeatureView, GPUQuota, TrainingJob};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
@@ -10,8 +10,10 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::ResourceExt;
 
+use super::dataset::DatasetObservation;
 use super::gang::{self, LABEL_ATTEMPT, Paths, TrainerSettings};
 use super::plan::{Observed, TrainingPlan, WarmStart, chief_result, plan};
+use crate::batch_job::Outcome;
 use crate::plan::examples::{condition, load};
 
 const RESULT: &str = r#"{"event":"done","rank":0,"artifact":"/data/models/ps-job/model.fwm","sha256":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","featureSchemaHash":"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb","metrics":{"auc":0.71,"gauc":0.65,"logLoss":0.5,"calibration":1.01,"samples":2000},"steps":120,"trainSeconds":3.0,"samplesPerSecond":40000.0}"#;
@@ -60,6 +62,16 @@ fn observe<'a>(
     quota: Option<&'a GPUQuota>,
     settings: &'a TrainerSettings,
 ) -> TrainingPlan {
+    observe_dataset(job, pods, quota, settings, DatasetObservation::NotNeeded)
+}
+
+fn observe_dataset<'a>(
+    job: &'a TrainingJob,
+    pods: &'a [Pod],
+    quota: Option<&'a GPUQuota>,
+    settings: &'a TrainerSettings,
+    dataset: DatasetObservation,
+) -> TrainingPlan {
     plan(&Observed {
         job,
         pods: pods.iter().collect(),
@@ -67,6 +79,7 @@ fn observe<'a>(
         warm_start: WarmStart::NotRequested,
         progress: None,
         settings,
+        dataset,
         now: Timestamp::from_second(100).unwrap_or(Timestamp::UNIX_EPOCH),
     })
 }
@@ -609,14 +622,143 @@ fn kueue_managed_jobs_skip_the_flywheel_quota_and_keep_the_label() {
     );
 }
 
+/// The PS example as shipped: it reads the FeatureView `ctr-events`.
+fn view_job() -> TrainingJob {
+    let mut job: TrainingJob = load("trainingjob-ps.yaml", 1);
+    job.metadata.namespace = Some("team".into());
+    job.metadata.uid = Some("uid-view".into());
+    job
+}
+
+fn view() -> Box<FeatureView> {
+    let mut view: FeatureView = load("featureview.yaml", 1);
+    view.metadata.namespace = Some("team".into());
+    Box::new(view)
+}
+
 #[test]
-fn feature_view_data_is_refused_until_datasets_can_be_built() {
+fn a_job_on_a_feature_view_builds_its_training_set_before_admission() {
     let settings = TrainerSettings::default();
-    let job: TrainingJob = load("trainingjob-ps.yaml", 1);
-    let decided = observe(&job, &[], None, &settings);
-    assert_eq!(decided.plan.status.phase, Some(TrainingPhase::Failed));
-    let (_, message, _) = condition(&decided.plan.status.conditions, "Failed");
-    assert!(message.starts_with("spec.data.featureView"), "{message}");
+    let job = view_job();
+    let decided = observe_dataset(
+        &job,
+        &[],
+        None,
+        &settings,
+        DatasetObservation::View {
+            view: view(),
+            job: None,
+        },
+    );
+    let status = &decided.plan.status;
+    assert_eq!(status.phase, Some(TrainingPhase::Queued));
+    assert!(
+        decided.create_pods.is_empty(),
+        "no gang while data is built"
+    );
+    assert_eq!(
+        decided
+            .dataset_job
+            .as_ref()
+            .map(ResourceExt::name_any)
+            .as_deref(),
+        Some("ctr-deepfm-ps-dataset")
+    );
+    let (state, message, _) = condition(&status.conditions, "DatasetBuilt");
+    assert_eq!(state, "False");
+    assert_eq!(
+        message,
+        "Job ctr-deepfm-ps-dataset builds the training and evaluation sets from FeatureView ctr-events"
+    );
+    assert_eq!(
+        status.queue.as_ref().map(|q| q.reason.as_str()),
+        Some(message)
+    );
+
+    // Built: the gang starts on the sets it wrote.
+    let built = observe_dataset(
+        &job,
+        &[],
+        None,
+        &settings,
+        DatasetObservation::View {
+            view: view(),
+            job: Some(Outcome::Succeeded {
+                finished: Timestamp::UNIX_EPOCH,
+                message: Some(r#"{"trainRows":900,"evalRows":100,"features":4}"#.into()),
+            }),
+        },
+    );
+    assert_eq!(
+        condition(&built.plan.status.conditions, "DatasetBuilt").0,
+        "True"
+    );
+    assert!(built.dataset_job.is_none());
+    assert_eq!(built.create_pods.len(), 6, "2 servers and 4 workers");
+    let worker = built
+        .create_pods
+        .iter()
+        .find(|p| p.name_any() == "ctr-deepfm-ps-worker-0")
+        .unwrap_or_else(|| panic!("no chief"));
+    let env: Vec<(String, String)> = worker.spec.clone().unwrap_or_default().containers[0]
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|v| Some((v.name, v.value?)))
+        .collect();
+    assert!(env.contains(&(
+        "FLYWHEEL_TRAIN_DATA".into(),
+        "/var/lib/flywheel/models/ctr-deepfm-ps/dataset/train.parquet".into()
+    )));
+    assert!(env.contains(&(
+        "FLYWHEEL_SCHEMA".into(),
+        "/var/lib/flywheel/models/ctr-deepfm-ps/dataset/schema.json".into()
+    )));
+}
+
+#[test]
+fn a_failed_training_set_fails_the_job_with_the_builders_reason() {
+    let settings = TrainerSettings::default();
+    let job = view_job();
+    let decided = observe_dataset(
+        &job,
+        &[],
+        None,
+        &settings,
+        DatasetObservation::View {
+            view: view(),
+            job: Some(Outcome::Failed {
+                message: Some(
+                    r#"{"event":"failed","error":"/e: no label column `clicked` (spec.data.featureView.label); it has user_id"}"#
+                        .into(),
+                ),
+            }),
+        },
+    );
+    let status = &decided.plan.status;
+    assert_eq!(status.phase, Some(TrainingPhase::Failed));
+    let (_, message, _) = condition(&status.conditions, "Failed");
+    assert!(
+        message
+            .ends_with("no label column `clicked` (spec.data.featureView.label); it has user_id"),
+        "{message}"
+    );
+    assert!(decided.create_pods.is_empty());
+}
+
+#[test]
+fn a_job_waits_for_the_feature_view_it_names() {
+    let settings = TrainerSettings::default();
+    let job = view_job();
+    let decided = observe_dataset(&job, &[], None, &settings, DatasetObservation::ViewMissing);
+    let status = &decided.plan.status;
+    assert_eq!(status.phase, Some(TrainingPhase::Queued));
+    assert_eq!(
+        condition(&status.conditions, "DatasetBuilt").1,
+        "waiting for FeatureView `ctr-events` (spec.data.featureView.name)"
+    );
+    assert!(decided.dataset_job.is_none() && decided.create_pods.is_empty());
 }
 
 #[test]
