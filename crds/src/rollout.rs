@@ -54,6 +54,30 @@ pub struct RolloutSpec {
     pub alerts: Vec<String>,
     #[serde(default)]
     pub traffic: TrafficRouting,
+    /// Labels and the prediction log through Kafka, passed to every serving replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<Feedback>,
+}
+
+/// Kafka topics every serving replica of the Rollout reads and writes. Each replica reads all of the clicks
+/// topic (a consumer group of its own) and labels the predictions it served, so online AUC and calibration
+/// see every label whatever the replica count.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.clicksTopic) || has(self.predictionLogTopic)").message("spec.feedback: set clicksTopic, predictionLogTopic or both"))]
+pub struct Feedback {
+    /// Kafka bootstrap servers, `host:port`.
+    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 253)))]
+    pub brokers: Vec<String>,
+    /// Topic of labels: JSON `{"requestId": "…", "clicked": true}`, the request id being the one the
+    /// prediction was answered with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249))]
+    pub clicks_topic: Option<String>,
+    /// Topic every served prediction is logged to: request id, version, score and the features as served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249))]
+    pub prediction_log_topic: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -400,6 +424,15 @@ impl RolloutSpec {
                     }
                 }
             }
+        }
+        if let Some(feedback) = &self.feedback
+            && feedback.clicks_topic.is_none()
+            && feedback.prediction_log_topic.is_none()
+        {
+            violations.push(
+                "spec.feedback",
+                "set clicksTopic, predictionLogTopic or both",
+            );
         }
         if let Some(analysis) = &self.analysis {
             violations.check_duration("spec.analysis.interval", &analysis.interval);

@@ -8,7 +8,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    DNS_LABEL_PATTERN, GPU_RESOURCE_PATTERN, LocalRef, SpecViolations, TimeRange, is_gpu_resource,
+    DNS_LABEL_PATTERN, Duration, GPU_RESOURCE_PATTERN, LocalRef, SpecViolations, TimeRange,
+    is_gpu_resource,
 };
 use crate::featureview::STORAGE_URI_PATTERN;
 use crate::modelversion::Validation;
@@ -140,11 +141,59 @@ pub struct FeatureViewData {
     /// Label column of the events (e.g. `clicked`).
     #[schemars(length(min = 1, max = 63))]
     pub label: String,
-    /// Events whose time falls in this range train the model.
-    pub train_range: TimeRange,
-    /// Events in this range evaluate it; must start at or after the end of `trainRange`, so evaluation never
-    /// sees the training period.
-    pub eval_range: TimeRange,
+    /// Events whose time falls in this range train the model: `start` and `end`, or `last` (e.g. `7d`): that
+    /// long before the evaluation range starts.
+    pub train_range: EventRange,
+    /// Events in this range evaluate it: `start` and `end`, or `last` (e.g. `1d`): that long before the job
+    /// was created. It must start at or after the end of `trainRange`, so evaluation never sees the training
+    /// period.
+    pub eval_range: EventRange,
+}
+
+/// A range of event times: absolute (`start`, `end`) or relative (`last`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("(has(self.start) && has(self.end)) != has(self.last)").message("set start and end, or last"))]
+pub struct EventRange {
+    /// Inclusive start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<Time>,
+    /// Exclusive end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<Time>,
+    /// The span before a reference time (the job's creation, or the evaluation range's start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<Duration>,
+}
+
+impl EventRange {
+    /// The absolute range: as given, or `last` before `reference`; `None` when neither form is complete or
+    /// `last` does not parse.
+    pub fn resolve(&self, reference: jiff::Timestamp) -> Option<TimeRange> {
+        match (&self.start, &self.end, &self.last) {
+            (Some(start), Some(end), None) => Some(TimeRange {
+                start: start.clone(),
+                end: end.clone(),
+            }),
+            (None, None, Some(last)) => {
+                let span = jiff::SignedDuration::try_from(last.parse().ok()?).ok()?;
+                Some(TimeRange {
+                    start: Time(reference.checked_sub(span).ok()?),
+                    end: Time(reference),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl FeatureViewData {
+    /// The absolute (train, eval) ranges for a job created at `created`.
+    pub fn ranges(&self, created: jiff::Timestamp) -> Option<(TimeRange, TimeRange)> {
+        let eval = self.eval_range.resolve(created)?;
+        let train = self.train_range.resolve(eval.start.0)?;
+        Some((train, eval))
+    }
 }
 
 fn default_event_time() -> String {
@@ -493,17 +542,19 @@ impl TrainingJobSpec {
                 violations.push("spec.data", "set exactly one of featureView or dataset");
             }
             (Some(view), None) => {
-                check_range(
+                let train = check_event_range(
                     &mut violations,
                     "spec.data.featureView.trainRange",
                     &view.train_range,
                 );
-                check_range(
+                let eval = check_event_range(
                     &mut violations,
                     "spec.data.featureView.evalRange",
                     &view.eval_range,
                 );
-                if view.eval_range.start.0 < view.train_range.end.0 {
+                if let (Some(train), Some(eval)) = (train, eval)
+                    && eval.start.0 < train.end.0
+                {
                     violations.push(
                         "spec.data.featureView.evalRange.start",
                         "evaluation must start at or after the end of trainRange (no look-ahead)",
@@ -572,8 +623,34 @@ impl TrainingJobSpec {
     }
 }
 
-fn check_range(violations: &mut SpecViolations, field: &str, range: &TimeRange) {
-    if range.end.0 <= range.start.0 {
-        violations.push(format!("{field}.end"), "must be after start");
+/// Checks one range; returns it when absolute and sound (a relative range is checked for its span only).
+fn check_event_range(
+    violations: &mut SpecViolations,
+    field: &str,
+    range: &EventRange,
+) -> Option<TimeRange> {
+    match (&range.start, &range.end, &range.last) {
+        (Some(start), Some(end), None) => {
+            if end.0 <= start.0 {
+                violations.push(format!("{field}.end"), "must be after start");
+                return None;
+            }
+            Some(TimeRange {
+                start: start.clone(),
+                end: end.clone(),
+            })
+        }
+        (None, None, Some(last)) => {
+            if let Some(span) = violations.check_duration(&format!("{field}.last"), last)
+                && span.is_zero()
+            {
+                violations.push(format!("{field}.last"), "must be longer than 0s");
+            }
+            None
+        }
+        _ => {
+            violations.push(field, "set start and end, or last");
+            None
+        }
     }
 }

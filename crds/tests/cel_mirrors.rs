@@ -292,3 +292,66 @@ fn data_parallel_on_cpus_needs_no_quota_and_no_gpu_product() {
         "GPU jobs still need their quota"
     );
 }
+
+#[test]
+fn feedback_needs_a_topic() {
+    let rollout = with(
+        example("rollout.yaml"),
+        "/spec/feedback",
+        json!({"brokers": ["kafka:9092"]}),
+    );
+    assert_both_refuse(&rollout, "spec.feedback");
+    let fixed = with(rollout, "/spec/feedback/clicksTopic", json!("clicks"));
+    assert_eq!(controller_errors(&fixed, None), Vec::<String>::new());
+    assert_eq!(cel_errors(&fixed, None), Vec::<String>::new());
+}
+
+#[test]
+fn a_range_is_absolute_or_relative_not_both() {
+    let both = with(
+        example("trainingjob-ps.yaml"),
+        "/spec/data/featureView/trainRange/last",
+        json!("14d"),
+    );
+    assert_both_refuse(&both, "spec.data.featureView.trainRange");
+    let relative = with(
+        with(
+            example("trainingjob-ps.yaml"),
+            "/spec/data/featureView/trainRange",
+            json!({"last": "7d"}),
+        ),
+        "/spec/data/featureView/evalRange",
+        json!({"last": "1d"}),
+    );
+    assert_eq!(controller_errors(&relative, None), Vec::<String>::new());
+    assert_eq!(cel_errors(&relative, None), Vec::<String>::new());
+    let job: TrainingJob = serde_json::from_value(relative).unwrap_or_else(|e| panic!("{e}"));
+    let view = job
+        .spec
+        .data
+        .feature_view
+        .unwrap_or_else(|| panic!("the example reads a FeatureView"));
+    let created: jiff::Timestamp = "2026-12-08T00:00:00Z"
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (train, eval) = view
+        .ranges(created)
+        .unwrap_or_else(|| panic!("relative ranges resolve"));
+    let text = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| t.0.to_string();
+    assert_eq!(
+        (text(&eval.start), text(&eval.end)),
+        (
+            "2026-12-07T00:00:00Z".to_owned(),
+            "2026-12-08T00:00:00Z".to_owned()
+        ),
+        "the last day before the job"
+    );
+    assert_eq!(
+        (text(&train.start), text(&train.end)),
+        (
+            "2026-11-30T00:00:00Z".to_owned(),
+            "2026-12-07T00:00:00Z".to_owned()
+        ),
+        "the seven days before evaluation"
+    );
+}

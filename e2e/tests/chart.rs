@@ -50,11 +50,30 @@ async fn chart_lints_installs_and_grants_the_operator_enough() -> TestResult {
         )
         .await?;
     }
+    // The kubelet reports a started container a little after it runs; its log is readable from then on.
     let pods: Api<Pod> = Api::namespaced(client.clone(), on_node::RELEASE_NAMESPACE);
-    let mut log = String::new();
-    for pod in on_node::operator_pods(&client).await? {
-        log += &pods.logs(&pod.name_any(), &LogParams::default()).await?;
-    }
+    let log = until("the operator's log", Duration::from_secs(60), || {
+        let pods = pods.clone();
+        let client = client.clone();
+        async move {
+            let mut log = String::new();
+            for pod in on_node::operator_pods(&client)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                log += &pods
+                    .logs(&pod.name_any(), &LogParams::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            if log.is_empty() {
+                Err("no log yet".to_owned())
+            } else {
+                Ok(log)
+            }
+        }
+    })
+    .await?;
     assert!(
         !log.contains("forbidden"),
         "the chart's RBAC refused the operator something:\n{log}"

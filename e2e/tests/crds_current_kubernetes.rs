@@ -257,6 +257,34 @@ fn rule_cases() -> Result<Vec<RuleCase>, Box<dyn std::error::Error>> {
             )?,
         },
         RuleCase {
+            rule: "(has(self.start) && has(self.end)) != has(self.last)",
+            breaking: edited(
+                "trainingjob-ps.yaml",
+                &[("/spec/data/featureView/trainRange/last", Some(json!("14d")))],
+            )?,
+            satisfying: edited(
+                "trainingjob-ps.yaml",
+                &[(
+                    "/spec/data/featureView/trainRange",
+                    Some(json!({"last": "14d"})),
+                )],
+            )?,
+        },
+        RuleCase {
+            rule: "has(self.clicksTopic) || has(self.predictionLogTopic)",
+            breaking: edited(
+                "rollout.yaml",
+                &[("/spec/feedback", Some(json!({"brokers": ["kafka:9092"]})))],
+            )?,
+            satisfying: edited(
+                "rollout.yaml",
+                &[(
+                    "/spec/feedback",
+                    Some(json!({"brokers": ["kafka:9092"], "clicksTopic": "clicks"})),
+                )],
+            )?,
+        },
+        RuleCase {
             rule: "!has(self.steps) || self.steps.filter(s, has(s.setWeight)).map(s, s.setWeight).isSorted()",
             breaking: edited(
                 "rollout.yaml",

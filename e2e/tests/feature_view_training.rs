@@ -1,7 +1,7 @@
 //! A TrainingJob on a FeatureView, on the real node, as a user applies them: the operator (the chart's)
-//! materializes the view, builds the job's point-in-time train and eval sets in a Job of the trainer image
-//! before the gang is admitted, trains on them, and registers a ModelVersion whose lineage names the view, its
-//! schema hash and the training range. Events without the label column fail the job with the reason.
+//! materializes the view, builds the job's point-in-time train and eval sets (ranges relative to the job's
+//! creation) in a Job of the trainer image before the gang is admitted, trains on them, and registers a
+//! ModelVersion whose lineage names the view, its schema hash and the exact training range. Events without the label column fail the job with the reason.
 
 use std::path::Path;
 use std::process::Command;
@@ -40,7 +40,7 @@ fn generate(storage: &Path, end: &str) -> Result<(), Box<dyn std::error::Error>>
     Ok(())
 }
 
-fn training_job(name: &str, label: &str, train: (&str, &str), eval: (&str, &str)) -> Value {
+fn training_job(name: &str, label: &str, train: Value, eval: Value) -> Value {
     json!({
         "apiVersion": "flywheel.dev/v1alpha1", "kind": "TrainingJob",
         "metadata": {"name": name},
@@ -49,8 +49,8 @@ fn training_job(name: &str, label: &str, train: (&str, &str), eval: (&str, &str)
                 "name": "users",
                 "events": format!("file://{STORAGE}/labels/labels.parquet"),
                 "label": label,
-                "trainRange": {"start": train.0, "end": train.1},
-                "evalRange": {"start": eval.0, "end": eval.1},
+                "trainRange": train,
+                "evalRange": eval,
             }},
             "model": {"name": "ctr", "architecture": "deepfm", "embeddingDim": 8, "hiddenLayers": [16]},
             "epochs": 1, "batchSize": 256, "seed": 3,
@@ -112,21 +112,28 @@ async fn a_training_job_on_a_feature_view_trains_on_its_point_in_time_sets() -> 
     })
     .await?;
 
-    // The last six hours evaluate, the eighteen before them train.
-    let split = end.checked_sub(jiff::SignedDuration::from_hours(6))?;
-    let start = end.checked_sub(jiff::SignedDuration::from_hours(24))?;
-    let (start, split, stop) = (start.to_string(), split.to_string(), now.to_string());
+    // Relative ranges: the last seven hours before the job evaluate (the six before the data ends, and the
+    // hour since), the seventeen before them train.
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
-    jobs.create(
-        &PostParams::default(),
-        &serde_json::from_value(training_job(
-            "from-view",
-            "label",
-            (&start, &split),
-            (&split, &stop),
-        ))?,
-    )
-    .await?;
+    let created = jobs
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(training_job(
+                "from-view",
+                "label",
+                json!({"last": "17h"}),
+                json!({"last": "7h"}),
+            ))?,
+        )
+        .await?;
+    let created = created
+        .metadata
+        .creation_timestamp
+        .ok_or("no creation time")?
+        .0;
+    let split = created.checked_sub(jiff::SignedDuration::from_hours(7))?;
+    let start = split.checked_sub(jiff::SignedDuration::from_hours(17))?;
+    let (start, split, stop) = (start.to_string(), split.to_string(), created.to_string());
     let done = job_until(
         &client,
         &namespace,
@@ -191,8 +198,8 @@ async fn a_training_job_on_a_feature_view_trains_on_its_point_in_time_sets() -> 
         &serde_json::from_value(training_job(
             "wrong-label",
             "clicked",
-            (&start, &split),
-            (&split, &stop),
+            json!({"start": start, "end": split}),
+            json!({"start": split, "end": stop}),
         ))?,
     )
     .await?;

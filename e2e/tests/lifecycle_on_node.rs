@@ -2,7 +2,8 @@
 //! operator installed by the chart) is served by a Rollout's serving and router pods (serving image) and
 //! answers through the Rollout's Service, the model read from the claim the gang wrote it to. The next
 //! TrainingJobs state gates against the version holding `production`, and the versions they create are
-//! validated or rejected by them.
+//! validated or rejected by them. With three serving replicas and a clicks topic, every label reaches the
+//! replica that served its prediction.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -11,14 +12,17 @@ use flywheel_crds::modelversion::ModelVersionPhase;
 use flywheel_crds::trainingjob::TrainingPhase;
 use flywheel_crds::{ModelVersion, TrainingJob};
 use flywheel_e2e::fixtures::api_for;
-use flywheel_e2e::on_node::{self, STORAGE, generate_training_data, namespace_with_storage};
-use flywheel_e2e::serving::{HttpClient, rest_body};
+use flywheel_e2e::http::http_get_at;
+use flywheel_e2e::on_node::{
+    self, NODE_IP, STORAGE, generate_training_data, namespace_with_storage,
+};
+use flywheel_e2e::serving::{Broker, HttpClient, metric, rest_body};
 use flywheel_e2e::training_jobs::{finished, job_until};
 use flywheel_e2e::wait::until;
 use flywheel_ml::synthetic::{SyntheticConfig, generate};
-use k8s_openapi::api::core::v1::Service;
-use kube::Api;
-use kube::api::PostParams;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
 use serde_json::{Value, json};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -239,5 +243,169 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
         .find(|c| c.type_ == "Validated")
         .ok_or("no Validated condition")?;
     assert_eq!(validated.reason, "NoGates", "{validated:?}");
+
+    // Labels come back through Kafka to every replica: the Rollout names a clicks topic, its three serving
+    // pods each read all of it and label the predictions they served.
+    let staging = cluster.state_dir().join(format!("{namespace}-kafka"));
+    std::fs::create_dir_all(&staging)?;
+    let broker = Broker::start_on(&staging, NODE_IP).await?;
+    broker.create_topic("clicks")?;
+    rollouts
+        .patch(
+            "ctr",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "serving": {"replicas": 3},
+                "feedback": {"brokers": [broker.address], "clicksTopic": "clicks"},
+            }})),
+        )
+        .await?;
+    let replicas = until(
+        "three serving pods reading the clicks topic",
+        TRAINING,
+        || {
+            let client = client.clone();
+            let namespace = namespace.clone();
+            async move { feedback_replicas(&client, &namespace).await }
+        },
+    )
+    .await?;
+    let producer: rdkafka::producer::FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", &broker.address)
+        .create()?;
+    let click = |id: String, clicked: bool| {
+        let producer = producer.clone();
+        async move {
+            let payload = json!({"requestId": id, "clicked": clicked}).to_string();
+            producer
+                .send(
+                    rdkafka::producer::FutureRecord::to("clicks")
+                        .payload(&payload)
+                        .key(&id),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| e.to_string())
+        }
+    };
+    // A replica's consumer reads from the newest offset once it has joined: until every one has read a click
+    // for nobody's prediction, clicks are sent to probe.
+    let mut probes = 0;
+    until("every replica's consumer to read the topic", SETTLE, || {
+        probes += 1;
+        let probe = click(format!("probe-{probes}"), true);
+        let replicas = replicas.clone();
+        async move {
+            probe.await?;
+            for ip in &replicas {
+                let counts = kafka_feedback(*ip).await?;
+                if counts.1 < 1.0 {
+                    return Err(format!("{ip} has read no click yet"));
+                }
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    let before: Vec<(f64, f64)> = {
+        let mut counts = Vec::new();
+        for ip in &replicas {
+            counts.push(kafka_feedback(*ip).await?);
+        }
+        counts
+    };
+    let labeled = 30;
+    for i in 0..labeled {
+        let id = format!("fb-{i}");
+        let body = rest_body(Some(&id), &rows[i % rows.len()..i % rows.len() + 1])
+            .to_string()
+            .into_bytes();
+        let user = format!("u-{i}");
+        let (code, answer) = http
+            .send_to(
+                "POST",
+                SocketAddr::from((cluster_ip, 8080)),
+                "/v2/models/ctr/infer",
+                Some(body),
+                &[("x-user-id", &user)],
+            )
+            .await?;
+        assert_eq!(code, 200, "{answer}");
+        click(id, i % 3 == 0).await?;
+    }
+    let after = until("every label to reach the replica that served it", SETTLE, || {
+        let replicas = replicas.clone();
+        let before = before.clone();
+        async move {
+            let mut counts = Vec::new();
+            for ip in &replicas {
+                counts.push(kafka_feedback(*ip).await?);
+            }
+            let matched: f64 = counts.iter().zip(&before).map(|(a, b)| a.0 - b.0).sum();
+            let every_replica_read_all = counts
+                .iter()
+                .zip(&before)
+                .all(|(a, b)| (a.0 - b.0) + (a.1 - b.1) >= labeled as f64);
+            if matched == labeled as f64 && every_replica_read_all {
+                Ok(counts)
+            } else {
+                Err(format!("matched {matched} of {labeled}; (matched, unmatched) per replica {counts:?}"))
+            }
+        }
+    })
+    .await?;
+    eprintln!("(matched, unmatched) clicks per replica, probes included: {after:?}");
     Ok(())
+}
+
+/// The IPs of the Rollout's serving pods once exactly three run, Ready, with the clicks topic.
+async fn feedback_replicas(client: &Client, namespace: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let listed = pods
+        .list(&ListParams::default().labels("flywheel.dev/rollout=ctr,flywheel.dev/role=serve"))
+        .await
+        .map_err(|e| e.to_string())?
+        .items;
+    let ready: Vec<Ipv4Addr> = listed
+        .iter()
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter(|pod| {
+            pod.spec.as_ref().is_some_and(|spec| {
+                spec.containers[0]
+                    .env
+                    .iter()
+                    .flatten()
+                    .any(|v| v.name == "FLYWHEEL_CLICKS_TOPIC")
+            })
+        })
+        .filter(|pod| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .filter_map(|pod| pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+        .collect();
+    if ready.len() == 3 && listed.len() == 3 {
+        Ok(ready)
+    } else {
+        Err(format!("{} ready of {} pods", ready.len(), listed.len()))
+    }
+}
+
+/// A serving pod's labels read from Kafka: (matched to its predictions, unmatched).
+async fn kafka_feedback(ip: Ipv4Addr) -> Result<(f64, f64), String> {
+    let (_, text) = http_get_at(SocketAddr::from((ip, 8082)), "/metrics")
+        .await
+        .map_err(|e| e.to_string())?;
+    let count = |outcome: &str| {
+        metric(
+            &text,
+            "flywheel_serving_feedback_total",
+            &["source=\"kafka\"", &format!("outcome=\"{outcome}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    Ok((count("matched"), count("unmatched")))
 }

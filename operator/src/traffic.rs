@@ -141,6 +141,18 @@ pub fn version_deployment(
     if let Some(resources) = &rollout.spec.serving.resources {
         container["resources"] = serde_json::to_value(resources)?;
     }
+    if let Some(feedback) = &rollout.spec.feedback {
+        // Each pod's consumer group is its own (the server defaults it to the pod's hostname).
+        let mut env =
+            vec![json!({"name": "FLYWHEEL_KAFKA_BROKERS", "value": feedback.brokers.join(",")})];
+        if let Some(topic) = &feedback.clicks_topic {
+            env.push(json!({"name": "FLYWHEEL_CLICKS_TOPIC", "value": topic}));
+        }
+        if let Some(topic) = &feedback.prediction_log_topic {
+            env.push(json!({"name": "FLYWHEEL_PREDICTION_LOG_TOPIC", "value": topic}));
+        }
+        container["env"] = json!(env);
+    }
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -302,6 +314,46 @@ mod tests {
         let table = route_table("ctr", "ml", &split(Some(("v2", 20)), "v1"));
         assert_eq!(table["backends"][0]["http"], "http://ctr-v2.ml.svc:8080");
         assert_eq!(table["backends"][1]["weight"], 80);
+    }
+
+    #[test]
+    fn every_serving_replica_gets_the_feedback_topics() -> Result<(), serde_json::Error> {
+        use crate::plan::examples::load;
+        let mut rollout: Rollout = load("rollout.yaml", 1);
+        let version: ModelVersion = load("modelversion.yaml", 1);
+        let settings = ServingSettings {
+            image: "serving".into(),
+            storage_claim: None,
+            storage_path: "/var/lib/flywheel".into(),
+        };
+        let env_of = |deployment: &Deployment| -> Vec<(String, String)> {
+            deployment
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .and_then(|s| s.containers[0].env.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|v| Some((v.name, v.value?)))
+                .collect()
+        };
+        assert!(env_of(&version_deployment(&rollout, &version, &settings)?).is_empty());
+        rollout.spec.feedback = Some(flywheel_crds::rollout::Feedback {
+            brokers: vec!["kafka-0:9092".into(), "kafka-1:9092".into()],
+            clicks_topic: Some("clicks".into()),
+            prediction_log_topic: None,
+        });
+        assert_eq!(
+            env_of(&version_deployment(&rollout, &version, &settings)?),
+            [
+                (
+                    "FLYWHEEL_KAFKA_BROKERS".to_owned(),
+                    "kafka-0:9092,kafka-1:9092".to_owned()
+                ),
+                ("FLYWHEEL_CLICKS_TOPIC".to_owned(), "clicks".to_owned()),
+            ]
+        );
+        Ok(())
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! model's feature schema beside the job's model. Its outcome becomes the `DatasetBuilt` condition.
 
 use flywheel_crds::FeatureView;
+use flywheel_crds::common::TimeRange;
 use flywheel_crds::trainingjob::{FeatureViewData, TrainingJob};
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
@@ -64,9 +65,14 @@ pub fn step(
     Ok(match observed {
         DatasetObservation::NotNeeded => DatasetStep::Built { summary: None },
         DatasetObservation::ViewMissing => DatasetStep::WaitingForView,
-        DatasetObservation::View { view, job: None } => {
-            DatasetStep::Start(Box::new(builder(job, view, data, paths, settings)?))
-        }
+        DatasetObservation::View { view, job: None } => match ranges(job, data) {
+            Some(ranges) => {
+                DatasetStep::Start(Box::new(builder(job, view, data, ranges, paths, settings)?))
+            }
+            None => DatasetStep::Failed(
+                "spec.data.featureView: the train and eval ranges do not resolve".to_owned(),
+            ),
+        },
         DatasetObservation::View {
             job: Some(Outcome::Running),
             ..
@@ -86,6 +92,16 @@ pub fn step(
             failure(message.as_deref())
         )),
     })
+}
+
+/// The job's absolute (train, eval) ranges: relative ones count back from its creation.
+pub fn ranges(job: &TrainingJob, data: &FeatureViewData) -> Option<(TimeRange, TimeRange)> {
+    let created = job
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(jiff::Timestamp::UNIX_EPOCH, |t| t.0);
+    data.ranges(created)
 }
 
 /// The report `training-set` leaves in its termination message.
@@ -131,12 +147,13 @@ fn builder(
     job: &TrainingJob,
     view: &FeatureView,
     data: &FeatureViewData,
+    (train, eval): (TimeRange, TimeRange),
     paths: &Paths,
     settings: &TrainerSettings,
 ) -> Result<Job, serde_json::Error> {
     let name = job.name_any();
     let events = data.events.strip_prefix("file://").unwrap_or(&data.events);
-    let range = |r: &flywheel_crds::common::TimeRange| format!("{},{}", r.start.0, r.end.0);
+    let range = |r: &TimeRange| format!("{},{}", r.start.0, r.end.0);
     let (volumes, mounts) = gang::volumes(settings);
     let labels = json!({
         LABEL_DATASET_OF: name,
@@ -172,8 +189,8 @@ fn builder(
                             "--events", events,
                             "--label", data.label,
                             "--event-time", data.timestamp_field,
-                            "--train-range", range(&data.train_range),
-                            "--eval-range", range(&data.eval_range),
+                            "--train-range", range(&train),
+                            "--eval-range", range(&eval),
                             "--out-dir", gang::dataset_dir(&paths.output),
                         ],
                         "env": [

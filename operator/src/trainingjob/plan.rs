@@ -995,7 +995,8 @@ fn succeed(b: &mut Builder<'_, '_>, result: &ChiefResult, warm_start: Option<(&s
                     .data
                     .feature_view
                     .as_ref()
-                    .map(|v| v.train_range.clone()),
+                    .and_then(|v| dataset::ranges(job, v))
+                    .map(|(train, _)| train),
                 seed: Some(job.spec.seed),
                 code_version: Some(
                     job.spec

@@ -170,6 +170,7 @@ fn evaluation_before_training_end_is_invalid() {
     let mut job: TrainingJob = load("trainingjob-ps.yaml", 1);
     if let Some(view) = &mut job.spec.data.feature_view {
         view.eval_range.start = view.train_range.start.clone();
+        view.eval_range.end = view.train_range.end.clone();
     }
     let settings = TrainerSettings::default();
     let decided = observe(&job, &[], None, &settings);
