@@ -465,6 +465,20 @@ impl Feature {
     }
 }
 
+impl FeatureView {
+    /// The prefix of the view's Redis keys (`<prefix><entity>`): `online.redis.keyPrefix`, by default
+    /// `<namespace>/<name>:`.
+    pub fn online_key_prefix(&self) -> String {
+        let namespace = self.metadata.namespace.as_deref().unwrap_or("default");
+        let name = self.metadata.name.as_deref().unwrap_or("features");
+        self.spec
+            .online
+            .as_ref()
+            .and_then(|online| online.redis.key_prefix.clone())
+            .unwrap_or_else(|| format!("{namespace}/{name}:"))
+    }
+}
+
 impl FeatureViewSpec {
     /// SHA-256 (hex) of the view's schema: its entities and features (names, types, columns, transforms and
     /// aggregations) as canonical JSON. It changes exactly when what a model reads from the view changes.

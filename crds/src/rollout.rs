@@ -57,6 +57,24 @@ pub struct RolloutSpec {
     /// Labels and the prediction log through Kafka, passed to every serving replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feedback: Option<Feedback>,
+    /// The FeatureView whose online store fills the features a request does not carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_features: Option<OnlineFeatures>,
+}
+
+/// Online features for serving: each pod reads, for the request's entity key, the view's features from its
+/// online store (address, database, key prefix and password Secret as the view states them).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OnlineFeatures {
+    /// A FeatureView in the Rollout's namespace, with an online store and one entity. Its schema hash must be
+    /// the one the served ModelVersion was trained on.
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
+    pub feature_view: String,
+    /// The request input that holds the entity key; defaults to the view's join key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub entity: Option<String>,
 }
 
 /// Kafka topics every serving replica of the Rollout reads and writes. Each replica reads all of the clicks

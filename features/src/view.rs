@@ -85,12 +85,10 @@ pub fn parse_manifest(text: &str) -> Result<FeatureView, ViewError> {
 impl View {
     /// Compiles a manifest's spec; its Redis keys default to the prefix `<namespace>/<name>:`.
     pub fn of_manifest(manifest: &FeatureView, timestamp_field: &str) -> Result<View, ViewError> {
-        let namespace = manifest.metadata.namespace.as_deref().unwrap_or("default");
-        let name = manifest.metadata.name.as_deref().unwrap_or("features");
         View::compile(
             &manifest.spec,
             timestamp_field,
-            &format!("{namespace}/{name}:"),
+            &manifest.online_key_prefix(),
         )
     }
 

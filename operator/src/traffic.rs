@@ -105,6 +105,7 @@ pub fn version_deployment(
     rollout: &Rollout,
     version: &ModelVersion,
     settings: &ServingSettings,
+    online: Option<&[Value]>,
 ) -> Result<Deployment, serde_json::Error> {
     let name = rollout.metadata.name.clone().unwrap_or_default();
     let version_name = version.metadata.name.clone().unwrap_or_default();
@@ -141,16 +142,18 @@ pub fn version_deployment(
     if let Some(resources) = &rollout.spec.serving.resources {
         container["resources"] = serde_json::to_value(resources)?;
     }
+    let mut env: Vec<Value> = online.map(<[Value]>::to_vec).unwrap_or_default();
     if let Some(feedback) = &rollout.spec.feedback {
         // Each pod's consumer group is its own (the server defaults it to the pod's hostname).
-        let mut env =
-            vec![json!({"name": "FLYWHEEL_KAFKA_BROKERS", "value": feedback.brokers.join(",")})];
+        env.push(json!({"name": "FLYWHEEL_KAFKA_BROKERS", "value": feedback.brokers.join(",")}));
         if let Some(topic) = &feedback.clicks_topic {
             env.push(json!({"name": "FLYWHEEL_CLICKS_TOPIC", "value": topic}));
         }
         if let Some(topic) = &feedback.prediction_log_topic {
             env.push(json!({"name": "FLYWHEEL_PREDICTION_LOG_TOPIC", "value": topic}));
         }
+    }
+    if !env.is_empty() {
         container["env"] = json!(env);
     }
     serde_json::from_value(json!({
@@ -337,14 +340,14 @@ mod tests {
                 .filter_map(|v| Some((v.name, v.value?)))
                 .collect()
         };
-        assert!(env_of(&version_deployment(&rollout, &version, &settings)?).is_empty());
+        assert!(env_of(&version_deployment(&rollout, &version, &settings, None)?).is_empty());
         rollout.spec.feedback = Some(flywheel_crds::rollout::Feedback {
             brokers: vec!["kafka-0:9092".into(), "kafka-1:9092".into()],
             clicks_topic: Some("clicks".into()),
             prediction_log_topic: None,
         });
         assert_eq!(
-            env_of(&version_deployment(&rollout, &version, &settings)?),
+            env_of(&version_deployment(&rollout, &version, &settings, None)?),
             [
                 (
                     "FLYWHEEL_KAFKA_BROKERS".to_owned(),

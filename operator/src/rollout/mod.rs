@@ -3,6 +3,7 @@
 //! table first, so status never claims a weight that is not in force, then status and Events. An abort also
 //! pushes the new route table to every router pod at once, not waiting for the mounted ConfigMap to refresh.
 
+pub mod online;
 pub mod plan;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -10,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_crds::rollout::{RolloutPhase, RolloutStatus};
-use flywheel_crds::{ModelVersion, Rollout};
+use flywheel_crds::{FeatureView, ModelVersion, Rollout};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -28,6 +29,7 @@ use crate::controller::{
     Context, ERROR_REQUEUE, Error, FIELD_MANAGER, apply_plan, strip_managed_fields,
 };
 use crate::traffic::{self, LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
+use online::OnlineView;
 
 pub const KIND: &str = "Rollout";
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -133,11 +135,13 @@ pub async fn reconcile(
     } else {
         None
     };
+    let online = online_view(&ctx, &rollout, &namespace).await?;
     let planned = plan::plan(&plan::Observed {
         rollout: &rollout,
         target: target.as_deref(),
         analysis,
         firing,
+        online: online.clone(),
         now,
     });
     let before = split_of(&status);
@@ -162,7 +166,19 @@ pub async fn reconcile(
         if planned.aborted.is_some() || before.as_ref() != Some(split) {
             push_routes(&ctx, &namespace, &name, &table).await;
         }
-        apply_workloads(&ctx, &rollout, &namespace, &found, &table).await?;
+        let online_env = match &online {
+            OnlineView::Found(view) => online::environment(&rollout, view),
+            _ => None,
+        };
+        apply_workloads(
+            &ctx,
+            &rollout,
+            &namespace,
+            &found,
+            &table,
+            online_env.as_deref(),
+        )
+        .await?;
         let versions_before: BTreeSet<&String> = [
             status.stable_version.as_ref(),
             status.canary_version.as_ref(),
@@ -223,12 +239,29 @@ pub async fn reconcile(
     .await
 }
 
+/// The FeatureView the rollout names for online features.
+async fn online_view(
+    ctx: &Context,
+    rollout: &Rollout,
+    namespace: &str,
+) -> Result<OnlineView, Error> {
+    let Some(online) = &rollout.spec.online_features else {
+        return Ok(OnlineView::NotNamed);
+    };
+    let views: Api<FeatureView> = Api::namespaced(ctx.client.clone(), namespace);
+    Ok(match views.get_opt(&online.feature_view).await? {
+        Some(view) => OnlineView::Found(Box::new(view)),
+        None => OnlineView::Missing(online.feature_view.clone()),
+    })
+}
+
 async fn apply_workloads(
     ctx: &Context,
     rollout: &Rollout,
     namespace: &str,
     versions: &BTreeMap<String, ModelVersion>,
     table: &Value,
+    online: Option<&[Value]>,
 ) -> Result<(), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
@@ -239,7 +272,7 @@ async fn apply_workloads(
         .patch(&routes.name_any(), &params, &Patch::Apply(&routes))
         .await?;
     for version in versions.values() {
-        let deployment = traffic::version_deployment(rollout, version, &ctx.serving)?;
+        let deployment = traffic::version_deployment(rollout, version, &ctx.serving, online)?;
         deployments
             .patch(&deployment.name_any(), &params, &Patch::Apply(&deployment))
             .await?;

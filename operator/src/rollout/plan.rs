@@ -20,6 +20,7 @@ use flywheel_crds::{ModelVersion, Rollout};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::online::{self, OnlineView};
 use crate::analysis::Verdict;
 use crate::plan::{Plan, PlannedEvent, spec_conditions};
 
@@ -47,6 +48,8 @@ pub struct Observed<'a> {
     pub analysis: Option<Vec<(String, Verdict)>>,
     /// Alert names firing for this rollout (Prometheus `ALERTS` and the Alertmanager webhook).
     pub firing: Vec<String>,
+    /// The FeatureView `spec.onlineFeatures` names.
+    pub online: OnlineView,
     pub now: Timestamp,
 }
 
@@ -356,7 +359,9 @@ pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
     let generation = rollout.metadata.generation;
     let mut status = rollout.status.clone().unwrap_or_default();
     status.observed_generation = generation;
-    let validation = rollout.spec.validate();
+    let mut violations = rollout.spec.validate().err().unwrap_or_default();
+    online::check(&observed.online, observed.target, &mut violations);
+    let validation = violations.into_result();
     let valid = validation.is_ok();
     let events = spec_conditions(
         &mut status.conditions,
@@ -638,6 +643,7 @@ mod tests {
             target: Some(target),
             analysis,
             firing: firing.iter().map(|s| s.to_string()).collect(),
+            online: OnlineView::NotNamed,
             now,
         });
         rollout.status = Some(planned.plan.status.clone());
