@@ -35,7 +35,7 @@ async fn chart_lints_installs_and_grants_the_operator_enough() -> TestResult {
         let api = api_for(&client, &kind, &namespace)?;
         until(
             &format!("{kind}/{name} Ready under the chart's RBAC"),
-            Duration::from_secs(30),
+            Duration::from_secs(90),
             || {
                 let api = api.clone();
                 let name = name.clone();
