@@ -36,6 +36,7 @@ bench_mlp() {
   local hidden="$1"
   common=(--train "$work/data/train.parquet" --eval "$work/data/eval.parquet" --schema "$work/data/schema.json"
     --architecture "$model" --embedding-dim 16 --hidden "$hidden" --batch-size "$batch" --epochs "$epochs" --seed 7
+    --validation-fraction 0 --calibration none
     --progress-every 1000000)
   "$trainer" train "${common[@]}" --device "$(device_of 0)" --output "$work/single" \
     --termination-log "$work/single.json" >/dev/null

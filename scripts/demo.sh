@@ -114,7 +114,7 @@ spec:
   validation:
     gates:
       - {metric: auc, min: 0.6}
-      - {metric: calibration, min: 0.8, max: 1.25}
+      - {metric: calibration, min: 0.9, max: 1.1}
 EOT
 "$kubectl" wait --for condition=Admitted --timeout=60s trainingjob/ctr-demo
 sleep 5

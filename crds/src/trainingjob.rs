@@ -52,9 +52,17 @@ pub struct TrainingJobSpec {
     pub model: ModelArchitecture,
     #[serde(default)]
     pub optimizer: Optimizer,
+    /// The most passes over the training set; early stopping usually ends training sooner.
     #[serde(default = "default_epochs")]
     #[schemars(range(min = 1, max = 1000))]
     pub epochs: u32,
+    /// Early stopping on a held-out share of the training data. On by default.
+    #[serde(default)]
+    pub early_stopping: EarlyStopping,
+    /// How the model's probabilities are calibrated after training, on the held-out share: the calibrator is
+    /// stored in the artifact and applied by evaluation, batch scoring and serving alike.
+    #[serde(default)]
+    pub calibration: CalibrationMethod,
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 1_048_576))]
     pub batch_size: u32,
@@ -100,7 +108,65 @@ pub struct TrainingJobSpec {
 }
 
 fn default_epochs() -> u32 {
-    1
+    100
+}
+
+/// Early stopping: after every epoch the model is scored on the held-out share; an epoch that does not lower
+/// its log loss halves the learning rates, and `patience` such epochs in a row end training with the best
+/// epoch's weights. Parameter-server jobs train every epoch (their workers hold different dense weights
+/// between syncs) but still hold out the share for calibration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EarlyStopping {
+    /// Epochs without improvement before training stops; 0 trains every epoch.
+    #[serde(default = "default_patience")]
+    #[schemars(range(min = 0, max = 100))]
+    pub patience: u32,
+    /// Share of the training rows held out (the last rows, the newest in a time-ordered set); 0 holds out
+    /// nothing, which also turns off early stopping and calibration.
+    #[serde(default = "default_validation_fraction")]
+    #[schemars(range(min = 0.0, max = 0.5))]
+    pub validation_fraction: f64,
+}
+
+impl Default for EarlyStopping {
+    fn default() -> Self {
+        EarlyStopping {
+            patience: default_patience(),
+            validation_fraction: default_validation_fraction(),
+        }
+    }
+}
+
+fn default_patience() -> u32 {
+    2
+}
+
+fn default_validation_fraction() -> f64 {
+    0.1
+}
+
+/// Post-training calibration of click probabilities.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum CalibrationMethod {
+    /// Platt scaling (a logistic fit on the logit): keeps the ranking, works on a few thousand rows.
+    #[default]
+    Platt,
+    /// Isotonic regression: any monotone shape, for large held-out sets.
+    Isotonic,
+    /// The model's own sigmoid.
+    None,
+}
+
+impl CalibrationMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CalibrationMethod::Platt => "platt",
+            CalibrationMethod::Isotonic => "isotonic",
+            CalibrationMethod::None => "none",
+        }
+    }
 }
 
 fn default_batch_size() -> u32 {
@@ -277,9 +343,14 @@ pub struct Optimizer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 10.0))]
     pub sparse_learning_rate: Option<f64>,
+    /// L2 penalty on the dense weights (Adam's weight decay).
     #[serde(default)]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub weight_decay: f64,
+    /// Steps over which the dense learning rate rises linearly from 0.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub warmup_steps: u64,
 }
 
 impl Default for Optimizer {
@@ -289,6 +360,7 @@ impl Default for Optimizer {
             learning_rate: default_learning_rate(),
             sparse_learning_rate: None,
             weight_decay: 0.0,
+            warmup_steps: 0,
         }
     }
 }
@@ -298,7 +370,7 @@ fn default_optimizer_kind() -> OptimizerKind {
 }
 
 fn default_learning_rate() -> f64 {
-    0.001
+    0.003
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -453,6 +525,9 @@ pub struct TrainingJobStatus {
     pub progress: Option<TrainingProgress>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<OfflineMetrics>,
+    /// How training ended: epochs trained, the epoch whose weights were kept, and whether it stopped early.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convergence: Option<ConvergenceStatus>,
     /// Gang restarts after a failure so far (counted against `backoffLimit`), and why.
     #[serde(default)]
     pub restarts: u32,
@@ -469,6 +544,21 @@ pub struct TrainingJobStatus {
     /// The ModelVersion this job produced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_version: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConvergenceStatus {
+    /// Epochs trained (at most `spec.epochs`).
+    #[schemars(range(min = 0, max = 1000))]
+    pub epochs_trained: u32,
+    /// The epoch (counting from 1) whose weights the model keeps: the lowest held-out log loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub best_epoch: Option<u32>,
+    /// Whether early stopping ended training before `spec.epochs`.
+    #[serde(default)]
+    pub stopped_early: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -529,6 +619,10 @@ pub struct OfflineMetrics {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub calibration: Option<f64>,
+    /// The same ratio before the model's calibrator (absent when it has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub uncalibrated_calibration: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_samples: Option<u64>,
 }

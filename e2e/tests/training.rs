@@ -4,7 +4,8 @@
 //! cluster DNS. A parameter-server gang trains and leaves a ModelVersion carrying what its chief reported; a
 //! training container killed with `docker kill` restarts the gang from its checkpoint, and a killed operator
 //! container picks up where it was; a job past its backoff limit fails with the reason; an image that cannot
-//! be pulled is named in the job's status instead of the job looking like it trains.
+//! be pulled is named in the job's status instead of the job looking like it trains. A data-parallel gang on
+//! CPUs allowed 100 epochs of a small table stops early, keeps its best epoch, calibrates, and says so.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use flywheel_e2e::on_node::{
 use flywheel_e2e::training_jobs::{finished, job_until, phase};
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
@@ -257,10 +259,13 @@ async fn a_parameter_server_gang_trains_for_real_and_leaves_a_model_version() ->
 async fn a_data_parallel_gang_on_cpus_all_reduces_between_pods_and_leaves_a_model_version()
 -> TestResult {
     let s = setup("dp-cpu", 20_000).await?;
-    let manifest = job(
+    let mut manifest = job(
         "dp-train",
         json!({"dataParallel": {"workers": 2, "gpusPerWorker": 0}}),
     );
+    // Up to 100 epochs of a small table: early stopping (on by default) ends it within a few, both ranks
+    // deciding together, and the kept model is calibrated on the held-out rows.
+    manifest["spec"]["epochs"] = json!(100);
     create_job(&s.client, &s.namespace, &manifest).await?;
     let pods = gang_of(&s.client, &s.namespace, "dp-train", 2).await?;
     for pod in &pods {
@@ -297,6 +302,47 @@ async fn a_data_parallel_gang_on_cpus_all_reduces_between_pods_and_leaves_a_mode
         "it learned: {:?}",
         version.spec.metrics
     );
+    let convergence = status.convergence.clone().ok_or("no status.convergence")?;
+    assert!(
+        convergence.stopped_early && convergence.epochs_trained < 100,
+        "{convergence:?}"
+    );
+    assert_eq!(
+        convergence.best_epoch,
+        Some(convergence.epochs_trained - 2),
+        "patience 2: training ends two epochs after the best, whose weights are kept"
+    );
+    let calibration = version.spec.metrics.calibration.unwrap_or_default();
+    assert!(
+        version.spec.metrics.uncalibrated_calibration.is_some() && (calibration - 1.0).abs() < 0.1,
+        "calibrated on held-out rows, recorded before and after: {:?}",
+        version.spec.metrics
+    );
+    let events: Api<Event> = Api::namespaced(s.client.clone(), &s.namespace);
+    let stopped = until("a StoppedEarly event", SETTLE, || {
+        let events = events.clone();
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.reason.as_deref() == Some("StoppedEarly")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("dp-train")
+                })
+                .ok_or_else(|| "no event yet".to_owned())
+        }
+    })
+    .await?;
+    assert!(
+        stopped.note.unwrap_or_default().contains(&format!(
+            "trained {} of 100 epochs",
+            convergence.epochs_trained
+        )),
+        "the event says how far it trained"
+    );
     // Both ranks trained to the end of the chief's all-reduce.
     let peer_log = Api::<Pod>::namespaced(s.client.clone(), &s.namespace)
         .logs("dp-train-worker-1", &LogParams::default())
@@ -313,7 +359,11 @@ async fn a_training_container_killed_by_docker_restarts_the_gang_from_its_checkp
 {
     let s = setup("kill-node", 60_000).await?;
     let mut manifest = job("long-train", json!({"single": {}}));
-    manifest["spec"]["epochs"] = json!(60);
+    // Long enough to be killed twice on any machine: every epoch (not early stopping's few), on a quarter of a
+    // core (the kubelet enforces the limit), so the run lasts minutes however fast the CPU.
+    manifest["spec"]["epochs"] = json!(150);
+    manifest["spec"]["earlyStopping"] = json!({"patience": 0});
+    manifest["spec"]["resources"] = json!({"worker": {"limits": {"cpu": "250m"}}});
     manifest["spec"]["batchSize"] = json!(128);
     manifest["spec"]["checkpoint"]["everySteps"] = json!(200);
     create_job(&s.client, &s.namespace, &manifest).await?;

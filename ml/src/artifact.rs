@@ -12,10 +12,11 @@ use burn::tensor::backend::Backend;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::calibration::Calibrator;
 use crate::embedding::{EmbeddingTable, TableReadError};
 use crate::model::{CtrModel, ModelConfig};
 use crate::schema::FeatureSchema;
-use crate::train::{EvalMetrics, Tables, TrainConfig};
+use crate::train::{Convergence, EvalMetrics, Tables, TrainConfig};
 
 pub const FORMAT: &str = "flywheel-v1";
 const MAGIC: &[u8; 4] = b"FWM1";
@@ -35,6 +36,12 @@ pub struct ModelCard {
     pub code_version: String,
     /// Optimizer steps taken so far.
     pub step: u64,
+    /// Maps the model's logit to the probability every scorer returns; absent, the plain sigmoid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrator: Option<Calibrator>,
+    /// How training ended (epochs trained, validation losses, the epoch kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convergence: Option<Convergence>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -142,6 +149,11 @@ pub fn decode<B: Backend>(
             "unknown format {}",
             card.format
         )));
+    }
+    if let Some(calibrator) = &card.calibrator {
+        calibrator
+            .validate()
+            .map_err(|reason| ArtifactError::Corrupt(format!("calibrator: {reason}")))?;
     }
     let dense = section(&mut input)?;
     let record = BinBytesRecorder::<FullPrecisionSettings>::default()

@@ -79,6 +79,35 @@ impl SparseOptimizer {
         }
     }
 
+    /// The same optimizer with its learning rate multiplied by `factor`.
+    pub fn scaled(self, factor: f32) -> Self {
+        match self {
+            SparseOptimizer::Adagrad {
+                learning_rate,
+                initial_accumulator,
+                epsilon,
+            } => SparseOptimizer::Adagrad {
+                learning_rate: learning_rate * factor,
+                initial_accumulator,
+                epsilon,
+            },
+            SparseOptimizer::Adam {
+                learning_rate,
+                beta1,
+                beta2,
+                epsilon,
+            } => SparseOptimizer::Adam {
+                learning_rate: learning_rate * factor,
+                beta1,
+                beta2,
+                epsilon,
+            },
+            SparseOptimizer::Sgd { learning_rate } => SparseOptimizer::Sgd {
+                learning_rate: learning_rate * factor,
+            },
+        }
+    }
+
     /// Optimizer state floats kept per weight.
     fn state_per_weight(&self) -> usize {
         match self {
@@ -145,6 +174,11 @@ impl EmbeddingTable {
             let slot = self.slot(id);
             self.weights[slot * self.dim..(slot + 1) * self.dim].copy_from_slice(weights);
         }
+    }
+
+    /// Multiplies the learning rate of later updates by `factor`; the optimizer state is kept.
+    pub fn scale_learning_rate(&mut self, factor: f32) {
+        self.optimizer = self.optimizer.scaled(factor);
     }
 
     pub fn dim(&self) -> usize {

@@ -2,6 +2,7 @@
 //! feature schema, metrics, and the synthetic CTR generator. No Kubernetes in here.
 
 pub mod artifact;
+pub mod calibration;
 pub mod embedding;
 pub mod metrics;
 pub mod model;

@@ -73,6 +73,33 @@ pub struct CtrModel<B: Backend> {
 }
 
 impl<B: Backend> CtrModel<B> {
+    /// The model with its linear term reset: numeric weights 0 and the global bias `bias`, so that, with the
+    /// first-order rows starting at 0 too, a fresh linear model predicts σ(bias) for every example.
+    pub fn with_linear_start(mut self, bias: f32) -> Self {
+        let fill = |param: Param<Tensor<B, 1>>, value: f32| {
+            param.map(|tensor| {
+                let require_grad = tensor.is_require_grad();
+                let replaced = Tensor::full(tensor.shape(), value, &tensor.device());
+                if require_grad {
+                    replaced.require_grad()
+                } else {
+                    replaced
+                }
+            })
+        };
+        self.numeric.bias = self.numeric.bias.map(|param| fill(param, bias));
+        self.numeric.weight = self.numeric.weight.map(|tensor| {
+            let require_grad = tensor.is_require_grad();
+            let zeros = Tensor::zeros(tensor.shape(), &tensor.device());
+            if require_grad {
+                zeros.require_grad()
+            } else {
+                zeros
+            }
+        });
+        self
+    }
+
     /// Logits `[batch]` from first-order weights `[batch, fields]`, factor rows `[batch, fields, dim]` (not for
     /// `logistic`) and numeric inputs `[batch, numeric]`.
     pub fn forward(

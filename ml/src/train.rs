@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 
 use crate::artifact::{self, ArtifactError, ModelCard, SavedModel};
+use crate::calibration::{CalibrationMethod, Calibrator, sigmoid};
 use crate::embedding::{EmbeddingTable, SparseOptimizer, distinct_keys, sum_rows};
 use crate::metrics;
 use crate::model::{CtrModel, ModelConfig, bce_with_logits};
@@ -68,11 +70,43 @@ impl EncodedDataset {
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
+
+    /// Share of examples with a click.
+    pub fn positive_rate(&self) -> f64 {
+        let clicks = self.labels.iter().filter(|&&y| y > 0.5).count();
+        clicks as f64 / self.len().max(1) as f64
+    }
+
+    /// Splits off the last `fraction` of the examples (the newest, for a set in time order) as a held-out
+    /// validation set; `None` when that share would hold fewer than [`MIN_VALIDATION_ROWS`] examples or a
+    /// single class, and then nothing is split off.
+    pub fn split_validation(&mut self, fraction: f64) -> Option<EncodedDataset> {
+        let held = (self.len() as f64 * fraction.clamp(0.0, 0.5)).round() as usize;
+        let keep = self.len() - held;
+        let labels = &self.labels[keep..];
+        let clicks = labels.iter().filter(|&&y| y > 0.5).count();
+        if held < MIN_VALIDATION_ROWS || clicks == 0 || clicks == held {
+            return None;
+        }
+        let validation = EncodedDataset {
+            fields: self.fields,
+            numeric_width: self.numeric_width,
+            categorical: self.categorical.split_off(keep * self.fields),
+            numeric: self.numeric.split_off(keep * self.numeric_width),
+            labels: self.labels.split_off(keep),
+            groups: self.groups.split_off(keep),
+        };
+        Some(validation)
+    }
 }
+
+/// The smallest held-out set early stopping and calibration are fitted on.
+pub const MIN_VALIDATION_ROWS: usize = 200;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainConfig {
+    /// Passes over the training set; with `patience`, the most it trains.
     pub epochs: usize,
     pub batch_size: usize,
     /// Learning rate of the dense parameters (Adam).
@@ -82,6 +116,26 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Standard deviation of the initial embedding rows.
     pub init_std: f32,
+    /// Early stopping: epochs without a lower validation log loss before training stops and the best epoch's
+    /// weights are kept. `None` trains every epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub patience: Option<usize>,
+    /// The dense learning rate rises linearly from 0 over these first steps.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Both learning rates are multiplied by this after an epoch without a lower validation log loss.
+    #[serde(default = "no_decay")]
+    pub plateau_decay: f64,
+    /// L2 penalty on the dense weights (Adam's weight decay).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// How probabilities are calibrated on the validation set after training.
+    #[serde(default)]
+    pub calibration: CalibrationMethod,
+}
+
+fn no_decay() -> f64 {
+    1.0
 }
 
 impl Default for TrainConfig {
@@ -93,8 +147,34 @@ impl Default for TrainConfig {
             sparse_optimizer: SparseOptimizer::adagrad(0.05),
             seed: 0,
             init_std: 0.01,
+            patience: None,
+            warmup_steps: 0,
+            plateau_decay: 1.0,
+            weight_decay: 0.0,
+            calibration: CalibrationMethod::None,
         }
     }
+}
+
+impl TrainConfig {
+    fn dense_optimizer<B: AutodiffBackend>(&self) -> OptimizerAdaptor<Adam, CtrModel<B>, B> {
+        let decay =
+            (self.weight_decay > 0.0).then(|| WeightDecayConfig::new(self.weight_decay as f32));
+        AdamConfig::new().with_weight_decay(decay).init()
+    }
+}
+
+/// How training ended: the validation log loss after every epoch, the epoch whose weights were kept, and
+/// whether early stopping ended it before `epochs`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Convergence {
+    pub epochs_trained: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation_log_loss: Vec<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_epoch: Option<usize>,
+    pub stopped_early: bool,
 }
 
 /// Progress of training, reported after every step.
@@ -116,6 +196,9 @@ pub struct EvalMetrics {
     pub gauc: Option<f64>,
     pub log_loss: Option<f64>,
     pub calibration: Option<f64>,
+    /// Calibration of the model's own sigmoid, before its calibrator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncalibrated_calibration: Option<f64>,
     pub samples: usize,
 }
 
@@ -127,6 +210,7 @@ impl EvalMetrics {
             gauc: metrics::gauc(probabilities, &labels, &data.groups),
             log_loss: metrics::log_loss(probabilities, &labels),
             calibration: metrics::calibration(probabilities, &labels),
+            uncalibrated_calibration: None,
             samples: labels.len(),
         }
     }
@@ -134,6 +218,7 @@ impl EvalMetrics {
 
 /// First-order weights (width 1) and factor rows (width `embeddingDim`) of every categorical field. A row is
 /// keyed by `field << 48 | index`, so fields never share rows.
+#[derive(Clone)]
 pub struct Tables {
     pub first_order: EmbeddingTable,
     pub factors: Option<EmbeddingTable>,
@@ -207,6 +292,10 @@ pub struct Trainer<B: AutodiffBackend> {
     optimizer: OptimizerAdaptor<Adam, CtrModel<B>, B>,
     device: B::Device,
     pub step: u64,
+    /// Fitted after training on the validation set; every prediction goes through it.
+    pub calibrator: Option<Calibrator>,
+    /// What early stopping remembers across epochs (checkpoints carry it).
+    plateau: Plateau<B>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -238,11 +327,21 @@ impl<B: AutodiffBackend> Trainer<B> {
             model,
             tables,
             model_config,
-            optimizer: AdamConfig::new().init(),
+            optimizer: config.dense_optimizer(),
             device,
             config,
             step: 0,
+            calibrator: None,
+            plateau: Plateau::default(),
         }
+    }
+
+    /// Starts the linear term at the log-odds of `positive_rate` (numeric weights 0), so a fresh model predicts
+    /// the base rate: on rare clicks (1%) it starts calibrated instead of spending its first epochs getting there.
+    pub fn start_at_base_rate(&mut self, positive_rate: f64) {
+        let rate = positive_rate.clamp(1e-6, 1.0 - 1e-6);
+        let log_odds = (rate / (1.0 - rate)).ln() as f32;
+        self.model = self.model.clone().with_linear_start(log_odds);
     }
 
     /// A trainer that continues from an earlier model's weights (incremental training) with a fresh optimizer.
@@ -274,52 +373,75 @@ impl<B: AutodiffBackend> Trainer<B> {
             model: saved.model,
             tables,
             model_config: requested.clone(),
-            optimizer: AdamConfig::new().init(),
+            optimizer: config.dense_optimizer(),
             device,
             config,
             step: 0,
+            calibrator: None,
+            plateau: Plateau::default(),
         })
     }
 
     /// Trains `epochs` passes over `data` in a seeded shuffled order, reporting progress after each step.
-    pub fn fit(&mut self, data: &EncodedDataset, on_progress: impl FnMut(&Progress)) {
+    pub fn fit(
+        &mut self,
+        data: &EncodedDataset,
+        on_progress: impl FnMut(&Progress),
+    ) -> Convergence {
         let no_checkpoints = None::<(u64, fn(&Self, Position) -> Result<(), ArtifactError>)>;
         // Without a checkpoint callback nothing can fail.
-        let _ = self.fit_from(data, Position::default(), on_progress, no_checkpoints);
+        self.fit_from(data, None, Position::default(), on_progress, no_checkpoints)
+            .unwrap_or_default()
     }
 
     /// Like [`Trainer::fit`] from `start` (a checkpoint's position), calling `checkpoint.1` every `checkpoint.0`
     /// steps with the position to resume from; a failing checkpoint stops training. A shuffled epoch order
     /// depends only on `(seed, epoch)`, so a resumed run visits exactly the batches the uninterrupted run would.
+    /// With `validation`, training stops early as `patience` says (see [`Trainer::fit_with`]).
     pub fn fit_from(
         &mut self,
         data: &EncodedDataset,
+        validation: Option<&EncodedDataset>,
         start: Position,
         on_progress: impl FnMut(&Progress),
         checkpoint: Option<(
             u64,
             impl FnMut(&Self, Position) -> Result<(), ArtifactError>,
         )>,
-    ) -> Result<(), ArtifactError> {
-        self.fit_with(data, start, on_progress, checkpoint, |trainer, batch| {
-            Ok(trainer.train_step(data, batch))
-        })
+    ) -> Result<Convergence, ArtifactError> {
+        self.fit_with(
+            data,
+            validation,
+            start,
+            on_progress,
+            checkpoint,
+            |trainer, batch| Ok(trainer.train_step(data, batch)),
+        )
     }
 
     /// The loop of [`Trainer::fit_from`] with the step given: `step(trainer, batch)` trains on one global
     /// batch (e.g. this worker's share of it, reduced with its peers) and returns the loss; an error stops
-    /// training.
+    /// training. After each epoch the model is scored on `validation` (when given and `patience` is set): an
+    /// epoch with a lower log loss is remembered as the best, one without lowers the learning rates by
+    /// `plateau_decay`, and `patience` of those in a row end training with the best epoch's weights. The
+    /// decision depends only on the weights, so data-parallel replicas take it together.
     pub fn fit_with<E>(
         &mut self,
         data: &EncodedDataset,
+        validation: Option<&EncodedDataset>,
         start: Position,
         mut on_progress: impl FnMut(&Progress),
         mut checkpoint: Option<(u64, impl FnMut(&Self, Position) -> Result<(), E>)>,
         mut step: impl FnMut(&mut Self, &[usize]) -> Result<f64, E>,
-    ) -> Result<(), E> {
+    ) -> Result<Convergence, E> {
         let batch_size = self.config.batch_size.max(1);
         let steps_per_epoch = data.len().div_ceil(batch_size) as u64;
         let total_steps = steps_per_epoch * self.config.epochs as u64;
+        let validation = validation
+            .filter(|_| self.config.patience.is_some())
+            .map(|data| (data, labels_of(data)));
+        let mut trained = start.epoch;
+        let mut stopped_early = false;
         for epoch in start.epoch..self.config.epochs {
             let order = epoch_order(data.len(), self.config.seed, epoch);
             let skip = if epoch == start.epoch { start.batch } else { 0 };
@@ -346,12 +468,93 @@ impl<B: AutodiffBackend> Trainer<B> {
                     )?;
                 }
             }
+            trained = epoch + 1;
+            // A checkpoint taken after an epoch's last batch resumes into that epoch: score it only once.
+            if let Some((validation, labels)) = &validation
+                && self.plateau.validation_log_loss.len() == epoch
+                && self.after_epoch(validation, labels, epoch)
+            {
+                stopped_early = trained < self.config.epochs;
+                break;
+            }
         }
-        Ok(())
+        let mut convergence = Convergence {
+            epochs_trained: trained,
+            validation_log_loss: self.plateau.validation_log_loss.clone(),
+            best_epoch: None,
+            stopped_early,
+        };
+        if let Some(best) = self.plateau.best.take() {
+            convergence.best_epoch = Some(best.epoch);
+            if best.epoch + 1 != trained {
+                self.model = best.model;
+                self.tables = best.tables;
+            }
+        }
+        Ok(convergence)
+    }
+
+    /// Scores the epoch just trained on the validation set: a lower log loss (by more than a relative 1e-4,
+    /// below which a gain is noise) becomes the best epoch; otherwise the learning rates decay, and after
+    /// `patience` such epochs in a row training stops (true).
+    fn after_epoch(&mut self, validation: &EncodedDataset, labels: &[bool], epoch: usize) -> bool {
+        let raw: Vec<f64> = self
+            .predict_logits(validation)
+            .into_iter()
+            .map(sigmoid)
+            .collect();
+        let loss = metrics::log_loss(&raw, labels).unwrap_or(f64::INFINITY);
+        self.plateau.validation_log_loss.push(loss);
+        let improved = self
+            .plateau
+            .best
+            .as_ref()
+            .is_none_or(|best| loss < best.loss * (1.0 - 1e-4));
+        if improved {
+            self.plateau.best = Some(BestEpoch {
+                epoch,
+                loss,
+                model: self.model.clone(),
+                tables: self.tables.clone(),
+            });
+            self.plateau.stale = 0;
+            return false;
+        }
+        self.plateau.stale += 1;
+        self.decay_learning_rates();
+        self.plateau.stale >= self.config.patience.unwrap_or(1).max(1)
+    }
+
+    /// The dense learning rate of the next step: warm-up, then the configured rate, scaled by plateaus.
+    fn dense_learning_rate(&self) -> f64 {
+        let warmup = if self.config.warmup_steps > 0 {
+            ((self.step + 1) as f64 / self.config.warmup_steps as f64).min(1.0)
+        } else {
+            1.0
+        };
+        self.config.learning_rate * self.plateau.learning_rate_scale * warmup
+    }
+
+    fn decay_learning_rates(&mut self) {
+        let factor = self.config.plateau_decay;
+        self.plateau.learning_rate_scale *= factor;
+        self.tables.first_order.scale_learning_rate(factor as f32);
+        if let Some(table) = self.tables.factors.as_mut() {
+            table.scale_learning_rate(factor as f32);
+        }
+    }
+
+    /// Fits `method` on `validation` (examples the model did not train on) and uses it for every later
+    /// prediction; returns whether a calibrator was fitted.
+    pub fn calibrate(&mut self, method: CalibrationMethod, validation: &EncodedDataset) -> bool {
+        let logits = self.predict_logits(validation);
+        let labels: Vec<bool> = validation.labels.iter().map(|&y| y > 0.5).collect();
+        self.calibrator = Calibrator::fit(method, &logits, &labels);
+        self.calibrator.is_some()
     }
 
     /// The full training state at `position`: the model with embedding optimizer state, the dense optimizer
-    /// state, and where to go on.
+    /// state, early stopping's memory (with the best epoch's weights), and where to go on.
     pub fn checkpoint(
         &self,
         card: &ModelCard,
@@ -361,9 +564,25 @@ impl<B: AutodiffBackend> Trainer<B> {
         let optimizer = BinBytesRecorder::<FullPrecisionSettings>::default()
             .record(self.optimizer.to_record(), ())
             .map_err(|err| ArtifactError::Record(err.to_string()))?;
-        let mut out = Vec::with_capacity(model.len() + optimizer.len() + 36);
+        let plateau = serde_json::to_vec(&PlateauRecord {
+            validation_log_loss: self.plateau.validation_log_loss.clone(),
+            best: self
+                .plateau
+                .best
+                .as_ref()
+                .map(|best| (best.epoch, best.loss)),
+            stale: self.plateau.stale,
+            learning_rate_scale: self.plateau.learning_rate_scale,
+        })
+        .map_err(|err| ArtifactError::Corrupt(err.to_string()))?;
+        let best = match &self.plateau.best {
+            Some(best) => artifact::encode(card, &best.model, &best.tables, false)?,
+            None => Vec::new(),
+        };
+        let mut out =
+            Vec::with_capacity(model.len() + optimizer.len() + plateau.len() + best.len() + 60);
         out.extend_from_slice(CHECKPOINT_MAGIC);
-        for section in [&model, &optimizer] {
+        for section in [&model, &optimizer, &plateau, &best] {
             out.extend_from_slice(&(section.len() as u64).to_le_bytes());
             out.extend_from_slice(section);
         }
@@ -383,6 +602,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             .ok_or(ArtifactError::NotAModel)?;
         let (model_bytes, rest) = split_section(rest)?;
         let (optimizer_bytes, rest) = split_section(rest)?;
+        let (plateau_bytes, rest) = split_section(rest)?;
+        let (best_bytes, rest) = split_section(rest)?;
         if rest.len() != 24 {
             return Err(ArtifactError::Truncated);
         }
@@ -399,25 +620,48 @@ impl<B: AutodiffBackend> Trainer<B> {
             epoch: number(0..8) as usize,
             batch: number(8..16) as usize,
         };
+        let memory: PlateauRecord = serde_json::from_slice(plateau_bytes)
+            .map_err(|err| ArtifactError::Corrupt(format!("early stopping state: {err}")))?;
+        let best = match memory.best {
+            Some((epoch, loss)) => {
+                let best = artifact::decode::<B>(best_bytes, &device)?;
+                Some(BestEpoch {
+                    epoch,
+                    loss,
+                    model: best.model,
+                    tables: best.tables,
+                })
+            }
+            None => None,
+        };
+        let plateau = Plateau {
+            validation_log_loss: memory.validation_log_loss,
+            best,
+            stale: memory.stale,
+            learning_rate_scale: memory.learning_rate_scale,
+        };
         let trainer = Trainer {
             model: saved.model,
             tables: saved.tables,
             model_config: saved.card.model.clone(),
             config: saved.card.training.clone(),
-            optimizer: AdamConfig::new().init().load_record(record),
+            optimizer: saved.card.training.dense_optimizer().load_record(record),
             device,
             step: number(16..24),
+            calibrator: None,
+            plateau,
         };
         Ok((trainer, position, saved.card))
     }
 
     /// One step over the examples `batch` of `data` with this process's tables; returns the batch loss.
     pub fn train_step(&mut self, data: &EncodedDataset, batch: &[usize]) -> f64 {
+        let learning_rate = self.dense_learning_rate();
         let result = step_on(
             &mut self.model,
             &mut self.optimizer,
             &self.device,
-            &self.config,
+            learning_rate,
             &self.model_config,
             &mut self.tables,
             data,
@@ -437,11 +681,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         data: &EncodedDataset,
         batch: &[usize],
     ) -> Result<f64, S::Error> {
+        let learning_rate = self.dense_learning_rate();
         let loss = step_on(
             &mut self.model,
             &mut self.optimizer,
             &self.device,
-            &self.config,
+            learning_rate,
             &self.model_config,
             store,
             data,
@@ -491,7 +736,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let dense = reduce::unflatten_dense(&self.model, &gradients.dense, &self.device);
         self.model = self
             .optimizer
-            .step(self.config.learning_rate, self.model.clone(), dense);
+            .step(self.dense_learning_rate(), self.model.clone(), dense);
         self.tables
             .first_order
             .apply_gradients(&gradients.keys, &gradients.first_order);
@@ -502,19 +747,104 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(loss)
     }
 
-    /// Click probabilities for every example of `data`, without touching the tables.
+    /// Click probabilities for every example of `data` (calibrated once a calibrator is fitted), without
+    /// touching the tables.
     pub fn predict(&self, data: &EncodedDataset) -> Vec<f64> {
-        predict(&self.model.valid(), &self.tables, data, &self.device)
+        predict(
+            &self.model.valid(),
+            &self.tables,
+            self.calibrator.as_ref(),
+            data,
+            &self.device,
+        )
     }
 
+    /// The model's raw logits for every example of `data`.
+    pub fn predict_logits(&self, data: &EncodedDataset) -> Vec<f64> {
+        predict_logits(&self.model.valid(), &self.tables, data, &self.device)
+    }
+
+    /// Metrics of the calibrated predictions, with the calibration of the uncalibrated ones beside them.
     pub fn evaluate(&self, data: &EncodedDataset) -> EvalMetrics {
-        EvalMetrics::of(&self.predict(data), data)
+        let logits = self.predict_logits(data);
+        let raw: Vec<f64> = logits.iter().map(|&z| sigmoid(z)).collect();
+        let Some(calibrator) = &self.calibrator else {
+            return EvalMetrics::of(&raw, data);
+        };
+        let labels: Vec<bool> = data.labels.iter().map(|&y| y > 0.5).collect();
+        let mut metrics = EvalMetrics::of(&probabilities(logits, Some(calibrator)), data);
+        metrics.uncalibrated_calibration = metrics::calibration(&raw, &labels);
+        metrics
     }
 }
 
-/// Click probabilities of a model for every example of `data` (inference only; untouched rows read as their
-/// initial values).
+/// Early stopping's memory across epochs: every epoch's validation loss, the best epoch with its weights,
+/// how many epochs in a row failed to beat it, and the learning-rate factor those epochs left.
+struct Plateau<B: AutodiffBackend> {
+    validation_log_loss: Vec<f64>,
+    best: Option<BestEpoch<B>>,
+    stale: usize,
+    learning_rate_scale: f64,
+}
+
+impl<B: AutodiffBackend> Default for Plateau<B> {
+    fn default() -> Self {
+        Plateau {
+            validation_log_loss: Vec::new(),
+            best: None,
+            stale: 0,
+            learning_rate_scale: 1.0,
+        }
+    }
+}
+
+struct BestEpoch<B: AutodiffBackend> {
+    epoch: usize,
+    loss: f64,
+    model: CtrModel<B>,
+    tables: Tables,
+}
+
+/// The scalar part of [`Plateau`] as a checkpoint stores it.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PlateauRecord {
+    validation_log_loss: Vec<f64>,
+    best: Option<(usize, f64)>,
+    stale: usize,
+    learning_rate_scale: f64,
+}
+
+fn labels_of(data: &EncodedDataset) -> Vec<bool> {
+    data.labels.iter().map(|&y| y > 0.5).collect()
+}
+
+/// Probabilities of `logits`: through `calibrator`, else the sigmoid.
+pub fn probabilities(logits: Vec<f64>, calibrator: Option<&Calibrator>) -> Vec<f64> {
+    match calibrator {
+        Some(calibrator) => logits
+            .into_iter()
+            .map(|z| calibrator.probability(z))
+            .collect(),
+        None => logits.into_iter().map(sigmoid).collect(),
+    }
+}
+
+/// Click probabilities of a model for every example of `data`, through its calibrator (the artifact's): the
+/// one scoring function of evaluation, `score` and serving.
 pub fn predict<B: Backend>(
+    model: &CtrModel<B>,
+    tables: &Tables,
+    calibrator: Option<&Calibrator>,
+    data: &EncodedDataset,
+    device: &B::Device,
+) -> Vec<f64> {
+    probabilities(predict_logits(model, tables, data, device), calibrator)
+}
+
+/// Logits of a model for every example of `data` (inference only; untouched rows read as their initial
+/// values).
+pub fn predict_logits<B: Backend>(
     model: &CtrModel<B>,
     tables: &Tables,
     data: &EncodedDataset,
@@ -538,11 +868,7 @@ pub fn predict<B: Backend>(
         });
         let (numeric, _) = batch_inputs::<B>(data, batch, device);
         let logits = floats(model.forward(first, factors, numeric).into_data());
-        out.extend(
-            logits
-                .into_iter()
-                .map(|z| 1.0 / (1.0 + (-f64::from(z)).exp())),
-        );
+        out.extend(logits.into_iter().map(f64::from));
     }
     out
 }
@@ -624,14 +950,14 @@ fn step_on<B: AutodiffBackend, S: RowStore>(
     model: &mut CtrModel<B>,
     optimizer: &mut OptimizerAdaptor<Adam, CtrModel<B>, B>,
     device: &B::Device,
-    config: &TrainConfig,
+    learning_rate: f64,
     model_config: &ModelConfig,
     store: &mut S,
     data: &EncodedDataset,
     batch: &[usize],
 ) -> Result<f64, S::Error> {
     let backward = forward_backward(model, device, model_config, store, data, batch)?;
-    *model = optimizer.step(config.learning_rate, model.clone(), backward.dense);
+    *model = optimizer.step(learning_rate, model.clone(), backward.dense);
     store.apply(TableKind::FirstOrder, &backward.keys, &backward.first_order)?;
     if let Some(grad) = backward.factors {
         store.apply(TableKind::Factors, &backward.keys, &grad)?;
@@ -639,7 +965,8 @@ fn step_on<B: AutodiffBackend, S: RowStore>(
     Ok(backward.loss)
 }
 
-const CHECKPOINT_MAGIC: &[u8; 4] = b"FWC1";
+/// Version 2 adds early stopping's memory (its state and the best epoch's weights).
+const CHECKPOINT_MAGIC: &[u8; 4] = b"FWC2";
 
 static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

@@ -55,6 +55,8 @@ fn trained() -> (Trainer<Cpu>, ModelCard, EncodedDataset) {
         },
         code_version: "test".into(),
         step: trainer.step,
+        calibrator: trainer.calibrator.clone(),
+        convergence: None,
     };
     (trainer, card, data)
 }
@@ -67,7 +69,13 @@ fn round_trip_keeps_every_prediction() {
     let saved =
         artifact::decode::<Flex>(&bytes, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(saved.card, card);
-    let restored = predict(&saved.model, &saved.tables, &data, &Default::default());
+    let restored = predict(
+        &saved.model,
+        &saved.tables,
+        saved.card.calibrator.as_ref(),
+        &data,
+        &Default::default(),
+    );
     assert_eq!(restored, trainer.predict(&data));
 }
 

@@ -143,6 +143,8 @@ fn resuming_from_a_checkpoint_gives_the_uninterrupted_result() {
         lineage: Lineage::default(),
         code_version: "test".into(),
         step: 0,
+        calibrator: None,
+        convergence: None,
     };
     let mut saved: Option<Vec<u8>> = None;
     let mut interrupted = Trainer::<Cpu>::new(model_config, config, Default::default());
@@ -150,6 +152,7 @@ fn resuming_from_a_checkpoint_gives_the_uninterrupted_result() {
     interrupted
         .fit_from(
             &train,
+            None,
             Position::default(),
             |_| {},
             Some((25, |trainer: &Trainer<Cpu>, position: Position| {
@@ -172,7 +175,7 @@ fn resuming_from_a_checkpoint_gives_the_uninterrupted_result() {
         fn(&Trainer<Cpu>, Position) -> Result<(), flywheel_ml::artifact::ArtifactError>,
     )>;
     resumed
-        .fit_from(&train, position, |_| {}, no_checkpoints)
+        .fit_from(&train, None, position, |_| {}, no_checkpoints)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resumed.step, uninterrupted.step);
     assert_eq!(
@@ -259,4 +262,212 @@ fn factor_models_learn_a_pure_interaction_that_logistic_cannot() {
             );
         }
     }
+}
+
+/// A small table trained for up to 100 epochs overfits within a few: early stopping ends the run `patience`
+/// epochs after the best one, keeps the best epoch's weights, and reports all of it.
+#[test]
+fn early_stopping_keeps_the_best_epoch_and_says_so() {
+    let (mut train, _, _) = data(17, 4_000);
+    let validation = train
+        .split_validation(0.2)
+        .unwrap_or_else(|| panic!("no validation set"));
+    let config = TrainConfig {
+        epochs: 100,
+        patience: Some(2),
+        plateau_decay: 0.5,
+        learning_rate: 0.01,
+        ..config(3)
+    };
+    let mut trainer = Trainer::<Cpu>::new(
+        model(Architecture::DeepFm, &train),
+        config,
+        Default::default(),
+    );
+    let convergence = trainer
+        .fit_from(
+            &train,
+            Some(&validation),
+            flywheel_ml::train::Position::default(),
+            |_| {},
+            None::<(
+                u64,
+                fn(
+                    &Trainer<Cpu>,
+                    flywheel_ml::train::Position,
+                ) -> Result<(), flywheel_ml::artifact::ArtifactError>,
+            )>,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{convergence:?}");
+    assert!(convergence.stopped_early, "{convergence:?}");
+    assert!(convergence.epochs_trained < 100);
+    let losses = &convergence.validation_log_loss;
+    assert_eq!(losses.len(), convergence.epochs_trained);
+    let best = losses
+        .iter()
+        .enumerate()
+        .min_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(epoch, _)| epoch);
+    assert_eq!(convergence.best_epoch, best);
+    assert_eq!(
+        convergence.epochs_trained,
+        best.unwrap_or_default() + 1 + 2,
+        "stops `patience` epochs after the best"
+    );
+    let kept = trainer.evaluate(&validation).log_loss.unwrap_or_default();
+    let best_loss = losses.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        (kept - best_loss).abs() < 1e-9,
+        "the best epoch's weights are kept: {kept} vs {best_loss}"
+    );
+}
+
+/// Clicks at 1%: a fresh model starts at the base rate, and a Platt calibrator fitted on held-out rows brings
+/// the eval set's Σ predicted / Σ clicked near 1 while leaving the ranking as it was.
+#[test]
+fn rare_clicks_start_at_the_base_rate_and_end_calibrated() {
+    let generated = generate(&SyntheticConfig {
+        seed: 23,
+        users: 1_000,
+        items: 300,
+        rows: 60_000,
+        base_logit: -4.5,
+        ..SyntheticConfig::default()
+    });
+    let schema = feature_schema(5_000);
+    let encode = |slice: &[flywheel_ml::synthetic::Impression]| {
+        EncodedDataset::encode(
+            &schema,
+            slice,
+            |row, column| row.value(column),
+            |row| row.clicked,
+            |row| u64::from(row.user_id),
+        )
+        .unwrap_or_else(|err| panic!("{err}"))
+    };
+    let mut train = encode(&generated.impressions[..48_000]);
+    let eval = encode(&generated.impressions[48_000..]);
+    let rate = train.positive_rate();
+    assert!(rate > 0.003 && rate < 0.03, "click rate {rate}");
+    let validation = train
+        .split_validation(0.2)
+        .unwrap_or_else(|| panic!("no validation set"));
+    // Logistic: its first-order weights start at 0, so only the bias and the small numeric weights speak.
+    let mut untrained = Trainer::<Cpu>::new(
+        model(Architecture::Logistic, &train),
+        config(4),
+        Default::default(),
+    );
+    untrained.start_at_base_rate(rate);
+    let predictions = untrained.predict(&eval);
+    let mean = predictions.iter().sum::<f64>() / predictions.len() as f64;
+    assert!(
+        (mean / rate - 1.0).abs() < 0.25,
+        "an untrained model predicts {mean} at a click rate of {rate}"
+    );
+    let mut trainer = Trainer::<Cpu>::new(
+        model(Architecture::WideDeep, &train),
+        config(4),
+        Default::default(),
+    );
+    trainer.start_at_base_rate(rate);
+    trainer.fit(&train, |_| {});
+    let before = trainer.evaluate(&eval);
+    assert!(trainer.calibrate(
+        flywheel_ml::calibration::CalibrationMethod::Platt,
+        &validation
+    ));
+    let after = trainer.evaluate(&eval);
+    eprintln!("before {before:?}\nafter {after:?}");
+    assert_eq!(after.uncalibrated_calibration, before.calibration);
+    let calibration = after.calibration.unwrap_or_default();
+    assert!(
+        (calibration - 1.0).abs() < 0.15,
+        "calibrated Σp/Σy {calibration}"
+    );
+    assert!(
+        (after.auc.unwrap_or_default() - before.auc.unwrap_or_default()).abs() < 1e-9,
+        "Platt scaling is monotone: AUC unchanged"
+    );
+}
+
+/// Early stopping's memory travels in the checkpoint: a run resumed after its best epoch still stops where the
+/// uninterrupted run stops, with the same best weights and the same record of every epoch.
+#[test]
+fn a_resumed_run_stops_early_exactly_as_the_uninterrupted_one() {
+    use flywheel_ml::artifact::{ArtifactError, FORMAT, Lineage, ModelCard};
+    use flywheel_ml::train::Position;
+    let (mut train, eval, _) = data(17, 4_000);
+    let validation = train
+        .split_validation(0.2)
+        .unwrap_or_else(|| panic!("no validation set"));
+    let model_config = model(Architecture::DeepFm, &train);
+    let config = TrainConfig {
+        epochs: 100,
+        patience: Some(2),
+        plateau_decay: 0.5,
+        learning_rate: 0.01,
+        ..config(3)
+    };
+    let no_checkpoints = None::<(
+        u64,
+        fn(&Trainer<Cpu>, Position) -> Result<(), ArtifactError>,
+    )>;
+    let mut uninterrupted =
+        Trainer::<Cpu>::new(model_config.clone(), config.clone(), Default::default());
+    let expected = uninterrupted
+        .fit_from(
+            &train,
+            Some(&validation),
+            Position::default(),
+            |_| {},
+            no_checkpoints,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let best = expected.best_epoch.unwrap_or_default();
+    // 2 560 rows at 256 a batch: 10 steps an epoch. The checkpoint is taken inside the epoch after the best,
+    // when early stopping has a best epoch and one epoch without improvement behind it.
+    let resume_at = (best as u64 + 1) * 10 + 5;
+    let card = ModelCard {
+        format: FORMAT.to_owned(),
+        model: model_config.clone(),
+        schema: feature_schema(5_000),
+        feature_schema_hash: feature_schema(5_000).hash(),
+        training: config.clone(),
+        metrics: Default::default(),
+        lineage: Lineage::default(),
+        code_version: "test".into(),
+        step: 0,
+        calibrator: None,
+        convergence: None,
+    };
+    let mut saved: Option<Vec<u8>> = None;
+    let mut interrupted = Trainer::<Cpu>::new(model_config, config, Default::default());
+    interrupted
+        .fit_from(
+            &train,
+            Some(&validation),
+            Position::default(),
+            |_| {},
+            Some((resume_at, |trainer: &Trainer<Cpu>, position: Position| {
+                if saved.is_none() {
+                    saved = Some(trainer.checkpoint(&card, position)?);
+                }
+                Ok(())
+            })),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let bytes = saved.unwrap_or_else(|| panic!("no checkpoint was taken"));
+    let (mut resumed, position, _) =
+        Trainer::<Cpu>::resume(&bytes, Default::default()).unwrap_or_else(|e| panic!("{e}"));
+    let no_checkpoints = None::<(
+        u64,
+        fn(&Trainer<Cpu>, Position) -> Result<(), ArtifactError>,
+    )>;
+    let convergence = resumed
+        .fit_from(&train, Some(&validation), position, |_| {}, no_checkpoints)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(convergence, expected);
+    assert_eq!(resumed.predict(&eval), uninterrupted.predict(&eval));
 }

@@ -91,9 +91,16 @@ impl ServedModel {
         &self.source.version
     }
 
-    /// Click probabilities of every row, through the trainer's own inference function.
+    /// Click probabilities of every row, through the trainer's own inference function and the artifact's
+    /// calibrator.
     pub fn score(&self, data: &EncodedDataset) -> Vec<f64> {
-        flywheel_ml::train::predict(&self.model, &self.tables, data, &Default::default())
+        flywheel_ml::train::predict(
+            &self.model,
+            &self.tables,
+            self.card.calibrator.as_ref(),
+            data,
+            &Default::default(),
+        )
     }
 }
 

@@ -34,17 +34,24 @@ use burn::backend::{Autodiff, Flex};
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use flywheel_ml::artifact::{self, FORMAT, Lineage, ModelCard};
+use flywheel_ml::calibration::CalibrationMethod;
 use flywheel_ml::embedding::SparseOptimizer;
 use flywheel_ml::model::{Architecture, ModelConfig};
 use flywheel_ml::schema::FeatureSchema;
 use flywheel_ml::synthetic::{SyntheticConfig, feature_schema, generate};
-use flywheel_ml::train::{Position, TrainConfig, Trainer};
+use flywheel_ml::train::{
+    Convergence, EncodedDataset, MIN_VALIDATION_ROWS, Position, TrainConfig, Trainer,
+};
 use serde_json::json;
 
 use crate::dataset::{Columns, read_encoded, write_impressions};
 use crate::status::{Phase, ProgressReporter};
 
 type CpuBackend = Autodiff<Flex>;
+
+/// The most epochs a job trains by default; early stopping usually ends it sooner.
+const DEFAULT_EPOCHS: usize = 100;
+const DEFAULT_LEARNING_RATE: f64 = 0.003;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -200,13 +207,35 @@ struct TrainArgs {
     /// MLP widths, comma-separated (ignored by logistic).
     #[arg(long, value_delimiter = ',', default_value = "400,400")]
     hidden: Vec<usize>,
-    #[arg(long, default_value_t = 1)]
+    /// Passes over the training set; with early stopping (`--patience`), the most it trains.
+    #[arg(long, default_value_t = DEFAULT_EPOCHS)]
     epochs: usize,
     #[arg(long, default_value_t = 1024)]
     batch_size: usize,
     /// Dense (Adam) learning rate.
-    #[arg(long, default_value_t = 0.001)]
+    #[arg(long, default_value_t = DEFAULT_LEARNING_RATE)]
     learning_rate: f64,
+    /// Early stopping: epochs without a lower validation log loss before training stops, keeping the best
+    /// epoch's weights; 0 trains every epoch. Not available to parameter-server workers, which train every epoch.
+    #[arg(long, default_value_t = 2)]
+    patience: usize,
+    /// Share of the training set (its last rows: the newest, in a time-ordered set) held out for early stopping
+    /// and calibration; 0 holds out nothing (no early stopping, no calibration).
+    #[arg(long, default_value_t = 0.1)]
+    validation_fraction: f64,
+    /// The dense learning rate rises linearly from 0 over these first steps.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    /// Both learning rates are multiplied by this after an epoch without a lower validation log loss.
+    #[arg(long, default_value_t = 0.5)]
+    plateau_decay: f64,
+    /// L2 penalty on the dense weights.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Post-training calibration fitted on the validation set and stored in the artifact: platt, isotonic or
+    /// none.
+    #[arg(long, value_parser = parse_calibration, default_value = "platt")]
+    calibration: CalibrationMethod,
     /// Embedding optimizer: adagrad, adam or sgd.
     #[arg(long, default_value = "adagrad")]
     sparse_optimizer: String,
@@ -297,6 +326,11 @@ fn parse_device(text: &str) -> Result<TrainDevice, String> {
             .map_err(|_| format!("`{text}`: the GPU index must be a number, as in cuda:0")),
         _ => Err(format!("`{text}`: use cpu, cuda or cuda:N")),
     }
+}
+
+fn parse_calibration(text: &str) -> Result<CalibrationMethod, String> {
+    serde_json::from_value(json!(text))
+        .map_err(|_| format!("`{text}`: use platt, isotonic or none"))
 }
 
 fn parse_architecture(text: &str) -> Result<Architecture, String> {
@@ -429,8 +463,13 @@ fn score_command(model: &Path, data: &Path, label: String, out: &Path) -> anyhow
     let saved = artifact::decode::<Flex>(&bytes, &Default::default())?;
     let columns = Columns { label, group: None };
     let encoded = read_encoded(data, &saved.card.schema, &columns)?;
-    let scores =
-        flywheel_ml::train::predict(&saved.model, &saved.tables, &encoded, &Default::default());
+    let scores = flywheel_ml::train::predict(
+        &saved.model,
+        &saved.tables,
+        saved.card.calibrator.as_ref(),
+        &encoded,
+        &Default::default(),
+    );
     std::fs::write(out, serde_json::to_vec(&scores)?)
         .with_context(|| format!("writing {}", out.display()))?;
     emit(json!({"event": "scored", "rows": scores.len(), "out": out}));
@@ -597,12 +636,14 @@ fn train_command<B: AutodiffBackend>(
         schema,
         columns,
         train,
+        validation,
         model,
         config,
     } = prepare(args)?;
     let eval = read_encoded(&args.eval, &schema, &columns)?;
     emit(json!({
         "event": "loaded", "trainRows": train.len(), "evalRows": eval.len(),
+        "validationRows": validation.as_ref().map_or(0, |v| v.len()),
         "seconds": started.elapsed().as_secs_f64(),
     }));
     let checkpoint_path = args
@@ -612,8 +653,8 @@ fn train_command<B: AutodiffBackend>(
     let (mut trainer, start, warm_start_digest) = initial_trainer(
         args,
         &schema.hash(),
-        &model,
-        &config,
+        (&model, &config),
+        train.positive_rate(),
         checkpoint_path.as_deref(),
         device,
     )?;
@@ -648,28 +689,41 @@ fn train_command<B: AutodiffBackend>(
             },
         )
     });
-    trainer.fit_from(&train, start, on_progress, save)?;
+    let convergence = trainer.fit_from(&train, validation.as_ref(), start, on_progress, save)?;
     let train_seconds = training_started.elapsed().as_secs_f64();
     progress.phase(Phase::Evaluating);
+    let samples = train.len() * convergence.epochs_trained.saturating_sub(start.epoch);
+    finish_training(&mut card, &mut trainer, validation.as_ref(), convergence);
     card.metrics = trainer.evaluate(&eval);
+    publish(args, &card, &trainer, samples, train_seconds, json!({}))
+}
+
+/// After the last epoch: calibrates on the validation set and records how training ended in the card.
+fn finish_training<B: AutodiffBackend>(
+    card: &mut ModelCard,
+    trainer: &mut Trainer<B>,
+    validation: Option<&EncodedDataset>,
+    convergence: Convergence,
+) {
+    if let Some(validation) = validation {
+        trainer.calibrate(card.training.calibration, validation);
+    }
+    emit(
+        json!({"event": "converged", "convergence": convergence, "calibrator": trainer.calibrator}),
+    );
+    card.calibrator = trainer.calibrator.clone();
+    card.convergence = Some(convergence);
     card.step = trainer.step;
-    publish(
-        args,
-        &card,
-        &trainer,
-        train.len() * args.epochs,
-        train_seconds,
-        json!({}),
-    )
 }
 
 /// The trainer a run starts from: its checkpoint when one exists (a restarted gang continues), else the
 /// warm-start artifact's weights, else a fresh seeded model; with the warm-start artifact's digest.
+/// A fresh model starts at the training set's click rate (`positive_rate`).
 fn initial_trainer<B: AutodiffBackend>(
     args: &TrainArgs,
     schema_hash: &str,
-    model: &ModelConfig,
-    config: &TrainConfig,
+    (model, config): (&ModelConfig, &TrainConfig),
+    positive_rate: f64,
     checkpoint_path: Option<&Path>,
     device: B::Device,
 ) -> anyhow::Result<(Trainer<B>, Position, Option<String>)> {
@@ -678,7 +732,8 @@ fn initial_trainer<B: AutodiffBackend>(
         return Ok((trainer, position, None));
     }
     let Some(path) = &args.warm_start else {
-        let trainer = Trainer::<B>::new(model.clone(), config.clone(), device);
+        let mut trainer = Trainer::<B>::new(model.clone(), config.clone(), device);
+        trainer.start_at_base_rate(positive_rate);
         return Ok((trainer, Position::default(), None));
     };
     let bytes = artifact::read_file(path, args.warm_start_sha256.as_deref())?;
@@ -721,8 +776,8 @@ fn data_parallel_command<B: AutodiffBackend>(
     let (mut trainer, start, warm_start_digest) = initial_trainer(
         args,
         &prepared.schema.hash(),
-        &prepared.model,
-        &prepared.config,
+        (&prepared.model, &prepared.config),
+        prepared.train.positive_rate(),
         checkpoint_path.as_deref(),
         device,
     )?;
@@ -805,12 +860,20 @@ fn data_parallel_command<B: AutodiffBackend>(
         )
     });
     let train = &prepared.train;
-    trainer.fit_with(train, start, on_progress, save, |trainer, batch| {
-        let share = &batch[batch.len() * rank / workers..batch.len() * (rank + 1) / workers];
-        Ok(trainer.train_step_reduced(&mut reducer, train, share)?)
-    })?;
+    let validation = prepared.validation.as_ref();
+    let convergence = trainer.fit_with(
+        train,
+        validation,
+        start,
+        on_progress,
+        save,
+        |trainer, batch| {
+            let share = &batch[batch.len() * rank / workers..batch.len() * (rank + 1) / workers];
+            Ok(trainer.train_step_reduced(&mut reducer, train, share)?)
+        },
+    )?;
     let train_seconds = training_started.elapsed().as_secs_f64();
-    let samples = train.len() * prepared.config.epochs.saturating_sub(start.epoch);
+    let samples = train.len() * convergence.epochs_trained.saturating_sub(start.epoch);
     let Some((runtime, collective, server)) = chief_side else {
         if let collective::Reducer::Peer(peer) = &mut reducer {
             peer.finish()?;
@@ -830,8 +893,8 @@ fn data_parallel_command<B: AutodiffBackend>(
     progress.phase(Phase::Evaluating);
     let eval = read_encoded(&args.eval, &prepared.schema, &prepared.columns)?;
     card.lineage.eval_rows = eval.len();
+    finish_training(&mut card, &mut trainer, validation, convergence);
     card.metrics = trainer.evaluate(&eval);
-    card.step = trainer.step;
     publish(
         args,
         &card,
@@ -944,6 +1007,7 @@ fn ps_worker_command<B: AutodiffBackend>(
         schema,
         columns,
         train,
+        validation,
         model,
         config,
     } = prepare(args)?;
@@ -962,8 +1026,8 @@ fn ps_worker_command<B: AutodiffBackend>(
     let (mut trainer, start, warm_start_digest) = initial_trainer::<B>(
         args,
         &schema_hash,
-        &model,
-        &config,
+        (&model, &config),
+        train.positive_rate(),
         checkpoint_path.as_deref(),
         device,
     )?;
@@ -1029,12 +1093,18 @@ fn ps_worker_command<B: AutodiffBackend>(
     progress.phase(Phase::Evaluating);
     let global = store.sync_dense(Vec::new())?;
     trainer.model = flywheel_ml::model::with_dense_parameters(trainer.model, &global)?;
+    let epochs_trained = config.epochs;
     let prepared = Prepared {
         schema,
         columns,
         train,
+        validation,
         model,
         config,
+    };
+    let convergence = Convergence {
+        epochs_trained,
+        ..Convergence::default()
     };
     finish_as_chief(
         args,
@@ -1042,7 +1112,7 @@ fn ps_worker_command<B: AutodiffBackend>(
         &mut store,
         trainer,
         (samples, train_seconds),
-        warm_start_digest,
+        (warm_start_digest, convergence),
     )
 }
 
@@ -1050,7 +1120,9 @@ fn ps_worker_command<B: AutodiffBackend>(
 struct Prepared {
     schema: FeatureSchema,
     columns: Columns,
-    train: flywheel_ml::train::EncodedDataset,
+    train: EncodedDataset,
+    /// Held out of `train` for early stopping and calibration.
+    validation: Option<EncodedDataset>,
     model: ModelConfig,
     config: TrainConfig,
 }
@@ -1072,13 +1144,24 @@ fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
         label: args.label.clone(),
         group: Some(args.group.clone()),
     };
-    let train = read_encoded(&args.train, &schema, &columns)?;
+    let mut train = read_encoded(&args.train, &schema, &columns)?;
+    let validation = train.split_validation(args.validation_fraction);
+    if validation.is_none() && args.validation_fraction > 0.0 {
+        emit(json!({
+            "event": "warning",
+            "message": format!(
+                "no validation set: {} of {} training rows would hold fewer than {MIN_VALIDATION_ROWS} rows or a single class, so there is no early stopping and no calibration",
+                args.validation_fraction, train.len()
+            ),
+        }));
+    }
     let model = model_config(args, &schema);
     let config = train_config(args)?;
     Ok(Prepared {
         schema,
         columns,
         train,
+        validation,
         model,
         config,
     })
@@ -1099,12 +1182,23 @@ fn model_config(args: &TrainArgs, schema: &FeatureSchema) -> ModelConfig {
 }
 
 fn train_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
+    if !(0.0..=0.5).contains(&args.validation_fraction) {
+        bail!("--validation-fraction must be in [0, 0.5]");
+    }
+    if !(args.plateau_decay > 0.0 && args.plateau_decay <= 1.0) {
+        bail!("--plateau-decay must be in (0, 1]");
+    }
     Ok(TrainConfig {
         epochs: args.epochs,
         batch_size: args.batch_size,
         learning_rate: args.learning_rate,
         sparse_optimizer: sparse_optimizer(&args.sparse_optimizer, args.sparse_learning_rate)?,
         seed: args.seed,
+        patience: (args.patience > 0).then_some(args.patience),
+        warmup_steps: args.warmup_steps,
+        plateau_decay: args.plateau_decay,
+        weight_decay: args.weight_decay,
+        calibration: args.calibration,
         ..TrainConfig::default()
     })
 }
@@ -1117,12 +1211,13 @@ fn finish_as_chief<B: AutodiffBackend>(
     store: &mut worker::RemoteStore,
     mut trainer: Trainer<B>,
     (samples, train_seconds): (usize, f64),
-    warm_start_digest: Option<String>,
+    (warm_start_digest, convergence): (Option<String>, Convergence),
 ) -> anyhow::Result<()> {
     let Prepared {
         schema,
         columns,
         train,
+        validation,
         model,
         config,
     } = prepared;
@@ -1142,8 +1237,8 @@ fn finish_as_chief<B: AutodiffBackend>(
         (train.len(), eval.len()),
         warm_start_digest,
     )?;
+    finish_training(&mut card, &mut trainer, validation.as_ref(), convergence);
     card.metrics = trainer.evaluate(&eval);
-    card.step = trainer.step;
     publish(args, &card, &trainer, samples, train_seconds, json!({}))?;
     store.done()?;
     Ok(())
@@ -1169,6 +1264,7 @@ fn publish<B: AutodiffBackend>(
         "sha256": sha256,
         "featureSchemaHash": card.feature_schema_hash,
         "metrics": card.metrics,
+        "convergence": card.convergence,
         "steps": trainer.step,
         "trainSeconds": train_seconds,
         "samplesPerSecond": samples as f64 / train_seconds.max(1e-9),
@@ -1237,6 +1333,8 @@ fn model_card(
         },
         code_version: format!("flywheel-trainer/{}", env!("CARGO_PKG_VERSION")),
         step: 0,
+        calibrator: None,
+        convergence: None,
     })
 }
 

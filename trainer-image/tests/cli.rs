@@ -306,7 +306,7 @@ fn a_restarted_run_resumes_its_checkpoint_and_ends_identical() {
     );
     assert!(first.status.success(), "{}", stderr(&first));
     assert!(String::from_utf8_lossy(&first.stdout).contains("\"event\":\"checkpoint\""));
-    // A restarted pod finds the last checkpoint (step 160 of 188) and trains only the rest.
+    // A restarted pod finds the last checkpoint (step 160, the last multiple of 40) and trains only the rest.
     let second = train_with(
         &dir,
         "second",
@@ -445,6 +445,7 @@ fn the_chief_serves_its_live_status() {
     // Enough epochs of small batches to outlast the polling many times over; the test stops it when done.
     let mut args = common::train_args(&dir, "model");
     set_flag(&mut args, "--epochs", "200");
+    set_flag(&mut args, "--patience", "0");
     set_flag(&mut args, "--batch-size", "32");
     set_flag(&mut args, "--progress-every", "10");
     // Port 0: the trainer reports the port it got, so no other process can take it first.

@@ -307,8 +307,11 @@ fn a_warm_started_gang_continues_from_the_earlier_model() {
     let warm_loss = first_loss(&dir, "worker0");
     let cold_loss = first_loss(&cold, "worker0").max(first_loss(&cold, "worker1"));
     eprintln!("first-step loss: warm {warm_loss:.4}, cold {cold_loss:.4}");
+    // A fresh model starts at the training set's click rate: its first loss is the labels' entropy (≈ 0.36 at
+    // this data's ~12% clicks), not the 0.69 of predicting 0.5 everywhere. The earlier model does better still.
+    assert!(cold_loss < 0.45, "cold start at {cold_loss}");
     assert!(
-        warm_loss < cold_loss - 0.1,
+        warm_loss < cold_loss - 0.05,
         "warm {warm_loss} vs cold {cold_loss}"
     );
 }

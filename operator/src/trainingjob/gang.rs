@@ -366,6 +366,16 @@ fn worker_args(spec: &TrainingJobSpec, paths: &Paths) -> Vec<String> {
         spec.batch_size.to_string(),
         "--learning-rate".into(),
         spec.optimizer.learning_rate.to_string(),
+        "--weight-decay".into(),
+        spec.optimizer.weight_decay.to_string(),
+        "--warmup-steps".into(),
+        spec.optimizer.warmup_steps.to_string(),
+        "--patience".into(),
+        spec.early_stopping.patience.to_string(),
+        "--validation-fraction".into(),
+        spec.early_stopping.validation_fraction.to_string(),
+        "--calibration".into(),
+        spec.calibration.as_str().into(),
         "--checkpoint-every".into(),
         spec.checkpoint
             .as_ref()

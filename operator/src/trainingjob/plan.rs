@@ -14,8 +14,8 @@ use flywheel_crds::TrainingJob;
 use flywheel_crds::common::{ConditionStatus, condition, find_condition, set_condition};
 use flywheel_crds::modelversion::{Artifact, ArtifactFormat, Lineage, ModelVersionSpec};
 use flywheel_crds::trainingjob::{
-    FeatureViewData, OfflineMetrics, QueueStatus, ReplicaStatus, TrainingJobStatus, TrainingPhase,
-    TrainingProgress,
+    ConvergenceStatus, FeatureViewData, OfflineMetrics, QueueStatus, ReplicaStatus,
+    TrainingJobStatus, TrainingPhase, TrainingProgress,
 };
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
@@ -96,6 +96,9 @@ pub struct ChiefResult {
     pub feature_schema_hash: String,
     #[serde(default)]
     pub metrics: ChiefMetrics,
+    /// How training ended (absent from trainers before early stopping).
+    #[serde(default)]
+    pub convergence: Option<ChiefConvergence>,
     #[serde(default)]
     pub steps: u64,
     #[serde(default)]
@@ -115,11 +118,25 @@ pub struct ChiefFeatureView {
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
+pub struct ChiefConvergence {
+    pub epochs_trained: u32,
+    #[serde(default)]
+    pub best_epoch: Option<u32>,
+    #[serde(default)]
+    pub stopped_early: bool,
+    #[serde(default)]
+    pub validation_log_loss: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ChiefMetrics {
     pub auc: Option<f64>,
     pub gauc: Option<f64>,
     pub log_loss: Option<f64>,
     pub calibration: Option<f64>,
+    #[serde(default)]
+    pub uncalibrated_calibration: Option<f64>,
     #[serde(default)]
     pub samples: u64,
 }
@@ -959,6 +976,7 @@ fn succeed(b: &mut Builder<'_, '_>, result: &ChiefResult, warm_start: Option<(&s
         gauc: result.metrics.gauc,
         log_loss: result.metrics.log_loss,
         calibration: result.metrics.calibration,
+        uncalibrated_calibration: result.metrics.uncalibrated_calibration,
         eval_samples: Some(result.metrics.samples),
     };
     let name = job.name_any();
@@ -1028,6 +1046,27 @@ fn succeed(b: &mut Builder<'_, '_>, result: &ChiefResult, warm_start: Option<(&s
     b.model_version = Some(version);
     b.status.metrics = Some(metrics);
     b.status.model_version = Some(name.clone());
+    if let Some(convergence) = &result.convergence {
+        // The trainer counts epochs from 0, people from 1.
+        let best_epoch = convergence.best_epoch.map(|epoch| epoch + 1);
+        b.status.convergence = Some(ConvergenceStatus {
+            epochs_trained: convergence.epochs_trained,
+            best_epoch,
+            stopped_early: convergence.stopped_early,
+        });
+        if convergence.stopped_early {
+            let best = best_epoch.map_or_else(|| "n/a".to_owned(), |epoch| epoch.to_string());
+            b.event(
+                false,
+                "StoppedEarly",
+                "Train",
+                format!(
+                    "held-out log loss stopped improving: trained {} of {} epochs, kept epoch {best}",
+                    convergence.epochs_trained, job.spec.epochs
+                ),
+            );
+        }
+    }
     let total = b.status.progress.as_ref().and_then(|p| p.total_steps);
     b.status.progress = Some(TrainingProgress {
         step: result.steps,
