@@ -264,7 +264,8 @@ pub enum BuiltinMetric {
     ErrorRate,
 }
 
-/// Exactly one of `router` (the built-in weighted, sticky router) or `gatewayApi` (an HTTPRoute's weights).
+/// Exactly one of `router` (the built-in weighted, sticky router) or `gatewayApi` (an HTTPRoute's weights; not
+/// driven yet, so a Rollout that sets it gets `InvalidSpec` naming `spec.traffic.gatewayApi`).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.router) && has(self.gatewayApi))").message("set router or gatewayApi, not both"))]
@@ -476,6 +477,13 @@ impl RolloutSpec {
         }
         if self.traffic.router.is_some() && self.traffic.gateway_api.is_some() {
             violations.push("spec.traffic", "set router or gatewayApi, not both");
+        }
+        if self.traffic.gateway_api.is_some() {
+            // Accepting a field the operator does not act on would report a Rollout that serves nothing as fine.
+            violations.push(
+                "spec.traffic.gatewayApi",
+                "not supported yet: Flywheel routes traffic with its built-in router only",
+            );
         }
         violations.into_result()
     }

@@ -355,3 +355,17 @@ fn a_range_is_absolute_or_relative_not_both() {
         "the seven days before evaluation"
     );
 }
+
+#[test]
+fn a_gateway_api_route_is_refused_until_it_is_driven() {
+    let rollout = with(
+        without(example("rollout.yaml"), "/spec/traffic/router"),
+        "/spec/traffic/gatewayApi",
+        json!({"httpRoute": "ctr"}),
+    );
+    let errors = controller_errors(&rollout, None);
+    assert!(
+        errors.iter().any(|e| e.contains("spec.traffic.gatewayApi")),
+        "{errors:?}"
+    );
+}

@@ -24,7 +24,6 @@ use tracing::warn;
 use crate::admission::{Candidate, Decision, decide};
 use crate::controller::{Context, Error, apply_plan, strip_managed_fields};
 use crate::plan::{Plan, PlannedEvent, spec_conditions};
-use crate::trainingjob::KUEUE_QUEUE_LABEL;
 
 pub const KIND: &str = "GPUQuota";
 
@@ -115,7 +114,8 @@ fn apply_decision(status: &mut GPUQuotaStatus, limits: &[GpuLimit], decision: De
     status.rejected = decision.rejected;
 }
 
-/// Whether the job still competes for the quota: not finished, not suspended, and not left to Kueue.
+/// Whether the job still competes for the quota: not finished and not suspended. A Kueue queue label changes
+/// nothing here: the quota holds every job that names it.
 fn competes(job: &TrainingJob) -> bool {
     let finished = matches!(
         job.status.as_ref().and_then(|s| s.phase),
@@ -124,7 +124,6 @@ fn competes(job: &TrainingJob) -> bool {
     !finished
         && !job.spec.suspend
         && job.metadata.deletion_timestamp.is_none()
-        && !job.labels().contains_key(KUEUE_QUEUE_LABEL)
         && job.spec.validate().is_ok()
 }
 

@@ -2,8 +2,9 @@
 //! whole gang from its checkpoint when a member fails, and registers the result as a ModelVersion.
 //!
 //! Admission: a job naming a quota runs only once the quota's status lists it as admitted (see
-//! [`crate::gpuquota`]). A job labelled `kueue.x-k8s.io/queue-name` is left to Kueue: Flywheel's quota does
-//! not consider it, Kueue admits it by setting `spec.suspend: false`, and the label is passed to every pod.
+//! [`crate::gpuquota`]). A job labelled `kueue.x-k8s.io/queue-name` is still held to that quota (the label is
+//! no way around a team's limit); Kueue may admit it too, by setting `spec.suspend: false`, and the label is
+//! passed to every pod.
 
 pub mod dataset;
 pub mod gang;

@@ -235,10 +235,8 @@ enum Admission {
 
 fn admission(observed: &Observed<'_>) -> Admission {
     let job = observed.job;
-    if job.labels().contains_key(KUEUE_QUEUE_LABEL) {
-        // Kueue admits by flipping spec.suspend, which is handled before this.
-        return Admission::Admitted;
-    }
+    // A `kueue.x-k8s.io/queue-name` label does not exempt a job from its GPUQuota: any user can add the label,
+    // and Kueue's admission (clearing spec.suspend) only adds a condition to Flywheel's.
     let Some(queue) = &job.spec.queue else {
         return Admission::Admitted;
     };
@@ -620,13 +618,11 @@ fn advance(b: &mut Builder<'_, '_>) {
         ConditionStatus::True,
         "Admitted",
         match &job.spec.queue {
-            Some(queue) if !job.labels().contains_key(KUEUE_QUEUE_LABEL) => {
-                format!("admitted by GPUQuota {queue}")
+            Some(queue) if job.labels().contains_key(KUEUE_QUEUE_LABEL) => {
+                format!("admitted by GPUQuota {queue} (a Kueue queue label does not bypass it)")
             }
-            _ if job.labels().contains_key(KUEUE_QUEUE_LABEL) => {
-                "admission is left to Kueue (kueue.x-k8s.io/queue-name)".to_owned()
-            }
-            _ => "no GPUs requested: no quota needed".to_owned(),
+            Some(queue) => format!("admitted by GPUQuota {queue}"),
+            None => "no GPUs requested: no quota needed".to_owned(),
         },
     );
     run_gang(b, &paths, warm_start);

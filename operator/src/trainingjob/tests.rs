@@ -609,18 +609,32 @@ fn suspension_removes_the_pods_and_resumption_starts_a_new_attempt() {
     assert_eq!(decided.create_pods[0].labels()[LABEL_ATTEMPT], "1");
 }
 
+/// Anyone can add a Kueue queue label: it must not take a GPU job out of its team's quota.
 #[test]
-fn kueue_managed_jobs_skip_the_flywheel_quota_and_keep_the_label() {
+fn a_kueue_label_does_not_bypass_the_gpu_quota_and_is_kept() {
     let settings = TrainerSettings::default();
     let mut job = gpu_job("kueued");
     job.labels_mut()
         .insert(gang::KUEUE_QUEUE_LABEL.into(), "team-queue".into());
-    let decided = observe(&job, &[], None, &settings);
+    let missing = observe(&job, &[], None, &settings);
+    assert!(missing.create_pods.is_empty(), "no quota, no pods");
+    assert_eq!(missing.plan.status.phase, Some(TrainingPhase::Queued));
+    let full = quota_admitting(&[], &[(&job, "the quota is full")]);
+    let queued = observe(&job, &[], Some(&full), &settings);
+    assert!(
+        queued.create_pods.is_empty(),
+        "queued by the quota, no pods"
+    );
+    let admitting = quota_admitting(&[&job], &[]);
+    let decided = observe(&job, &[], Some(&admitting), &settings);
     assert_eq!(decided.create_pods.len(), 2);
     assert_eq!(
         decided.create_pods[0].labels()[gang::KUEUE_QUEUE_LABEL],
         "team-queue"
     );
+    let (status, message, _) = condition(&decided.plan.status.conditions, "Admitted");
+    assert_eq!(status, "True");
+    assert!(message.contains("does not bypass"), "{message}");
 }
 
 /// The PS example as shipped: it reads the FeatureView `ctr-events`.
