@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flywheel_crds::rollout::{AnalysisMetric, BuiltinMetric, MeasurementVerdict};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -166,7 +166,13 @@ pub enum PrometheusError {
     Status { status: u16, body: String },
     #[error("prometheus answer is not understood: {0}")]
     Decode(String),
+    #[error("prometheus answer is larger than {0} bytes: an analysis query must return one number")]
+    TooLarge(usize),
 }
+
+/// The most of a Prometheus answer the operator reads: an analysis query returns one number, and the URL is
+/// the Rollout author's, so an endless answer must not take the operator's memory.
+pub const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 #[derive(Deserialize)]
 struct Answer {
@@ -268,11 +274,16 @@ async fn fetch(base: &str, promql: &str) -> Result<Bytes, PrometheusError> {
         .await
         .map_err(|e| transport(&e))?;
     let status = response.status().as_u16();
-    let body = response
-        .into_body()
+    let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
         .collect()
         .await
-        .map_err(|e| transport(&e))?
+        .map_err(|err| {
+            if err.downcast_ref::<LengthLimitError>().is_some() {
+                PrometheusError::TooLarge(MAX_ANSWER_BYTES)
+            } else {
+                transport(&err)
+            }
+        })?
         .to_bytes();
     // Prometheus answers bad queries with 400 and a JSON error body, which parse_answer reports.
     if status != 200 && status != 400 && status != 422 {
@@ -287,6 +298,19 @@ async fn fetch(base: &str, promql: &str) -> Result<Bytes, PrometheusError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_endless_prometheus_answer_is_cut_off_with_a_clear_error() {
+        let address = crate::endless_server::start()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let result =
+            instant_query(&format!("http://{address}"), "up", Duration::from_secs(30)).await;
+        assert_eq!(
+            result,
+            QueryResult::Error(PrometheusError::TooLarge(MAX_ANSWER_BYTES).to_string())
+        );
+    }
 
     fn metric(
         builtin: Option<BuiltinMetric>,

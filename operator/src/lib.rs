@@ -7,6 +7,8 @@ pub mod analysis;
 pub mod batch_job;
 pub mod config;
 pub mod controller;
+#[cfg(test)]
+mod endless_server;
 pub mod featureview;
 pub mod gates;
 pub mod gpuquota;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use flywheel_crds::trainingjob::TrainingProgress;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
@@ -16,6 +16,10 @@ use super::gang::STATUS_PORT;
 
 /// A chief that does not answer this fast is busy; the next poll will do.
 const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The most of a `/progress` body the operator reads: a report is a few hundred bytes, and the pod is the job
+/// author's, so an endless body must not take the operator's memory.
+const MAX_REPORT_BYTES: usize = 64 << 10;
 
 /// The chief's `/progress` body (trainer-image `status` module).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -53,7 +57,12 @@ pub fn parse(body: &[u8]) -> Option<TrainingProgress> {
 }
 
 pub async fn poll(pod_ip: &str) -> Option<TrainingProgress> {
-    match tokio::time::timeout(TIMEOUT, fetch(pod_ip)).await {
+    let address = if pod_ip.contains(':') {
+        format!("[{pod_ip}]:{STATUS_PORT}")
+    } else {
+        format!("{pod_ip}:{STATUS_PORT}")
+    };
+    match tokio::time::timeout(TIMEOUT, fetch(&address)).await {
         Ok(Ok(body)) => parse(&body),
         Ok(Err(err)) => {
             debug!(pod_ip, error = %err, "progress not available");
@@ -63,32 +72,41 @@ pub async fn poll(pod_ip: &str) -> Option<TrainingProgress> {
     }
 }
 
-async fn fetch(pod_ip: &str) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
-    let host = if pod_ip.contains(':') {
-        format!("[{pod_ip}]:{STATUS_PORT}")
-    } else {
-        format!("{pod_ip}:{STATUS_PORT}")
-    };
-    let stream = TcpStream::connect(&host).await?;
+async fn fetch(address: &str) -> Result<Bytes, Box<dyn std::error::Error + Send + Sync>> {
+    let stream = TcpStream::connect(address).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     let driver = tokio::spawn(connection);
     let request = hyper::Request::get("/progress")
-        .header(hyper::header::HOST, host)
+        .header(hyper::header::HOST, address)
         .body(Empty::<Bytes>::new())?;
     let response = sender.send_request(request).await?;
     if !response.status().is_success() {
         driver.abort();
         return Err(format!("status {}", response.status()).into());
     }
-    let body = response.into_body().collect().await?.to_bytes();
+    let body = Limited::new(response.into_body(), MAX_REPORT_BYTES)
+        .collect()
+        .await;
     driver.abort();
-    Ok(body)
+    Ok(body?.to_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_endless_progress_body_is_cut_off() {
+        let address = crate::endless_server::start()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let result = tokio::time::timeout(Duration::from_secs(30), fetch(&address.to_string()))
+            .await
+            .unwrap_or_else(|_| panic!("the read was not cut off"));
+        let error = result.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains("length limit"), "{error}");
+    }
 
     #[test]
     fn a_report_becomes_progress_with_a_percentage() {

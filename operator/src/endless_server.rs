@@ -1,0 +1,29 @@
+//! A hostile HTTP server for tests: it answers every connection with `200 OK` and a chunked body that never
+//! ends, as a user-chosen Prometheus or a job's chief could.
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Starts the server on a free loopback port; it runs until the test's runtime ends.
+pub async fn start() -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                if stream.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, "7".repeat(64 << 10));
+                // Until the client hangs up: a gibibyte and more, for a reader without a limit.
+                while stream.write_all(chunk.as_bytes()).await.is_ok() {}
+            });
+        }
+    });
+    Ok(address)
+}
