@@ -157,6 +157,18 @@ impl SpecViolations {
         }
     }
 
+    /// Checks a storage URI for a `..` path segment: resolved by the reader, it would leave the directory the
+    /// URI names (another namespace's data, the operator's files) however the prefix looks.
+    pub fn check_storage_uri(&mut self, field: &str, uri: &str) {
+        let path = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+        if path.split('/').any(|segment| segment == "..") {
+            self.push(
+                field,
+                "a `..` path segment is not allowed: name the directory itself",
+            );
+        }
+    }
+
     pub fn into_result(self) -> Result<(), SpecViolations> {
         if self.0.is_empty() { Ok(()) } else { Err(self) }
     }

@@ -494,6 +494,10 @@ impl FeatureViewSpec {
     /// The rules OpenAPI cannot express on a 1.20 server (each mirrors a CEL rule or a cross-field check).
     pub fn validate(&self) -> Result<(), SpecViolations> {
         let mut violations = SpecViolations::default();
+        if let Some(batch) = &self.source.batch {
+            violations.check_storage_uri("spec.source.batch.uri", &batch.uri);
+        }
+        violations.check_storage_uri("spec.offline.uri", &self.offline.uri);
         let mut seen = std::collections::BTreeSet::new();
         for (index, feature) in self.features.iter().enumerate() {
             let field = format!("spec.features[{index}]");

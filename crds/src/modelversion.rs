@@ -279,6 +279,7 @@ impl ModelVersionSpec {
     /// recorded in status when the version was first accepted, for the immutability rule.
     pub fn validate(&self, accepted: Option<&AcceptedArtifact>) -> Result<(), SpecViolations> {
         let mut violations = SpecViolations::default();
+        violations.check_storage_uri("spec.artifact.uri", &self.artifact.uri);
         if let Some(accepted) = accepted
             && (accepted.uri != self.artifact.uri || accepted.sha256 != self.artifact.sha256)
         {

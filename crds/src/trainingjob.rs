@@ -636,6 +636,7 @@ impl TrainingJobSpec {
                 violations.push("spec.data", "set exactly one of featureView or dataset");
             }
             (Some(view), None) => {
+                violations.check_storage_uri("spec.data.featureView.events", &view.events);
                 let train = check_event_range(
                     &mut violations,
                     "spec.data.featureView.trainRange",
@@ -655,8 +656,18 @@ impl TrainingJobSpec {
                     );
                 }
             }
-            (None, Some(_)) => {}
+            (None, Some(dataset)) => {
+                violations.check_storage_uri("spec.data.dataset.train", &dataset.train);
+                violations.check_storage_uri("spec.data.dataset.eval", &dataset.eval);
+                if let Some(schema) = &dataset.schema {
+                    violations.check_storage_uri("spec.data.dataset.schema", schema);
+                }
+            }
         }
+        if let Some(checkpoint) = &self.checkpoint {
+            violations.check_storage_uri("spec.checkpoint.uri", &checkpoint.uri);
+        }
+        violations.check_storage_uri("spec.output.artifactUri", &self.output.artifact_uri);
         match self.model.architecture {
             Architecture::Logistic if !self.model.hidden_layers.is_empty() => {
                 violations.push(

@@ -369,3 +369,50 @@ fn a_gateway_api_route_is_refused_until_it_is_driven() {
         "{errors:?}"
     );
 }
+
+/// A `..` segment would let a URI leave the directory it names: every storage URI the operator or its pods
+/// read refuses it, naming the field.
+#[test]
+fn a_parent_directory_segment_in_a_storage_uri_is_refused_naming_the_field() {
+    let cases = [
+        (
+            "trainingjob-ps.yaml",
+            "/spec/output/artifactUri",
+            "spec.output.artifactUri",
+        ),
+        (
+            "trainingjob-ps.yaml",
+            "/spec/data/featureView/events",
+            "spec.data.featureView.events",
+        ),
+        ("featureview.yaml", "/spec/offline/uri", "spec.offline.uri"),
+        (
+            "modelversion.yaml",
+            "/spec/artifact/uri",
+            "spec.artifact.uri",
+        ),
+    ];
+    for (file, pointer, field) in cases {
+        let escaping = with(
+            example(file),
+            pointer,
+            json!("file:///var/lib/flywheel/team-a/../team-b/models"),
+        );
+        let errors = controller_errors(&escaping, None);
+        assert!(
+            errors.iter().any(|e| e.contains(field) && e.contains("..")),
+            "{file} {pointer}: {errors:?}"
+        );
+        let inside = with(
+            example(file),
+            pointer,
+            json!("file:///var/lib/flywheel/a..b/c"),
+        );
+        assert!(
+            !controller_errors(&inside, None)
+                .iter()
+                .any(|e| e.contains(field)),
+            "{file}: `..` inside a name is fine"
+        );
+    }
+}

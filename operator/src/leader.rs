@@ -204,27 +204,42 @@ impl LeaderElector {
         }
     }
 
-    /// Gives the Lease up so a standby takes over at once instead of after a lease duration.
+    /// Gives the Lease up so a standby takes over at once instead of after a lease duration. A renewal sent
+    /// just before (its future dropped mid-request) may land first and make the write conflict: read again and
+    /// retry, or the standby would wait out a whole lease duration.
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.name).await else {
-            return;
-        };
-        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
-            return;
+        for _ in 0..RELEASE_ATTEMPTS {
+            let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.name).await else {
+                return;
+            };
+            let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+            if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
+                return;
+            }
+            spec.holder_identity = None;
+            spec.lease_duration_seconds = Some(1);
+            match self
+                .api
+                .replace(&self.settings.name, &PostParams::default(), &lease)
+                .await
+            {
+                Ok(_) => {
+                    info!(lease = %self.settings.name, "released leader lease");
+                    return;
+                }
+                Err(kube::Error::Api(status)) if status.code == 409 => continue,
+                Err(err) => {
+                    warn!(error = %err, "could not release leader lease");
+                    return;
+                }
+            }
         }
-        spec.holder_identity = None;
-        spec.lease_duration_seconds = Some(1);
-        match self
-            .api
-            .replace(&self.settings.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => info!(lease = %self.settings.name, "released leader lease"),
-            Err(err) => warn!(error = %err, "could not release leader lease"),
-        }
+        warn!(lease = %self.settings.name, "could not release leader lease: every write conflicted");
     }
 }
+
+/// Conflicting writes a release retries before the Lease is left to lapse.
+const RELEASE_ATTEMPTS: usize = 5;
 
 #[cfg(test)]
 mod tests {

@@ -128,7 +128,12 @@ async fn lead(
     let outcome = tokio::select! {
         () = &mut *stop_signal => {
             shutdown.trigger();
-            controllers.await;
+            // Keep renewing while the controllers drain: a Lease left alone meanwhile lapses, and the standby
+            // would wait out a whole lease duration instead of taking the released Lease at once.
+            tokio::select! {
+                () = &mut controllers => {}
+                () = elector.hold_until_lost() => controllers.await,
+            }
             elector.release().await;
             Ok(())
         }
