@@ -50,6 +50,26 @@ fn model(architecture: Architecture, train: &EncodedDataset) -> ModelConfig {
     }
 }
 
+/// The card a checkpoint of a model trained on [`data`] carries.
+fn checkpoint_card(
+    model: &ModelConfig,
+    training: &TrainConfig,
+) -> flywheel_ml::artifact::ModelCard {
+    flywheel_ml::artifact::ModelCard {
+        format: flywheel_ml::artifact::FORMAT.to_owned(),
+        model: model.clone(),
+        schema: feature_schema(5_000),
+        feature_schema_hash: feature_schema(5_000).hash(),
+        training: training.clone(),
+        metrics: Default::default(),
+        lineage: Default::default(),
+        code_version: "test".into(),
+        step: 0,
+        calibrator: None,
+        convergence: None,
+    }
+}
+
 fn config(seed: u64) -> TrainConfig {
     TrainConfig {
         epochs: 1,
@@ -120,7 +140,6 @@ fn same_seed_same_model() {
 
 #[test]
 fn resuming_from_a_checkpoint_gives_the_uninterrupted_result() {
-    use flywheel_ml::artifact::{FORMAT, Lineage, ModelCard};
     use flywheel_ml::train::Position;
     let (train, eval, _) = data(4, 6_000);
     let model_config = model(Architecture::DeepFm, &train);
@@ -133,19 +152,7 @@ fn resuming_from_a_checkpoint_gives_the_uninterrupted_result() {
     uninterrupted.fit(&train, |_| {});
     let expected = uninterrupted.predict(&eval);
 
-    let card = ModelCard {
-        format: FORMAT.to_owned(),
-        model: model_config.clone(),
-        schema: feature_schema(5_000),
-        feature_schema_hash: feature_schema(5_000).hash(),
-        training: config.clone(),
-        metrics: Default::default(),
-        lineage: Lineage::default(),
-        code_version: "test".into(),
-        step: 0,
-        calibrator: None,
-        convergence: None,
-    };
+    let card = checkpoint_card(&model_config, &config);
     let mut saved: Option<Vec<u8>> = None;
     let mut interrupted = Trainer::<Cpu>::new(model_config, config, Default::default());
     // 6 000 × 0.8 rows at 256 a batch is 19 steps an epoch: step 25 is inside the second epoch.
@@ -396,7 +403,7 @@ fn rare_clicks_start_at_the_base_rate_and_end_calibrated() {
 /// uninterrupted run stops, with the same best weights and the same record of every epoch.
 #[test]
 fn a_resumed_run_stops_early_exactly_as_the_uninterrupted_one() {
-    use flywheel_ml::artifact::{ArtifactError, FORMAT, Lineage, ModelCard};
+    use flywheel_ml::artifact::ArtifactError;
     use flywheel_ml::train::Position;
     let (mut train, eval, _) = data(17, 4_000);
     let validation = train
@@ -429,19 +436,7 @@ fn a_resumed_run_stops_early_exactly_as_the_uninterrupted_one() {
     // 2 560 rows at 256 a batch: 10 steps an epoch. The checkpoint is taken inside the epoch after the best,
     // when early stopping has a best epoch and one epoch without improvement behind it.
     let resume_at = (best as u64 + 1) * 10 + 5;
-    let card = ModelCard {
-        format: FORMAT.to_owned(),
-        model: model_config.clone(),
-        schema: feature_schema(5_000),
-        feature_schema_hash: feature_schema(5_000).hash(),
-        training: config.clone(),
-        metrics: Default::default(),
-        lineage: Lineage::default(),
-        code_version: "test".into(),
-        step: 0,
-        calibrator: None,
-        convergence: None,
-    };
+    let card = checkpoint_card(&model_config, &config);
     let mut saved: Option<Vec<u8>> = None;
     let mut interrupted = Trainer::<Cpu>::new(model_config, config, Default::default());
     interrupted
