@@ -9,15 +9,22 @@ use flywheel_ml::train::{EncodedDataset, TrainConfig, Trainer};
 type Cpu = Autodiff<Flex>;
 
 fn data(seed: u64, rows: usize) -> (EncodedDataset, EncodedDataset, f64) {
-    let generated = generate(&SyntheticConfig {
+    generated_split(&SyntheticConfig {
         seed,
-        users: 1_000,
-        items: 300,
         rows,
         ..SyntheticConfig::default()
+    })
+}
+
+/// Generated data with 1,000 users and 300 items, encoded and split 80/20 by time, with its Bayes AUC.
+fn generated_split(config: &SyntheticConfig) -> (EncodedDataset, EncodedDataset, f64) {
+    let generated = generate(&SyntheticConfig {
+        users: 1_000,
+        items: 300,
+        ..config.clone()
     });
     let schema = feature_schema(5_000);
-    let split = rows * 4 / 5;
+    let split = config.rows * 4 / 5;
     let encode = |slice: &[flywheel_ml::synthetic::Impression]| {
         EncodedDataset::encode(
             &schema,
@@ -271,11 +278,10 @@ fn factor_models_learn_a_pure_interaction_that_logistic_cannot() {
     }
 }
 
-/// A small table trained for up to 100 epochs overfits within a few: early stopping ends the run `patience`
-/// epochs after the best one, keeps the best epoch's weights, and reports all of it.
-#[test]
-fn early_stopping_keeps_the_best_epoch_and_says_so() {
-    let (mut train, _, _) = data(17, 4_000);
+/// A small table (train, validation, eval) and a configuration of up to 100 epochs with early stopping, fast
+/// enough to overfit within a few epochs.
+fn overfitting_small_table() -> (EncodedDataset, EncodedDataset, EncodedDataset, TrainConfig) {
+    let (mut train, eval, _) = data(17, 4_000);
     let validation = train
         .split_validation(0.2)
         .unwrap_or_else(|| panic!("no validation set"));
@@ -286,6 +292,14 @@ fn early_stopping_keeps_the_best_epoch_and_says_so() {
         learning_rate: 0.01,
         ..config(3)
     };
+    (train, validation, eval, config)
+}
+
+/// A small table trained for up to 100 epochs overfits within a few: early stopping ends the run `patience`
+/// epochs after the best one, keeps the best epoch's weights, and reports all of it.
+#[test]
+fn early_stopping_keeps_the_best_epoch_and_says_so() {
+    let (train, validation, _, config) = overfitting_small_table();
     let mut trainer = Trainer::<Cpu>::new(
         model(Architecture::DeepFm, &train),
         config,
@@ -334,27 +348,12 @@ fn early_stopping_keeps_the_best_epoch_and_says_so() {
 /// the eval set's Σ predicted / Σ clicked near 1 while leaving the ranking as it was.
 #[test]
 fn rare_clicks_start_at_the_base_rate_and_end_calibrated() {
-    let generated = generate(&SyntheticConfig {
+    let (mut train, eval, _) = generated_split(&SyntheticConfig {
         seed: 23,
-        users: 1_000,
-        items: 300,
         rows: 60_000,
         base_logit: -4.5,
         ..SyntheticConfig::default()
     });
-    let schema = feature_schema(5_000);
-    let encode = |slice: &[flywheel_ml::synthetic::Impression]| {
-        EncodedDataset::encode(
-            &schema,
-            slice,
-            |row, column| row.value(column),
-            |row| row.clicked,
-            |row| u64::from(row.user_id),
-        )
-        .unwrap_or_else(|err| panic!("{err}"))
-    };
-    let mut train = encode(&generated.impressions[..48_000]);
-    let eval = encode(&generated.impressions[48_000..]);
     let rate = train.positive_rate();
     assert!(rate > 0.003 && rate < 0.03, "click rate {rate}");
     let validation = train
@@ -405,18 +404,8 @@ fn rare_clicks_start_at_the_base_rate_and_end_calibrated() {
 fn a_resumed_run_stops_early_exactly_as_the_uninterrupted_one() {
     use flywheel_ml::artifact::ArtifactError;
     use flywheel_ml::train::Position;
-    let (mut train, eval, _) = data(17, 4_000);
-    let validation = train
-        .split_validation(0.2)
-        .unwrap_or_else(|| panic!("no validation set"));
+    let (train, validation, eval, config) = overfitting_small_table();
     let model_config = model(Architecture::DeepFm, &train);
-    let config = TrainConfig {
-        epochs: 100,
-        patience: Some(2),
-        plateau_decay: 0.5,
-        learning_rate: 0.01,
-        ..config(3)
-    };
     let no_checkpoints = None::<(
         u64,
         fn(&Trainer<Cpu>, Position) -> Result<(), ArtifactError>,
