@@ -283,6 +283,21 @@ pub async fn operator_pods(client: &Client) -> Result<Vec<Pod>, kube::Error> {
 /// The chart's metrics, probe and webhook port of the operator.
 pub const OPERATOR_HTTP_PORT: u16 = 8080;
 
+/// The `Authorization` value the operator's Alertmanager webhook accepts: the token in the Secret the operator
+/// keeps in its namespace (as an Alertmanager would be configured with it).
+pub async fn webhook_authorization(client: &Client) -> Result<String, NodeError> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    let secret = secrets.get("flywheel-alertmanager-webhook").await?;
+    let token = secret
+        .data
+        .unwrap_or_default()
+        .get(flywheel_auth::WEBHOOK_TOKEN_KEY)
+        .and_then(|bytes| String::from_utf8(bytes.0.clone()).ok())
+        .ok_or_else(|| NodeError::Cluster("the webhook Secret has no token".into()))?;
+    Ok(format!("Bearer {token}"))
+}
+
 /// Where the leading operator pod's HTTP endpoints answer (its pod IP, reached over the bridge): the pod
 /// holding the release's Lease, once it is Ready.
 pub async fn leader_address(client: &Client) -> Result<SocketAddr, NodeError> {

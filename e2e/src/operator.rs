@@ -13,6 +13,8 @@ pub struct OperatorProcess {
     child: Child,
     pub identity: String,
     pub http_port: u16,
+    /// The `Authorization` value the operator's Alertmanager webhook accepts.
+    pub webhook_authorization: String,
 }
 
 impl OperatorProcess {
@@ -47,6 +49,10 @@ impl OperatorProcess {
         let log = std::fs::File::create(
             std::env::temp_dir().join(format!("flywheel-operator-{identity}.log")),
         )?;
+        let token = flywheel_auth::Token::generate().map_err(std::io::Error::other)?;
+        let token_file =
+            std::env::temp_dir().join(format!("flywheel-operator-{identity}.webhook-token"));
+        std::fs::write(&token_file, token.expose())?;
         let child = Command::new(binary)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube=warn")
@@ -54,6 +60,8 @@ impl OperatorProcess {
             .arg(identity)
             .arg("--http-addr")
             .arg(format!("127.0.0.1:{http_port}"))
+            .arg("--alertmanager-token-file")
+            .arg(&token_file)
             .args(extra)
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -63,6 +71,7 @@ impl OperatorProcess {
             child,
             identity: identity.to_owned(),
             http_port,
+            webhook_authorization: token.bearer(),
         })
     }
 

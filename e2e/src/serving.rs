@@ -198,6 +198,17 @@ impl Drop for Process {
     }
 }
 
+/// Writes a freshly generated token to `<dir>/<name>` (as the operator's Secret mount would hold it); returns
+/// the file and the `Authorization` header value that carries it.
+pub fn token_file(dir: &Path, name: &str) -> Result<(PathBuf, String), ServingError> {
+    let token =
+        flywheel_auth::Token::generate().map_err(|err| ServingError::Http(err.to_string()))?;
+    let path = dir.join(name);
+    std::fs::create_dir_all(dir).map_err(io("creating the token directory"))?;
+    std::fs::write(&path, token.expose()).map_err(io("writing the token"))?;
+    Ok((path, token.bearer()))
+}
+
 /// A running `flywheel-serving serve`.
 pub struct Server {
     pub process: Process,

@@ -216,21 +216,43 @@ async fn a_firing_alert_from_the_webhook_aborts_within_a_second() -> TestResult 
             "labels": {"alertname": "FlywheelCalibrationDeviation", "namespace": setup.namespace, "rollout": "ctr", "severity": "critical"},
         }],
     });
-    let sent = Instant::now();
     let operator = on_node::leader_address(&setup.client).await?;
-    let mut stream = tokio::net::TcpStream::connect(operator).await?;
+    let authorization = on_node::webhook_authorization(&setup.client).await?;
     let body = notification.to_string();
-    stream
-        .write_all(
-            format!(
-                "POST /webhook/alertmanager HTTP/1.0\r\nHost: operator\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await?;
+    let notify = |authorization: Option<String>| {
+        let body = body.clone();
+        async move {
+            let header = authorization
+                .map(|value| format!("Authorization: {value}\r\n"))
+                .unwrap_or_default();
+            let mut stream = tokio::net::TcpStream::connect(operator).await?;
+            stream
+                .write_all(
+                    format!(
+                        "POST /webhook/alertmanager HTTP/1.0\r\nHost: operator\r\n{header}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                )
+                .await?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        }
+    };
+    // Without the webhook token (or with another) nobody aborts a canary.
+    for refused in [None, Some(format!("Bearer {}", "0".repeat(64)))] {
+        let answer = notify(refused).await?;
+        assert!(answer.contains(" 401 "), "{answer}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = wait_status(&setup, "still at 1%", Duration::from_secs(5), |s| {
+        s["canaryWeight"] == 1
+    })
+    .await?;
+    assert_eq!(status["phase"], "Progressing", "{status}");
+    let sent = Instant::now();
+    let answer = notify(Some(authorization)).await?;
     assert!(
         answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
         "{answer}"

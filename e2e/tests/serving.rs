@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use flywheel_e2e::serving::{
     Broker, HttpClient, Process, Redis, Server, dataset, free_port, metric, offline_scores,
-    rest_body, train,
+    rest_body, token_file, train,
 };
 use flywheel_e2e::wait::until;
 use flywheel_e2e::{bin_dir, http::http_get};
@@ -514,6 +514,15 @@ async fn bad_input_gets_invalid_argument_naming_the_input_and_nothing_breaks() -
             Value::String("{".into()),
             "malformed request body",
         ),
+        (
+            "request id too long to remember",
+            {
+                let mut b = good.clone();
+                b["id"] = json!("x".repeat(129));
+                b
+            },
+            "request id is 129 bytes; at most 128",
+        ),
     ];
     for (case, body, expected) in cases {
         let bytes = match &body {
@@ -626,10 +635,17 @@ async fn a_hot_swap_under_load_fails_no_request_and_a_corrupt_artifact_keeps_the
     let source =
         |version: &str, artifact: &Path| json!({"version": version, "uri": artifact}).to_string();
     std::fs::write(&config, source("v1", &v1))?;
+    let (token, bearer) = token_file(&dir, "admin-token")?;
     let server = Server::start(
         &dir,
         "serve",
-        &["--model-config", &config.display().to_string()],
+        &[
+            "--model-config",
+            &config.display().to_string(),
+            "--admin-token-file",
+            &token.display().to_string(),
+            "--allow-model-swap",
+        ],
     )
     .await?;
     let client = HttpClient::default();
@@ -729,19 +745,30 @@ async fn a_hot_swap_under_load_fails_no_request_and_a_corrupt_artifact_keeps_the
         "{ready}"
     );
     // A schema hash the ModelVersion does not expect is refused through the admin endpoint too.
-    let (code, answer) = client
-        .send(
-            "PUT",
-            server.admin,
-            "/admin/model",
-            Some(
-                json!({"version": "v4", "uri": v1, "featureSchemaHash": "0".repeat(64)})
-                    .to_string()
-                    .into_bytes(),
-            ),
-            &[],
-        )
-        .await?;
+    let swap = |source: Value, authorization: Option<String>| {
+        let client = client.clone();
+        async move {
+            let headers: Vec<(&str, &str)> = authorization
+                .as_deref()
+                .map(|value| ("authorization", value))
+                .into_iter()
+                .collect();
+            client
+                .send(
+                    "PUT",
+                    server.admin,
+                    "/admin/model",
+                    Some(source.to_string().into_bytes()),
+                    &headers,
+                )
+                .await
+        }
+    };
+    let (code, answer) = swap(
+        json!({"version": "v4", "uri": v1, "featureSchemaHash": "0".repeat(64)}),
+        Some(bearer.clone()),
+    )
+    .await?;
     assert_eq!(code, 422, "{answer}");
     assert!(
         answer["error"]
@@ -749,6 +776,26 @@ async fn a_hot_swap_under_load_fails_no_request_and_a_corrupt_artifact_keeps_the
             .unwrap_or_default()
             .contains("feature schema hash")
     );
+    // A device is never read as an artifact (it would be read until memory runs out).
+    let (code, answer) = swap(
+        json!({"version": "v5", "uri": "/dev/zero", "sha256": "0".repeat(64)}),
+        Some(bearer.clone()),
+    )
+    .await?;
+    assert_eq!(code, 422, "{answer}");
+    assert!(
+        answer.to_string().contains("not a regular file"),
+        "{answer}"
+    );
+    // Without the admin token, or with another one, a swap is refused and changes nothing.
+    for authorization in [None, Some(format!("Bearer {}", "0".repeat(64)))] {
+        let (code, answer) = swap(json!({"version": "v6", "uri": v1}), authorization).await?;
+        assert_eq!(code, 401, "{answer}");
+    }
+    let (_, ready) = client
+        .send("GET", server.http, "/v2/health/ready", None, &[])
+        .await?;
+    assert_eq!(ready["serving"]["version"], "v2", "{ready}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for worker in load {
@@ -783,7 +830,16 @@ async fn labels_fed_back_give_the_online_auc_and_calibration_of_the_ml_core() ->
     let dir = temp_dir("feedback");
     let data = dataset(&dir.join("data"), 3_000, 11)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
-    let server = serve_model(&dir, "serve", "v1", &artifact, &[]).await?;
+    let (token, bearer) = token_file(&dir, "feedback-token")?;
+    let token = token.display().to_string();
+    let server = serve_model(
+        &dir,
+        "serve",
+        "v1",
+        &artifact,
+        &["--feedback-token-file", &token],
+    )
+    .await?;
     let client = HttpClient::default();
     let rows = &data.eval[..400];
     let mut scores = Vec::new();
@@ -799,6 +855,21 @@ async fn labels_fed_back_give_the_online_auc_and_calibration_of_the_ml_core() ->
         assert_eq!(code, 200);
         scores.extend(scores_of(&answer));
     }
+    // An id the server issues is 128 random bits, so nobody can label a prediction they were not given.
+    let (code, answer) = client
+        .post(
+            server.http,
+            "/v2/models/ctr/infer",
+            &rest_body(None, &rows[..1]),
+            &[],
+        )
+        .await?;
+    let issued = answer["id"].as_str().unwrap_or_default();
+    assert_eq!(code, 200);
+    assert!(
+        issued.len() == 32 && issued.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{answer}"
+    );
     let labels: Vec<bool> = rows.iter().map(|r| r.clicked).collect();
     // Half over HTTP, half over gRPC; one unknown id on each.
     let http_labels: Vec<Value> = (0..200)
@@ -807,12 +878,39 @@ async fn labels_fed_back_give_the_online_auc_and_calibration_of_the_ml_core() ->
             json!({"requestId": "nobody", "clicked": true}),
         ))
         .collect();
+    // Labels without the feedback token (or with another) are refused and join nothing.
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer not-the-feedback-token")],
+    ] {
+        let (code, answer) = client
+            .post(
+                server.http,
+                "/v1/feedback",
+                &json!({"labels": http_labels}),
+                &headers,
+            )
+            .await?;
+        assert_eq!(code, 401, "{answer}");
+    }
+    let mut feedback = FeedbackClient::connect(format!("http://127.0.0.1:{}", server.grpc)).await?;
+    let refused = feedback
+        .label(LabelRequest {
+            labels: vec![Label {
+                request_id: "req-0".into(),
+                clicked: true,
+            }],
+        })
+        .await
+        .err()
+        .map(|status| status.code());
+    assert_eq!(refused, Some(tonic::Code::Unauthenticated));
     let (code, answer) = client
         .post(
             server.http,
             "/v1/feedback",
             &json!({"labels": http_labels}),
-            &[],
+            &[("authorization", &bearer)],
         )
         .await?;
     assert_eq!(
@@ -823,7 +921,6 @@ async fn labels_fed_back_give_the_online_auc_and_calibration_of_the_ml_core() ->
         ),
         (200, Some(200), Some(1))
     );
-    let mut feedback = FeedbackClient::connect(format!("http://127.0.0.1:{}", server.grpc)).await?;
     let grpc_labels: Vec<Label> = (200..400)
         .map(|i| Label {
             request_id: format!("req-{i}"),
@@ -834,12 +931,13 @@ async fn labels_fed_back_give_the_online_auc_and_calibration_of_the_ml_core() ->
             clicked: true,
         }))
         .collect();
-    let answer = feedback
-        .label(LabelRequest {
-            labels: grpc_labels,
-        })
-        .await?
-        .into_inner();
+    let mut request = tonic::Request::new(LabelRequest {
+        labels: grpc_labels,
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", bearer.parse()?);
+    let answer = feedback.label(request).await?.into_inner();
     assert_eq!(
         (answer.matched, answer.unmatched),
         (200, 1),
@@ -1065,6 +1163,7 @@ async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_w
         routes(1.0, &stable, &canary, None).to_string(),
     )?;
     let (port, admin) = (free_port()?, free_port()?);
+    let (token, bearer) = token_file(&dir, "admin-token")?;
     let _router = Process::spawn(
         "router",
         std::process::Command::new(bin_dir().join("flywheel-serving"))
@@ -1076,17 +1175,42 @@ async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_w
                 &format!("127.0.0.1:{admin}"),
             ])
             .arg("--config")
-            .arg(&config_file),
+            .arg(&config_file)
+            .arg("--admin-token-file")
+            .arg(&token),
         &dir.join("router.log"),
     )?;
     until("router listening", Duration::from_secs(20), || async move {
-        http_get(admin, "/admin/routes")
+        http_get(admin, "/metrics")
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())
     })
     .await?;
     let client = HttpClient::default();
+    let authorized = [("authorization", bearer.as_str())];
+    // Without the admin token nobody reads or repoints the routes.
+    let hijack = routes(100.0, &stable, &canary, Some(&stable)).to_string();
+    let (code, _) = client
+        .send(
+            "PUT",
+            admin,
+            "/admin/routes",
+            Some(hijack.into_bytes()),
+            &[],
+        )
+        .await?;
+    assert_eq!(code, 401);
+    let (code, _) = client
+        .send("GET", admin, "/admin/routes", None, &[])
+        .await?;
+    assert_eq!(code, 401);
+    let (code, current) = client
+        .send("GET", admin, "/admin/routes", None, &authorized)
+        .await?;
+    assert_eq!(code, 200);
+    assert_eq!(current["backends"][0]["weight"].as_f64(), Some(1.0));
+    assert!(current["mirror"].is_null(), "{current}");
     let body = Arc::new(rest_body(None, &data.eval[..1]));
 
     // Sends `count` requests keyed `<prefix><i>` with 16 in flight; returns how many the canary answered and
@@ -1147,7 +1271,7 @@ async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_w
                 let client = client.clone();
                 async move {
                     let (_, current) = client
-                        .send("GET", admin, "/admin/routes", None, &[])
+                        .send("GET", admin, "/admin/routes", None, &authorized)
                         .await
                         .map_err(|e| e.to_string())?;
                     (current["backends"][0]["weight"].as_f64() == Some(weight))
@@ -1163,7 +1287,7 @@ async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_w
                     admin,
                     "/admin/routes",
                     Some(config.into_bytes()),
-                    &[],
+                    &authorized,
                 )
                 .await?;
             assert_eq!(code, 200, "{answer}");
@@ -1196,7 +1320,13 @@ async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_w
     let bad = json!({"backends": [{"name": "v2", "http": "http://127.0.0.1:1", "weight": 60}]})
         .to_string();
     let (code, answer) = client
-        .send("PUT", admin, "/admin/routes", Some(bad.into_bytes()), &[])
+        .send(
+            "PUT",
+            admin,
+            "/admin/routes",
+            Some(bad.into_bytes()),
+            &authorized,
+        )
         .await?;
     assert_eq!(code, 400);
     assert!(
@@ -1223,7 +1353,7 @@ async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_w
             admin,
             "/admin/routes",
             Some(config.into_bytes()),
-            &[],
+            &authorized,
         )
         .await?;
     assert_eq!(code, 200);

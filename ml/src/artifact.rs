@@ -75,6 +75,8 @@ pub enum ArtifactError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}: not a regular file (a device or a directory is never an artifact)")]
+    NotAFile(PathBuf),
     #[error("not a Flywheel model artifact (bad magic)")]
     NotAModel,
     #[error("artifact is truncated")]
@@ -239,12 +241,17 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<String, ArtifactError> {
     Ok(digest)
 }
 
-/// Reads an artifact and checks its SHA-256 against `expected` when given.
+/// Reads an artifact and checks its SHA-256 against `expected` when given. Only a regular file is read: a
+/// path such as `/dev/zero` would otherwise be read until memory runs out.
 pub fn read_file(path: &Path, expected: Option<&str>) -> Result<Vec<u8>, ArtifactError> {
-    let bytes = std::fs::read(path).map_err(|source| ArtifactError::Io {
+    let io = |source| ArtifactError::Io {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    if !std::fs::metadata(path).map_err(io)?.is_file() {
+        return Err(ArtifactError::NotAFile(path.to_owned()));
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
     if let Some(expected) = expected {
         let actual = sha256_hex(&bytes);
         if !actual.eq_ignore_ascii_case(expected) {

@@ -114,5 +114,11 @@ fn damaged_artifacts_are_refused() {
         artifact::read_file(&path, Some(&wrong)),
         Err(ArtifactError::ShaMismatch { .. })
     ));
+    for not_a_file in [std::path::Path::new("/dev/zero"), dir.as_path()] {
+        assert!(matches!(
+            artifact::read_file(not_a_file, None),
+            Err(ArtifactError::NotAFile(_))
+        ));
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -1,26 +1,36 @@
 //! The Alertmanager webhook receiver: firing alerts about a Rollout (labels `namespace` and `rollout`, or
 //! `model` as the serving metrics carry it) are remembered and wake that Rollout's reconcile at once, so an abort
-//! does not wait for the next analysis interval.
+//! does not wait for the next analysis interval. A notification must carry the webhook token (Alertmanager's
+//! `http_config.authorization` as a bearer token, or `basic_auth` with the token as the password); an alert
+//! counts until it is resolved or its `endsAt` passes. Only the leader is Ready, so the Service delivers every
+//! notification to the replica that acts on it.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use flywheel_auth::Token;
+use jiff::Timestamp;
 use serde::Deserialize;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 /// A Rollout, by namespace and name.
 pub type RolloutKey = (String, String);
 
+/// Firing alert names, each with the time it ends by itself (`None`: when resolved).
+type Firing = BTreeMap<String, Option<Timestamp>>;
+
 pub struct AlertBoard {
-    firing: Mutex<HashMap<RolloutKey, BTreeSet<String>>>,
+    firing: Mutex<HashMap<RolloutKey, Firing>>,
     wake: UnboundedSender<RolloutKey>,
     woken: Mutex<Option<UnboundedReceiver<RolloutKey>>>,
+    /// The token notifications must carry; until it is known (start-up) notifications are refused.
+    token: OnceLock<Token>,
 }
 
 impl Default for AlertBoard {
@@ -30,16 +40,28 @@ impl Default for AlertBoard {
             firing: Mutex::new(HashMap::new()),
             wake,
             woken: Mutex::new(Some(woken)),
+            token: OnceLock::new(),
         }
     }
 }
 
 impl AlertBoard {
-    /// Alert names firing for a Rollout, as last reported.
-    pub fn firing(&self, key: &RolloutKey) -> Vec<String> {
+    /// Sets the webhook token (once; a later call changes nothing and returns false).
+    pub fn set_token(&self, token: Token) -> bool {
+        self.token.set(token).is_ok()
+    }
+
+    /// Alert names firing for a Rollout at `now`, as last reported.
+    pub fn firing(&self, key: &RolloutKey, now: Timestamp) -> Vec<String> {
         self.lock()
             .get(key)
-            .map(|names| names.iter().cloned().collect())
+            .map(|names| {
+                names
+                    .iter()
+                    .filter(|(_, ends)| ends.is_none_or(|ends| ends > now))
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -51,7 +73,7 @@ impl AlertBoard {
             .take()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RolloutKey, BTreeSet<String>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RolloutKey, Firing>> {
         self.firing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -73,7 +95,9 @@ impl AlertBoard {
             let key = (namespace.clone(), rollout.clone());
             let names = firing.entry(key.clone()).or_default();
             if alert.status == "firing" {
-                names.insert(name.clone());
+                // Alertmanager sends the zero time (year 1) for an alert with no end yet.
+                let ends = alert.ends_at.filter(|ends| *ends > Timestamp::UNIX_EPOCH);
+                names.insert(name.clone(), ends);
             } else {
                 names.remove(name);
             }
@@ -98,10 +122,13 @@ pub struct Notification {
 }
 
 #[derive(Deserialize, Debug)]
+#[serde(rename_all = "camelCase")]
 pub struct Alert {
     pub status: String,
     #[serde(default)]
     pub labels: HashMap<String, String>,
+    #[serde(default)]
+    pub ends_at: Option<Timestamp>,
 }
 
 pub fn router(board: Arc<AlertBoard>) -> Router {
@@ -110,7 +137,32 @@ pub fn router(board: Arc<AlertBoard>) -> Router {
         .with_state(board)
 }
 
-async fn receive(State(board): State<Arc<AlertBoard>>, body: Bytes) -> Response {
+async fn receive(
+    State(board): State<Arc<AlertBoard>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    match board.token.get() {
+        None => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the webhook token is not loaded yet",
+            )
+                .into_response();
+        }
+        Some(token) if !token.authorizes(authorization) => {
+            tracing::warn!("alert notification without the webhook token refused");
+            return (
+                StatusCode::UNAUTHORIZED,
+                "the webhook needs the token of the operator's webhook Secret (bearer, or basic auth password)",
+            )
+                .into_response();
+        }
+        Some(_) => {}
+    }
     match serde_json::from_slice::<Notification>(&body) {
         Ok(notification) => {
             let touched = board.receive(&notification);
@@ -144,14 +196,75 @@ mod tests {
         }))
         .unwrap_or_else(|e| panic!("{e}"));
         let key = ("ml".to_owned(), "ctr".to_owned());
+        let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(500_000);
         assert_eq!(board.receive(&notification), vec![key.clone()]);
-        assert_eq!(board.firing(&key), vec!["FlywheelCalibrationDeviation"]);
+        assert_eq!(
+            board.firing(&key, now),
+            vec!["FlywheelCalibrationDeviation"]
+        );
         assert_eq!(woken.try_recv().ok(), Some(key.clone()));
         let resolved: Notification = serde_json::from_value(serde_json::json!({
             "alerts": [{"status": "resolved", "labels": {"alertname": "FlywheelCalibrationDeviation", "namespace": "ml", "rollout": "ctr"}}]
         }))
         .unwrap_or_else(|e| panic!("{e}"));
         board.receive(&resolved);
-        assert!(board.firing(&key).is_empty());
+        assert!(board.firing(&key, now).is_empty());
+    }
+
+    #[test]
+    fn an_alert_ends_by_itself_at_its_ends_at_and_the_zero_time_means_no_end() {
+        let board = AlertBoard::default();
+        let notification: Notification = serde_json::from_value(serde_json::json!({
+            "alerts": [
+                {"status": "firing", "endsAt": "2027-01-01T00:10:00Z",
+                 "labels": {"alertname": "Ends", "namespace": "ml", "rollout": "ctr"}},
+                {"status": "firing", "endsAt": "0001-01-01T00:00:00Z",
+                 "labels": {"alertname": "Open", "namespace": "ml", "rollout": "ctr"}},
+            ]
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        board.receive(&notification);
+        let key = ("ml".to_owned(), "ctr".to_owned());
+        let at = |time: &str| time.parse::<Timestamp>().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            board.firing(&key, at("2027-01-01T00:09:59Z")),
+            ["Ends", "Open"]
+        );
+        assert_eq!(board.firing(&key, at("2027-01-01T00:10:00Z")), ["Open"]);
+    }
+
+    #[tokio::test]
+    async fn a_notification_without_the_token_changes_nothing() {
+        use tower::ServiceExt;
+        let board = Arc::new(AlertBoard::default());
+        let body = serde_json::json!({"alerts": [{"status": "firing", "labels": {"alertname": "A", "namespace": "ml", "rollout": "ctr"}}]}).to_string();
+        let send = |authorization: Option<String>| {
+            let (board, body) = (board.clone(), body.clone());
+            async move {
+                let mut request = axum::http::Request::post("/webhook/alertmanager");
+                if let Some(value) = authorization {
+                    request = request.header("authorization", value);
+                }
+                let request = request
+                    .body(axum::body::Body::from(body))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                router(board)
+                    .oneshot(request)
+                    .await
+                    .map(|response| response.status())
+                    .unwrap_or_else(|e| match e {})
+            }
+        };
+        assert_eq!(send(None).await, StatusCode::SERVICE_UNAVAILABLE);
+        let token = Token::generate().unwrap_or_else(|e| panic!("{e}"));
+        assert!(board.set_token(token.clone()));
+        let key = ("ml".to_owned(), "ctr".to_owned());
+        let now = Timestamp::UNIX_EPOCH;
+        for refused in [None, Some("Bearer not-the-token-at-all".to_owned())] {
+            assert_eq!(send(refused).await, StatusCode::UNAUTHORIZED);
+            assert!(board.firing(&key, now).is_empty());
+        }
+        assert_eq!(send(Some(token.bearer())).await, StatusCode::OK);
+        assert_eq!(board.firing(&key, now), ["A"]);
     }
 }

@@ -71,6 +71,18 @@ pub struct Config {
     #[arg(long, env = "FLYWHEEL_SERVING_IMAGE")]
     pub serving_image: Option<String>,
 
+    /// The Alertmanager webhook's token, from a file (a mounted Secret). Without it the operator keeps the
+    /// token in the Secret `--alertmanager-token-secret` of its namespace, creating it on first start.
+    #[arg(long, env = "FLYWHEEL_ALERTMANAGER_TOKEN_FILE")]
+    pub alertmanager_token_file: Option<std::path::PathBuf>,
+
+    #[arg(
+        long,
+        env = "FLYWHEEL_ALERTMANAGER_TOKEN_SECRET",
+        default_value = "flywheel-alertmanager-webhook"
+    )]
+    pub alertmanager_token_secret: String,
+
     /// Log format: `json` (default, for log pipelines) or `text`.
     #[arg(long, env = "FLYWHEEL_LOG_FORMAT", default_value = "json")]
     pub log_format: LogFormat,

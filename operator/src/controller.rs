@@ -82,6 +82,8 @@ pub enum Error {
     Encode(#[from] serde_json::Error),
     #[error("{0}")]
     Conflict(String),
+    #[error("generating a credential: {0}")]
+    Credentials(String),
 }
 
 impl Error {
@@ -95,6 +97,7 @@ impl Error {
             Error::Kube(_) => "transport",
             Error::Encode(_) => "encode",
             Error::Conflict(_) => "conflict",
+            Error::Credentials(_) => "credentials",
         }
     }
 }

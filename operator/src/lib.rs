@@ -7,6 +7,7 @@ pub mod analysis;
 pub mod batch_job;
 pub mod config;
 pub mod controller;
+pub mod credentials;
 #[cfg(test)]
 mod endless_server;
 pub mod featureview;

@@ -64,6 +64,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("building the Kubernetes client")?;
+    alerts.set_token(webhook_token(&config, &client).await?);
     let ctx = Arc::new(Context::new(
         client.clone(),
         metrics.clone(),
@@ -104,6 +105,42 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("joining the HTTP server")?
         .context("serving HTTP")?;
     outcome
+}
+
+/// The token Alertmanager's notifications must carry: from the file given, else from the operator's Secret
+/// (created with a fresh token by whichever replica starts first).
+async fn webhook_token(
+    config: &Config,
+    client: &kube::Client,
+) -> anyhow::Result<flywheel_auth::Token> {
+    if let Some(path) = &config.alertmanager_token_file {
+        return flywheel_auth::Token::from_file(path).context("--alertmanager-token-file");
+    }
+    let namespace = config.lease_namespace();
+    let secrets = kube::Api::namespaced(client.clone(), &namespace);
+    let tokens = flywheel_operator::credentials::ensure(
+        &secrets,
+        &config.alertmanager_token_secret,
+        None,
+        serde_json::json!({"app.kubernetes.io/name": "flywheel", "flywheel.dev/role": "alertmanager-webhook"}),
+        &[flywheel_auth::WEBHOOK_TOKEN_KEY],
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "the webhook token in Secret {namespace}/{}",
+            config.alertmanager_token_secret
+        )
+    })?;
+    tokens
+        .get(flywheel_auth::WEBHOOK_TOKEN_KEY)
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!(
+                "Secret {} has no webhook token",
+                config.alertmanager_token_secret
+            )
+        })
 }
 
 /// Waits for the Lease, runs the controllers while holding it, and stops them on shutdown (releasing the Lease

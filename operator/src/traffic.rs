@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use flywheel_auth::{ADMIN_TOKEN_KEY, CREDENTIALS_DIR, FEEDBACK_TOKEN_KEY};
 use flywheel_crds::{ModelVersion, Rollout};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
@@ -19,6 +20,8 @@ pub const HTTP_PORT: i32 = 8080;
 pub const GRPC_PORT: i32 = 8081;
 pub const ADMIN_PORT: i32 = 8082;
 const ROUTES_FILE: &str = "routes.json";
+/// Pod-template annotation with a digest of the mounted tokens: a rotated Secret rolls the pods.
+pub const CREDENTIALS_DIGEST_ANNOTATION: &str = "flywheel.dev/credentials-digest";
 
 /// Settings every serving pod gets.
 #[derive(Clone, Debug, PartialEq)]
@@ -74,6 +77,12 @@ pub fn owner<K: Resource<DynamicType = ()>>(owner: &K) -> Value {
     serde_json::to_value(owner.controller_owner_ref(&()).unwrap_or_default()).unwrap_or_default()
 }
 
+fn push(list: &mut Value, item: Value) {
+    if let Some(items) = list.as_array_mut() {
+        items.push(item);
+    }
+}
+
 fn storage(settings: &ServingSettings) -> (Value, Value) {
     match &settings.storage_claim {
         Some(claim) => (
@@ -82,6 +91,52 @@ fn storage(settings: &ServingSettings) -> (Value, Value) {
         ),
         None => (json!([]), json!([])),
     }
+}
+
+/// The Secret holding a Rollout's admin token (operator → router and servers) and feedback token (the
+/// application that sends labels → servers).
+pub fn credentials_name(rollout: &str) -> String {
+    workload_name(rollout, "credentials")
+}
+
+/// The volume of the Rollout's Secret with only `keys`, and its read-only mount.
+fn credentials_volume(rollout: &str, keys: &[&str]) -> (Value, Value) {
+    let items: Vec<Value> = keys
+        .iter()
+        .map(|key| json!({"key": key, "path": key}))
+        .collect();
+    (
+        json!({"name": "credentials", "secret": {"secretName": credentials_name(rollout), "items": items}}),
+        json!({"name": "credentials", "mountPath": CREDENTIALS_DIR, "readOnly": true}),
+    )
+}
+
+fn credential_file(key: &str) -> String {
+    format!("{CREDENTIALS_DIR}/{key}")
+}
+
+/// Whether a router's live route table (as it reports it) is `desired`: same backends in the same order with
+/// the same URLs and weights, and no mirror `desired` lacks.
+pub fn same_routes(live: &Value, desired: &Value) -> bool {
+    let backends = |table: &Value| -> Option<Vec<(String, String, String, f64)>> {
+        table["backends"]
+            .as_array()?
+            .iter()
+            .map(|backend| {
+                let text = |field: &str| backend[field].as_str().unwrap_or_default().to_owned();
+                Some((
+                    text("name"),
+                    text("http"),
+                    text("grpc"),
+                    backend["weight"].as_f64()?,
+                ))
+            })
+            .collect()
+    };
+    let mirror = |table: &Value| table.get("mirror").filter(|m| !m.is_null()).cloned();
+    backends(live).is_some()
+        && backends(live) == backends(desired)
+        && mirror(live) == mirror(desired)
 }
 
 /// The restricted container security context every Flywheel data-plane container gets.
@@ -106,6 +161,7 @@ pub fn version_deployment(
     version: &ModelVersion,
     settings: &ServingSettings,
     online: Option<&[Value]>,
+    credentials_digest: &str,
 ) -> Result<Deployment, serde_json::Error> {
     let name = rollout.metadata.name.clone().unwrap_or_default();
     let version_name = version.metadata.name.clone().unwrap_or_default();
@@ -116,7 +172,10 @@ pub fn version_deployment(
         .image
         .clone()
         .unwrap_or_else(|| settings.image.clone());
-    let (volumes, mounts) = storage(settings);
+    let (mut volumes, mut mounts) = storage(settings);
+    let (volume, mount) = credentials_volume(&name, &[ADMIN_TOKEN_KEY, FEEDBACK_TOKEN_KEY]);
+    push(&mut volumes, volume);
+    push(&mut mounts, mount);
     let mut container = json!({
         "name": "serve",
         "image": image,
@@ -128,6 +187,8 @@ pub fn version_deployment(
             "--model-sha256", version.spec.artifact.sha256,
             "--feature-schema-hash", version.spec.feature_schema_hash,
             "--max-request-rows", rollout.spec.serving.max_batch_size.to_string(),
+            "--admin-token-file", credential_file(ADMIN_TOKEN_KEY),
+            "--feedback-token-file", credential_file(FEEDBACK_TOKEN_KEY),
         ],
         "ports": [
             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
@@ -170,7 +231,11 @@ pub fn version_deployment(
             "template": {
                 "metadata": {
                     "labels": labels,
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": ADMIN_PORT.to_string()},
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": ADMIN_PORT.to_string(),
+                        CREDENTIALS_DIGEST_ANNOTATION: credentials_digest,
+                    },
                 },
                 "spec": {
                     "automountServiceAccountToken": false,
@@ -227,8 +292,10 @@ pub fn routes_config_map(rollout: &Rollout, table: &Value) -> Result<ConfigMap, 
 pub fn router(
     rollout: &Rollout,
     settings: &ServingSettings,
+    credentials_digest: &str,
 ) -> Result<(Deployment, Service), serde_json::Error> {
     let name = rollout.metadata.name.clone().unwrap_or_default();
+    let (credentials, credentials_mount) = credentials_volume(&name, &[ADMIN_TOKEN_KEY]);
     let labels = json!({LABEL_ROLLOUT: name, LABEL_ROLE: "router"});
     let router = rollout.spec.traffic.router.clone().unwrap_or_default();
     let image = rollout
@@ -251,22 +318,34 @@ pub fn router(
             "template": {
                 "metadata": {
                     "labels": labels,
-                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": ADMIN_PORT.to_string()},
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": ADMIN_PORT.to_string(),
+                        CREDENTIALS_DIGEST_ANNOTATION: credentials_digest,
+                    },
                 },
                 "spec": {
                     "automountServiceAccountToken": false,
                     "containers": [{
                         "name": "route",
                         "image": image,
-                        "args": ["route", "--config", format!("/etc/flywheel/{ROUTES_FILE}"), "--sticky-header", router.sticky_header],
+                        "args": [
+                            "route",
+                            "--config", format!("/etc/flywheel/{ROUTES_FILE}"),
+                            "--sticky-header", router.sticky_header,
+                            "--admin-token-file", credential_file(ADMIN_TOKEN_KEY),
+                        ],
                         "ports": [
                             {"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                             {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
                         ],
                         "securityContext": security(),
-                        "volumeMounts": [{"name": "routes", "mountPath": "/etc/flywheel", "readOnly": true}],
+                        "volumeMounts": [
+                            {"name": "routes", "mountPath": "/etc/flywheel", "readOnly": true},
+                            credentials_mount,
+                        ],
                     }],
-                    "volumes": [{"name": "routes", "configMap": {"name": routes_name(&name)}}],
+                    "volumes": [{"name": "routes", "configMap": {"name": routes_name(&name)}}, credentials],
                 },
             },
         },
@@ -340,14 +419,21 @@ mod tests {
                 .filter_map(|v| Some((v.name, v.value?)))
                 .collect()
         };
-        assert!(env_of(&version_deployment(&rollout, &version, &settings, None)?).is_empty());
+        assert!(
+            env_of(&version_deployment(
+                &rollout, &version, &settings, None, "d"
+            )?)
+            .is_empty()
+        );
         rollout.spec.feedback = Some(flywheel_crds::rollout::Feedback {
             brokers: vec!["kafka-0:9092".into(), "kafka-1:9092".into()],
             clicks_topic: Some("clicks".into()),
             prediction_log_topic: None,
         });
         assert_eq!(
-            env_of(&version_deployment(&rollout, &version, &settings, None)?),
+            env_of(&version_deployment(
+                &rollout, &version, &settings, None, "d"
+            )?),
             [
                 (
                     "FLYWHEEL_KAFKA_BROKERS".to_owned(),
@@ -357,6 +443,81 @@ mod tests {
             ]
         );
         Ok(())
+    }
+
+    #[test]
+    fn servers_and_routers_mount_only_their_tokens_and_roll_when_they_change()
+    -> Result<(), serde_json::Error> {
+        use crate::plan::examples::load;
+        let mut rollout: Rollout = load("rollout.yaml", 1);
+        rollout.spec.traffic.router = Some(Default::default());
+        let version: ModelVersion = load("modelversion.yaml", 1);
+        let settings = ServingSettings {
+            image: "serving".into(),
+            storage_claim: None,
+            storage_path: "/var/lib/flywheel".into(),
+        };
+        let server = serde_json::to_value(version_deployment(
+            &rollout, &version, &settings, None, "digest-1",
+        )?)?;
+        let (router, _) = router(&rollout, &settings, "digest-1")?;
+        let router = serde_json::to_value(router)?;
+        let pod = |deployment: &Value| deployment["spec"]["template"].clone();
+        let secret_keys = |deployment: &Value| -> Vec<String> {
+            pod(deployment)["spec"]["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|volume| volume["name"] == "credentials")
+                .flat_map(|volume| {
+                    volume["secret"]["items"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .filter_map(|item| item["key"].as_str().map(str::to_owned))
+                .collect()
+        };
+        assert_eq!(secret_keys(&server), [ADMIN_TOKEN_KEY, FEEDBACK_TOKEN_KEY]);
+        assert_eq!(
+            secret_keys(&router),
+            [ADMIN_TOKEN_KEY],
+            "the router never sees labels' token"
+        );
+        let args =
+            |deployment: &Value| pod(deployment)["spec"]["containers"][0]["args"].to_string();
+        assert!(args(&server).contains("/var/run/flywheel/credentials/admin-token"));
+        assert!(args(&server).contains("/var/run/flywheel/credentials/feedback-token"));
+        assert!(!args(&server).contains("--allow-model-swap"));
+        assert!(args(&router).contains("/var/run/flywheel/credentials/admin-token"));
+        for deployment in [&server, &router] {
+            assert_eq!(
+                pod(deployment)["metadata"]["annotations"][CREDENTIALS_DIGEST_ANNOTATION],
+                "digest-1"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_router_whose_table_differs_in_any_backend_or_mirror_has_drifted() {
+        let desired = route_table("ctr", "ml", &split(Some(("v2", 20)), "v1"));
+        let mut live = desired.clone();
+        // The router reports weights as floats and may add defaults: still the same table.
+        live["backends"][0]["weight"] = json!(20.0);
+        assert!(same_routes(&live, &desired));
+        live["mirror"] = Value::Null;
+        assert!(same_routes(&live, &desired));
+        let mut repointed = live.clone();
+        repointed["backends"][1]["http"] = json!("http://attacker:8080");
+        assert!(!same_routes(&repointed, &desired));
+        let mut reweighted = live.clone();
+        reweighted["backends"][0]["weight"] = json!(80.0);
+        assert!(!same_routes(&reweighted, &desired));
+        let mut mirrored = live.clone();
+        mirrored["mirror"] = json!({"name": "x", "http": "http://attacker:8080", "percent": 100.0});
+        assert!(!same_routes(&mirrored, &desired));
+        assert!(!same_routes(&json!({"error": "unauthorized"}), &desired));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Admin endpoints, on their own port (never the inference port): metrics, and the live configuration of the
 //! server (which model version it serves) and of the router (weights), plus the file watch that applies a
-//! mounted ConfigMap the same way.
+//! mounted ConfigMap the same way. `/metrics` is open to scrapers; every `/admin` call needs the admin token
+//! (the operator's, from the Rollout's Secret), and without a token configured the admin endpoints only read.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,9 +10,10 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use flywheel_auth::Token;
 use serde_json::json;
 
 use crate::model::ModelSource;
@@ -25,30 +27,85 @@ fn rejected(status: StatusCode, message: impl std::fmt::Display) -> Response {
     (status, axum::Json(json!({"error": message.to_string()}))).into_response()
 }
 
-pub fn server_router(server: Arc<Server>) -> Router {
+/// Who may use the admin endpoints.
+#[derive(Clone, Debug, Default)]
+pub struct AdminAccess {
+    /// The token every `/admin` call must carry; `None`: reads are open and changes are refused.
+    pub token: Option<Token>,
+    /// Whether `PUT /admin/model` may swap the served model (off by default: a Rollout serves one version per
+    /// Deployment, and a swap would outlive promotion).
+    pub model_swap: bool,
+}
+
+impl AdminAccess {
+    /// `Err` with the response to send when the caller may not do this (`change`: a write).
+    fn check(&self, headers: &HeaderMap, change: bool) -> Result<(), Box<Response>> {
+        let header = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok());
+        match &self.token {
+            Some(token) if token.authorizes(header) => Ok(()),
+            Some(_) => Err(Box::new(rejected(
+                StatusCode::UNAUTHORIZED,
+                "admin calls need `Authorization: Bearer <admin token>`",
+            ))),
+            None if change => Err(Box::new(rejected(
+                StatusCode::FORBIDDEN,
+                "admin changes are disabled: the server was started without --admin-token-file",
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ServerAdmin {
+    server: Arc<Server>,
+    access: AdminAccess,
+}
+
+pub fn server_router(server: Arc<Server>, access: AdminAccess) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(server): State<Arc<Server>>| async move {
+            get(|State(admin): State<ServerAdmin>| async move {
                 (
                     [(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)],
-                    server.metrics.encode(),
+                    admin.server.metrics.encode(),
                 )
             }),
         )
         .route(
             "/admin/model",
-            get(|State(server): State<Arc<Server>>| async move {
-                axum::Json(server.slot.status()).into_response()
-            })
+            get(
+                |State(admin): State<ServerAdmin>, headers: HeaderMap| async move {
+                    match admin.access.check(&headers, false) {
+                        Ok(()) => axum::Json(admin.server.slot.status()).into_response(),
+                        Err(refused) => *refused,
+                    }
+                },
+            )
             .put(load_model),
         )
-        .with_state(server)
+        .with_state(ServerAdmin { server, access })
 }
 
 /// `PUT /admin/model` with a [`ModelSource`]: loads it beside the current model and switches; 422 (the
 /// current model still serving) when it does not load or verify.
-async fn load_model(State(server): State<Arc<Server>>, body: Bytes) -> Response {
+async fn load_model(
+    State(ServerAdmin { server, access }): State<ServerAdmin>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(refused) = access.check(&headers, true) {
+        return *refused;
+    }
+    if !access.model_swap {
+        return rejected(
+            StatusCode::FORBIDDEN,
+            "model swaps are disabled: the server was started without --allow-model-swap",
+        );
+    }
     let source: ModelSource = match serde_json::from_slice(&body) {
         Ok(source) => source,
         Err(err) => return rejected(StatusCode::BAD_REQUEST, format!("model source: {err}")),
@@ -62,29 +119,47 @@ async fn load_model(State(server): State<Arc<Server>>, body: Bytes) -> Response 
     }
 }
 
-pub fn router_router(proxy: Arc<Proxy>) -> Router {
+#[derive(Clone)]
+struct RouterAdmin {
+    proxy: Arc<Proxy>,
+    access: AdminAccess,
+}
+
+pub fn router_router(proxy: Arc<Proxy>, access: AdminAccess) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(proxy): State<Arc<Proxy>>| async move {
+            get(|State(admin): State<RouterAdmin>| async move {
                 (
                     [(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)],
-                    proxy.metrics.encode(),
+                    admin.proxy.metrics.encode(),
                 )
             }),
         )
         .route(
             "/admin/routes",
-            get(|State(proxy): State<Arc<Proxy>>| async move {
-                axum::Json(proxy.plan().config.clone()).into_response()
-            })
+            get(
+                |State(admin): State<RouterAdmin>, headers: HeaderMap| async move {
+                    match admin.access.check(&headers, false) {
+                        Ok(()) => axum::Json(admin.proxy.plan().config.clone()).into_response(),
+                        Err(refused) => *refused,
+                    }
+                },
+            )
             .put(set_routes),
         )
-        .with_state(proxy)
+        .with_state(RouterAdmin { proxy, access })
 }
 
 /// `PUT /admin/routes` with a [`RouteConfig`]: validated, then applied atomically; 400 naming the field.
-async fn set_routes(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Response {
+async fn set_routes(
+    State(RouterAdmin { proxy, access }): State<RouterAdmin>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(refused) = access.check(&headers, true) {
+        return *refused;
+    }
     match parse_routes(&body) {
         Ok(plan) => {
             tracing::info!(routes = %crate::proxy::describe(&plan), "routes updated");

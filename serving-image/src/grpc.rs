@@ -35,7 +35,7 @@ fn status_of(err: &InferError) -> Status {
         InferError::NotReady(_) | InferError::OnlineStore(_) => {
             Status::unavailable(err.to_string())
         }
-        InferError::Internal => Status::internal(err.to_string()),
+        InferError::Internal | InferError::RequestId(_) => Status::internal(err.to_string()),
     }
 }
 
@@ -378,6 +378,16 @@ impl feedback::feedback_server::Feedback for FeedbackService {
         &self,
         request: Request<feedback::LabelRequest>,
     ) -> Result<Response<feedback::LabelResponse>, Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok());
+        if !self.server.may_label(authorization) {
+            self.server.metrics.feedback("grpc", "unauthenticated", 1);
+            return Err(Status::unauthenticated(
+                "feedback needs `authorization: Bearer <feedback token>` metadata",
+            ));
+        }
         let labels = request.into_inner().labels;
         let matched = labels
             .iter()

@@ -150,6 +150,15 @@ struct ServeArgs {
     /// A lookup slower than this fails the request (UNAVAILABLE).
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     online_timeout: Duration,
+    /// The token `/admin` calls must carry; without it the admin endpoints only read.
+    #[arg(long, env = "FLYWHEEL_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Let `PUT /admin/model` swap the served model (admin token required).
+    #[arg(long, requires = "admin_token_file")]
+    allow_model_swap: bool,
+    /// The token feedback calls must carry; without it labels are taken from any caller.
+    #[arg(long, env = "FLYWHEEL_FEEDBACK_TOKEN_FILE")]
+    feedback_token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -168,6 +177,15 @@ struct RouteArgs {
     /// Largest body buffered for mirroring.
     #[arg(long, default_value_t = 4 << 20)]
     max_body_bytes: usize,
+    /// The token `/admin` calls must carry; without it the route table can only be read.
+    #[arg(long, env = "FLYWHEEL_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+/// The token in `path`, when one is configured.
+fn token_of(path: Option<&PathBuf>, flag: &str) -> anyhow::Result<Option<flywheel_auth::Token>> {
+    path.map(|path| flywheel_auth::Token::from_file(path).with_context(|| format!("--{flag}")))
+        .transpose()
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -225,6 +243,11 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let access = admin::AdminAccess {
+        token: token_of(args.admin_token_file.as_ref(), "admin-token-file")?,
+        model_swap: args.allow_model_swap,
+    };
+    let feedback_token = token_of(args.feedback_token_file.as_ref(), "feedback-token-file")?;
     let metrics = Arc::new(metrics::ServingMetrics::new(&args.model_name));
     let prediction_log = match (&args.kafka_brokers, &args.prediction_log_topic) {
         (Some(brokers), Some(topic)) => Some(
@@ -270,6 +293,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             capacity: args.pending_capacity,
             quality_window: args.quality_window,
             quality_samples: args.quality_samples,
+            token: feedback_token,
         },
         metrics.clone(),
         prediction_log,
@@ -346,7 +370,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let rest = axum::serve(http, rest::router(server.clone()));
-    let admin = axum::serve(admin, admin::server_router(server.clone()));
+    let admin = axum::serve(admin, admin::server_router(server.clone(), access));
     let grpc = tonic::transport::Server::builder()
         .add_service(
             grpc::inference::grpc_inference_service_server::GrpcInferenceServiceServer::new(
@@ -387,6 +411,10 @@ async fn load_config(server: &Arc<Server>, contents: &[u8]) {
 }
 
 async fn route(args: RouteArgs) -> anyhow::Result<()> {
+    let access = admin::AdminAccess {
+        token: token_of(args.admin_token_file.as_ref(), "admin-token-file")?,
+        model_swap: false,
+    };
     let contents = std::fs::read(&args.config)
         .with_context(|| format!("reading route config {}", args.config.display()))?;
     let plan = admin::parse_routes(&contents)
@@ -412,7 +440,7 @@ async fn route(args: RouteArgs) -> anyhow::Result<()> {
             }
         },
     ));
-    let admin = axum::serve(admin, admin::router_router(proxy.clone()));
+    let admin = axum::serve(admin, admin::router_router(proxy.clone(), access));
     tokio::select! {
         result = proxy::serve(listener, proxy) => result.context("router")?,
         result = admin => result.context("admin server")?,

@@ -75,6 +75,10 @@ pub struct Input {
     pub column: Column,
 }
 
+/// A caller's request id is remembered with every row of its request for the attribution window: longer ids
+/// are refused rather than held.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
 /// The decoded body of an inference request.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct InferRequest {
@@ -89,6 +93,8 @@ pub enum RequestError {
     Body(String),
     #[error("request has no inputs")]
     NoInputs,
+    #[error("request id is {len} bytes; at most {MAX_REQUEST_ID_BYTES} are accepted")]
+    IdTooLong { len: usize },
     #[error("input `{0}` is given twice")]
     Duplicate(String),
     #[error("input `{0}` is not a feature of this model")]
@@ -223,6 +229,11 @@ pub fn encode(
 ) -> Result<EncodedDataset, RequestError> {
     if request.inputs.is_empty() {
         return Err(RequestError::NoInputs);
+    }
+    if let Some(id) = &request.id
+        && id.len() > MAX_REQUEST_ID_BYTES
+    {
+        return Err(RequestError::IdTooLong { len: id.len() });
     }
     let features: Vec<(&str, ValueType)> = input_features(schema).collect();
     let mut columns: Vec<Option<&Column>> = vec![None; features.len()];

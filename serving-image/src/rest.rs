@@ -7,7 +7,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
@@ -43,7 +43,7 @@ fn status_of(err: &InferError) -> StatusCode {
         InferError::Invalid(_) => StatusCode::BAD_REQUEST,
         InferError::UnknownModel(_) => StatusCode::NOT_FOUND,
         InferError::NotReady(_) | InferError::OnlineStore(_) => StatusCode::SERVICE_UNAVAILABLE,
-        InferError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        InferError::Internal | InferError::RequestId(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -293,7 +293,18 @@ enum FeedbackBody {
 }
 
 /// `POST /v1/feedback` with `{"requestId": "...", "clicked": true}` or `{"labels": [...]}`.
-async fn feedback(State(server): State<Arc<Server>>, body: Body) -> Response {
+/// When the server holds a feedback token, the call must carry it (`Authorization: Bearer <token>`).
+async fn feedback(State(server): State<Arc<Server>>, headers: HeaderMap, body: Body) -> Response {
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    if !server.may_label(authorization) {
+        server.metrics.feedback("http", "unauthenticated", 1);
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "feedback needs `Authorization: Bearer <feedback token>`",
+        );
+    }
     let bytes = match read_body(body, server.limits.max_body_bytes).await {
         Ok(bytes) => bytes,
         Err(err) => return error(StatusCode::BAD_REQUEST, err),

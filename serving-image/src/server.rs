@@ -1,9 +1,10 @@
 //! The inference server's shared state and the protocol-independent request path: take the current model,
 //! validate and encode, score in a micro-batch, remember the predictions for feedback, log them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flywheel_auth::Token;
 
 use crate::batcher::Batcher;
 use crate::feedback::{Attribution, Labeled, QualityWindow};
@@ -28,8 +29,8 @@ pub struct Server {
     quality: Mutex<QualityWindow>,
     prediction_log: Option<PredictionLog>,
     online_store: Option<OnlineStore>,
-    request_ids: AtomicU64,
-    boot: u64,
+    /// The token a label must carry (the Rollout's feedback token); `None`: labels are taken from anyone.
+    feedback_token: Option<Token>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,8 @@ pub enum InferError {
     OnlineStore(String),
     #[error("scoring failed: the scorer threads stopped")]
     Internal,
+    #[error("no request id could be issued: {0}")]
+    RequestId(String),
 }
 
 impl From<OnlineError> for InferError {
@@ -62,7 +65,7 @@ impl InferError {
             InferError::Invalid(_) => "INVALID_ARGUMENT",
             InferError::UnknownModel(_) => "NOT_FOUND",
             InferError::NotReady(_) | InferError::OnlineStore(_) => "UNAVAILABLE",
-            InferError::Internal => "INTERNAL",
+            InferError::Internal | InferError::RequestId(_) => "INTERNAL",
         }
     }
 }
@@ -79,6 +82,7 @@ pub struct FeedbackSettings {
     pub capacity: usize,
     pub quality_window: Duration,
     pub quality_samples: usize,
+    pub token: Option<Token>,
 }
 
 impl Server {
@@ -104,10 +108,7 @@ impl Server {
             )),
             prediction_log,
             online_store,
-            request_ids: AtomicU64::new(0),
-            boot: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            feedback_token: feedback.token.clone(),
         }
     }
 
@@ -168,7 +169,10 @@ impl Server {
             .score(model.clone(), data)
             .await
             .map_err(|_| InferError::Internal)?;
-        let id = request.id.unwrap_or_else(|| self.new_request_id());
+        let id = match request.id {
+            Some(id) => id,
+            None => new_request_id()?,
+        };
         let version = model.version().to_owned();
         self.metrics.scored(&version, &scores);
         self.remember(&id, &version, &scores);
@@ -197,17 +201,19 @@ impl Server {
         })
     }
 
-    fn new_request_id(&self) -> String {
-        let n = self.request_ids.fetch_add(1, Ordering::Relaxed);
-        format!("{:x}-{n:x}", self.boot)
-    }
-
     fn remember(&self, id: &str, version: &str, scores: &[f64]) {
         let now = Instant::now();
         let mut attribution = self.lock_attribution();
         for (row, &score) in scores.iter().enumerate() {
             attribution.record(row_id(id, row, scores.len()), version, score, now);
         }
+    }
+
+    /// Whether a label carrying this `Authorization` header may be taken.
+    pub fn may_label(&self, authorization: Option<&str>) -> bool {
+        self.feedback_token
+            .as_ref()
+            .is_none_or(|token| token.authorizes(authorization))
     }
 
     /// Joins a label to its prediction; `false` when the id is unknown, already labeled or expired.
@@ -265,6 +271,12 @@ impl Server {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// An id for a request that brought none: 128 random bits, so nobody can label predictions they were not
+/// given the id of.
+fn new_request_id() -> Result<String, InferError> {
+    flywheel_auth::random_hex(16).map_err(|err| InferError::RequestId(err.to_string()))
 }
 
 /// The id feedback uses for one row: the request id, or `<id>/<row>` in a batch of several rows.

@@ -31,13 +31,13 @@ fn boxed(err: Box<dyn std::error::Error>) -> anyhow::Error {
     anyhow::anyhow!("{err}")
 }
 
-async fn webhook(port: u16, namespace: &str, status: &str) -> anyhow::Result<()> {
+async fn webhook(operator: &OperatorProcess, namespace: &str, status: &str) -> anyhow::Result<()> {
     let body = json!({"version": "4", "alerts": [{"status": status, "labels": {
         "alertname": "FlywheelCalibrationDeviation", "namespace": namespace, "rollout": "ctr"}}]})
     .to_string();
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", operator.http_port)).await?;
     stream
-        .write_all(format!("POST /webhook/alertmanager HTTP/1.0\r\nHost: o\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes())
+        .write_all(format!("POST /webhook/alertmanager HTTP/1.0\r\nHost: o\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", operator.webhook_authorization, body.len()).as_bytes())
         .await?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer).await?;
@@ -140,14 +140,14 @@ async fn main() -> anyhow::Result<()> {
     let mut by_webhook = Vec::new();
     for round in 0..ROUNDS {
         if round > 0 {
-            webhook(operator.http_port, &setup.namespace, "resolved").await?;
+            webhook(&operator, &setup.namespace, "resolved").await?;
             restart_progression(&setup, round).await?;
         }
         let sent = Instant::now();
-        webhook(operator.http_port, &setup.namespace, "firing").await?;
+        webhook(&operator, &setup.namespace, "firing").await?;
         by_webhook.push(until_rolled_back(&setup, sent).await?);
     }
-    webhook(operator.http_port, &setup.namespace, "resolved").await?;
+    webhook(&operator, &setup.namespace, "resolved").await?;
 
     let mut by_sample = Vec::new();
     let mut by_change = Vec::new();

@@ -10,24 +10,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use flywheel_auth::{ADMIN_TOKEN_KEY, FEEDBACK_TOKEN_KEY, Token};
 use flywheel_crds::rollout::{RolloutPhase, RolloutStatus};
 use flywheel_crds::{FeatureView, ModelVersion, Rollout};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tracing::warn;
 
 use crate::analysis::{self, QueryContext, QueryResult};
 use crate::controller::{
     Context, ERROR_REQUEUE, Error, FIELD_MANAGER, apply_plan, strip_managed_fields,
 };
+use crate::credentials::{self, Tokens};
 use crate::traffic::{self, LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
 use online::OnlineView;
 
@@ -123,7 +125,7 @@ pub async fn reconcile(
     let target = version(&rollout.spec.model_version);
     let now = Timestamp::now();
     let status = rollout.status.clone().unwrap_or_default();
-    let mut firing = ctx.alerts.firing(&(namespace.clone(), name.clone()));
+    let mut firing = ctx.alerts.firing(&(namespace.clone(), name.clone()), now);
     if canary_live(&status)
         && let Some(analysis) = &rollout.spec.analysis
         && !rollout.spec.alerts.is_empty()
@@ -136,15 +138,34 @@ pub async fn reconcile(
         None
     };
     let online = online_view(&ctx, &rollout, &namespace).await?;
+    let tokens = credentials::ensure(
+        &Api::<Secret>::namespaced(ctx.client.clone(), &namespace),
+        &traffic::credentials_name(&name),
+        Some(traffic::owner(rollout.as_ref())),
+        json!({LABEL_ROLLOUT: name, LABEL_ROLE: "credentials"}),
+        &[ADMIN_TOKEN_KEY, FEEDBACK_TOKEN_KEY],
+    )
+    .await?;
+    let admin_token = tokens
+        .get(ADMIN_TOKEN_KEY)
+        .ok_or_else(|| Error::Credentials(format!("no {ADMIN_TOKEN_KEY}")))?;
+    let before = split_of(&status);
+    let drifted_routers = match (&before, &rollout.spec.traffic.router) {
+        (Some(split), Some(_)) => {
+            let table = traffic::route_table(&name, &namespace, split);
+            drifted_routers(&ctx, &namespace, &name, &table, admin_token).await
+        }
+        _ => Vec::new(),
+    };
     let planned = plan::plan(&plan::Observed {
         rollout: &rollout,
         target: target.as_deref(),
         analysis,
         firing,
         online: online.clone(),
+        drifted_routers,
         now,
     });
-    let before = split_of(&status);
     let after = split_of(&planned.plan.status);
     if let Some(split) = &after {
         let mut served: BTreeSet<String> = split.iter().map(|(v, _)| v.clone()).collect();
@@ -163,8 +184,8 @@ pub async fn reconcile(
             .filter_map(|v| version(v).map(|mv| (v.clone(), mv.as_ref().clone())))
             .collect();
         let table = traffic::route_table(&name, &namespace, split);
-        if planned.aborted.is_some() || before.as_ref() != Some(split) {
-            push_routes(&ctx, &namespace, &name, &table).await;
+        if planned.aborted.is_some() || planned.restore_routes || before.as_ref() != Some(split) {
+            push_routes(&ctx, &namespace, &name, &table, admin_token).await;
         }
         let online_env = match &online {
             OnlineView::Found(view) => online::environment(&rollout, view),
@@ -177,6 +198,7 @@ pub async fn reconcile(
             &found,
             &table,
             online_env.as_deref(),
+            &tokens,
         )
         .await?;
         let versions_before: BTreeSet<&String> = [
@@ -262,8 +284,10 @@ async fn apply_workloads(
     versions: &BTreeMap<String, ModelVersion>,
     table: &Value,
     online: Option<&[Value]>,
+    tokens: &Tokens,
 ) -> Result<(), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    let digest = tokens.digest();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
@@ -272,7 +296,8 @@ async fn apply_workloads(
         .patch(&routes.name_any(), &params, &Patch::Apply(&routes))
         .await?;
     for version in versions.values() {
-        let deployment = traffic::version_deployment(rollout, version, &ctx.serving, online)?;
+        let deployment =
+            traffic::version_deployment(rollout, version, &ctx.serving, online, &digest)?;
         deployments
             .patch(&deployment.name_any(), &params, &Patch::Apply(&deployment))
             .await?;
@@ -282,7 +307,7 @@ async fn apply_workloads(
             .await?;
     }
     if rollout.spec.traffic.router.is_some() {
-        let (router, service) = traffic::router(rollout, &ctx.serving)?;
+        let (router, service) = traffic::router(rollout, &ctx.serving, &digest)?;
         deployments
             .patch(&router.name_any(), &params, &Patch::Apply(&router))
             .await?;
@@ -343,53 +368,112 @@ fn ignore_missing<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
     }
 }
 
-/// Sends the route table to every running router pod's admin endpoint (best effort: the ConfigMap is the
-/// durable copy every router also reloads).
-async fn push_routes(ctx: &Context, namespace: &str, name: &str, table: &Value) {
+/// The running router pods of a rollout: (name, IP).
+async fn router_pods(ctx: &Context, namespace: &str, name: &str) -> Vec<(String, String)> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let selector =
         ListParams::default().labels(&format!("{LABEL_ROLLOUT}={name},{LABEL_ROLE}=router"));
     let Ok(list) = pods.list(&selector).await else {
-        return;
+        return Vec::new();
     };
-    let body = table.to_string();
-    let pushes = list.items.into_iter().filter_map(|pod| {
-        let ip = pod.status.and_then(|s| s.pod_ip)?;
-        let body = body.clone();
-        Some(async move {
-            let result = tokio::time::timeout(PUSH_TIMEOUT, put_routes(&ip, body)).await;
-            if !matches!(result, Ok(Ok(()))) {
-                warn!(
-                    pod_ip = ip,
-                    "router did not take the new routes; it reloads them from the ConfigMap"
-                );
-            }
+    list.items
+        .into_iter()
+        .filter_map(|pod| {
+            let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone())?;
+            Some((pod.name_any(), ip))
         })
-    });
+        .collect()
+}
+
+/// Router pods whose live route table is not `table` (one that does not answer is not counted: it reloads
+/// the ConfigMap when it comes back).
+async fn drifted_routers(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    table: &Value,
+    token: &Token,
+) -> Vec<String> {
+    let checks = router_pods(ctx, namespace, name)
+        .await
+        .into_iter()
+        .map(|(pod, ip)| async move {
+            let live = tokio::time::timeout(
+                PUSH_TIMEOUT,
+                admin_call(&ip, hyper::Method::GET, String::new(), token),
+            )
+            .await;
+            match live {
+                Ok(Ok(live)) if !traffic::same_routes(&live, table) => Some(pod),
+                _ => None,
+            }
+        });
+    futures::future::join_all(checks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Sends the route table to every running router pod's admin endpoint (best effort: the ConfigMap is the
+/// durable copy every router also reloads).
+async fn push_routes(ctx: &Context, namespace: &str, name: &str, table: &Value, token: &Token) {
+    let body = table.to_string();
+    let pushes = router_pods(ctx, namespace, name)
+        .await
+        .into_iter()
+        .map(|(_, ip)| {
+            let body = body.clone();
+            async move {
+                let result = tokio::time::timeout(
+                    PUSH_TIMEOUT,
+                    admin_call(&ip, hyper::Method::PUT, body, token),
+                )
+                .await;
+                if !matches!(result, Ok(Ok(_))) {
+                    warn!(
+                        pod_ip = ip,
+                        "router did not take the new routes; it reloads them from the ConfigMap"
+                    );
+                }
+            }
+        });
     futures::future::join_all(pushes).await;
 }
 
-async fn put_routes(
+/// Largest route table read back from a router.
+const MAX_ROUTES_BYTES: usize = 64 << 10;
+
+/// A call to a router's `/admin/routes` with the admin token; the JSON answer of a 2xx.
+async fn admin_call(
     ip: &str,
+    method: hyper::Method,
     body: String,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    use http_body_util::Full;
+    token: &Token,
+) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+    use http_body_util::{BodyExt, Full, Limited};
     use hyper::body::Bytes;
     let authority = format!("{ip}:{}", traffic::ADMIN_PORT);
     let stream = tokio::net::TcpStream::connect(&authority).await?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let request = hyper::Request::put("/admin/routes")
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri("/admin/routes")
         .header(hyper::header::HOST, authority)
+        .header(hyper::header::AUTHORIZATION, token.bearer())
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))?;
     let response = sender.send_request(request).await?;
-    if response.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("status {}", response.status()).into())
+    if !response.status().is_success() {
+        return Err(format!("status {}", response.status()).into());
     }
+    let bytes = Limited::new(response.into_body(), MAX_ROUTES_BYTES)
+        .collect()
+        .await?
+        .to_bytes();
+    Ok(serde_json::from_slice(&bytes)?)
 }
 
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {

@@ -50,6 +50,8 @@ pub struct Observed<'a> {
     pub firing: Vec<String>,
     /// The FeatureView `spec.onlineFeatures` names.
     pub online: OnlineView,
+    /// Router pods whose live route table is not the one the status implies (changed behind the operator).
+    pub drifted_routers: Vec<String>,
     pub now: Timestamp,
 }
 
@@ -58,6 +60,8 @@ pub struct RolloutPlan {
     pub plan: Plan<RolloutStatus>,
     /// The canary was aborted on this reconcile.
     pub aborted: Option<String>,
+    /// Some router's table drifted: send every router the planned table now.
+    pub restore_routes: bool,
 }
 
 /// The manual action the annotation asks for, unless it was already handled.
@@ -432,6 +436,18 @@ pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
             observed.now,
         ),
     );
+    let restore_routes = !observed.drifted_routers.is_empty();
+    if restore_routes {
+        b.events.push(PlannedEvent {
+            warning: true,
+            reason: "RoutesDrifted",
+            action: "RestoreRoutes",
+            note: format!(
+                "router pod(s) {} served a route table the operator did not set; it was set back",
+                observed.drifted_routers.join(", ")
+            ),
+        });
+    }
     let requeue = requeue_after(rollout, &b.status, observed.now);
     RolloutPlan {
         plan: Plan {
@@ -440,6 +456,7 @@ pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
             requeue: Some(requeue),
         },
         aborted: b.aborted,
+        restore_routes,
     }
 }
 
@@ -644,6 +661,7 @@ mod tests {
             analysis,
             firing: firing.iter().map(|s| s.to_string()).collect(),
             online: OnlineView::NotNamed,
+            drifted_routers: Vec::new(),
             now,
         });
         rollout.status = Some(planned.plan.status.clone());
@@ -652,6 +670,45 @@ mod tests {
 
     fn status(rollout: &Rollout) -> RolloutStatus {
         rollout.status.clone().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_drifted_router_is_reported_and_restored_without_touching_the_state() {
+        let rollout = rollout("ctr-v1");
+        let target = version("ctr-v1", ModelVersionPhase::Validated);
+        let observe = |drifted: Vec<String>| {
+            plan(&Observed {
+                rollout: &rollout,
+                target: Some(&target),
+                analysis: None,
+                firing: Vec::new(),
+                online: OnlineView::NotNamed,
+                drifted_routers: drifted,
+                now: at(0),
+            })
+        };
+        let steady = observe(Vec::new());
+        assert!(!steady.restore_routes);
+        assert!(
+            steady
+                .plan
+                .events
+                .iter()
+                .all(|e| e.reason != "RoutesDrifted")
+        );
+        let drifted = observe(vec!["ctr-router-7d9f".into()]);
+        assert!(drifted.restore_routes);
+        assert_eq!(drifted.plan.status, steady.plan.status);
+        let event = drifted
+            .plan
+            .events
+            .iter()
+            .find(|e| e.reason == "RoutesDrifted")
+            .map(|e| (e.warning, e.note.clone()));
+        assert!(
+            matches!(&event, Some((true, note)) if note.contains("ctr-router-7d9f")),
+            "{event:?}"
+        );
     }
 
     #[test]
