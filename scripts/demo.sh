@@ -274,8 +274,10 @@ print(", ".join(sorted(t["labels"].get("pod", "?") + " (" + t["labels"]["job"] +
 endpoint="$("$kubectl" get service ctr -o jsonpath='{.spec.clusterIP}')"
 
 step "generated labeled traffic to the Rollout's Service (users sticky by x-user-id; clicks fed back)"
+# Labels need the Rollout's feedback token, from the Secret the operator created for it.
+"$kubectl" get secret ctr-credentials -o jsonpath='{.data.feedback-token}' | base64 -d >"$state/feedback-token"
 "$FLYWHEEL_BIN_DIR/flywheel-traffic" --url "http://$endpoint:8080" --model ctr --concurrency 8 \
-  >"$state/traffic.log" 2>&1 &
+  --feedback-token-file "$state/feedback-token" >"$state/traffic.log" 2>&1 &
 traffic=$!
 echo $traffic >>"$state/pids"
 sleep 5

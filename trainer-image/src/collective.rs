@@ -19,6 +19,7 @@ use tokio::sync::{Notify, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
+use crate::gang_auth::{AttachToken, RequireToken};
 use crate::ps::MAX_MESSAGE;
 
 pub mod proto {
@@ -308,15 +309,19 @@ impl CollectiveService for Service {
     }
 }
 
-/// Serves `collective` on `listener` until the runtime stops.
+/// Serves `collective` on `listener` until the runtime stops; with a gang `token`, only to callers holding it.
 pub fn spawn_server(
     runtime: &Runtime,
     collective: Arc<Collective>,
     listener: tokio::net::TcpListener,
+    token: Option<flywheel_auth::Token>,
 ) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
-    let service = CollectiveServer::new(Service(collective))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let service = tonic::service::interceptor::InterceptedService::new(
+        CollectiveServer::new(Service(collective))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        RequireToken::new(token),
+    );
     runtime.spawn(
         tonic::transport::Server::builder()
             .add_service(service)
@@ -339,7 +344,7 @@ pub enum Reducer {
 
 pub struct Peer {
     runtime: Runtime,
-    client: CollectiveClient<Channel>,
+    client: CollectiveClient<tonic::service::interceptor::InterceptedService<Channel, AttachToken>>,
     addr: String,
     rank: u32,
     step: u64,
@@ -347,13 +352,14 @@ pub struct Peer {
 
 impl Peer {
     /// Connects to the chief at `addr`, retrying until `patience` runs out (ranks start in any order); a call
-    /// unanswered for `call_timeout` fails.
+    /// unanswered for `call_timeout` fails. Every call carries the gang `token`.
     pub fn connect(
         addr: &str,
         rank: u32,
         first_step: u64,
         patience: Duration,
         call_timeout: Duration,
+        token: Option<&flywheel_auth::Token>,
     ) -> Result<Self, CollectiveError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -383,7 +389,7 @@ impl Peer {
                 Err(_) => std::thread::sleep(Duration::from_millis(200)),
             }
         };
-        let client = CollectiveClient::new(channel)
+        let client = CollectiveClient::with_interceptor(channel, AttachToken::new(token))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         Ok(Peer {
@@ -470,6 +476,34 @@ mod tests {
             dense: vec![dense; 2],
             ..StepGradients::default()
         }
+    }
+
+    #[test]
+    fn only_a_rank_holding_the_gang_token_reaches_the_chief()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let token = flywheel_auth::Token::generate()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?.to_string();
+        let collective = Arc::new(Collective::new(2, 0, 2, 0, Duration::from_secs(5)));
+        let _server = spawn_server(&runtime, collective, listener, Some(token.clone()));
+        let finish = |token: Option<&flywheel_auth::Token>| {
+            let patience = Duration::from_secs(5);
+            Peer::connect(&addr, 1, 0, patience, patience, token)?.finish()
+        };
+        let other = flywheel_auth::Token::generate()?;
+        for outsider in [None, Some(&other)] {
+            let refused = finish(outsider).err().map(|err| err.to_string());
+            assert!(
+                refused.as_deref().is_some_and(|m| m.contains("gang token")),
+                "{refused:?}"
+            );
+        }
+        finish(Some(&token))?;
+        Ok(())
     }
 
     #[tokio::test]

@@ -16,6 +16,7 @@ mod collective;
 mod cpu_threads;
 mod dataset;
 mod featurestore;
+mod gang_auth;
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod huge_pages;
 mod launcher;
@@ -174,6 +175,9 @@ struct PsArgs {
     /// Shards of the job (which rows of a warm-start artifact are this shard's).
     #[arg(long, env = "FLYWHEEL_SHARDS")]
     shards: Option<u32>,
+    /// The gang token (the TrainingJob's Secret) every call must carry; without it calls are not checked.
+    #[arg(long, env = "FLYWHEEL_GANG_TOKEN_FILE")]
+    gang_token_file: Option<PathBuf>,
 }
 
 fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
@@ -288,6 +292,10 @@ struct TrainArgs {
     /// A data-parallel rank silent this long fails the gang (the operator restarts it from its checkpoint).
     #[arg(long, default_value = "120s", value_parser = parse_seconds)]
     worker_timeout: std::time::Duration,
+    /// The gang token (the TrainingJob's Secret): sent with every call to the shards or the chief, and
+    /// required of every call to this rank's collective.
+    #[arg(long, env = "FLYWHEEL_GANG_TOKEN_FILE")]
+    gang_token_file: Option<PathBuf>,
     /// How long to keep trying to reach the shards (or the data-parallel chief) at start.
     #[arg(long, default_value = "60s", value_parser = parse_seconds)]
     connect_timeout: std::time::Duration,
@@ -768,6 +776,7 @@ fn data_parallel_command<B: AutodiffBackend>(
         );
     }
     let started = Instant::now();
+    let token = gang_auth::load(args.gang_token_file.as_deref()).context("--gang-token-file")?;
     let prepared = prepare(args)?;
     let checkpoint_path = args
         .checkpoint_dir
@@ -807,7 +816,7 @@ fn data_parallel_command<B: AutodiffBackend>(
             factor_dim,
             args.worker_timeout,
         ));
-        let server = collective::spawn_server(&runtime, collective.clone(), listener);
+        let server = collective::spawn_server(&runtime, collective.clone(), listener, token);
         let reducer = collective::Reducer::Chief {
             handle: runtime.handle().clone(),
             collective: collective.clone(),
@@ -822,6 +831,7 @@ fn data_parallel_command<B: AutodiffBackend>(
             trainer.step,
             args.connect_timeout,
             args.worker_timeout * 2,
+            token.as_ref(),
         )?))
     };
     let mut card = model_card(
@@ -928,6 +938,7 @@ fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
         seed: args.seed,
         worker_timeout: args.worker_timeout,
         checkpoint_dir: args.checkpoint_dir.clone(),
+        token: gang_auth::load(args.gang_token_file.as_deref()).context("--gang-token-file")?,
     };
     let warm_start = args
         .warm_start
@@ -1011,11 +1022,13 @@ fn ps_worker_command<B: AutodiffBackend>(
         model,
         config,
     } = prepare(args)?;
+    let token = gang_auth::load(args.gang_token_file.as_deref()).context("--gang-token-file")?;
     let mut store = worker::RemoteStore::connect(
         &args.ps,
         args.rank,
         args.embedding_dim,
         args.connect_timeout,
+        token.as_ref(),
     )?;
     let schema_hash = schema.hash();
     let checkpoint_path = args

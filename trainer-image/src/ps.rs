@@ -39,6 +39,8 @@ pub struct ShardConfig {
     pub worker_timeout: Duration,
     /// Where the shard keeps `ps-shard-<I>.fwt`; an existing one is loaded at start (a restarted gang).
     pub checkpoint_dir: Option<PathBuf>,
+    /// The gang token every call must carry (`None`: calls are not authenticated).
+    pub token: Option<flywheel_auth::Token>,
 }
 
 impl ShardConfig {
@@ -86,8 +88,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shard {
-    fn seen(&self, worker: u32) {
+    /// Records a call of `worker`, which must be one of the job's `0..workers` (an unknown id would count as
+    /// a worker that finished, or be awaited forever).
+    fn seen(&self, worker: u32) -> Result<(), Status> {
+        if worker >= self.config.workers {
+            return Err(Status::invalid_argument(format!(
+                "worker {worker} is outside this job's 0..{} workers",
+                self.config.workers
+            )));
+        }
         lock(&self.last_seen).insert(worker, Instant::now());
+        Ok(())
     }
 
     fn progress(&self) -> Progress {
@@ -128,10 +139,12 @@ struct Service(Arc<Shard>);
 impl ParameterServer for Service {
     async fn pull(&self, request: Request<PullRequest>) -> Result<Response<PullResponse>, Status> {
         let request = request.into_inner();
-        self.0.seen(request.worker);
+        self.0.seen(request.worker)?;
+        // A pull only reads: an untouched row reads as its initial value and is created by its first push, so
+        // pulling ids never grows the shard.
         let values = self.0.with_table(request.table, |table| {
             let mut values = Vec::with_capacity(request.ids.len() * table.dim());
-            table.gather_into(&request.ids, &mut values);
+            table.read_into(&request.ids, &mut values);
             Ok(values)
         })?;
         Ok(Response::new(PullResponse { values }))
@@ -139,7 +152,7 @@ impl ParameterServer for Service {
 
     async fn push(&self, request: Request<PushRequest>) -> Result<Response<PushResponse>, Status> {
         let request = request.into_inner();
-        self.0.seen(request.worker);
+        self.0.seen(request.worker)?;
         if request.gradients.iter().any(|g| !g.is_finite()) {
             return Err(Status::invalid_argument("gradients must be finite"));
         }
@@ -168,7 +181,7 @@ impl ParameterServer for Service {
             ));
         }
         let request = request.into_inner();
-        self.0.seen(request.worker);
+        self.0.seen(request.worker)?;
         let mut dense = lock(&self.0.dense);
         if request.values.is_empty() {
             // A read: the chief fetching the final global parameters without moving them.
@@ -205,7 +218,7 @@ impl ParameterServer for Service {
 
     async fn done(&self, request: Request<DoneRequest>) -> Result<Response<Progress>, Status> {
         let worker = request.into_inner().worker;
-        self.0.seen(worker);
+        self.0.seen(worker)?;
         lock(&self.0.done).insert(worker);
         let progress = self.0.progress();
         if progress.workers_done >= progress.workers {
@@ -339,9 +352,12 @@ pub async fn serve(
         .map_err(|source| ShardError::Bind { addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
     on_listening(local);
-    let service = ParameterServerServer::new(Service(shard.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let service = tonic::service::interceptor::InterceptedService::new(
+        ParameterServerServer::new(Service(shard.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        crate::gang_auth::RequireToken::new(config.token.clone()),
+    );
     let mut stop = finished_rx.clone();
     let server = tonic::transport::Server::builder()
         .add_service(service)
@@ -375,5 +391,122 @@ pub async fn serve(
     tokio::select! {
         served = server => served.map_err(|source| ShardError::Serve { addr: local, source }),
         watched = watchdog => watched,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gang_auth::AttachToken;
+    use flywheel_auth::Token;
+    use proto::parameter_server_client::ParameterServerClient;
+    use tonic::Code;
+    use tonic::transport::Endpoint;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    async fn start_shard(token: &Token) -> Result<String, Box<dyn std::error::Error>> {
+        let config = ShardConfig {
+            shard: 0,
+            workers: 2,
+            embedding_dim: 4,
+            factors: true,
+            optimizer: SparseOptimizer::adagrad(0.05),
+            init_std: 0.01,
+            seed: 1,
+            worker_timeout: Duration::from_secs(60),
+            checkpoint_dir: None,
+            token: Some(token.clone()),
+        };
+        let (listening, address) = tokio::sync::oneshot::channel();
+        tokio::spawn(serve(
+            config,
+            None,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            move |addr| {
+                let _ = listening.send(addr);
+            },
+        ));
+        Ok(format!("http://{}", address.await?))
+    }
+
+    fn pull(worker: u32, ids: Vec<u64>) -> PullRequest {
+        PullRequest {
+            table: 1,
+            ids,
+            worker,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_gang_members_reach_the_shard_and_only_pushes_create_rows() -> TestResult {
+        let token = Token::generate()?;
+        let channel = Endpoint::from_shared(start_shard(&token).await?)?
+            .connect()
+            .await?;
+        let rows =
+            |bytes: Vec<u8>| EmbeddingTable::read_from(&mut bytes.as_slice()).map(|t| t.len());
+
+        let other = Token::generate()?;
+        for interceptor in [AttachToken::new(None), AttachToken::new(Some(&other))] {
+            let mut outsider =
+                ParameterServerClient::with_interceptor(channel.clone(), interceptor);
+            let push = outsider
+                .push(PushRequest {
+                    table: 1,
+                    ids: vec![1],
+                    gradients: vec![1e6; 4],
+                    worker: 0,
+                })
+                .await;
+            assert_eq!(push.err().map(|s| s.code()), Some(Code::Unauthenticated));
+            let done = outsider.done(DoneRequest { worker: 0 }).await;
+            assert_eq!(done.err().map(|s| s.code()), Some(Code::Unauthenticated));
+        }
+
+        let mut member =
+            ParameterServerClient::with_interceptor(channel, AttachToken::new(Some(&token)));
+        let ids: Vec<u64> = (0..10_000).collect();
+        let pulled = member.pull(pull(0, ids.clone())).await?.into_inner();
+        assert_eq!(pulled.values.len(), ids.len() * 4);
+        let again = member.pull(pull(1, ids)).await?.into_inner();
+        assert_eq!(
+            pulled.values, again.values,
+            "an untouched row reads the same"
+        );
+        let table = member
+            .export(ExportRequest { table: 1 })
+            .await?
+            .into_inner();
+        assert_eq!(rows(table.table)?, 0, "pulls created rows");
+
+        // Worker ids outside the job's 0..2 are refused: they would count as finished workers.
+        let stranger = member.done(DoneRequest { worker: 7 }).await;
+        assert_eq!(
+            stranger.err().map(|s| s.code()),
+            Some(Code::InvalidArgument)
+        );
+        let stranger = member.pull(pull(2, vec![1])).await;
+        assert_eq!(
+            stranger.err().map(|s| s.code()),
+            Some(Code::InvalidArgument)
+        );
+        let progress = member.status(StatusRequest {}).await?.into_inner();
+        assert_eq!((progress.workers_done, progress.workers), (0, 2));
+
+        member
+            .push(PushRequest {
+                table: 1,
+                ids: vec![42],
+                gradients: vec![0.5; 4],
+                worker: 1,
+            })
+            .await?;
+        let table = member
+            .export(ExportRequest { table: 1 })
+            .await?
+            .into_inner();
+        assert_eq!(rows(table.table)?, 1);
+        Ok(())
     }
 }

@@ -8,7 +8,10 @@ use flywheel_ml::embedding::{EmbeddingTable, shard_of};
 use flywheel_ml::train::{RowStore, TableKind};
 use futures::future::join_all;
 use tokio::runtime::Runtime;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::gang_auth::AttachToken;
 
 use crate::ps::MAX_MESSAGE;
 use crate::ps::proto::parameter_server_client::ParameterServerClient;
@@ -47,19 +50,21 @@ pub enum RemoteError {
 /// The shards of one job, reached over gRPC from synchronous training code.
 pub struct RemoteStore {
     runtime: Runtime,
-    clients: Vec<ParameterServerClient<Channel>>,
+    clients: Vec<ParameterServerClient<InterceptedService<Channel, AttachToken>>>,
     addrs: Vec<String>,
     worker: u32,
     factor_dim: usize,
 }
 
 impl RemoteStore {
-    /// Connects to every shard, retrying until `patience` runs out (shards and workers start in any order).
+    /// Connects to every shard, retrying until `patience` runs out (shards and workers start in any order);
+    /// every call carries the gang `token`.
     pub fn connect(
         addrs: &[String],
         worker: u32,
         factor_dim: usize,
         patience: Duration,
+        token: Option<&flywheel_auth::Token>,
     ) -> Result<Self, RemoteError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -73,25 +78,25 @@ impl RemoteStore {
             } else {
                 format!("http://{addr}")
             };
-            let client = loop {
-                match runtime.block_on(ParameterServerClient::connect(endpoint.clone())) {
-                    Ok(client) => break client,
-                    Err(err) if started.elapsed() < patience => {
-                        let _ = err;
+            let unreachable = |message: String| RemoteError::Unreachable {
+                shard,
+                addr: addr.clone(),
+                seconds: patience.as_secs(),
+                message,
+            };
+            let endpoint =
+                Endpoint::from_shared(endpoint).map_err(|err| unreachable(err.to_string()))?;
+            let channel = loop {
+                match runtime.block_on(endpoint.connect()) {
+                    Ok(channel) => break channel,
+                    Err(_) if started.elapsed() < patience => {
                         std::thread::sleep(Duration::from_millis(200));
                     }
-                    Err(err) => {
-                        return Err(RemoteError::Unreachable {
-                            shard,
-                            addr: addr.clone(),
-                            seconds: patience.as_secs(),
-                            message: err.to_string(),
-                        });
-                    }
+                    Err(err) => return Err(unreachable(err.to_string())),
                 }
             };
             clients.push(
-                client
+                ParameterServerClient::with_interceptor(channel, AttachToken::new(token))
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),
             );

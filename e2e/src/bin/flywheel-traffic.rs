@@ -6,7 +6,10 @@
 //!
 //! Usage: `flywheel-traffic --url http://ADDRESS:8080 --model NAME [--seed 42] [--rows 100000] [--users 2000]
 //! [--items 400] [--eval-fraction 0.2] [--rate PER_SECOND] [--concurrency 8] [--duration SECONDS]
-//! [--sticky-header x-user-id] [--report-every SECONDS]`
+//! [--sticky-header x-user-id] [--report-every SECONDS] [--feedback-token-file FILE]`
+//!
+//! The feedback token is the Rollout's (`kubectl get secret <rollout>-credentials`, key `feedback-token`):
+//! serving pods refuse labels without it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +39,8 @@ struct Options {
     duration: Option<Duration>,
     sticky_header: String,
     report_every: Duration,
+    /// `Authorization` of feedback calls.
+    feedback_authorization: Option<String>,
 }
 
 fn parse_options(args: impl IntoIterator<Item = String>) -> anyhow::Result<Options> {
@@ -52,6 +57,7 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> anyhow::Result<Optio
         duration: None,
         sticky_header: "x-user-id".to_owned(),
         report_every: Duration::from_secs(5),
+        feedback_authorization: None,
     };
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -77,6 +83,11 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> anyhow::Result<Optio
             "--concurrency" => options.concurrency = number("--concurrency")? as usize,
             "--duration" => options.duration = Some(Duration::from_secs_f64(number("--duration")?)),
             "--sticky-header" => options.sticky_header = value.clone(),
+            "--feedback-token-file" => {
+                let token = std::fs::read_to_string(&value)
+                    .with_context(|| format!("--feedback-token-file {value}"))?;
+                options.feedback_authorization = Some(format!("Bearer {}", token.trim()));
+            }
             "--report-every" => {
                 options.report_every = Duration::from_secs_f64(number("--report-every")?)
             }
@@ -150,10 +161,20 @@ struct Sender {
 }
 
 impl Sender {
-    async fn post(&self, path: &str, body: &Value, key: &str) -> Result<Value, String> {
-        let request = http::Request::post(format!("{}{path}", self.options.url))
+    async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+        key: &str,
+        authorization: Option<&str>,
+    ) -> Result<Value, String> {
+        let mut request = http::Request::post(format!("{}{path}", self.options.url))
             .header("content-type", "application/json")
-            .header(self.options.sticky_header.as_str(), key)
+            .header(self.options.sticky_header.as_str(), key);
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        let request = request
             .body(Full::new(Bytes::from(body.to_string())))
             .map_err(|err| err.to_string())?;
         let response = self
@@ -186,6 +207,7 @@ impl Sender {
                 &path,
                 &rest_body(Some(id), std::slice::from_ref(impression)),
                 &key,
+                None,
             )
             .await?;
         let version = answer["model_version"].as_str().unwrap_or("?").to_owned();
@@ -193,6 +215,7 @@ impl Sender {
             "/v1/feedback",
             &json!({"requestId": id, "clicked": impression.clicked}),
             &key,
+            self.options.feedback_authorization.as_deref(),
         )
         .await?;
         Ok(version)

@@ -6,14 +6,15 @@
 
 use std::collections::BTreeMap;
 
+use flywheel_auth::{CREDENTIALS_DIR, GANG_TOKEN_KEY};
 use flywheel_crds::TrainingJob;
 use flywheel_crds::gpuquota::Isolation;
 use flywheel_crds::trainingjob::{Topology, TrainingJobSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
-    PodSpec, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount,
+    Affinity, Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, KeyToPath,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
@@ -457,6 +458,12 @@ fn member_env(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Vec<
             }
         }
     }
+    if has_gang_rpc(&spec.topology) {
+        vars.push(env(
+            "FLYWHEEL_GANG_TOKEN_FILE",
+            format!("{CREDENTIALS_DIR}/{GANG_TOKEN_KEY}"),
+        ));
+    }
     // Workers start their dense weights from it, parameter-server shards their rows.
     if let Some((uri, sha256)) = gang.warm_start {
         vars.push(env(
@@ -466,6 +473,17 @@ fn member_env(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Vec<
         vars.push(env("FLYWHEEL_WARM_START_SHA256", sha256));
     }
     vars
+}
+
+/// The Secret holding the gang token of a job whose members call each other (parameter server, data
+/// parallel): shards and the chief accept only calls that carry it.
+pub fn credentials_name(job: &str) -> String {
+    format!("{job}-gang-credentials")
+}
+
+/// Whether the job's members talk to each other over gRPC (and so need the gang token).
+pub fn has_gang_rpc(topology: &Topology) -> bool {
+    !matches!(topology, Topology::Single(_))
 }
 
 /// Whether the job's workers train with burn-cuda: a data-parallel gang on NVIDIA GPUs or MIG slices.
@@ -634,7 +652,28 @@ pub fn pod(job: &TrainingJob, member: Member, gang: &GangContext<'_>) -> Pod {
             args
         }
     };
-    let (volumes, mounts) = volumes(gang.settings);
+    let (mut volumes, mut mounts) = volumes(gang.settings);
+    if has_gang_rpc(&spec.topology) {
+        volumes.push(Volume {
+            name: "credentials".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(credentials_name(&name)),
+                items: Some(vec![KeyToPath {
+                    key: GANG_TOKEN_KEY.to_owned(),
+                    path: GANG_TOKEN_KEY.to_owned(),
+                    mode: None,
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "credentials".to_owned(),
+            mount_path: CREDENTIALS_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     let mut ports = vec![ContainerPort {
         name: Some("rpc".to_owned()),
         container_port: i32::from(RPC_PORT),
@@ -887,11 +926,30 @@ mod tests {
         assert_eq!(spec.containers[0].image, Some(settings.image.clone()));
         assert!(
             spec.volumes
+                .clone()
                 .unwrap_or_default()
                 .iter()
                 .any(|v| v.persistent_volume_claim.is_some()),
             "the storage claim is mounted"
         );
+        // Every member holds the gang token: shards and the chief accept only calls that carry it.
+        for member in [&server.spec.clone().unwrap_or_default(), &spec] {
+            let gang_secret = member
+                .volumes
+                .iter()
+                .flatten()
+                .find_map(|v| v.secret.as_ref()?.secret_name.clone());
+            assert_eq!(
+                gang_secret.as_deref(),
+                Some("ctr-widedeep-gpu-gang-credentials")
+            );
+        }
+        for env in [&server_env, &env] {
+            assert_eq!(
+                env["FLYWHEEL_GANG_TOKEN_FILE"],
+                "/var/run/flywheel/credentials/gang-token"
+            );
+        }
     }
 
     #[test]

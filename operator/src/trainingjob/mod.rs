@@ -33,6 +33,7 @@ pub use gang::{KUEUE_QUEUE_LABEL, TrainerSettings};
 pub use plan::{Observed, TrainingPlan, WarmStart, plan};
 
 use crate::controller::{Context, Error, FIELD_MANAGER, apply_plan, strip_managed_fields};
+use crate::credentials;
 use gang::{CHIEF, LABEL_JOB};
 
 pub const KIND: &str = "TrainingJob";
@@ -259,6 +260,17 @@ pub async fn reconcile(
                 &Patch::Apply(service),
             )
             .await?;
+    }
+    if !decided.create_pods.is_empty() && gang::has_gang_rpc(&job.spec.topology) {
+        // Before the pods that mount it: a member without its token could not reach the others.
+        credentials::ensure(
+            &Api::namespaced(ctx.client.clone(), &namespace),
+            &gang::credentials_name(&job.name_any()),
+            serde_json::to_value(gang::owner_reference(&job)).ok(),
+            serde_json::to_value(gang::selector_labels(&job.name_any()))?,
+            &[flywheel_auth::GANG_TOKEN_KEY],
+        )
+        .await?;
     }
     for pod in &decided.create_pods {
         match pods_api.create(&PostParams::default(), pod).await {
