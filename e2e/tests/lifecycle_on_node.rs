@@ -154,6 +154,7 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
         predictions.iter().all(|p| *p > 0.0 && *p < 1.0),
         "{predictions:?}"
     );
+    nobody_without_the_token_changes_what_is_served(&client, &namespace).await?;
 
     // The served version holds `production`; the next jobs state gates against it, and their versions are
     // judged by them: a retrain with the same data and seed (the same model) passes, one that barely learned
@@ -360,6 +361,108 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
 }
 
 /// The IPs of the Rollout's serving pods once exactly three run, Ready, with the clicks topic.
+/// The IP of the first running pod of the Rollout `ctr` with `role`.
+async fn pod_ip(client: &Client, namespace: &str, role: &str) -> Result<Ipv4Addr, String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let list = pods
+        .list(&ListParams::default().labels(&format!(
+            "flywheel.dev/rollout=ctr,flywheel.dev/role={role}"
+        )))
+        .await
+        .map_err(|e| e.to_string())?;
+    list.items
+        .iter()
+        .find_map(|pod| pod.status.as_ref()?.pod_ip.as_ref()?.parse().ok())
+        .ok_or_else(|| format!("no {role} pod with an IP"))
+}
+
+/// An unauthenticated caller repoints no route and swaps no model; a route table changed behind the
+/// operator's back (here with the stolen admin token) is set back at the next reconcile, with an Event.
+async fn nobody_without_the_token_changes_what_is_served(
+    client: &Client,
+    namespace: &str,
+) -> TestResult {
+    let router = SocketAddr::from((pod_ip(client, namespace, "router").await?, 8082));
+    let server = SocketAddr::from((pod_ip(client, namespace, "serve").await?, 8082));
+    let http = HttpClient::default();
+    let hijack = json!({
+        "backends": [{"name": "ctr-v1", "http": format!("http://{NODE_IP}:9"), "weight": 100}],
+        "mirror": {"name": "exfiltrate", "http": format!("http://{NODE_IP}:9"), "percent": 100},
+    })
+    .to_string()
+    .into_bytes();
+    let (code, _) = http
+        .send_to("PUT", router, "/admin/routes", Some(hijack.clone()), &[])
+        .await?;
+    assert_eq!(code, 401, "an anonymous route change");
+    let swap = json!({"version": "evil", "uri": "/dev/zero"})
+        .to_string()
+        .into_bytes();
+    let (code, _) = http
+        .send_to("PUT", server, "/admin/model", Some(swap), &[])
+        .await?;
+    assert_eq!(code, 401, "an anonymous model swap");
+
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), namespace);
+    let token = secrets
+        .get("ctr-credentials")
+        .await?
+        .data
+        .unwrap_or_default()
+        .get("admin-token")
+        .map(|bytes| String::from_utf8_lossy(&bytes.0).into_owned())
+        .ok_or("the Rollout's Secret has no admin token")?;
+    let bearer = format!("Bearer {token}");
+    let authorized = [("authorization", bearer.as_str())];
+    let (code, _) = http
+        .send_to("PUT", router, "/admin/routes", Some(hijack), &authorized)
+        .await?;
+    assert_eq!(code, 200);
+    // Any change to the Rollout reconciles it; the operator finds the router's table drifted.
+    api_for(client, "Rollout", namespace)?
+        .patch(
+            "ctr",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"example.com/touched": "1"}}})),
+        )
+        .await?;
+    until("the route table to be set back", SETTLE, || {
+        let http = http.clone();
+        let authorized = authorized;
+        async move {
+            let (_, table) = http
+                .send_to("GET", router, "/admin/routes", None, &authorized)
+                .await
+                .map_err(|e| e.to_string())?;
+            let restored = table["mirror"].is_null()
+                && table["backends"][0]["http"]
+                    .as_str()
+                    .is_some_and(|url| url.starts_with("http://ctr-ctr-v1."));
+            restored.then_some(()).ok_or(table.to_string())
+        }
+    })
+    .await?;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), namespace);
+    until("a RoutesDrifted Event", SETTLE, || {
+        let events = events.clone();
+        async move {
+            let list = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .any(|event| event.reason.as_deref() == Some("RoutesDrifted"))
+                .then_some(())
+                .ok_or("none yet".to_owned())
+        }
+    })
+    .await?;
+    Ok(())
+}
+
 async fn feedback_replicas(client: &Client, namespace: &str) -> Result<Vec<Ipv4Addr>, String> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let listed = pods
