@@ -27,11 +27,16 @@ pub type Quality = (f64, f64, f64);
 #[derive(Clone, Default)]
 pub struct Exporter {
     pub versions: Arc<Mutex<BTreeMap<String, Quality>>>,
+    /// The namespace label of every series (a cluster's scrape adds the pod's namespace).
+    namespace: String,
 }
 
 impl Exporter {
-    pub async fn start() -> Result<(Exporter, u16), BoxError> {
-        let exporter = Exporter::default();
+    pub async fn start(namespace: &str) -> Result<(Exporter, u16), BoxError> {
+        let exporter = Exporter {
+            namespace: namespace.to_owned(),
+            ..Exporter::default()
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let serving = exporter.clone();
@@ -67,7 +72,10 @@ impl Exporter {
             .clone();
         let mut text = String::new();
         for (version, (auc, calibration, samples)) in versions {
-            let labels = format!("model=\"ctr\",version=\"{version}\"");
+            let labels = format!(
+                "namespace=\"{}\",model=\"ctr\",version=\"{version}\"",
+                self.namespace
+            );
             text += &format!("flywheel_serving_online_auc{{{labels}}} {auc}\n");
             text += &format!("flywheel_serving_online_calibration{{{labels}}} {calibration}\n");
             text += &format!("flywheel_serving_online_window_samples{{{labels}}} {samples}\n");
@@ -100,7 +108,7 @@ impl Setup {
     ) -> Result<Setup, BoxError> {
         let client = cluster.client().await?;
         let namespace = cluster.namespace(&client, prefix).await?;
-        let (exporter, exporter_port) = Exporter::start().await?;
+        let (exporter, exporter_port) = Exporter::start(&namespace).await?;
         let prometheus = PrometheusServer::start(listen, &[("serving", exporter_port)]).await?;
         Ok(Setup {
             client,

@@ -429,7 +429,6 @@ async fn nobody_without_the_token_changes_what_is_served(
         .await?;
     until("the route table to be set back", SETTLE, || {
         let http = http.clone();
-        let authorized = authorized;
         async move {
             let (_, table) = http
                 .send_to("GET", router, "/admin/routes", None, &authorized)

@@ -1178,7 +1178,8 @@ async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_w
             .arg("--config")
             .arg(&config_file)
             .arg("--admin-token-file")
-            .arg(&token),
+            .arg(&token)
+            .args(["--model-name", "ctr"]),
         &dir.join("router.log"),
     )?;
     until("router listening", Duration::from_secs(20), || async move {
@@ -1387,6 +1388,34 @@ async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_w
             &["backend=\"v2\"", "code=\"502\""]
         ),
         None
+    );
+
+    // A backend that refuses connections (a crash-looping canary): the caller gets 502, and the router counts
+    // it as an upstream failure of that version, which the Rollout's error rate adds to the servers' errors.
+    let dead = json!({"backends": [{"name": "v3", "http": format!("http://127.0.0.1:{}", free_port()?), "weight": 100}]});
+    let (code, _) = client
+        .send(
+            "PUT",
+            admin,
+            "/admin/routes",
+            Some(dead.to_string().into_bytes()),
+            &authorized,
+        )
+        .await?;
+    assert_eq!(code, 200);
+    let (code, _) = client
+        .post(port, "/v2/models/ctr/infer", &body, &[("x-user-id", "u")])
+        .await?;
+    assert_eq!(code, 502);
+    let (_, text) = http_get(admin, "/metrics").await?;
+    assert_eq!(
+        metric(
+            &text,
+            "flywheel_router_upstream_failures_total",
+            &["model=\"ctr\"", "backend=\"v3\""]
+        ),
+        Some(1.0),
+        "{text}"
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

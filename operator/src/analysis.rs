@@ -21,8 +21,21 @@ pub struct QueryContext<'a> {
     pub interval: String,
 }
 
+/// The series of one version of this rollout. The namespace (the scrape's target label) keeps a Rollout from
+/// reading, or aborting on, the series of a namesake in another namespace.
 fn selector(context: &QueryContext<'_>, version: &str) -> String {
-    format!("model=\"{}\",version=\"{version}\"", context.rollout)
+    format!(
+        "namespace=\"{}\",model=\"{}\",version=\"{version}\"",
+        context.namespace, context.rollout
+    )
+}
+
+/// Whether the alert `alert` fires for this rollout (in its namespace).
+pub fn alert_query(alert: &str, context: &QueryContext<'_>) -> String {
+    format!(
+        "count(ALERTS{{alertstate=\"firing\",alertname=\"{alert}\",namespace=\"{}\",model=\"{}\"}})",
+        context.namespace, context.rollout
+    )
 }
 
 /// The PromQL of a metric.
@@ -40,11 +53,18 @@ pub fn query(metric: &AnalysisMetric, context: &QueryContext<'_>) -> String {
         (Some(BuiltinMetric::LatencyP99), _) => format!(
             "histogram_quantile(0.99, sum by (le) (rate(flywheel_serving_request_duration_seconds_bucket{{{canary}}}[{interval}])))"
         ),
-        // A version that never failed has no error series: its error count is 0, not unknown. A canary without
-        // any request still has no rate, so the measurement stays inconclusive then.
-        (Some(BuiltinMetric::ErrorRate), _) => format!(
-            "(sum(rate(flywheel_serving_requests_total{{{canary},code!=\"OK\"}}[{interval}])) or vector(0)) / sum(rate(flywheel_serving_requests_total{{{canary}}}[{interval}]))"
-        ),
+        // A version that never failed has no error series: its error count is 0, not unknown. Requests the
+        // router could not deliver to the canary (a crash-looping pod, a refused connection) never reached its
+        // servers and count as errors too. Without any request the ratio is NaN: inconclusive.
+        (Some(BuiltinMetric::ErrorRate), _) => {
+            let undelivered = format!(
+                "(sum(rate(flywheel_router_upstream_failures_total{{namespace=\"{}\",model=\"{}\",backend=\"{}\"}}[{interval}])) or vector(0))",
+                context.namespace, context.rollout, context.canary
+            );
+            format!(
+                "((sum(rate(flywheel_serving_requests_total{{{canary},code!=\"OK\"}}[{interval}])) or vector(0)) + {undelivered}) / ((sum(rate(flywheel_serving_requests_total{{{canary}}}[{interval}])) or vector(0)) + {undelivered})"
+            )
+        }
         (None, Some(text)) => text
             .replace("{{stable}}", context.stable)
             .replace("{{canary}}", context.canary)
@@ -344,7 +364,7 @@ mod tests {
         );
         assert_eq!(
             drop,
-            "avg(flywheel_serving_online_auc{model=\"ctr\",version=\"ctr-v1\"}) - avg(flywheel_serving_online_auc{model=\"ctr\",version=\"ctr-v2\"})"
+            "avg(flywheel_serving_online_auc{namespace=\"ml\",model=\"ctr\",version=\"ctr-v1\"}) - avg(flywheel_serving_online_auc{namespace=\"ml\",model=\"ctr\",version=\"ctr-v2\"})"
         );
         let mut custom = metric(None, None, Some(1.0));
         custom.query =
@@ -352,6 +372,34 @@ mod tests {
         assert_eq!(
             query(&custom, &context()),
             "rate(x{version=\"ctr-v2\",ns=\"ml\"}[60s])"
+        );
+    }
+
+    #[test]
+    fn every_builtin_and_the_alerts_are_scoped_to_the_rollouts_namespace() {
+        let staging = QueryContext {
+            namespace: "staging",
+            ..context()
+        };
+        for builtin in [
+            BuiltinMetric::AucDrop,
+            BuiltinMetric::CalibrationDeviation,
+            BuiltinMetric::LatencyP99,
+            BuiltinMetric::ErrorRate,
+        ] {
+            let text = query(&metric(Some(builtin), None, Some(1.0)), &staging);
+            let selectors = text.matches("model=\"ctr\"").count();
+            assert!(selectors > 0, "{text}");
+            assert_eq!(
+                text.matches("namespace=\"staging\",model=\"ctr\"").count(),
+                selectors,
+                "{text}"
+            );
+        }
+        assert!(samples_query(&staging).contains("namespace=\"staging\",model=\"ctr\""));
+        assert_eq!(
+            alert_query("FlywheelAucDrop", &staging),
+            "count(ALERTS{alertstate=\"firing\",alertname=\"FlywheelAucDrop\",namespace=\"staging\",model=\"ctr\"})"
         );
     }
 

@@ -333,6 +333,7 @@ pub fn router(
                             "route",
                             "--config", format!("/etc/flywheel/{ROUTES_FILE}"),
                             "--sticky-header", router.sticky_header,
+                            "--model-name", name,
                             "--admin-token-file", credential_file(ADMIN_TOKEN_KEY),
                         ],
                         "ports": [

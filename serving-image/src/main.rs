@@ -180,6 +180,9 @@ struct RouteArgs {
     /// The token `/admin` calls must carry; without it the route table can only be read.
     #[arg(long, env = "FLYWHEEL_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
+    /// The model (the Rollout) this router serves: the `model` label of its metrics.
+    #[arg(long, env = "FLYWHEEL_MODEL_NAME")]
+    model_name: Option<String>,
 }
 
 /// The token in `path`, when one is configured.
@@ -422,7 +425,12 @@ async fn route(args: RouteArgs) -> anyhow::Result<()> {
     let header = http::header::HeaderName::from_bytes(args.sticky_header.as_bytes())
         .with_context(|| format!("--sticky-header {}", args.sticky_header))?;
     tracing::info!(routes = %proxy::describe(&plan), "routing");
-    let proxy = Arc::new(proxy::Proxy::new(plan, header, args.max_body_bytes));
+    let proxy = Arc::new(proxy::Proxy::new(
+        plan,
+        header,
+        args.max_body_bytes,
+        args.model_name.as_deref(),
+    ));
     let listener = bind(args.listen).await?;
     let admin = bind(args.admin_listen).await?;
     let watched = proxy.clone();

@@ -55,11 +55,20 @@ pub struct RouterMetrics {
     shadow_delta: Histogram,
     reloads: Family<OutcomeLabels, Counter>,
     weights: Family<BackendLabels, Gauge>,
+    upstream_failures: Family<BackendLabels, Counter>,
 }
 
 impl RouterMetrics {
-    fn new() -> Self {
-        let mut registry = Registry::with_prefix("flywheel_router");
+    /// Every series carries `model="<model>"` when given (the Rollout's name, as the servers' series do), so
+    /// a rollout's analysis selects its own router.
+    fn new(model: Option<&str>) -> Self {
+        let labels = model.map(|model| {
+            (
+                std::borrow::Cow::Borrowed("model"),
+                std::borrow::Cow::Owned(model.to_owned()),
+            )
+        });
+        let mut registry = Registry::with_prefix_and_labels("flywheel_router", labels.into_iter());
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -96,6 +105,12 @@ impl RouterMetrics {
             "Current traffic weight of each backend in 0.01% steps",
             weights.clone(),
         );
+        let upstream_failures = Family::<BackendLabels, Counter>::default();
+        registry.register(
+            "upstream_failures",
+            "Requests the router could not deliver to their backend or read its answer of (the backend never counted them), by backend",
+            upstream_failures.clone(),
+        );
         RouterMetrics {
             registry,
             requests,
@@ -104,6 +119,7 @@ impl RouterMetrics {
             shadow_delta,
             reloads,
             weights,
+            upstream_failures,
         }
     }
 
@@ -143,7 +159,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Proxy {
-    pub fn new(plan: RoutePlan, sticky_header: HeaderName, max_body_bytes: usize) -> Proxy {
+    pub fn new(
+        plan: RoutePlan,
+        sticky_header: HeaderName,
+        max_body_bytes: usize,
+        model: Option<&str>,
+    ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let http1 = Client::builder(TokioExecutor::new()).build(connector.clone());
@@ -155,7 +176,7 @@ impl Proxy {
             sticky_header,
             http1,
             http2,
-            metrics: RouterMetrics::new(),
+            metrics: RouterMetrics::new(model),
             max_body_bytes,
             unkeyed: AtomicU64::new(0),
         };
@@ -332,6 +353,12 @@ impl Proxy {
     ) -> Response<ProxyBody> {
         tracing::warn!(backend, %message, "request not routed");
         let code = if grpc { "14" } else { "502" };
+        self.metrics
+            .upstream_failures
+            .get_or_create(&BackendLabels {
+                backend: backend.to_owned(),
+            })
+            .inc();
         self.metrics
             .requests
             .get_or_create(&RequestLabels {

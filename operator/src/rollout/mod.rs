@@ -56,14 +56,20 @@ fn split_of(status: &RolloutStatus) -> Option<Vec<(String, u32)>> {
     Some(traffic::split(canary, stable))
 }
 
-/// Alerts of `spec.alerts` firing in Prometheus for this rollout's model.
+/// Alerts of `spec.alerts` firing in Prometheus for this rollout's model, in its namespace.
 async fn firing_in_prometheus(rollout: &Rollout, prometheus: &str) -> Vec<String> {
     let name = rollout.name_any();
+    let namespace = rollout.namespace().unwrap_or_default();
+    let context = QueryContext {
+        rollout: &name,
+        namespace: &namespace,
+        stable: "",
+        canary: "",
+        interval: String::new(),
+    };
     let mut firing = Vec::new();
     for alert in &rollout.spec.alerts {
-        let query = format!(
-            "count(ALERTS{{alertstate=\"firing\",alertname=\"{alert}\",model=\"{name}\"}})"
-        );
+        let query = analysis::alert_query(alert, &context);
         if let QueryResult::Value(count) =
             analysis::instant_query(prometheus, &query, QUERY_TIMEOUT).await
             && count > 0.0
