@@ -147,11 +147,27 @@ pub struct Strategy {
     validation = Rule::new("!has(self.steps) || self.steps.filter(s, has(s.setWeight)).map(s, s.setWeight).isSorted()").message("spec.strategy.canary.steps: setWeight values must strictly increase"),
     validation = Rule::new("!has(self.steps) || self.steps.filter(s, has(s.setWeight)).all(s, self.steps.filter(t, has(t.setWeight) && t.setWeight == s.setWeight).size() == 1)").message("spec.strategy.canary.steps: setWeight values must strictly increase")
 )]
+#[serde(rename_all = "camelCase")]
 pub struct CanaryStrategy {
     /// Ordered steps; empty means 1 → 5 → 20 → 100 with an analysis pass between steps.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub steps: Vec<CanaryStep>,
+    /// How long the canary's pods may take to become available (default `10m`, counted from the start of the
+    /// step). The weight only moves while every canary replica is available; past the deadline the canary is
+    /// aborted, the reason naming its pods and their state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline: Option<Duration>,
+}
+
+impl CanaryStrategy {
+    pub const DEFAULT_PROGRESS_DEADLINE: &str = "10m";
+
+    pub fn progress_deadline(&self) -> Duration {
+        self.progress_deadline
+            .clone()
+            .unwrap_or_else(|| Duration::from(Self::DEFAULT_PROGRESS_DEADLINE))
+    }
 }
 
 /// One step, written as one key: `setWeight: 5` or `pause: {duration: 10m}`.
@@ -195,12 +211,27 @@ pub struct Analysis {
     #[serde(default = "default_inconclusive_limit")]
     #[schemars(range(min = 0, max = 100))]
     pub inconclusive_limit: u32,
-    /// Failed queries (Prometheus unreachable, a bad query) in a row that pause the rollout.
+    /// Failed queries (Prometheus unreachable, a bad query) tolerated in a row; one more triggers `onError`.
     #[serde(default = "default_consecutive_error_limit")]
     #[schemars(range(min = 0, max = 100))]
     pub consecutive_error_limit: u32,
+    /// What analysis errors beyond `consecutiveErrorLimit` do: `abort` (default: without evidence the canary
+    /// is not trusted with traffic) or `pause` (the canary keeps its weight until a human decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<OnError>,
     #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub metrics: Vec<AnalysisMetric>,
+}
+
+/// What persistent analysis errors do to the canary.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum OnError {
+    /// Roll the canary back to weight 0 (`Degraded`).
+    #[default]
+    Abort,
+    /// Hold the canary's weight and wait for a human.
+    Pause,
 }
 
 fn default_interval() -> Duration {
@@ -377,6 +408,9 @@ pub struct RolloutStatus {
     /// Why the rollout is paused, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_reason: Option<String>,
+    /// What the current step waits for before the canary's weight moves (its pods becoming available).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -452,6 +486,9 @@ impl RolloutSpec {
                 "spec.feedback",
                 "set clicksTopic, predictionLogTopic or both",
             );
+        }
+        if let Some(deadline) = &self.strategy.canary.progress_deadline {
+            violations.check_duration("spec.strategy.canary.progressDeadline", deadline);
         }
         if let Some(analysis) = &self.analysis {
             violations.check_duration("spec.analysis.interval", &analysis.interval);

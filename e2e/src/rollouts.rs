@@ -89,14 +89,50 @@ pub struct Setup {
     pub namespace: String,
     pub exporter: Exporter,
     pub prometheus: PrometheusServer,
+    /// The model every ModelVersion of the test serves, on the namespace's claim (none without a node).
+    artifact: Option<Artifact>,
+}
+
+/// A trained model on the claim, as a ModelVersion names it.
+struct Artifact {
+    uri: String,
+    sha256: String,
+    feature_schema_hash: String,
+}
+
+/// Trains a small model into `<volume>/models/ctr`, the claim's `models/ctr` in the pods.
+fn trained_artifact(volume: &std::path::Path) -> Result<Artifact, BoxError> {
+    let data = crate::serving::dataset(&volume.join("data"), 2_000, 5)?;
+    let path = crate::serving::train(&data.dir, &volume.join("models").join("ctr"), 1)?;
+    let bytes = std::fs::read(&path)?;
+    let card = flywheel_ml::artifact::card(&bytes)?;
+    Ok(Artifact {
+        uri: format!("file://{}/models/ctr/model.fwm", on_node::STORAGE),
+        sha256: flywheel_ml::artifact::sha256_hex(&bytes),
+        feature_schema_hash: card.feature_schema_hash,
+    })
 }
 
 impl Setup {
-    /// A fresh namespace on the node's cluster (the operator installed by the chart), an exporter, and a
-    /// Prometheus scraping it on the node's address, where the operator's pod queries it.
+    /// A fresh namespace on the node's cluster (the operator installed by the chart) with a claim holding a
+    /// trained model, so every version's serving pods really become available; an exporter of the quality
+    /// metrics the test sets, and a Prometheus scraping it on the node's address, where the operator's pod
+    /// queries it.
     pub async fn start(prefix: &str) -> Result<Setup, BoxError> {
         let cluster = on_node::operator(&[]).await?;
-        Setup::in_cluster(cluster, prefix, on_node::NODE_IP).await
+        let client = cluster.client().await?;
+        let (namespace, volume) = on_node::namespace_with_storage(cluster, &client, prefix).await?;
+        let artifact = trained_artifact(&volume)?;
+        let (exporter, exporter_port) = Exporter::start(&namespace).await?;
+        let prometheus =
+            PrometheusServer::start(on_node::NODE_IP, &[("serving", exporter_port)]).await?;
+        Ok(Setup {
+            client,
+            namespace,
+            exporter,
+            prometheus,
+            artifact: Some(artifact),
+        })
     }
 
     /// The same on `cluster` with Prometheus listening on `listen`: the operator's benchmark runs the operator
@@ -115,13 +151,45 @@ impl Setup {
             namespace,
             exporter,
             prometheus,
+            artifact: None,
         })
     }
 }
 
+/// A Validated ModelVersion `name` of the setup's trained model.
 pub async fn model_version(setup: &Setup, name: &str) -> Result<(), BoxError> {
+    model_version_with(setup, name, |_| {}).await
+}
+
+/// A Validated ModelVersion whose artifact digest is wrong: its serving pods run but never become ready.
+pub async fn unservable_model_version(setup: &Setup, name: &str) -> Result<(), BoxError> {
+    model_version_with(setup, name, |version| {
+        set(version, "/spec/artifact/sha256", json!("0".repeat(64)));
+    })
+    .await
+}
+
+async fn model_version_with(
+    setup: &Setup,
+    name: &str,
+    edit: impl FnOnce(&mut Value),
+) -> Result<(), BoxError> {
     let mut version = example("modelversion.yaml")?;
     set(&mut version, "/metadata/name", json!(name));
+    if let Some(artifact) = &setup.artifact {
+        set(&mut version, "/spec/artifact/uri", json!(artifact.uri));
+        set(
+            &mut version,
+            "/spec/artifact/sha256",
+            json!(artifact.sha256),
+        );
+        set(
+            &mut version,
+            "/spec/featureSchemaHash",
+            json!(artifact.feature_schema_hash),
+        );
+    }
+    edit(&mut version);
     create(&setup.client, &setup.namespace, &version).await??;
     let api = api_for(&setup.client, "ModelVersion", &setup.namespace)?;
     until(

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use flywheel_e2e::fixtures::api_for;
 use flywheel_e2e::on_node;
 use flywheel_e2e::rollouts::{
-    Setup, model_version, rollout_status, routes, serving_from, set_target, wait_status,
+    Setup, model_version, rollout_status, routes, serving_from, set_target,
+    unservable_model_version, wait_status,
 };
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -184,6 +185,58 @@ async fn a_canary_2_percent_worse_is_rolled_back_at_the_first_failing_analysis()
         .cloned()
         .unwrap_or_default();
     assert_eq!(failing["metric"], "auc-drop");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_canary_that_never_becomes_available_gets_no_traffic_and_is_aborted_at_its_deadline()
+-> TestResult {
+    let setup = setup("rollout-unavailable").await?;
+    model_version(&setup, "ctr-v1").await?;
+    unservable_model_version(&setup, "ctr-v2").await?;
+    setup.exporter.set("ctr-v1", 0.80, 1.0, 50_000.0);
+    setup.exporter.set("ctr-v2", 0.80, 1.0, 50_000.0);
+    serving_from(&setup, "ctr-v1").await?;
+    api_for(&setup.client, "Rollout", &setup.namespace)?
+        .patch(
+            "ctr",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "modelVersion": "ctr-v2",
+                "strategy": {"canary": {"progressDeadline": "15s"}},
+            }})),
+        )
+        .await?;
+    // Every poll: the canary never had a weight, and the router never sent it anything.
+    let started = Instant::now();
+    let mut waited_for_pods = false;
+    let status = loop {
+        let status = rollout_status(&setup).await?;
+        assert_eq!(status["canaryWeight"], 0, "{status}");
+        assert_eq!(
+            routes(&setup).await?,
+            BTreeMap::from([("ctr-v1".into(), 100)])
+        );
+        waited_for_pods |= status["waitingFor"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("ctr-v2 to be available"));
+        if status["phase"] == "Degraded" {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not aborted: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(waited_for_pods, "the status said what the step waited for");
+    let reason = status["abortReason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("ctr-v2 did not become available within the progress deadline (15s): 0/1 pods available; ctr-ctr-v2-")
+            && reason.contains("not ready"),
+        "{reason}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(15));
     Ok(())
 }
 

@@ -139,24 +139,7 @@ pub fn decode<B: Backend>(
     device: &B::Device,
 ) -> Result<SavedModel<B>, ArtifactError> {
     let mut input = bytes;
-    if input.len() < 4 || &input[..4] != MAGIC {
-        return Err(ArtifactError::NotAModel);
-    }
-    input = &input[4..];
-    let card_bytes = section(&mut input)?;
-    let card: ModelCard = serde_json::from_slice(card_bytes)
-        .map_err(|err| ArtifactError::Corrupt(format!("model card: {err}")))?;
-    if card.format != FORMAT {
-        return Err(ArtifactError::Corrupt(format!(
-            "unknown format {}",
-            card.format
-        )));
-    }
-    if let Some(calibrator) = &card.calibrator {
-        calibrator
-            .validate()
-            .map_err(|reason| ArtifactError::Corrupt(format!("calibrator: {reason}")))?;
-    }
+    let card = read_card(&mut input)?;
     let dense = section(&mut input)?;
     let record = BinBytesRecorder::<FullPrecisionSettings>::default()
         .load(dense.to_vec(), device)
@@ -190,6 +173,35 @@ pub fn decode<B: Backend>(
             factors,
         },
     })
+}
+
+/// The model card of an artifact, without loading the model (what a registry entry needs: schema hash,
+/// metrics, lineage).
+pub fn card(bytes: &[u8]) -> Result<ModelCard, ArtifactError> {
+    read_card(&mut &bytes[..])
+}
+
+/// Reads the magic and the card, leaving `input` at the dense weights.
+fn read_card(input: &mut &[u8]) -> Result<ModelCard, ArtifactError> {
+    if input.len() < 4 || &input[..4] != MAGIC {
+        return Err(ArtifactError::NotAModel);
+    }
+    *input = &input[4..];
+    let card_bytes = section(input)?;
+    let card: ModelCard = serde_json::from_slice(card_bytes)
+        .map_err(|err| ArtifactError::Corrupt(format!("model card: {err}")))?;
+    if card.format != FORMAT {
+        return Err(ArtifactError::Corrupt(format!(
+            "unknown format {}",
+            card.format
+        )));
+    }
+    if let Some(calibrator) = &card.calibrator {
+        calibrator
+            .validate()
+            .map_err(|reason| ArtifactError::Corrupt(format!("calibrator: {reason}")))?;
+    }
+    Ok(card)
 }
 
 fn section<'a>(input: &mut &'a [u8]) -> Result<&'a [u8], ArtifactError> {

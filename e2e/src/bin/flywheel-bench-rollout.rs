@@ -19,6 +19,7 @@ use flywheel_e2e::fixtures::api_for;
 use flywheel_e2e::operator::OperatorProcess;
 use flywheel_e2e::rollouts::{Setup, model_version, routes, serving_from, set_target, wait_status};
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -101,6 +102,32 @@ async fn until_scraped(setup: &Setup, value: f64) -> anyhow::Result<Instant> {
     }
 }
 
+/// This cluster has no node: nothing runs the canary's pods, and the operator moves a canary's weight only
+/// while its Deployment reports every replica available. The benchmark reports it so, as a kubelet and the
+/// deployment controller would, to measure the operator alone.
+fn keep_canary_available(client: kube::Client, namespace: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let api: Api<Deployment> = Api::namespaced(client, &namespace);
+        loop {
+            if let Ok(Some(deployment)) = api.get_opt("ctr-ctr-v2").await {
+                let generation = deployment.metadata.generation.unwrap_or(1);
+                let status = json!({"status": {
+                    "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "availableReplicas": 1,
+                    "observedGeneration": generation,
+                }});
+                let _ = api
+                    .patch_status(
+                        "ctr-ctr-v2",
+                        &PatchParams::default(),
+                        &Patch::Merge(&status),
+                    )
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
 fn summary(samples: &mut [Duration]) -> String {
     samples.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -130,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
     setup.exporter.set("ctr-v1", 0.80, 1.0, 50_000.0);
     setup.exporter.set("ctr-v2", 0.80, 1.0, 5_000.0);
     serving_from(&setup, "ctr-v1").await.map_err(boxed)?;
+    let available = keep_canary_available(setup.client.clone(), setup.namespace.clone());
     set_target(&setup, "ctr-v2").await.map_err(boxed)?;
     wait_status(&setup, "canary at 1%", Duration::from_secs(30), |s| {
         s["canaryWeight"] == 1
@@ -179,6 +207,8 @@ async fn main() -> anyhow::Result<()> {
         "| metric changed at the exporter → weight 0 (adds the 1 s scrape) | {} |",
         summary(&mut by_change)
     );
+
+    available.abort();
 
     // Many Rollouts at once.
     let namespace = setup.namespace.clone();

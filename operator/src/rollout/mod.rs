@@ -3,6 +3,7 @@
 //! table first, so status never claims a weight that is not in force, then status and Events. An abort also
 //! pushes the new route table to every router pod at once, not waiting for the mounted ConfigMap to refresh.
 
+pub mod health;
 pub mod online;
 pub mod plan;
 
@@ -163,6 +164,12 @@ pub async fn reconcile(
         }
         _ => Vec::new(),
     };
+    let canary_pods = match status.canary_version.as_deref() {
+        Some(canary) if canary_live(&status) => {
+            Some(canary_pods(&ctx, &namespace, &name, canary).await?)
+        }
+        _ => None,
+    };
     let planned = plan::plan(&plan::Observed {
         rollout: &rollout,
         target: target.as_deref(),
@@ -170,6 +177,7 @@ pub async fn reconcile(
         firing,
         online: online.clone(),
         drifted_routers,
+        canary_pods,
         now,
     });
     let after = split_of(&planned.plan.status);
@@ -372,6 +380,25 @@ fn ignore_missing<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(err) => Err(err.into()),
     }
+}
+
+/// The canary's Deployment and pods, as the plan judges its availability.
+async fn canary_pods(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    canary: &str,
+) -> Result<health::CanaryPods, Error> {
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+    let deployment = deployments
+        .get_opt(&traffic::workload_name(name, canary))
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let selector = ListParams::default().labels(&format!(
+        "{LABEL_ROLLOUT}={name},{LABEL_VERSION}={canary},{LABEL_ROLE}=serve"
+    ));
+    let pods = pods.list(&selector).await?.items;
+    Ok(health::observe(deployment.as_ref(), &pods))
 }
 
 /// The running router pods of a rollout: (name, IP).

@@ -14,12 +14,13 @@ use std::time::Duration;
 use flywheel_crds::common::{ConditionStatus, condition, set_condition};
 use flywheel_crds::modelversion::ModelVersionPhase;
 use flywheel_crds::rollout::{
-    CanaryStep, Measurement, MeasurementVerdict, RolloutPhase, RolloutStatus,
+    CanaryStep, Measurement, MeasurementVerdict, OnError, RolloutPhase, RolloutStatus,
 };
 use flywheel_crds::{ModelVersion, Rollout};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::health::CanaryPods;
 use super::online::{self, OnlineView};
 use crate::analysis::Verdict;
 use crate::plan::{Plan, PlannedEvent, spec_conditions};
@@ -31,6 +32,8 @@ pub const CONDITION_HEALTHY: &str = "Healthy";
 /// Measurements kept in status (the oldest go first).
 pub const MAX_MEASUREMENTS: usize = 100;
 const IDLE_REQUEUE: Duration = Duration::from_secs(60);
+/// How often a step waiting for the canary's pods looks again.
+const WAIT_REQUEUE: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -52,6 +55,8 @@ pub struct Observed<'a> {
     pub online: OnlineView,
     /// Router pods whose live route table is not the one the status implies (changed behind the operator).
     pub drifted_routers: Vec<String>,
+    /// The live canary's pods (`None` without a live canary).
+    pub canary_pods: Option<CanaryPods>,
     pub now: Timestamp,
 }
 
@@ -267,10 +272,14 @@ impl Builder<'_> {
         if let Some(error) = with(MeasurementVerdict::Error) {
             self.status.consecutive_errors += 1;
             if self.status.consecutive_errors > analysis.consecutive_error_limit {
-                self.pause(format!(
+                let reason = format!(
                     "{} analysis errors in a row (consecutiveErrorLimit {}): {error}",
                     self.status.consecutive_errors, analysis.consecutive_error_limit
-                ));
+                );
+                match analysis.on_error.unwrap_or_default() {
+                    OnError::Abort => self.abort(reason),
+                    OnError::Pause => self.pause(reason),
+                }
             }
             return false;
         }
@@ -288,6 +297,39 @@ impl Builder<'_> {
         true
     }
 
+    fn canary_available(&self) -> bool {
+        self.observed
+            .canary_pods
+            .as_ref()
+            .is_some_and(CanaryPods::all_available)
+    }
+
+    /// Holds the weight until every canary replica is available; aborts once the step's progress deadline
+    /// passed, naming the pods and their state.
+    fn wait_for_canary(&mut self) {
+        let canary = self.status.canary_version.clone().unwrap_or_default();
+        let state = self.observed.canary_pods.as_ref().map_or_else(
+            || "its Deployment does not exist yet".to_owned(),
+            CanaryPods::describe,
+        );
+        let deadline = self
+            .observed
+            .rollout
+            .spec
+            .strategy
+            .canary
+            .progress_deadline();
+        if elapsed_since(self.status.step_started_at.as_ref(), self.observed.now)
+            >= duration(&deadline)
+        {
+            self.abort(format!(
+                "{canary} did not become available within the progress deadline ({deadline}): {state}"
+            ));
+        } else {
+            self.status.waiting_for = Some(format!("{canary} to be available: {state}"));
+        }
+    }
+
     /// Advances the current step as far as it can go now.
     fn progress(&mut self) {
         let rollout = self.observed.rollout;
@@ -300,6 +342,10 @@ impl Builder<'_> {
         let halted = halted(rollout, &self.status);
         match step {
             CanaryStep::SetWeight(weight) => {
+                if *weight > self.status.canary_weight && !self.canary_available() {
+                    self.wait_for_canary();
+                    return;
+                }
                 self.status.canary_weight = *weight;
                 let needed = rollout.spec.analysis.as_ref().map_or(0, |a| a.count);
                 if !halted && self.status.step_analysis_runs >= needed {
@@ -326,6 +372,9 @@ impl Builder<'_> {
 
 /// The next time something happens by itself: an analysis round or the end of a timed pause.
 fn requeue_after(rollout: &Rollout, status: &RolloutStatus, now: Timestamp) -> Duration {
+    if status.waiting_for.is_some() {
+        return WAIT_REQUEUE;
+    }
     if !matches!(
         status.phase,
         Some(RolloutPhase::Progressing | RolloutPhase::Paused)
@@ -400,11 +449,14 @@ pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
         Some(RolloutPhase::Progressing) => (
             ConditionStatus::False,
             "Progressing",
-            format!(
-                "{} at {}%",
-                b.status.canary_version.as_deref().unwrap_or_default(),
-                b.status.canary_weight
-            ),
+            match &b.status.waiting_for {
+                Some(waiting) => format!("at {}%, waiting for {waiting}", b.status.canary_weight),
+                None => format!(
+                    "{} at {}%",
+                    b.status.canary_version.as_deref().unwrap_or_default(),
+                    b.status.canary_weight
+                ),
+            },
         ),
         Some(RolloutPhase::Paused) => (
             ConditionStatus::False,
@@ -475,6 +527,8 @@ fn target_verdict(observed: &Observed<'_>) -> Result<(), String> {
 }
 
 fn decide(b: &mut Builder<'_>) {
+    // Set again below when the canary still waits for its pods.
+    b.status.waiting_for = None;
     let observed = b.observed;
     let rollout = observed.rollout;
     let target = rollout.spec.model_version.as_str();
@@ -620,6 +674,7 @@ mod tests {
             failure_limit: 0,
             inconclusive_limit: 1,
             consecutive_error_limit: 2,
+            on_error: None,
             metrics: vec![AnalysisMetric {
                 name: "auc-drop".into(),
                 builtin: Some(BuiltinMetric::AucDrop),
@@ -647,12 +702,28 @@ mod tests {
         )])
     }
 
-    /// Plans once and stores the status back, like the controller does.
+    /// Plans once and stores the status back, like the controller does; the canary's pods are available.
     fn step(
         rollout: &mut Rollout,
         target: &ModelVersion,
         analysis: Option<Vec<(String, Verdict)>>,
         firing: &[&str],
+        now: Timestamp,
+    ) -> RolloutPlan {
+        let available = CanaryPods {
+            desired: 1,
+            available: 1,
+            problems: Vec::new(),
+        };
+        step_with(rollout, target, analysis, firing, Some(available), now)
+    }
+
+    fn step_with(
+        rollout: &mut Rollout,
+        target: &ModelVersion,
+        analysis: Option<Vec<(String, Verdict)>>,
+        firing: &[&str],
+        canary_pods: Option<CanaryPods>,
         now: Timestamp,
     ) -> RolloutPlan {
         let planned = plan(&Observed {
@@ -662,6 +733,7 @@ mod tests {
             firing: firing.iter().map(|s| s.to_string()).collect(),
             online: OnlineView::NotNamed,
             drifted_routers: Vec::new(),
+            canary_pods,
             now,
         });
         rollout.status = Some(planned.plan.status.clone());
@@ -684,6 +756,7 @@ mod tests {
                 firing: Vec::new(),
                 online: OnlineView::NotNamed,
                 drifted_routers: drifted,
+                canary_pods: None,
                 now: at(0),
             })
         };
@@ -835,6 +908,106 @@ mod tests {
         assert!(
             !analysis_due(&rollout, at(100)),
             "a halted analysis waits for a human"
+        );
+    }
+
+    #[test]
+    fn analysis_errors_beyond_the_limit_abort_unless_on_error_says_pause() {
+        for (on_error, phase) in [
+            (None, RolloutPhase::Degraded),
+            (Some(OnError::Abort), RolloutPhase::Degraded),
+            (Some(OnError::Pause), RolloutPhase::Paused),
+        ] {
+            let mut rollout = rollout("ctr-v2");
+            if let Some(analysis) = rollout.spec.analysis.as_mut() {
+                analysis.on_error = on_error;
+            }
+            let target = version("ctr-v2", ModelVersionPhase::Validated);
+            step(&mut rollout, &target, None, &[], at(0));
+            let mut last = None;
+            for round_index in 1..=3 {
+                last = Some(step(
+                    &mut rollout,
+                    &target,
+                    round(MeasurementVerdict::Error, f64::NAN),
+                    &[],
+                    at(10 * round_index),
+                ));
+            }
+            let s = status(&rollout);
+            assert_eq!(s.phase, Some(phase), "onError {on_error:?}");
+            let expected_weight = if phase == RolloutPhase::Degraded {
+                0
+            } else {
+                1
+            };
+            assert_eq!(s.canary_weight, expected_weight);
+            assert_eq!(
+                last.and_then(|p| p.aborted).is_some(),
+                phase == RolloutPhase::Degraded
+            );
+        }
+    }
+
+    #[test]
+    fn the_weight_moves_only_when_every_canary_pod_is_available() {
+        let mut rollout = rollout("ctr-v2");
+        let target = version("ctr-v2", ModelVersionPhase::Validated);
+        let starting = CanaryPods {
+            desired: 2,
+            available: 1,
+            problems: vec!["ctr-ctr-v2-abc: ContainerCreating after 0 restarts".into()],
+        };
+        let planned = step_with(&mut rollout, &target, None, &[], None, at(0));
+        assert_eq!(planned.plan.requeue, Some(WAIT_REQUEUE));
+        step_with(&mut rollout, &target, None, &[], Some(starting), at(5));
+        let s = status(&rollout);
+        assert_eq!(
+            (s.phase, s.canary_weight),
+            (Some(RolloutPhase::Progressing), 0)
+        );
+        assert!(
+            s.waiting_for
+                .as_deref()
+                .is_some_and(|w| w.contains("1/2 pods available; ctr-ctr-v2-abc")),
+            "{:?}",
+            s.waiting_for
+        );
+        let ready = CanaryPods {
+            desired: 2,
+            available: 2,
+            problems: Vec::new(),
+        };
+        step_with(&mut rollout, &target, None, &[], Some(ready), at(6));
+        let s = status(&rollout);
+        assert_eq!((s.canary_weight, s.waiting_for), (1, None));
+    }
+
+    #[test]
+    fn a_canary_that_never_becomes_available_is_aborted_at_its_progress_deadline() {
+        let mut rollout = rollout("ctr-v2");
+        rollout.spec.strategy.canary.progress_deadline = Some("2m".into());
+        let target = version("ctr-v2", ModelVersionPhase::Validated);
+        let crashing = || CanaryPods {
+            desired: 1,
+            available: 0,
+            problems: vec!["ctr-ctr-v2-abc: CrashLoopBackOff after 5 restarts".into()],
+        };
+        step_with(&mut rollout, &target, None, &[], Some(crashing()), at(0));
+        let planned = step_with(&mut rollout, &target, None, &[], Some(crashing()), at(119));
+        assert!(planned.aborted.is_none());
+        let planned = step_with(&mut rollout, &target, None, &[], Some(crashing()), at(120));
+        let s = status(&rollout);
+        assert_eq!(
+            (s.phase, s.canary_weight),
+            (Some(RolloutPhase::Degraded), 0)
+        );
+        assert_eq!(
+            planned.aborted.as_deref(),
+            Some(
+                "ctr-v2 did not become available within the progress deadline (2m): 0/1 pods available; \
+                 ctr-ctr-v2-abc: CrashLoopBackOff after 5 restarts"
+            )
         );
     }
 
