@@ -95,6 +95,10 @@ pub struct TrainingJobSpec {
     #[serde(default = "default_backoff_limit")]
     #[schemars(range(min = 0, max = 100))]
     pub backoff_limit: u32,
+    /// How long the kubelet may fail to start a gang's containers (an image it cannot pull, a missing Secret
+    /// or ConfigMap) before the job fails with its reason and gives its GPUs back; default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timeout: Option<Duration>,
     /// Where the model artifact is written.
     pub output: TrainingOutput,
     /// Gates of the ModelVersion this job creates: absolute bounds, or a change versus another version or the
@@ -629,8 +633,19 @@ pub struct OfflineMetrics {
 
 impl TrainingJobSpec {
     /// The rules OpenAPI cannot express on a 1.20 server (each mirrors a CEL rule or a cross-field check).
+    pub const DEFAULT_START_TIMEOUT: &str = "5m";
+
+    pub fn start_timeout(&self) -> Duration {
+        self.start_timeout
+            .clone()
+            .unwrap_or_else(|| Duration::from(Self::DEFAULT_START_TIMEOUT))
+    }
+
     pub fn validate(&self) -> Result<(), SpecViolations> {
         let mut violations = SpecViolations::default();
+        if let Some(timeout) = &self.start_timeout {
+            violations.check_duration("spec.startTimeout", timeout);
+        }
         match (&self.data.feature_view, &self.data.dataset) {
             (Some(_), Some(_)) | (None, None) => {
                 violations.push("spec.data", "set exactly one of featureView or dataset");

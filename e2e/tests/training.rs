@@ -540,6 +540,7 @@ async fn an_image_that_cannot_be_pulled_is_named_in_the_jobs_status() -> TestRes
     let mut manifest = job("missing-image", json!({"single": {}}));
     // A registry on this machine's loopback that nothing serves: the pull fails here, nothing leaves.
     manifest["spec"]["image"] = json!("127.0.0.1:9/flywheel/no-such-trainer:0");
+    manifest["spec"]["startTimeout"] = json!("20s");
     create_job(&s.client, &s.namespace, &manifest).await?;
     let stuck = job_until(
         &s.client,
@@ -573,5 +574,39 @@ async fn an_image_that_cannot_be_pulled_is_named_in_the_jobs_status() -> TestRes
         condition.message.contains("missing-image-worker-0"),
         "{condition:?}"
     );
+    // Nothing will change without a fix: past spec.startTimeout the job fails and its pods go.
+    let failed = job_until(
+        &s.client,
+        &s.namespace,
+        "missing-image",
+        "Failed after the start timeout",
+        SETTLE,
+        |job| {
+            job.status
+                .as_ref()
+                .is_some_and(|s| s.phase == Some(TrainingPhase::Failed))
+        },
+    )
+    .await?;
+    let failure = failed
+        .status
+        .unwrap_or_default()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Failed")
+        .ok_or("no Failed condition")?;
+    assert!(
+        failure.message.contains("spec.startTimeout (20s)"),
+        "{failure:?}"
+    );
+    until("the job's pods to be gone", SETTLE, || async {
+        let pods = pods_of(&s.client, &s.namespace, "missing-image")
+            .await
+            .map_err(|e| e.to_string())?;
+        pods.is_empty()
+            .then_some(())
+            .ok_or(format!("{} pods left", pods.len()))
+    })
+    .await?;
     Ok(())
 }

@@ -141,10 +141,12 @@ pub fn decode<B: Backend>(
     let mut input = bytes;
     let card = read_card(&mut input)?;
     let dense = section(&mut input)?;
-    let record = BinBytesRecorder::<FullPrecisionSettings>::default()
-        .load(dense.to_vec(), device)
-        .map_err(|err| ArtifactError::Record(err.to_string()))?;
-    let model = card.model.init::<B>(device).load_record(record);
+    let model = guard_record("dense weights", || {
+        let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+            .load(dense.to_vec(), device)
+            .map_err(|err| ArtifactError::Record(err.to_string()))?;
+        Ok(card.model.init::<B>(device).load_record(record))
+    })?;
     let (&count, rest) = input.split_first().ok_or(ArtifactError::Truncated)?;
     input = rest;
     let expected = if card.model.uses_factors() { 2 } else { 1 };
@@ -172,6 +174,20 @@ pub fn decode<B: Backend>(
             first_order,
             factors,
         },
+    })
+}
+
+/// Runs a burn record load. burn-core 0.21's byte recorder panics on some damaged records instead of returning
+/// an error (`record/memory.rs` unwraps a UTF-8 decode), and loading a record of another shape panics too: a
+/// damaged artifact or checkpoint must be an error that leaves the previous model serving, not a crash.
+pub(crate) fn guard_record<T>(
+    what: &str,
+    load: impl FnOnce() -> Result<T, ArtifactError>,
+) -> Result<T, ArtifactError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|_| {
+        Err(ArtifactError::Record(format!(
+            "{what}: the record is damaged"
+        )))
     })
 }
 

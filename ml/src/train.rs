@@ -613,9 +613,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             u64::from_le_bytes(word)
         };
         let saved = artifact::decode::<B>(model_bytes, &device)?;
-        let record = BinBytesRecorder::<FullPrecisionSettings>::default()
-            .load(optimizer_bytes.to_vec(), &device)
-            .map_err(|err| ArtifactError::Record(err.to_string()))?;
+        let optimizer = artifact::guard_record("optimizer state", || {
+            let record = BinBytesRecorder::<FullPrecisionSettings>::default()
+                .load(optimizer_bytes.to_vec(), &device)
+                .map_err(|err| ArtifactError::Record(err.to_string()))?;
+            Ok(saved.card.training.dense_optimizer().load_record(record))
+        })?;
         let position = Position {
             epoch: number(0..8) as usize,
             batch: number(8..16) as usize,
@@ -645,7 +648,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             tables: saved.tables,
             model_config: saved.card.model.clone(),
             config: saved.card.training.clone(),
-            optimizer: saved.card.training.dense_optimizer().load_record(record),
+            optimizer,
             device,
             step: number(16..24),
             calibrator: None,

@@ -122,3 +122,84 @@ fn damaged_artifacts_are_refused() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+mod damaged {
+    //! Random damage (byte flips, truncation, garbage) to an artifact, a checkpoint and an embedding table:
+    //! each decoder returns an error or a value, never panics.
+
+    use std::sync::OnceLock;
+
+    use burn::backend::Flex;
+    use flywheel_ml::artifact;
+    use flywheel_ml::embedding::EmbeddingTable;
+    use flywheel_ml::train::{Position, Trainer};
+    use proptest::prelude::*;
+
+    struct Encoded {
+        artifact: Vec<u8>,
+        checkpoint: Vec<u8>,
+        table: Vec<u8>,
+    }
+
+    fn encoded() -> &'static Encoded {
+        static ENCODED: OnceLock<Encoded> = OnceLock::new();
+        ENCODED.get_or_init(|| {
+            let (trainer, card, _) = super::trained();
+            let artifact = artifact::encode(&card, &trainer.model, &trainer.tables, false)
+                .unwrap_or_else(|e| panic!("{e}"));
+            let checkpoint = trainer
+                .checkpoint(&card, Position { epoch: 1, batch: 0 })
+                .unwrap_or_else(|e| panic!("{e}"));
+            let mut table = Vec::new();
+            trainer.tables.first_order.write_to(&mut table, true);
+            Encoded {
+                artifact,
+                checkpoint,
+                table,
+            }
+        })
+    }
+
+    fn damage(
+        bytes: &[u8],
+        flips: &[(prop::sample::Index, u8)],
+        cut: Option<prop::sample::Index>,
+    ) -> Vec<u8> {
+        let mut damaged = bytes.to_vec();
+        for (at, mask) in flips {
+            let at = at.index(damaged.len());
+            damaged[at] ^= mask;
+        }
+        if let Some(cut) = cut {
+            damaged.truncate(cut.index(damaged.len()));
+        }
+        damaged
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn damaged_artifacts_checkpoints_and_tables_never_panic(
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 0..6),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+        ) {
+            let encoded = encoded();
+            let _ = artifact::decode::<Flex>(&damage(&encoded.artifact, &flips, cut), &Default::default());
+            let _ = artifact::card(&damage(&encoded.artifact, &flips, cut));
+            let _ = Trainer::<super::Cpu>::resume(&damage(&encoded.checkpoint, &flips, cut), Default::default());
+            let table = damage(&encoded.table, &flips, cut);
+            let _ = EmbeddingTable::read_from(&mut table.as_slice());
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let mut framed = b"FWM1".to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = artifact::decode::<Flex>(&bytes, &Default::default());
+            let _ = artifact::decode::<Flex>(&framed, &Default::default());
+            let _ = Trainer::<super::Cpu>::resume(&bytes, Default::default());
+            let _ = EmbeddingTable::read_from(&mut bytes.as_slice());
+        }
+    }
+}

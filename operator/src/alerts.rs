@@ -22,8 +22,9 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 /// A Rollout, by namespace and name.
 pub type RolloutKey = (String, String);
 
-/// Firing alert names, each with the time it ends by itself (`None`: when resolved).
-type Firing = BTreeMap<String, Option<Timestamp>>;
+/// Firing alerts by name and the model version they are about (`None`: the whole Rollout), each with the time
+/// it ends by itself (`None`: when resolved).
+type Firing = BTreeMap<(String, Option<String>), Option<Timestamp>>;
 
 pub struct AlertBoard {
     firing: Mutex<HashMap<RolloutKey, Firing>>,
@@ -51,18 +52,24 @@ impl AlertBoard {
         self.token.set(token).is_ok()
     }
 
-    /// Alert names firing for a Rollout at `now`, as last reported.
-    pub fn firing(&self, key: &RolloutKey, now: Timestamp) -> Vec<String> {
-        self.lock()
+    /// Alert names firing for a Rollout at `now`, as last reported. An alert about one model version (a
+    /// `version` label) counts only when that version is the `canary`: the stable version's trouble is no
+    /// reason to roll a canary back.
+    pub fn firing(&self, key: &RolloutKey, now: Timestamp, canary: Option<&str>) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .lock()
             .get(key)
-            .map(|names| {
-                names
+            .map(|alerts| {
+                alerts
                     .iter()
                     .filter(|(_, ends)| ends.is_none_or(|ends| ends > now))
-                    .map(|(name, _)| name.clone())
+                    .filter(|((_, version), _)| version.is_none() || version.as_deref() == canary)
+                    .map(|((name, _), _)| name.clone())
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        names.dedup();
+        names
     }
 
     /// The Rollouts to reconcile when alerts about them arrive (taken once, by the Rollout controller).
@@ -93,13 +100,14 @@ impl AlertBoard {
                 continue;
             };
             let key = (namespace.clone(), rollout.clone());
-            let names = firing.entry(key.clone()).or_default();
+            let alerts = firing.entry(key.clone()).or_default();
+            let alert_key = (name.clone(), labels.get("version").cloned());
             if alert.status == "firing" {
                 // Alertmanager sends the zero time (year 1) for an alert with no end yet.
                 let ends = alert.ends_at.filter(|ends| *ends > Timestamp::UNIX_EPOCH);
-                names.insert(name.clone(), ends);
+                alerts.insert(alert_key, ends);
             } else {
-                names.remove(name);
+                alerts.remove(&alert_key);
             }
             if !touched.contains(&key) {
                 touched.push(key);
@@ -180,6 +188,33 @@ async fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_notification_body_is_taken_or_refused(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let board = AlertBoard::default();
+            if let Ok(notification) = serde_json::from_slice::<Notification>(&body) {
+                board.receive(&notification);
+            }
+        }
+
+        #[test]
+        fn any_alert_shape_updates_the_board_without_panicking(
+            status in prop::sample::select(vec!["firing", "resolved", "", "other"]),
+            labels in prop::collection::btree_map("[a-z]{0,10}", "[a-z0-9]{0,10}", 0..5),
+            ends_at in prop::sample::select(vec![
+                serde_json::json!("0001-01-01T00:00:00Z"), serde_json::json!("9999-12-31T23:59:59Z"),
+                serde_json::json!("not a time"), serde_json::json!(12), serde_json::json!(null),
+            ]),
+        ) {
+            let board = AlertBoard::default();
+            let body = serde_json::json!({"alerts": [{"status": status, "labels": labels, "endsAt": ends_at}]});
+            if let Ok(notification) = serde_json::from_value::<Notification>(body) {
+                board.receive(&notification);
+            }
+        }
+    }
 
     #[test]
     fn firing_and_resolved_alerts_update_the_board_and_wake_the_rollout() {
@@ -199,7 +234,7 @@ mod tests {
         let now = Timestamp::UNIX_EPOCH + jiff::SignedDuration::from_hours(500_000);
         assert_eq!(board.receive(&notification), vec![key.clone()]);
         assert_eq!(
-            board.firing(&key, now),
+            board.firing(&key, now, None),
             vec!["FlywheelCalibrationDeviation"]
         );
         assert_eq!(woken.try_recv().ok(), Some(key.clone()));
@@ -208,7 +243,7 @@ mod tests {
         }))
         .unwrap_or_else(|e| panic!("{e}"));
         board.receive(&resolved);
-        assert!(board.firing(&key, now).is_empty());
+        assert!(board.firing(&key, now, None).is_empty());
     }
 
     #[test]
@@ -227,10 +262,35 @@ mod tests {
         let key = ("ml".to_owned(), "ctr".to_owned());
         let at = |time: &str| time.parse::<Timestamp>().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            board.firing(&key, at("2027-01-01T00:09:59Z")),
+            board.firing(&key, at("2027-01-01T00:09:59Z"), None),
             ["Ends", "Open"]
         );
-        assert_eq!(board.firing(&key, at("2027-01-01T00:10:00Z")), ["Open"]);
+        assert_eq!(
+            board.firing(&key, at("2027-01-01T00:10:00Z"), None),
+            ["Open"]
+        );
+    }
+
+    #[test]
+    fn an_alert_about_one_version_counts_only_for_that_canary() {
+        let board = AlertBoard::default();
+        let notification: Notification = serde_json::from_value(serde_json::json!({
+            "alerts": [{"status": "firing", "labels": {
+                "alertname": "FlywheelCalibrationDeviation", "namespace": "ml", "model": "ctr", "version": "ctr-v1",
+            }}]
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        board.receive(&notification);
+        let key = ("ml".to_owned(), "ctr".to_owned());
+        let now = Timestamp::UNIX_EPOCH;
+        assert!(
+            board.firing(&key, now, Some("ctr-v2")).is_empty(),
+            "the stable version's alert"
+        );
+        assert_eq!(
+            board.firing(&key, now, Some("ctr-v1")),
+            ["FlywheelCalibrationDeviation"]
+        );
     }
 
     #[tokio::test]
@@ -262,9 +322,9 @@ mod tests {
         let now = Timestamp::UNIX_EPOCH;
         for refused in [None, Some("Bearer not-the-token-at-all".to_owned())] {
             assert_eq!(send(refused).await, StatusCode::UNAUTHORIZED);
-            assert!(board.firing(&key, now).is_empty());
+            assert!(board.firing(&key, now, None).is_empty());
         }
         assert_eq!(send(Some(token.bearer())).await, StatusCode::OK);
-        assert_eq!(board.firing(&key, now), ["A"]);
+        assert_eq!(board.firing(&key, now, None), ["A"]);
     }
 }

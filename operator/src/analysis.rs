@@ -30,11 +30,12 @@ fn selector(context: &QueryContext<'_>, version: &str) -> String {
     )
 }
 
-/// Whether the alert `alert` fires for this rollout (in its namespace).
+/// Whether the alert `alert` fires for this rollout (in its namespace) and, when it names a version, for the
+/// canary: the stable version's trouble is no reason to roll a canary back.
 pub fn alert_query(alert: &str, context: &QueryContext<'_>) -> String {
     format!(
-        "count(ALERTS{{alertstate=\"firing\",alertname=\"{alert}\",namespace=\"{}\",model=\"{}\"}})",
-        context.namespace, context.rollout
+        "count(ALERTS{{alertstate=\"firing\",alertname=\"{alert}\",namespace=\"{}\",model=\"{}\",version=~\"{}|\"}})",
+        context.namespace, context.rollout, context.canary
     )
 }
 
@@ -318,10 +319,32 @@ async fn fetch(base: &str, promql: &str) -> Result<Bytes, PrometheusError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_prometheus_answer_is_a_value_nothing_or_an_error(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse_answer(&body);
+        }
+
+        #[test]
+        fn any_vector_or_scalar_shape_is_handled(
+            kind in prop::sample::select(vec!["vector", "scalar", "matrix", "string", ""]),
+            value in prop::sample::select(vec![serde_json::json!("1.5"), serde_json::json!("NaN"), serde_json::json!(2), serde_json::json!(null), serde_json::json!([1, "x"])]),
+            samples in 0usize..3,
+        ) {
+            let result = match kind {
+                "vector" => serde_json::json!(vec![serde_json::json!({"metric": {}, "value": [1, value.clone()]}); samples]),
+                _ => serde_json::json!([1, value]),
+            };
+            let body = serde_json::json!({"status": "success", "data": {"resultType": kind, "result": result}});
+            let _ = parse_answer(body.to_string().as_bytes());
+        }
+    }
 
     #[tokio::test]
     async fn an_endless_prometheus_answer_is_cut_off_with_a_clear_error() {
-        let address = crate::endless_server::start()
+        let address = crate::hostile_server::endless()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let result =
@@ -399,7 +422,7 @@ mod tests {
         assert!(samples_query(&staging).contains("namespace=\"staging\",model=\"ctr\""));
         assert_eq!(
             alert_query("FlywheelAucDrop", &staging),
-            "count(ALERTS{alertstate=\"firing\",alertname=\"FlywheelAucDrop\",namespace=\"staging\",model=\"ctr\"})"
+            "count(ALERTS{alertstate=\"firing\",alertname=\"FlywheelAucDrop\",namespace=\"staging\",model=\"ctr\",version=~\"ctr-v2|\"})"
         );
     }
 

@@ -182,24 +182,31 @@ impl LeaderElector {
     }
 
     /// Renews until renewal is lost: someone else took the Lease, or no renewal succeeded for two thirds of a
-    /// lease duration (stop before a standby may legitimately take over).
+    /// lease duration (stop before a standby may legitimately take over). A renewal that hangs (an API
+    /// server that accepted the connection and never answers) is given up at that deadline too: it must
+    /// not keep a replica leading past its Lease.
     pub async fn hold_until_lost(&self) {
         let deadline = self.settings.duration.mul_f64(2.0 / 3.0);
         let mut last_renewal = Instant::now();
         loop {
             tokio::time::sleep(self.settings.retry).await;
-            match self.try_hold().await {
-                Ok(true) => last_renewal = Instant::now(),
-                Ok(false) => {
+            let left = deadline
+                .saturating_sub(last_renewal.elapsed())
+                .max(Duration::from_millis(100));
+            match tokio::time::timeout(left, self.try_hold()).await {
+                Ok(Ok(true)) => last_renewal = Instant::now(),
+                Ok(Ok(false)) => {
                     warn!(lease = %self.settings.name, "leader lease taken by another replica");
                     return;
                 }
-                Err(err) => {
-                    warn!(error = %err, "leader lease renewal failed");
-                    if last_renewal.elapsed() >= deadline {
-                        return;
-                    }
-                }
+                Ok(Err(err)) => warn!(error = %err, "leader lease renewal failed"),
+                Err(_) => warn!(
+                    seconds = left.as_secs_f64(),
+                    "leader lease renewal got no answer"
+                ),
+            }
+            if last_renewal.elapsed() >= deadline {
+                return;
             }
         }
     }
@@ -262,6 +269,35 @@ mod tests {
     }
 
     const FIFTEEN: Duration = Duration::from_secs(15);
+
+    #[tokio::test]
+    async fn a_renewal_that_never_answers_gives_up_leading_before_the_lease_lapses()
+    -> Result<(), Box<dyn std::error::Error>> {
+        // An API server that takes every call and never answers: the call hangs.
+        let address = crate::hostile_server::silent().await?;
+        let client =
+            kube::Client::try_from(kube::Config::new(format!("http://{address}").parse()?))?;
+        let elector = LeaderElector::new(
+            client,
+            LeaseSettings {
+                name: "flywheel".into(),
+                namespace: "default".into(),
+                identity: "a".into(),
+                duration: Duration::from_secs(3),
+                retry: Duration::from_millis(200),
+            },
+        );
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(30), elector.hold_until_lost())
+            .await
+            .map_err(|_| "still leading after 30 s on a hung API server")?;
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        Ok(())
+    }
 
     #[test]
     fn missing_lease_is_created() {

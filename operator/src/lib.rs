@@ -8,11 +8,11 @@ pub mod batch_job;
 pub mod config;
 pub mod controller;
 pub mod credentials;
-#[cfg(test)]
-mod endless_server;
 pub mod featureview;
 pub mod gates;
 pub mod gpuquota;
+#[cfg(test)]
+mod hostile_server;
 pub mod http;
 pub mod leader;
 pub mod metrics;

@@ -213,3 +213,40 @@ pub fn ingest_router(metrics: Arc<crate::ingest::IngestMetrics>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .with_state(metrics)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_route_config_bytes_are_a_plan_or_a_reason(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse_routes(&body);
+        }
+
+        #[test]
+        fn any_weights_and_urls_are_a_plan_or_a_reason(
+            backends in prop::collection::vec(
+                ("[a-z0-9]{0,6}", prop::option::of("(http|https|ftp)://[a-z:0-9]{0,12}"), any::<f64>()),
+                0..5,
+            ),
+            mirror_percent in prop::option::of(any::<f64>()),
+        ) {
+            let backends: Vec<serde_json::Value> = backends
+                .into_iter()
+                .map(|(name, http, weight)| json!({"name": name, "http": http, "weight": weight}))
+                .collect();
+            let mut config = json!({"backends": backends});
+            if let Some(percent) = mirror_percent {
+                config["mirror"] = json!({"name": "m", "http": "http://m:1", "percent": percent});
+            }
+            if let Ok(plan) = parse_routes(config.to_string().as_bytes()) {
+                for bucket in [0, 1, 4_999, crate::routes::BUCKETS - 1] {
+                    let _ = plan.backend(bucket);
+                    let _ = plan.mirror(bucket);
+                }
+            }
+        }
+    }
+}

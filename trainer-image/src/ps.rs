@@ -438,6 +438,36 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_shard_checkpoint_bytes_restore_or_are_refused(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+        ) {
+            let _ = decode_shard(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_damaged_shard_checkpoint_is_refused_not_trusted() {
+        let mut tables = Tables {
+            first_order: EmbeddingTable::new(1, 0.0, 1, SparseOptimizer::adagrad(0.05)),
+            factors: Some(EmbeddingTable::new(
+                4,
+                0.01,
+                2,
+                SparseOptimizer::adagrad(0.05),
+            )),
+        };
+        tables
+            .first_order
+            .apply_gradients(&[1, 2, 3], &[0.1, 0.2, 0.3]);
+        let bytes = encode_shard(&tables, Some(&[1.0, 2.0]));
+        assert!(decode_shard(&bytes).is_ok());
+        for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+            assert!(decode_shard(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
     #[tokio::test]
     async fn only_gang_members_reach_the_shard_and_only_pushes_create_rows() -> TestResult {
         let token = Token::generate()?;

@@ -61,11 +61,16 @@ fn split_of(status: &RolloutStatus) -> Option<Vec<(String, u32)>> {
 async fn firing_in_prometheus(rollout: &Rollout, prometheus: &str) -> Vec<String> {
     let name = rollout.name_any();
     let namespace = rollout.namespace().unwrap_or_default();
+    let canary = rollout
+        .status
+        .as_ref()
+        .and_then(|status| status.canary_version.clone())
+        .unwrap_or_default();
     let context = QueryContext {
         rollout: &name,
         namespace: &namespace,
         stable: "",
-        canary: "",
+        canary: &canary,
         interval: String::new(),
     };
     let mut firing = Vec::new();
@@ -132,7 +137,11 @@ pub async fn reconcile(
     let target = version(&rollout.spec.model_version);
     let now = Timestamp::now();
     let status = rollout.status.clone().unwrap_or_default();
-    let mut firing = ctx.alerts.firing(&(namespace.clone(), name.clone()), now);
+    let mut firing = ctx.alerts.firing(
+        &(namespace.clone(), name.clone()),
+        now,
+        status.canary_version.as_deref(),
+    );
     if canary_live(&status)
         && let Some(analysis) = &rollout.spec.analysis
         && !rollout.spec.alerts.is_empty()

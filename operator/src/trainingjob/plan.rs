@@ -810,7 +810,11 @@ fn run_gang(b: &mut Builder<'_, '_>, paths: &gang::Paths, warm_start: Option<(&s
             }
             b.enter(TrainingPhase::Running);
             scheduling(b, &current);
-            containers_starting(b, &current);
+            if containers_starting(b, &current) == Starting::GaveUp {
+                b.create_pods.clear();
+                b.service = None;
+                return;
+            }
             if let Some(progress) = &observed.progress {
                 b.status.progress = Some(progress.clone());
             }
@@ -884,9 +888,18 @@ const STUCK_STARTING: [&str; 7] = [
     "RunContainerError",
 ];
 
+#[derive(Debug, PartialEq, Eq)]
+enum Starting {
+    Fine,
+    Stuck,
+    /// Stuck past `spec.startTimeout`: the job failed and its pods go.
+    GaveUp,
+}
+
 /// `PodsStarted`: a scheduled gang whose containers the kubelet cannot start (image pull, container config)
-/// names the pod, the container and the kubelet's reason; the Warning is raised once per episode.
-fn containers_starting(b: &mut Builder<'_, '_>, current: &[&Pod]) {
+/// names the pod, the container and the kubelet's reason; the Warning is raised once per episode. Stuck for
+/// longer than `spec.startTimeout`, the job fails with that reason, so its quota goes back to the queue.
+fn containers_starting(b: &mut Builder<'_, '_>, current: &[&Pod]) -> Starting {
     let stuck: Vec<(String, String, &'static str, String)> = current
         .iter()
         .flat_map(|pod| {
@@ -907,8 +920,9 @@ fn containers_starting(b: &mut Builder<'_, '_>, current: &[&Pod]) {
             })
         })
         .collect();
-    let was_stuck = find_condition(&b.status.conditions, CONDITION_PODS_STARTED)
-        .is_some_and(|c| c.status == ConditionStatus::False.as_str());
+    let stuck_since = find_condition(&b.status.conditions, CONDITION_PODS_STARTED)
+        .filter(|c| c.status == ConditionStatus::False.as_str())
+        .map(|c| c.last_transition_time.0);
     match stuck.first() {
         Some((pod, container, reason, message)) => {
             let text = format!(
@@ -916,18 +930,34 @@ fn containers_starting(b: &mut Builder<'_, '_>, current: &[&Pod]) {
                 stuck.len(),
                 current.len()
             );
-            if !was_stuck {
+            let timeout = b.observed.job.spec.start_timeout();
+            let stuck_for = stuck_since
+                .map(|since| b.observed.now.duration_since(since))
+                .and_then(|elapsed| Duration::try_from(elapsed).ok());
+            let limit = timeout.parse().unwrap_or(Duration::from_secs(300));
+            if stuck_for.is_some_and(|stuck_for| stuck_for >= limit) {
+                b.fail(
+                    reason,
+                    format!("{text}; gave up after spec.startTimeout ({timeout})"),
+                );
+                return Starting::GaveUp;
+            }
+            if stuck_since.is_none() {
                 b.event(true, reason, "Start", text.clone());
             }
             b.set(CONDITION_PODS_STARTED, ConditionStatus::False, reason, text);
+            Starting::Stuck
         }
-        None if was_stuck => b.set(
-            CONDITION_PODS_STARTED,
-            ConditionStatus::True,
-            "Started",
-            "no container of the gang is stuck starting".to_owned(),
-        ),
-        None => {}
+        None if stuck_since.is_some() => {
+            b.set(
+                CONDITION_PODS_STARTED,
+                ConditionStatus::True,
+                "Started",
+                "no container of the gang is stuck starting".to_owned(),
+            );
+            Starting::Fine
+        }
+        None => Starting::Fine,
     }
 }
 

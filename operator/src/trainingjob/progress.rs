@@ -95,10 +95,27 @@ async fn fetch(address: &str) -> Result<Bytes, Box<dyn std::error::Error + Send 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_progress_body_parses_or_is_ignored(body in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = parse(&body);
+        }
+
+        #[test]
+        fn any_json_progress_parses_or_is_ignored(
+            epoch in any::<i64>(), step in any::<f64>(), loss in prop::option::of(any::<f64>()),
+            extra in "[a-z]{0,8}",
+        ) {
+            let body = serde_json::json!({"epoch": epoch, "step": step, "loss": loss, extra: [1, {"x": null}]});
+            let _ = parse(body.to_string().as_bytes());
+        }
+    }
 
     #[tokio::test]
     async fn an_endless_progress_body_is_cut_off() {
-        let address = crate::endless_server::start()
+        let address = crate::hostile_server::endless()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let result = tokio::time::timeout(Duration::from_secs(30), fetch(&address.to_string()))

@@ -8,6 +8,7 @@ use k8s_openapi::api::core::v1::{
     ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, Pod,
     PodCondition, PodStatus,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
 use super::dataset::DatasetObservation;
@@ -367,6 +368,61 @@ fn a_gang_whose_image_cannot_be_pulled_names_the_pod_and_the_reason() {
         condition(&started.plan.status.conditions, "PodsStarted").0,
         "True"
     );
+}
+
+#[test]
+fn a_gang_stuck_starting_past_its_start_timeout_fails_and_gives_its_pods_back() {
+    let settings = TrainerSettings::default();
+    let mut job = ps_job();
+    job.spec.start_timeout = Some("30s".into());
+    let job = with_status(
+        job,
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            attempt: 1,
+            ..TrainingJobStatus::default()
+        },
+    );
+    let mut pods = gang_pods(&job, 1, "Pending");
+    if let Some(status) = pods[0].status.as_mut() {
+        status.container_statuses = Some(vec![ContainerStatus {
+            name: gang::CONTAINER.into(),
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("CreateContainerConfigError".into()),
+                    message: Some("secret \"hf-token\" not found".into()),
+                }),
+                ..ContainerState::default()
+            }),
+            ..ContainerStatus::default()
+        }]);
+    }
+    let stuck = observe(&job, &pods, None, &settings);
+    assert_eq!(stuck.plan.status.phase, Some(TrainingPhase::Running));
+    // The same state 30 s after it began (the plan's clock is at 100 s).
+    let mut status = stuck.plan.status.clone();
+    for condition in &mut status.conditions {
+        if condition.type_ == "PodsStarted" {
+            condition.last_transition_time =
+                Time(Timestamp::from_second(70).unwrap_or(Timestamp::UNIX_EPOCH));
+        }
+    }
+    let gave_up = observe(&with_status(job.clone(), status), &pods, None, &settings);
+    assert_eq!(gave_up.plan.status.phase, Some(TrainingPhase::Failed));
+    let (failed, message, _) = condition(&gave_up.plan.status.conditions, "Failed");
+    assert_eq!(failed, "True");
+    assert!(
+        message.contains("CreateContainerConfigError")
+            && message.contains("hf-token")
+            && message.contains("spec.startTimeout (30s)"),
+        "{message}"
+    );
+    assert_eq!(
+        gave_up.delete_pods.len(),
+        pods.len(),
+        "every pod goes, so the quota is free"
+    );
+    assert!(gave_up.create_pods.is_empty());
 }
 
 #[test]

@@ -1,5 +1,5 @@
-//! A hostile HTTP server for tests: it answers every connection with `200 OK` and a chunked body that never
-//! ends, as a user-chosen Prometheus or a job's chief could.
+//! Hostile HTTP servers for tests: one answers every connection with `200 OK` and a chunked body that never
+//! ends, as a user-chosen Prometheus or a job's chief could; one never answers at all, as a hung API server.
 
 use std::net::SocketAddr;
 
@@ -7,7 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Starts the server on a free loopback port; it runs until the test's runtime ends.
-pub async fn start() -> std::io::Result<SocketAddr> {
+pub async fn endless() -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     tokio::spawn(async move {
@@ -22,6 +22,22 @@ pub async fn start() -> std::io::Result<SocketAddr> {
                 let chunk = format!("{:x}\r\n{}\r\n", 64 << 10, "7".repeat(64 << 10));
                 // Until the client hangs up: a gibibyte and more, for a reader without a limit.
                 while stream.write_all(chunk.as_bytes()).await.is_ok() {}
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// Starts a server that accepts every connection, reads the request and never answers.
+pub async fn silent() -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                // Reads until the client hangs up; nothing is ever written back.
+                while matches!(stream.read(&mut request).await, Ok(n) if n > 0) {}
             });
         }
     });
