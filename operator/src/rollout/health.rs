@@ -1,21 +1,21 @@
-//! The canary's serving pods as the Rollout plan sees them: how many of the wanted replicas are available
-//! (the Deployment's own count, once it has seen the current spec) and, for the reason of an abort, what each
-//! pod that is not serving is doing. Pure: the caller reads the Deployment and the pods.
+//! A served version's pods as the Rollout plan sees them: how many of the wanted replicas are available (the
+//! Deployment's own count, once it has seen the current spec) and, for a reason to show, what each pod that is
+//! not serving is doing. Pure: the caller reads the Deployment and the pods.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct CanaryPods {
+pub struct VersionPods {
     pub desired: i32,
     pub available: i32,
     /// `<pod>: <state>` for each pod that is not ready.
     pub problems: Vec<String>,
 }
 
-impl CanaryPods {
-    /// Every wanted replica is available: the canary can take (more) traffic.
+impl VersionPods {
+    /// Every wanted replica is available: the version can take (more) traffic.
     pub fn all_available(&self) -> bool {
         self.desired > 0 && self.available >= self.desired
     }
@@ -30,10 +30,10 @@ impl CanaryPods {
     }
 }
 
-/// The canary's availability from its Deployment (`None`: not created yet) and its pods.
-pub fn observe(deployment: Option<&Deployment>, pods: &[Pod]) -> CanaryPods {
+/// A version's availability from its Deployment (`None`: not created yet) and its pods.
+pub fn observe(deployment: Option<&Deployment>, pods: &[Pod]) -> VersionPods {
     let Some(deployment) = deployment else {
-        return CanaryPods::default();
+        return VersionPods::default();
     };
     let desired = deployment
         .spec
@@ -52,7 +52,7 @@ pub fn observe(deployment: Option<&Deployment>, pods: &[Pod]) -> CanaryPods {
         .iter()
         .filter_map(|pod| pod_problem(pod).map(|state| format!("{}: {state}", pod.name_any())))
         .collect();
-    CanaryPods {
+    VersionPods {
         desired,
         available,
         problems,

@@ -175,9 +175,13 @@ pub async fn reconcile(
     };
     let canary_pods = match status.canary_version.as_deref() {
         Some(canary) if canary_live(&status) => {
-            Some(canary_pods(&ctx, &namespace, &name, canary).await?)
+            Some(version_pods(&ctx, &namespace, &name, canary).await?)
         }
         _ => None,
+    };
+    let stable_pods = match status.stable_version.as_deref() {
+        Some(stable) => Some(version_pods(&ctx, &namespace, &name, stable).await?),
+        None => None,
     };
     let planned = plan::plan(&plan::Observed {
         rollout: &rollout,
@@ -187,6 +191,7 @@ pub async fn reconcile(
         online: online.clone(),
         drifted_routers,
         canary_pods,
+        stable_pods,
         now,
     });
     let after = split_of(&planned.plan.status);
@@ -391,20 +396,20 @@ fn ignore_missing<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
     }
 }
 
-/// The canary's Deployment and pods, as the plan judges its availability.
-async fn canary_pods(
+/// A served version's Deployment and pods, as the plan judges its availability.
+async fn version_pods(
     ctx: &Context,
     namespace: &str,
     name: &str,
-    canary: &str,
-) -> Result<health::CanaryPods, Error> {
+    version: &str,
+) -> Result<health::VersionPods, Error> {
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
     let deployment = deployments
-        .get_opt(&traffic::workload_name(name, canary))
+        .get_opt(&traffic::workload_name(name, version))
         .await?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let selector = ListParams::default().labels(&format!(
-        "{LABEL_ROLLOUT}={name},{LABEL_VERSION}={canary},{LABEL_ROLE}=serve"
+        "{LABEL_ROLLOUT}={name},{LABEL_VERSION}={version},{LABEL_ROLE}=serve"
     ));
     let pods = pods.list(&selector).await?.items;
     Ok(health::observe(deployment.as_ref(), &pods))

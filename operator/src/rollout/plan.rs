@@ -11,7 +11,9 @@
 
 use std::time::Duration;
 
-use flywheel_crds::common::{ConditionStatus, condition, set_condition};
+use flywheel_crds::common::{
+    CONDITION_READY, ConditionStatus, condition, find_condition, set_condition,
+};
 use flywheel_crds::modelversion::ModelVersionPhase;
 use flywheel_crds::rollout::{
     CanaryStep, Measurement, MeasurementVerdict, OnError, RolloutPhase, RolloutStatus,
@@ -20,7 +22,7 @@ use flywheel_crds::{ModelVersion, Rollout};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::health::CanaryPods;
+use super::health::VersionPods;
 use super::online::{self, OnlineView};
 use crate::analysis::Verdict;
 use crate::plan::{Plan, PlannedEvent, spec_conditions};
@@ -56,7 +58,9 @@ pub struct Observed<'a> {
     /// Router pods whose live route table is not the one the status implies (changed behind the operator).
     pub drifted_routers: Vec<String>,
     /// The live canary's pods (`None` without a live canary).
-    pub canary_pods: Option<CanaryPods>,
+    pub canary_pods: Option<VersionPods>,
+    /// The stable version's pods (`None` without a stable version).
+    pub stable_pods: Option<VersionPods>,
     pub now: Timestamp,
 }
 
@@ -301,7 +305,7 @@ impl Builder<'_> {
         self.observed
             .canary_pods
             .as_ref()
-            .is_some_and(CanaryPods::all_available)
+            .is_some_and(VersionPods::all_available)
     }
 
     /// Holds the weight until every canary replica is available; aborts once the step's progress deadline
@@ -310,7 +314,7 @@ impl Builder<'_> {
         let canary = self.status.canary_version.clone().unwrap_or_default();
         let state = self.observed.canary_pods.as_ref().map_or_else(
             || "its Deployment does not exist yet".to_owned(),
-            CanaryPods::describe,
+            VersionPods::describe,
         );
         let deadline = self
             .observed
@@ -412,6 +416,8 @@ pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
     let generation = rollout.metadata.generation;
     let mut status = rollout.status.clone().unwrap_or_default();
     status.observed_generation = generation;
+    // spec_conditions sets a provisional Ready; the real one (serving or not) is decided after the step.
+    let previous_ready = find_condition(&status.conditions, CONDITION_READY).cloned();
     let mut violations = rollout.spec.validate().err().unwrap_or_default();
     online::check(&observed.online, observed.target, &mut violations);
     let validation = violations.into_result();
@@ -488,6 +494,28 @@ pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
             observed.now,
         ),
     );
+    // Ready means serving: a stable version whose every replica is available.
+    let serving = if valid {
+        let (ready, reason, message) = readiness(&b.status, observed.stable_pods.as_ref());
+        // Compared with the last reconcile's Ready, not the provisional one: the transition time moves
+        // only when serving starts or stops.
+        b.status.conditions.retain(|c| c.type_ != CONDITION_READY);
+        b.status.conditions.extend(previous_ready.clone());
+        set_condition(
+            &mut b.status.conditions,
+            condition(
+                CONDITION_READY,
+                ready,
+                reason,
+                message,
+                generation,
+                observed.now,
+            ),
+        );
+        ready == ConditionStatus::True
+    } else {
+        false
+    };
     let restore_routes = !observed.drifted_routers.is_empty();
     if restore_routes {
         b.events.push(PlannedEvent {
@@ -500,7 +528,10 @@ pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
             ),
         });
     }
-    let requeue = requeue_after(rollout, &b.status, observed.now);
+    let mut requeue = requeue_after(rollout, &b.status, observed.now);
+    if valid && !serving && b.status.stable_version.is_some() {
+        requeue = requeue.min(WAIT_REQUEUE);
+    }
     RolloutPlan {
         plan: Plan {
             status: b.status,
@@ -509,6 +540,37 @@ pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
         },
         aborted: b.aborted,
         restore_routes,
+    }
+}
+
+/// The `Ready` condition: serving once the stable version's every replica is available.
+fn readiness(
+    status: &RolloutStatus,
+    stable_pods: Option<&VersionPods>,
+) -> (ConditionStatus, &'static str, String) {
+    let Some(stable) = status.stable_version.as_deref() else {
+        let why = status
+            .pause_reason
+            .clone()
+            .unwrap_or_else(|| "no version served yet".to_owned());
+        return (ConditionStatus::False, "NotServing", why);
+    };
+    match stable_pods {
+        Some(pods) if pods.all_available() => (
+            ConditionStatus::True,
+            "Serving",
+            format!("serving {stable}"),
+        ),
+        Some(pods) => (
+            ConditionStatus::False,
+            "NotServing",
+            format!("{stable}: {}", pods.describe()),
+        ),
+        None => (
+            ConditionStatus::False,
+            "NotServing",
+            format!("{stable}: its Deployment does not exist yet"),
+        ),
     }
 }
 
@@ -710,7 +772,7 @@ mod tests {
         firing: &[&str],
         now: Timestamp,
     ) -> RolloutPlan {
-        let available = CanaryPods {
+        let available = VersionPods {
             desired: 1,
             available: 1,
             problems: Vec::new(),
@@ -723,7 +785,7 @@ mod tests {
         target: &ModelVersion,
         analysis: Option<Vec<(String, Verdict)>>,
         firing: &[&str],
-        canary_pods: Option<CanaryPods>,
+        canary_pods: Option<VersionPods>,
         now: Timestamp,
     ) -> RolloutPlan {
         let planned = plan(&Observed {
@@ -734,6 +796,11 @@ mod tests {
             online: OnlineView::NotNamed,
             drifted_routers: Vec::new(),
             canary_pods,
+            stable_pods: Some(VersionPods {
+                desired: 1,
+                available: 1,
+                problems: Vec::new(),
+            }),
             now,
         });
         rollout.status = Some(planned.plan.status.clone());
@@ -757,6 +824,7 @@ mod tests {
                 online: OnlineView::NotNamed,
                 drifted_routers: drifted,
                 canary_pods: None,
+                stable_pods: None,
                 now: at(0),
             })
         };
@@ -781,6 +849,65 @@ mod tests {
         assert!(
             matches!(&event, Some((true, note)) if note.contains("ctr-router-7d9f")),
             "{event:?}"
+        );
+    }
+
+    #[test]
+    fn ready_means_the_stable_version_serves_from_every_replica() {
+        let rollout = rollout("ctr-v1");
+        let target = version("ctr-v1", ModelVersionPhase::Validated);
+        let ready_with = |stable_pods: Option<VersionPods>| {
+            let planned = plan(&Observed {
+                rollout: &rollout,
+                target: Some(&target),
+                analysis: None,
+                firing: Vec::new(),
+                online: OnlineView::NotNamed,
+                drifted_routers: Vec::new(),
+                canary_pods: None,
+                stable_pods,
+                now: at(0),
+            });
+            let ready = planned
+                .plan
+                .status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| (c.status.clone(), c.message.clone()));
+            (ready, planned.plan.requeue)
+        };
+        let (ready, requeue) = ready_with(None);
+        assert_eq!(
+            ready,
+            Some((
+                "False".to_owned(),
+                "ctr-v1: its Deployment does not exist yet".to_owned()
+            ))
+        );
+        assert_eq!(requeue, Some(WAIT_REQUEUE));
+        let crashing = VersionPods {
+            desired: 2,
+            available: 1,
+            problems: vec!["ctr-ctr-v1-abc: CrashLoopBackOff after 3 restarts".into()],
+        };
+        let (ready, _) = ready_with(Some(crashing));
+        assert!(
+            ready
+                .as_ref()
+                .is_some_and(|(status, message)| status == "False"
+                    && message.contains("1/2 pods available; ctr-ctr-v1-abc: CrashLoopBackOff")),
+            "{ready:?}"
+        );
+        let serving = VersionPods {
+            desired: 2,
+            available: 2,
+            problems: Vec::new(),
+        };
+        let (ready, _) = ready_with(Some(serving));
+        assert_eq!(
+            ready,
+            Some(("True".to_owned(), "serving ctr-v1".to_owned()))
         );
     }
 
@@ -953,7 +1080,7 @@ mod tests {
     fn the_weight_moves_only_when_every_canary_pod_is_available() {
         let mut rollout = rollout("ctr-v2");
         let target = version("ctr-v2", ModelVersionPhase::Validated);
-        let starting = CanaryPods {
+        let starting = VersionPods {
             desired: 2,
             available: 1,
             problems: vec!["ctr-ctr-v2-abc: ContainerCreating after 0 restarts".into()],
@@ -973,7 +1100,7 @@ mod tests {
             "{:?}",
             s.waiting_for
         );
-        let ready = CanaryPods {
+        let ready = VersionPods {
             desired: 2,
             available: 2,
             problems: Vec::new(),
@@ -988,7 +1115,7 @@ mod tests {
         let mut rollout = rollout("ctr-v2");
         rollout.spec.strategy.canary.progress_deadline = Some("2m".into());
         let target = version("ctr-v2", ModelVersionPhase::Validated);
-        let crashing = || CanaryPods {
+        let crashing = || VersionPods {
             desired: 1,
             available: 0,
             problems: vec!["ctr-ctr-v2-abc: CrashLoopBackOff after 5 restarts".into()],
