@@ -152,17 +152,19 @@ async fn every_example_becomes_ready_for_its_generation() -> TestResult {
                 .to_string_lossy(),
         ])?;
         assert!(output.status.success());
-        let ((ready, _, message), (invalid, _, _)) =
+        let ((ready, reason, message), (invalid, _, _)) =
             verdict(&client, &namespace, &kind, &name).await?;
         // A TrainingJob is Ready once it produced its ModelVersion (tests/training.rs); here its spec is valid.
-        let want_ready = if kind == "TrainingJob" {
-            ready.as_str()
-        } else {
-            "True"
+        // A Rollout is Ready once its stable version serves: the example's model is not on this namespace's
+        // storage, so it says it is not serving (and why), not that its spec is wrong.
+        let want = match kind.as_str() {
+            "TrainingJob" => (ready.as_str(), reason.as_str()),
+            "Rollout" => ("False", "NotServing"),
+            _ => ("True", reason.as_str()),
         };
         assert_eq!(
-            (ready.as_str(), invalid.as_str()),
-            (want_ready, "False"),
+            (ready.as_str(), reason.as_str(), invalid.as_str()),
+            (want.0, want.1, "False"),
             "{file}: {message}"
         );
         kinds.insert(kind);
@@ -176,8 +178,10 @@ async fn every_example_becomes_ready_for_its_generation() -> TestResult {
         .patch("ctr", &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     assert_eq!(patched.metadata.generation, Some(2));
-    let ((ready, _, _), _) = verdict(&client, &namespace, "Rollout", "ctr").await?;
-    assert_eq!(ready, "True");
+    let ((_, reason, message), (invalid, _, _)) =
+        verdict(&client, &namespace, "Rollout", "ctr").await?;
+    assert_eq!((reason.as_str(), invalid.as_str()), ("NotServing", "False"));
+    assert!(message.contains("0/3 pods available"), "{message}");
     Ok(())
 }
 
@@ -312,7 +316,8 @@ async fn quota_covering_no_namespace_gets_invalid_spec() -> TestResult {
 }
 
 #[tokio::test]
-async fn fixing_an_invalid_spec_makes_it_ready() -> TestResult {
+async fn fixing_an_invalid_spec_clears_invalid_spec_and_ready_says_what_it_waits_for() -> TestResult
+{
     let (client, namespace) = setup("fixed").await?;
     let mut rollout = example("rollout.yaml")?;
     set(
@@ -321,14 +326,20 @@ async fn fixing_an_invalid_spec_makes_it_ready() -> TestResult {
         json!({"setWeight": 5}),
     );
     create(&client, &namespace, &rollout).await??;
-    let ((ready, _, _), _) = verdict(&client, &namespace, "Rollout", "ctr").await?;
-    assert_eq!(ready, "False");
+    let ((ready, reason, _), _) = verdict(&client, &namespace, "Rollout", "ctr").await?;
+    assert_eq!((ready.as_str(), reason.as_str()), ("False", "InvalidSpec"));
     let api = api_for(&client, "Rollout", &namespace)?;
     let fixed = json!({"spec": {"strategy": {"canary": {"steps": [{"setWeight": 1}, {"setWeight": 50}, {"setWeight": 100}]}}}});
     api.patch("ctr", &PatchParams::default(), &Patch::Merge(&fixed))
         .await?;
-    let ((ready, _, _), (invalid, _, _)) = verdict(&client, &namespace, "Rollout", "ctr").await?;
-    assert_eq!((ready.as_str(), invalid.as_str()), ("True", "False"));
+    // Valid now; Ready waits for a served version (its ModelVersion does not exist here).
+    let ((ready, reason, message), (invalid, _, _)) =
+        verdict(&client, &namespace, "Rollout", "ctr").await?;
+    assert_eq!(
+        (ready.as_str(), reason.as_str(), invalid.as_str()),
+        ("False", "NotServing", "False"),
+        "{message}"
+    );
     Ok(())
 }
 

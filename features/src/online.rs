@@ -261,9 +261,26 @@ pub fn add_writes(pipeline: &mut redis::Pipeline, rows: &[OnlineRow]) {
 /// The URL of a Redis server at `address` (`host:port`).
 pub fn redis_url(address: &str, password: Option<&str>, database: u8) -> String {
     match password {
-        Some(password) => format!("redis://:{password}@{address}/{database}"),
+        Some(password) => format!(
+            "redis://:{}@{address}/{database}",
+            escape_userinfo(password)
+        ),
         None => format!("redis://{address}/{database}"),
     }
+}
+
+/// A password as URL user information: every byte but RFC 3986's unreserved ones percent-encoded, so `@`, `:`,
+/// `/`, `#` or `%` in a generated password cannot change the URL's host or drop the rest of the password.
+fn escape_userinfo(text: &str) -> String {
+    text.bytes()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                char::from(byte).to_string()
+            } else {
+                format!("%{byte:02X}")
+            }
+        })
+        .collect()
 }
 
 /// Now, in microseconds since the epoch.
@@ -279,6 +296,19 @@ mod tests {
         let mut out = Vec::new();
         push_rdb_length(&mut out, n);
         out
+    }
+
+    #[test]
+    fn a_password_with_url_characters_stays_the_password() {
+        let url = redis_url("redis.cache:6379", Some("p@ss:w/rd#1% é"), 2);
+        assert_eq!(
+            url,
+            "redis://:p%40ss%3Aw%2Frd%231%25%20%C3%A9@redis.cache:6379/2"
+        );
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(info.redis_settings().password(), Some("p@ss:w/rd#1% é"));
+        assert_eq!(redis_url("r:6379", None, 0), "redis://r:6379/0");
     }
 
     #[test]
