@@ -189,9 +189,19 @@ pub struct Pause {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Analysis {
-    /// Prometheus HTTP API base URL, e.g. `http://prometheus.monitoring:9090`.
+    /// Prometheus HTTP API base URL, e.g. `http://prometheus.monitoring:9090` or
+    /// `https://mimir.example.com/prometheus`.
     #[schemars(pattern(r"^https?://[^\s]+$"), length(max = 2048))]
     pub prometheus: String,
+    /// A Secret in the Rollout's namespace for a secured Prometheus: `ca.crt` (PEM) to trust its https
+    /// certificate (without it, the public web PKI), and `token` (bearer) or `username` and `password` (basic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
+    pub prometheus_secret: Option<String>,
+    /// The tenant of a multi-tenant store (Mimir, Cortex, Thanos Receive), sent as `X-Scope-OrgID`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[!-~]+$"), length(max = 256))]
+    pub tenant: Option<String>,
     #[serde(default = "default_interval")]
     pub interval: Duration,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,15 +1,13 @@
 //! Rollout analysis: the PromQL of each metric (built-ins over the serving metrics, or the user's query with
 //! `{{stable}}`, `{{canary}}`, `{{rollout}}`, `{{namespace}}`, `{{interval}}` filled in), the verdict of one
-//! measurement, and a small client of the Prometheus HTTP API.
+//! measurement, and the instant query that takes one (over [`crate::prometheus`]).
 
 use std::time::Duration;
 
 use flywheel_crds::rollout::{AnalysisMetric, BuiltinMetric, MeasurementVerdict};
-use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::TcpStream;
+
+use crate::prometheus::{self, Access, PrometheusError};
 
 /// The versions and endpoint a query is about.
 pub struct QueryContext<'a> {
@@ -177,24 +175,6 @@ pub fn range(interval: Duration) -> String {
     format!("{}s", interval.as_secs().max(1))
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum PrometheusError {
-    #[error("prometheus URL {0} is not http://host:port[/path]")]
-    Url(String),
-    #[error("prometheus {0}")]
-    Transport(String),
-    #[error("prometheus answered {status}: {body}")]
-    Status { status: u16, body: String },
-    #[error("prometheus answer is not understood: {0}")]
-    Decode(String),
-    #[error("prometheus answer is larger than {0} bytes: an analysis query must return one number")]
-    TooLarge(usize),
-}
-
-/// The most of a Prometheus answer the operator reads: an analysis query returns one number, and the URL is
-/// the Rollout author's, so an endless answer must not take the operator's memory.
-pub const MAX_ANSWER_BYTES: usize = 1 << 20;
-
 #[derive(Deserialize)]
 struct Answer {
     status: String,
@@ -256,64 +236,29 @@ fn percent_encode(text: &str) -> String {
         .collect()
 }
 
-/// Runs an instant query against `base` (`http://host:port[/prefix]`), within `timeout`.
-pub async fn instant_query(base: &str, promql: &str, timeout: Duration) -> QueryResult {
-    match tokio::time::timeout(timeout, fetch(base, promql)).await {
-        Ok(Ok(body)) => {
+/// Runs an instant query against `base` (`http(s)://host:port[/prefix]`) with `access`, within `timeout`.
+pub async fn instant_query(
+    base: &str,
+    promql: &str,
+    access: &Access,
+    timeout: Duration,
+) -> QueryResult {
+    let path = format!("api/v1/query?query={}", percent_encode(promql));
+    match tokio::time::timeout(timeout, prometheus::get(base, &path, access)).await {
+        // Prometheus answers bad queries with 400 and a JSON error body, which parse_answer reports.
+        Ok(Ok((200 | 400 | 422, body))) => {
             parse_answer(&body).unwrap_or_else(|err| QueryResult::Error(err.to_string()))
         }
+        Ok(Ok((status, body))) => QueryResult::Error(
+            PrometheusError::Status {
+                status,
+                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            }
+            .to_string(),
+        ),
         Ok(Err(err)) => QueryResult::Error(err.to_string()),
         Err(_) => QueryResult::Error(format!("prometheus did not answer within {timeout:?}")),
     }
-}
-
-async fn fetch(base: &str, promql: &str) -> Result<Bytes, PrometheusError> {
-    let rest = base
-        .strip_prefix("http://")
-        .ok_or_else(|| PrometheusError::Url(base.to_owned()))?;
-    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let prefix = prefix.trim_end_matches('/');
-    let path = if prefix.is_empty() {
-        format!("/api/v1/query?query={}", percent_encode(promql))
-    } else {
-        format!("/{prefix}/api/v1/query?query={}", percent_encode(promql))
-    };
-    let transport = |err: &dyn std::fmt::Display| PrometheusError::Transport(err.to_string());
-    let stream = TcpStream::connect(authority)
-        .await
-        .map_err(|e| transport(&e))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| transport(&e))?;
-    tokio::spawn(connection);
-    let request = hyper::Request::get(path)
-        .header(hyper::header::HOST, authority)
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| transport(&e))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| transport(&e))?;
-    let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-        .collect()
-        .await
-        .map_err(|err| {
-            if err.downcast_ref::<LengthLimitError>().is_some() {
-                PrometheusError::TooLarge(MAX_ANSWER_BYTES)
-            } else {
-                transport(&err)
-            }
-        })?
-        .to_bytes();
-    // Prometheus answers bad queries with 400 and a JSON error body, which parse_answer reports.
-    if status != 200 && status != 400 && status != 422 {
-        return Err(PrometheusError::Status {
-            status,
-            body: String::from_utf8_lossy(&body).chars().take(200).collect(),
-        });
-    }
-    Ok(body)
 }
 
 #[cfg(test)]
@@ -347,11 +292,16 @@ mod tests {
         let address = crate::hostile_server::endless()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let result =
-            instant_query(&format!("http://{address}"), "up", Duration::from_secs(30)).await;
+        let result = instant_query(
+            &format!("http://{address}"),
+            "up",
+            &Access::default(),
+            Duration::from_secs(30),
+        )
+        .await;
         assert_eq!(
             result,
-            QueryResult::Error(PrometheusError::TooLarge(MAX_ANSWER_BYTES).to_string())
+            QueryResult::Error(PrometheusError::TooLarge(prometheus::MAX_ANSWER_BYTES).to_string())
         );
     }
 

@@ -18,6 +18,7 @@ pub mod leader;
 pub mod metrics;
 pub mod modelversion;
 pub mod plan;
+pub mod prometheus;
 pub mod rollout;
 pub mod telemetry;
 pub mod traffic;

@@ -31,6 +31,7 @@ use crate::controller::{
     Context, ERROR_REQUEUE, Error, FIELD_MANAGER, apply_plan, strip_managed_fields,
 };
 use crate::credentials::{self, Tokens};
+use crate::prometheus::Access;
 use crate::traffic::{self, LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
 use online::OnlineView;
 
@@ -58,7 +59,7 @@ fn split_of(status: &RolloutStatus) -> Option<Vec<(String, u32)>> {
 }
 
 /// Alerts of `spec.alerts` firing in Prometheus for this rollout's model, in its namespace.
-async fn firing_in_prometheus(rollout: &Rollout, prometheus: &str) -> Vec<String> {
+async fn firing_in_prometheus(rollout: &Rollout, prometheus: &str, access: &Access) -> Vec<String> {
     let name = rollout.name_any();
     let namespace = rollout.namespace().unwrap_or_default();
     let canary = rollout
@@ -77,7 +78,7 @@ async fn firing_in_prometheus(rollout: &Rollout, prometheus: &str) -> Vec<String
     for alert in &rollout.spec.alerts {
         let query = analysis::alert_query(alert, &context);
         if let QueryResult::Value(count) =
-            analysis::instant_query(prometheus, &query, QUERY_TIMEOUT).await
+            analysis::instant_query(prometheus, &query, access, QUERY_TIMEOUT).await
             && count > 0.0
         {
             firing.push(alert.clone());
@@ -86,9 +87,55 @@ async fn firing_in_prometheus(rollout: &Rollout, prometheus: &str) -> Vec<String
     firing
 }
 
-async fn run_analysis(rollout: &Rollout) -> Option<Vec<(String, analysis::Verdict)>> {
+/// How to reach the analysis's Prometheus: its Secret's CA and credentials, and the tenant. A Secret that is
+/// missing or wrong is an error every query of the round reports (and `onError` handles).
+async fn prometheus_access(
+    ctx: &Context,
+    namespace: &str,
+    analysis: &flywheel_crds::rollout::Analysis,
+) -> Result<Access, String> {
+    let Some(name) = &analysis.prometheus_secret else {
+        return Ok(Access {
+            tenant: analysis.tenant.clone(),
+            ..Access::default()
+        });
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|err| format!("reading the Prometheus Secret {name}: {err}"))?
+        .ok_or_else(|| format!("the Prometheus Secret {name} does not exist"))?;
+    let data: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(key, value)| (key, value.0))
+        .collect();
+    Access::from_secret(name, &data, analysis.tenant.clone()).map_err(|err| err.to_string())
+}
+
+async fn run_analysis(
+    rollout: &Rollout,
+    access: &Result<Access, String>,
+) -> Option<Vec<(String, analysis::Verdict)>> {
     let spec = rollout.spec.analysis.as_ref()?;
     let status = rollout.status.as_ref()?;
+    let access = match access {
+        Ok(access) => access,
+        Err(message) => {
+            let failed = QueryResult::Error(message.clone());
+            return Some(
+                spec.metrics
+                    .iter()
+                    .map(|metric| {
+                        let verdict = analysis::judge(metric, &failed, None, spec.min_samples);
+                        (metric.name.clone(), verdict)
+                    })
+                    .collect(),
+            );
+        }
+    };
     let name = rollout.name_any();
     let namespace = rollout.namespace().unwrap_or_default();
     let context = QueryContext {
@@ -102,6 +149,7 @@ async fn run_analysis(rollout: &Rollout) -> Option<Vec<(String, analysis::Verdic
         match analysis::instant_query(
             &spec.prometheus,
             &analysis::samples_query(&context),
+            access,
             QUERY_TIMEOUT,
         )
         .await
@@ -115,7 +163,7 @@ async fn run_analysis(rollout: &Rollout) -> Option<Vec<(String, analysis::Verdic
     let mut results = Vec::new();
     for metric in &spec.metrics {
         let query = analysis::query(metric, &context);
-        let result = analysis::instant_query(&spec.prometheus, &query, QUERY_TIMEOUT).await;
+        let result = analysis::instant_query(&spec.prometheus, &query, access, QUERY_TIMEOUT).await;
         results.push((
             metric.name.clone(),
             analysis::judge(metric, &result, samples, spec.min_samples),
@@ -142,16 +190,20 @@ pub async fn reconcile(
         now,
         status.canary_version.as_deref(),
     );
-    if canary_live(&status)
-        && let Some(analysis) = &rollout.spec.analysis
+    let access = match &rollout.spec.analysis {
+        Some(analysis) if canary_live(&status) => {
+            Some(prometheus_access(&ctx, &namespace, analysis).await)
+        }
+        _ => None,
+    };
+    if let (Some(analysis), Some(Ok(access))) = (&rollout.spec.analysis, &access)
         && !rollout.spec.alerts.is_empty()
     {
-        firing.extend(firing_in_prometheus(&rollout, &analysis.prometheus).await);
+        firing.extend(firing_in_prometheus(&rollout, &analysis.prometheus, access).await);
     }
-    let analysis = if plan::analysis_due(&rollout, now) {
-        run_analysis(&rollout).await
-    } else {
-        None
+    let analysis = match &access {
+        Some(access) if plan::analysis_due(&rollout, now) => run_analysis(&rollout, access).await,
+        _ => None,
     };
     let online = online_view(&ctx, &rollout, &namespace).await?;
     let tokens = credentials::ensure(

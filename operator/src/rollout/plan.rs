@@ -729,6 +729,8 @@ mod tests {
         rollout.spec.strategy.canary.steps.clear();
         rollout.spec.analysis = Some(Analysis {
             prometheus: "http://prometheus:9090".into(),
+            prometheus_secret: None,
+            tenant: None,
             interval: "10s".into(),
             initial_delay: None,
             count: 2,
