@@ -20,6 +20,10 @@ use crate::wait::until;
 
 type BoxError = Box<dyn std::error::Error>;
 
+/// How long a wait that includes a canary's pods becoming available may take: a weight moves only then, and on
+/// the test node (dev-built images, test binaries in parallel on two cores) a pod can take a while to be ready.
+pub const CANARY_UP: Duration = Duration::from_secs(120);
+
 /// One version's serving metrics: online AUC, calibration, labeled samples.
 pub type Quality = (f64, f64, f64);
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use flywheel_e2e::fixtures::api_for;
 use flywheel_e2e::on_node;
 use flywheel_e2e::rollouts::{
-    Setup, model_version, rollout_status, routes, serving_from, set_target,
+    CANARY_UP, Setup, model_version, rollout_status, routes, serving_from, set_target,
     unservable_model_version, wait_status,
 };
 use flywheel_e2e::wait::until;
@@ -43,7 +43,7 @@ async fn a_good_canary_walks_1_5_20_100_and_becomes_stable() -> TestResult {
 
     set_target(&setup, "ctr-v2").await?;
     let mut weights = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + CANARY_UP;
     loop {
         let status = rollout_status(&setup).await?;
         let weight = status["canaryWeight"].as_u64().unwrap_or(0);
@@ -163,7 +163,7 @@ async fn a_canary_2_percent_worse_is_rolled_back_at_the_first_failing_analysis()
     setup.exporter.set("ctr-v2", 0.78, 1.0, 5_000.0);
     serving_from(&setup, "ctr-v1").await?;
     set_target(&setup, "ctr-v2").await?;
-    let status = wait_status(&setup, "the canary aborted", Duration::from_secs(30), |s| {
+    let status = wait_status(&setup, "the canary aborted", CANARY_UP, |s| {
         s["phase"] == "Degraded"
     })
     .await?;
@@ -257,7 +257,7 @@ async fn a_firing_alert_from_the_webhook_aborts_within_a_second() -> TestResult 
             &Patch::Merge(json!({"spec": {"modelVersion": "ctr-v2", "analysis": {"count": 600}}})),
         )
         .await?;
-    wait_status(&setup, "the canary at 1%", Duration::from_secs(30), |s| {
+    wait_status(&setup, "the canary at 1%", CANARY_UP, |s| {
         s["canaryWeight"] == 1
     })
     .await?;
@@ -339,12 +339,9 @@ async fn too_few_labels_or_nan_pause_instead_of_rolling_back() -> TestResult {
     setup.exporter.set("ctr-v2", f64::NAN, f64::NAN, 10.0);
     serving_from(&setup, "ctr-v1").await?;
     set_target(&setup, "ctr-v2").await?;
-    let status = wait_status(
-        &setup,
-        "paused on inconclusive analysis",
-        Duration::from_secs(30),
-        |s| s["phase"] == "Paused",
-    )
+    let status = wait_status(&setup, "paused on inconclusive analysis", CANARY_UP, |s| {
+        s["phase"] == "Paused"
+    })
     .await?;
     assert_eq!(
         status["canaryWeight"], 1,

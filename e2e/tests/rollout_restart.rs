@@ -7,7 +7,8 @@ use std::time::Duration;
 use flywheel_e2e::fixtures::{api_for, create};
 use flywheel_e2e::on_node::{self, docker_kill};
 use flywheel_e2e::rollouts::{
-    Setup, model_version, rollout_manifest, rollout_status, set_target, wait_scraped, wait_status,
+    CANARY_UP, Setup, model_version, rollout_manifest, rollout_status, set_target, wait_scraped,
+    wait_status,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{ListParams, Patch, PatchParams};
@@ -34,7 +35,7 @@ async fn a_killed_operator_resumes_the_rollout_at_20_percent()
     })
     .await?;
     set_target(&setup, "ctr-v2").await?;
-    wait_status(&setup, "held at 20%", Duration::from_secs(60), |s| {
+    wait_status(&setup, "held at 20%", CANARY_UP, |s| {
         s["canaryWeight"] == 20 && s["phase"] == "Paused"
     })
     .await?;

@@ -85,6 +85,23 @@ fn observe_dataset<'a>(
     })
 }
 
+/// The pod's trainer container waiting to start, for `reason` (as the kubelet reports it).
+fn wait_to_start(pod: &mut Pod, reason: &str, message: &str) {
+    if let Some(status) = pod.status.as_mut() {
+        status.container_statuses = Some(vec![ContainerStatus {
+            name: gang::CONTAINER.into(),
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some(reason.into()),
+                    message: Some(message.into()),
+                }),
+                ..ContainerState::default()
+            }),
+            ..ContainerStatus::default()
+        }]);
+    }
+}
+
 /// The gang's pods as the operator made them for `attempt`, each in `phase`.
 fn gang_pods(job: &TrainingJob, attempt: u32, phase: &str) -> Vec<Pod> {
     let paths: Paths = gang::paths(&job.name_any(), &job.spec).unwrap_or_else(|e| panic!("{e}"));
@@ -317,19 +334,11 @@ fn a_gang_whose_image_cannot_be_pulled_names_the_pod_and_the_reason() {
     );
     let mut pods = gang_pods(&job, 1, "Pending");
     let stuck_pod = pods[0].name_any();
-    if let Some(status) = pods[0].status.as_mut() {
-        status.container_statuses = Some(vec![ContainerStatus {
-            name: gang::CONTAINER.into(),
-            state: Some(ContainerState {
-                waiting: Some(ContainerStateWaiting {
-                    reason: Some("ErrImagePull".into()),
-                    message: Some("pull access denied for example/missing".into()),
-                }),
-                ..ContainerState::default()
-            }),
-            ..ContainerStatus::default()
-        }]);
-    }
+    wait_to_start(
+        &mut pods[0],
+        "ErrImagePull",
+        "pull access denied for example/missing",
+    );
     let stuck = observe(&job, &pods, None, &settings);
     let (status, message, _) = condition(&stuck.plan.status.conditions, "PodsStarted");
     assert_eq!(status, "False");
@@ -384,19 +393,11 @@ fn a_gang_stuck_starting_past_its_start_timeout_fails_and_gives_its_pods_back() 
         },
     );
     let mut pods = gang_pods(&job, 1, "Pending");
-    if let Some(status) = pods[0].status.as_mut() {
-        status.container_statuses = Some(vec![ContainerStatus {
-            name: gang::CONTAINER.into(),
-            state: Some(ContainerState {
-                waiting: Some(ContainerStateWaiting {
-                    reason: Some("CreateContainerConfigError".into()),
-                    message: Some("secret \"hf-token\" not found".into()),
-                }),
-                ..ContainerState::default()
-            }),
-            ..ContainerStatus::default()
-        }]);
-    }
+    wait_to_start(
+        &mut pods[0],
+        "CreateContainerConfigError",
+        "secret \"hf-token\" not found",
+    );
     let stuck = observe(&job, &pods, None, &settings);
     assert_eq!(stuck.plan.status.phase, Some(TrainingPhase::Running));
     // The same state 30 s after it began (the plan's clock is at 100 s).
