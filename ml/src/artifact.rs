@@ -242,6 +242,34 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Bytes of the SHA-256 seal at the end of sealed content.
+const SEAL_LEN: usize = 32;
+
+/// Appends the SHA-256 of `content` to it. A checkpoint carries its own digest: a flipped bit in its weights
+/// still decodes, and resuming from it would train on damage without a word.
+pub fn seal(mut content: Vec<u8>) -> Vec<u8> {
+    let digest = Sha256::digest(&content);
+    content.extend_from_slice(&digest);
+    content
+}
+
+/// The content of [`seal`]ed bytes, refused when the seal does not match.
+pub fn unseal(bytes: &[u8]) -> Result<&[u8], ArtifactError> {
+    if bytes.len() < SEAL_LEN {
+        return Err(ArtifactError::Truncated);
+    }
+    let (content, seal) = bytes.split_at(bytes.len() - SEAL_LEN);
+    let actual = Sha256::digest(content);
+    if actual.as_slice() != seal {
+        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        return Err(ArtifactError::ShaMismatch {
+            expected: hex(seal),
+            actual: hex(actual.as_slice()),
+        });
+    }
+    Ok(content)
+}
+
 /// Writes `bytes` to `path` atomically (temporary file, then rename) with a `<path>.sha256` beside it
 /// (`sha256sum` format); returns the digest.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<String, ArtifactError> {

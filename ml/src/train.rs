@@ -589,7 +589,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         out.extend_from_slice(&(position.epoch as u64).to_le_bytes());
         out.extend_from_slice(&(position.batch as u64).to_le_bytes());
         out.extend_from_slice(&self.step.to_le_bytes());
-        Ok(out)
+        Ok(artifact::seal(out))
     }
 
     /// A trainer restored from [`Trainer::checkpoint`] bytes, and the position to resume from.
@@ -597,9 +597,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         bytes: &[u8],
         device: B::Device,
     ) -> Result<(Self, Position, ModelCard), ArtifactError> {
-        let rest = bytes
-            .strip_prefix(CHECKPOINT_MAGIC.as_slice())
-            .ok_or(ArtifactError::NotAModel)?;
+        let rest = if bytes.starts_with(CHECKPOINT_MAGIC) {
+            &artifact::unseal(bytes)?[CHECKPOINT_MAGIC.len()..]
+        } else {
+            // Written before checkpoints were sealed: the same layout without the digest.
+            bytes
+                .strip_prefix(UNSEALED_CHECKPOINT_MAGIC.as_slice())
+                .ok_or(ArtifactError::NotAModel)?
+        };
         let (model_bytes, rest) = split_section(rest)?;
         let (optimizer_bytes, rest) = split_section(rest)?;
         let (plateau_bytes, rest) = split_section(rest)?;
@@ -969,7 +974,9 @@ fn step_on<B: AutodiffBackend, S: RowStore>(
 }
 
 /// Version 2 adds early stopping's memory (its state and the best epoch's weights).
-const CHECKPOINT_MAGIC: &[u8; 4] = b"FWC2";
+/// Checkpoints are sealed (their SHA-256 at the end); `FWC2` ones, from before, are not.
+const CHECKPOINT_MAGIC: &[u8; 4] = b"FWC3";
+const UNSEALED_CHECKPOINT_MAGIC: &[u8; 4] = b"FWC2";
 
 static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

@@ -123,6 +123,23 @@ fn damaged_artifacts_are_refused() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[test]
+fn a_checkpoint_with_one_flipped_bit_is_refused_not_resumed() {
+    let (trainer, card, _) = trained();
+    let bytes = trainer
+        .checkpoint(&card, flywheel_ml::train::Position { epoch: 1, batch: 0 })
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(Trainer::<Cpu>::resume(&bytes, Default::default()).is_ok());
+    // A bit in the middle of the dense weights: it would still decode as a float.
+    let mut flipped = bytes.clone();
+    let middle = bytes.len() / 2;
+    flipped[middle] ^= 0x01;
+    assert!(matches!(
+        Trainer::<Cpu>::resume(&flipped, Default::default()),
+        Err(ArtifactError::ShaMismatch { .. })
+    ));
+}
+
 mod damaged {
     //! Random damage (byte flips, truncation, garbage) to an artifact, a checkpoint and an embedding table:
     //! each decoder returns an error or a value, never panics.

@@ -287,10 +287,21 @@ fn encode_shard(tables: &Tables, dense: Option<&[f32]>) -> Vec<u8> {
     for value in dense {
         out.extend_from_slice(&value.to_le_bytes());
     }
-    out
+    flywheel_ml::artifact::seal(out)
 }
 
+/// A shard checkpoint, refused when its seal does not match. One written before checkpoints were sealed has no
+/// seal; a damaged sealed one never decodes as such, since the dense section must end the file exactly.
 fn decode_shard(bytes: &[u8]) -> Result<(Tables, Option<Vec<f32>>), String> {
+    match flywheel_ml::artifact::unseal(bytes) {
+        Ok(content) => decode_shard_content(content),
+        Err(damaged) => {
+            decode_shard_content(bytes).map_err(|_| format!("the checkpoint is damaged: {damaged}"))
+        }
+    }
+}
+
+fn decode_shard_content(bytes: &[u8]) -> Result<(Tables, Option<Vec<f32>>), String> {
     let (&count, mut input) = bytes.split_first().ok_or("empty file")?;
     let first_order = EmbeddingTable::read_from(&mut input).map_err(|e| e.to_string())?;
     let factors = if count == 2 {
@@ -466,6 +477,12 @@ mod tests {
         for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
             assert!(decode_shard(&bytes[..cut]).is_err(), "cut at {cut}");
         }
+        // One flipped bit in a dense weight still decodes as floats: only the seal catches it.
+        let mut flipped = bytes.clone();
+        let weight = bytes.len() - 32 - 4;
+        flipped[weight] ^= 0x01;
+        let refused = decode_shard(&flipped).err().unwrap_or_default();
+        assert!(refused.contains("damaged"), "{refused}");
     }
 
     #[tokio::test]
