@@ -285,6 +285,20 @@ pub struct Materialization {
     /// How far back each run re-reads, to pick up late events; defaults to the schedule period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lookback: Option<Duration>,
+    /// How long one run may take (default `30m`). Past it the run's Job is stopped and the run fails with
+    /// `DeadlineExceeded`, so a store that stops answering fails a run instead of holding up the schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+impl Materialization {
+    pub const DEFAULT_TIMEOUT: &str = "30m";
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+            .clone()
+            .unwrap_or_else(|| Duration::from(Self::DEFAULT_TIMEOUT))
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -568,6 +582,13 @@ impl FeatureViewSpec {
             .and_then(|m| m.lookback.as_ref())
         {
             violations.check_duration("spec.materialization.lookback", lookback);
+        }
+        if let Some(timeout) = self
+            .materialization
+            .as_ref()
+            .and_then(|m| m.timeout.as_ref())
+        {
+            violations.check_duration("spec.materialization.timeout", timeout);
         }
         violations.into_result()
     }

@@ -61,10 +61,83 @@ pub fn outcome(job: &Job, pods: &[Pod]) -> Outcome {
             message: newest_message,
         }
     } else if finished("Failed") {
+        // Stopped at its deadline, the Job's pods were killed mid-run: their last words are not the reason.
+        let failed = status
+            .conditions
+            .iter()
+            .flatten()
+            .find(|c| c.type_ == "Failed" && c.status == "True");
+        let said = |c: &&k8s_openapi::api::batch::v1::JobCondition| {
+            format!(
+                "{}: {}",
+                c.reason.as_deref().unwrap_or("Failed"),
+                c.message.as_deref().unwrap_or_default()
+            )
+        };
+        let deadline = failed
+            .filter(|c| c.reason.as_deref() == Some("DeadlineExceeded"))
+            .map(|c| said(&c));
         Outcome::Failed {
-            message: newest_message,
+            message: deadline
+                .or(newest_message.filter(|message| !message.is_empty()))
+                .or(failed.map(|c| said(&c))),
         }
     } else {
         Outcome::Running
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_job_stopped_at_its_deadline_says_so_and_others_give_their_pods_words() {
+        let job = |reason: &str, message: &str| -> Job {
+            serde_json::from_value(json!({
+                "metadata": {"name": "m-1"},
+                "status": {"conditions": [{"type": "Failed", "status": "True", "reason": reason, "message": message}]},
+            }))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "m-1-x", "labels": {"job-name": "m-1"}},
+            "status": {"containerStatuses": [{
+                "name": "materialize", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": 1, "message": "/data/events: column `price` is missing"}},
+            }]},
+        }))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let deadline = job(
+            "DeadlineExceeded",
+            "Job was active longer than specified deadline",
+        );
+        assert_eq!(
+            outcome(&deadline, std::slice::from_ref(&pod)),
+            Outcome::Failed {
+                message: Some(
+                    "DeadlineExceeded: Job was active longer than specified deadline".into()
+                )
+            }
+        );
+        let failed = job(
+            "BackoffLimitExceeded",
+            "Job has reached the specified backoff limit",
+        );
+        assert_eq!(
+            outcome(&failed, std::slice::from_ref(&pod)),
+            Outcome::Failed {
+                message: Some("/data/events: column `price` is missing".into())
+            }
+        );
+        assert_eq!(
+            outcome(&failed, &[]),
+            Outcome::Failed {
+                message: Some(
+                    "BackoffLimitExceeded: Job has reached the specified backoff limit".into()
+                )
+            }
+        );
     }
 }

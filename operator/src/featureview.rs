@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use flywheel_crds::FeatureView;
 use flywheel_crds::common::{ConditionStatus, condition, set_condition};
-use flywheel_crds::featureview::{FeatureViewStatus, MaterializationReport, MaterializationRun};
+use flywheel_crds::featureview::{
+    FeatureViewStatus, Materialization, MaterializationReport, MaterializationRun,
+};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
@@ -377,6 +379,17 @@ fn common_env(view: &FeatureView) -> Vec<Value> {
 }
 
 /// The materialization Job of one scheduled run.
+/// How long one materialization run may take, in seconds (`spec.materialization.timeout`, default 30m).
+fn run_deadline_seconds(view: &FeatureView) -> u64 {
+    let timeout = view.spec.materialization.as_ref().map_or_else(
+        || flywheel_crds::common::Duration::from(Materialization::DEFAULT_TIMEOUT),
+        Materialization::timeout,
+    );
+    timeout
+        .parse()
+        .map_or(30 * 60, |timeout| timeout.as_secs().max(1))
+}
+
 pub fn materialization_job(
     view: &FeatureView,
     name: &str,
@@ -414,6 +427,8 @@ pub fn materialization_job(
         },
         "spec": {
             "backoffLimit": 2,
+            // A hung store must not hold the schedule: the whole run, retries included, is bounded.
+            "activeDeadlineSeconds": run_deadline_seconds(view),
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
@@ -748,6 +763,24 @@ mod tests {
         view.status = Some(status.clone());
         let job = materialization_job(&view, "j", at(2_000), &TrainerSettings::default())
             .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            job.spec
+                .as_ref()
+                .and_then(|spec| spec.active_deadline_seconds),
+            Some(30 * 60),
+            "a run is bounded by default"
+        );
+        if let Some(materialization) = view.spec.materialization.as_mut() {
+            materialization.timeout = Some("5m".into());
+        }
+        let job = materialization_job(&view, "j", at(2_000), &TrainerSettings::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            job.spec
+                .as_ref()
+                .and_then(|spec| spec.active_deadline_seconds),
+            Some(5 * 60)
+        );
         let env = serde_json::to_value(&job).unwrap_or_default()["spec"]["template"]["spec"]["containers"][0]["env"].clone();
         assert!(
             env.as_array()
