@@ -236,10 +236,11 @@ fn section<'a>(input: &mut &'a [u8]) -> Result<&'a [u8], ArtifactError> {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    hex(Sha256::digest(bytes).as_slice())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Bytes of the SHA-256 seal at the end of sealed content.
@@ -261,7 +262,6 @@ pub fn unseal(bytes: &[u8]) -> Result<&[u8], ArtifactError> {
     let (content, seal) = bytes.split_at(bytes.len() - SEAL_LEN);
     let actual = Sha256::digest(content);
     if actual.as_slice() != seal {
-        let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
         return Err(ArtifactError::ShaMismatch {
             expected: hex(seal),
             actual: hex(actual.as_slice()),

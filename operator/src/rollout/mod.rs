@@ -218,12 +218,17 @@ pub async fn reconcile(
         .get(ADMIN_TOKEN_KEY)
         .ok_or_else(|| Error::Credentials(format!("no {ADMIN_TOKEN_KEY}")))?;
     let before = split_of(&status);
-    let drifted_routers = match (&before, &rollout.spec.traffic.router) {
-        (Some(split), Some(_)) => {
+    // Listed once: read back for drift now, sent the new table after planning.
+    let routers = match &rollout.spec.traffic.router {
+        Some(_) => router_pods(&ctx, &namespace, &name).await,
+        None => Vec::new(),
+    };
+    let drifted_routers = match &before {
+        Some(split) => {
             let table = traffic::route_table(&name, &namespace, split);
-            drifted_routers(&ctx, &namespace, &name, &table, admin_token).await
+            drifted_routers(&routers, &table, admin_token).await
         }
-        _ => Vec::new(),
+        None => Vec::new(),
     };
     let canary_pods = match status.canary_version.as_deref() {
         Some(canary) if canary_live(&status) => {
@@ -265,7 +270,7 @@ pub async fn reconcile(
             .collect();
         let table = traffic::route_table(&name, &namespace, split);
         if planned.aborted.is_some() || planned.restore_routes || before.as_ref() != Some(split) {
-            push_routes(&ctx, &namespace, &name, &table, admin_token).await;
+            push_routes(&routers, &table, admin_token).await;
         }
         let online_env = match &online {
             OnlineView::Found(view) => online::environment(&rollout, view),
@@ -487,26 +492,21 @@ async fn router_pods(ctx: &Context, namespace: &str, name: &str) -> Vec<(String,
 /// Router pods whose live route table is not `table` (one that does not answer is not counted: it reloads
 /// the ConfigMap when it comes back).
 async fn drifted_routers(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
+    routers: &[(String, String)],
     table: &Value,
     token: &Token,
 ) -> Vec<String> {
-    let checks = router_pods(ctx, namespace, name)
-        .await
-        .into_iter()
-        .map(|(pod, ip)| async move {
-            let live = tokio::time::timeout(
-                PUSH_TIMEOUT,
-                admin_call(&ip, hyper::Method::GET, String::new(), token),
-            )
-            .await;
-            match live {
-                Ok(Ok(live)) if !traffic::same_routes(&live, table) => Some(pod),
-                _ => None,
-            }
-        });
+    let checks = routers.iter().map(|(pod, ip)| async move {
+        let live = tokio::time::timeout(
+            PUSH_TIMEOUT,
+            admin_call(ip, hyper::Method::GET, String::new(), token),
+        )
+        .await;
+        match live {
+            Ok(Ok(live)) if !traffic::same_routes(&live, table) => Some(pod.clone()),
+            _ => None,
+        }
+    });
     futures::future::join_all(checks)
         .await
         .into_iter()
@@ -516,27 +516,24 @@ async fn drifted_routers(
 
 /// Sends the route table to every running router pod's admin endpoint (best effort: the ConfigMap is the
 /// durable copy every router also reloads).
-async fn push_routes(ctx: &Context, namespace: &str, name: &str, table: &Value, token: &Token) {
+async fn push_routes(routers: &[(String, String)], table: &Value, token: &Token) {
     let body = table.to_string();
-    let pushes = router_pods(ctx, namespace, name)
-        .await
-        .into_iter()
-        .map(|(_, ip)| {
-            let body = body.clone();
-            async move {
-                let result = tokio::time::timeout(
-                    PUSH_TIMEOUT,
-                    admin_call(&ip, hyper::Method::PUT, body, token),
-                )
-                .await;
-                if !matches!(result, Ok(Ok(_))) {
-                    warn!(
-                        pod_ip = ip,
-                        "router did not take the new routes; it reloads them from the ConfigMap"
-                    );
-                }
+    let pushes = routers.iter().map(|(_, ip)| {
+        let body = body.clone();
+        async move {
+            let result = tokio::time::timeout(
+                PUSH_TIMEOUT,
+                admin_call(ip, hyper::Method::PUT, body, token),
+            )
+            .await;
+            if !matches!(result, Ok(Ok(_))) {
+                warn!(
+                    pod_ip = ip,
+                    "router did not take the new routes; it reloads them from the ConfigMap"
+                );
             }
-        });
+        }
+    });
     futures::future::join_all(pushes).await;
 }
 
