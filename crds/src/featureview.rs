@@ -18,6 +18,8 @@ pub const HOST_PORT_PATTERN: &str = r"^[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}$";
 pub const SCHEDULE_PATTERN: &str =
     r"^(@(hourly|daily|weekly|monthly)|@every ([0-9]+(ms|s|m|h|d))+|(\S+\s+){4}\S+)$";
 
+/// Desired state of a FeatureView: its entities and features, where their raw events come from, and the offline
+/// and online stores they are materialized into.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "flywheel.dev",
@@ -94,6 +96,7 @@ pub struct Entity {
     /// Column holding the entity's key (e.g. `user_id`).
     #[schemars(pattern(IDENTIFIER_PATTERN))]
     pub join_key: String,
+    /// Type of the join key's values: `String` or `Int64`. Default `String`.
     #[serde(default = "default_entity_type")]
     pub value_type: EntityValueType,
 }
@@ -112,8 +115,12 @@ pub enum EntityValueType {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.batch) || has(self.stream)").message("spec.source: set batch, stream or both"))]
 pub struct FeatureSource {
+    /// Parquet events that materialization Jobs read into the offline store and, when `online` is set, the
+    /// online store. Set `batch`, `stream` or both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchSource>,
+    /// Kafka events ingested continuously into the online store by the view's `<name>-ingest` Deployment
+    /// (only when `online` is set). Set `batch`, `stream` or both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamSource>,
 }
@@ -135,11 +142,13 @@ pub struct StreamSource {
     /// Kafka bootstrap brokers, `host:port`.
     #[schemars(length(min = 1, max = 32), inner(pattern(HOST_PORT_PATTERN)))]
     pub brokers: Vec<String>,
+    /// Kafka topic the events are read from.
     #[schemars(length(min = 1, max = 249), pattern(r"^[a-zA-Z0-9._-]+$"))]
     pub topic: String,
     /// Event-time field of each message.
     #[schemars(pattern(IDENTIFIER_PATTERN))]
     pub timestamp_field: String,
+    /// Encoding of each message; `Json` (one JSON object per message) is the only one so far. Default `Json`.
     #[serde(default = "default_stream_format")]
     pub format: StreamFormat,
 }
@@ -157,8 +166,12 @@ pub enum StreamFormat {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.transform) && has(self.aggregation))").message("a feature has a transform or an aggregation, not both"))]
 pub struct Feature {
+    /// Feature name, unique in the view; also the source column unless `column` is set.
     #[schemars(pattern(IDENTIFIER_PATTERN))]
     pub name: String,
+    /// Type of the feature's values. It must match what a transform or aggregation yields: `Int64` for
+    /// hashBucket, bucketize, cross, count and distinctCount; `Float64` for log1p, standardize, sum, mean, min
+    /// and max. The list types are not materialized yet.
     pub value_type: FeatureValueType,
     /// Source column; defaults to `name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,15 +200,24 @@ pub enum FeatureValueType {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum Transform {
+    /// Categorical: hashes the value into one of `buckets` buckets; a missing value gets the extra index
+    /// `buckets`.
     HashBucket(HashBucket),
+    /// Categorical: the index of the value's bucket, i.e. how many `boundaries` are at or below it; a missing
+    /// value gets its own extra index.
     Bucketize(Bucketize),
+    /// Numeric: ln(1 + max(x, 0)), for counts and prices; a missing value becomes 0. Takes no settings (`{}`).
     Log1p(Log1p),
+    /// Numeric: (x − mean) / std; a missing value becomes 0.
     Standardize(Standardize),
+    /// Categorical: hashes the values of the listed features together into one of `buckets` buckets; if any of
+    /// them is missing, the extra index `buckets`.
     Cross(Cross),
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct HashBucket {
+    /// Number of hash buckets (1 to 1,000,000,000); the embedding table gets one more row for missing values.
     #[schemars(range(min = 1, max = 1_000_000_000))]
     pub buckets: u64,
 }
@@ -212,6 +234,7 @@ pub struct Log1p {}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct Standardize {
+    /// Mean subtracted from the value; must be finite.
     pub mean: f64,
     /// Must be positive.
     pub std: f64,
@@ -222,6 +245,8 @@ pub struct Cross {
     /// Features crossed together (2 or more).
     #[schemars(length(min = 2, max = 4), inner(pattern(IDENTIFIER_PATTERN)))]
     pub features: Vec<String>,
+    /// Number of hash buckets of the crossed values (1 to 1,000,000,000); the embedding table gets one more row
+    /// for missing values.
     #[schemars(range(min = 1, max = 1_000_000_000))]
     pub buckets: u64,
 }
@@ -229,6 +254,8 @@ pub struct Cross {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Aggregation {
+    /// Aggregate of the column's non-null values over the entity's events in the window ending at the feature's
+    /// time: `count`, `sum`, `mean`, `min`, `max` or `distinctCount`.
     pub function: AggregationFunction,
     /// Window length, e.g. `7d`.
     pub window: Duration,
@@ -254,6 +281,7 @@ pub struct OfflineStore {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct OnlineStore {
+    /// The Redis server the view's online values are written to and served from.
     pub redis: RedisStore,
 }
 
@@ -263,6 +291,7 @@ pub struct RedisStore {
     /// `host:port` of the Redis server.
     #[schemars(pattern(HOST_PORT_PATTERN))]
     pub address: String,
+    /// Redis logical database number, 0 to 15. Default 0.
     #[serde(default)]
     #[schemars(range(min = 0, max = 15))]
     pub database: u8,
@@ -331,22 +360,31 @@ fn default_ks_threshold() -> f64 {
     0.2
 }
 
+/// Observed state of a FeatureView, written by the operator: conditions, the schema hash, the last
+/// materialization run, and the baseline statistics and drift.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FeatureViewStatus {
+    /// The `metadata.generation` the operator last reconciled; while it is behind, the status does not reflect
+    /// the latest spec yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Standard Kubernetes conditions. Types: `Ready`; `InvalidSpec` (True when the spec breaks a rule, the
+    /// message naming each field); `Materialized` (whether the newest finished materialization Job succeeded);
+    /// `Drifted` (True when a feature of the last run drifted from the baseline).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Join keys joined by `,` (printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entities_summary: Option<String>,
+    /// Number of features in `spec.features` (printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature_count: Option<i64>,
     /// SHA-256 of the feature schema (names, types, transforms); models record it to refuse skewed inputs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_hash: Option<String>,
+    /// The newest successful materialization run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_materialization: Option<MaterializationRun>,
     /// Per-feature statistics of the baseline window, the reference for drift.
@@ -367,6 +405,7 @@ pub struct MaterializationRun {
     /// Entities written to the online store.
     #[serde(default)]
     pub entities_written: i64,
+    /// How long the run took, in seconds.
     pub duration_seconds: f64,
     /// Newest event time materialized (RFC 3339, µs): the next run reads events after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -408,11 +447,16 @@ pub struct MaterializationReport {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FeatureStatistics {
+    /// Feature name.
     pub name: String,
+    /// Rows in which the feature has a value (not null).
     pub count: i64,
+    /// Share of rows, 0 to 1, in which the feature is null.
     pub missing_rate: f64,
+    /// Mean of a numeric feature's values (booleans count as 0 and 1); absent for strings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean: Option<f64>,
+    /// Population standard deviation of a numeric feature's values; absent for strings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub std: Option<f64>,
     /// Deciles p0, p10, …, p100 of numeric features.
@@ -423,10 +467,16 @@ pub struct FeatureStatistics {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FeatureDrift {
+    /// Feature name.
     pub name: String,
+    /// Population Stability Index of the run's values against the baseline (over deciles for numbers, over
+    /// category shares for strings); 0 means the same distribution.
     pub psi: f64,
+    /// Two-sample Kolmogorov–Smirnov statistic against the baseline, 0 to 1; numeric features only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ks: Option<f64>,
+    /// True when `psi` is above `spec.drift.psiThreshold` (default 0.25) or `ks` above
+    /// `spec.drift.ksThreshold` (default 0.2).
     pub drifted: bool,
 }
 

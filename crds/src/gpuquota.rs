@@ -13,6 +13,8 @@ use crate::common::{
     DNS_LABEL_PATTERN, GPU_RESOURCE_PATTERN, SpecViolations, is_dns_label, is_gpu_resource,
 };
 
+/// Desired state of a GPUQuota: which namespaces' TrainingJobs it admits, how many GPUs of each resource they
+/// may hold at once, whether higher-priority jobs may preempt, and the placement their pods get.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "flywheel.dev",
@@ -53,6 +55,7 @@ pub struct GPUQuotaSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100_000))]
     pub max_concurrent_jobs: Option<u32>,
+    /// Whether a waiting job may take GPUs from admitted jobs of lower priority. Default `policy: Never`.
     #[serde(default)]
     pub preemption: PreemptionPolicy,
     /// Placement every pod of an admitted job gets; users cannot opt out.
@@ -64,9 +67,12 @@ pub struct GPUQuotaSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("(has(self.names) && size(self.names) > 0) || has(self.selector)").message("spec.namespaces: list names, set a selector, or both"))]
 pub struct NamespaceScope {
+    /// Namespaces covered by name. Set `names`, `selector` or both; a namespace listed here or matched by the
+    /// selector is covered.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000), inner(pattern(DNS_LABEL_PATTERN), length(max = 63)), extend("x-kubernetes-list-type" = "set"))]
     pub names: Vec<String>,
+    /// Namespaces covered by their labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
 }
@@ -76,6 +82,8 @@ pub struct GpuLimit {
     /// `nvidia.com/gpu`, `amd.com/gpu` or a MIG profile such as `nvidia.com/mig-1g.10gb`.
     #[schemars(pattern(GPU_RESOURCE_PATTERN))]
     pub resource: String,
+    /// Number of GPUs (or MIG slices) of `resource`: in `spec.limits`, the most that admitted jobs may hold at
+    /// once; in `status.used`, how many admitted jobs hold now.
     #[schemars(range(min = 0, max = 1_000_000))]
     pub count: u32,
 }
@@ -98,10 +106,14 @@ pub enum PreemptionMode {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Isolation {
+    /// Node labels added to the node selector of every pod of an admitted job; they override a job's own
+    /// (e.g. its GPU product).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Tolerations added to every pod of an admitted job, e.g. for taints on the team's GPU nodes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// RuntimeClass every pod of an admitted job runs with (e.g. a sandboxed runtime).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
     pub runtime_class_name: Option<String>,
@@ -110,19 +122,28 @@ pub struct Isolation {
     pub exclusive_nodes: bool,
 }
 
+/// Observed state of a GPUQuota, written by the operator: GPUs in use, and which jobs are admitted, queued or
+/// rejected.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GPUQuotaStatus {
+    /// The `metadata.generation` the operator last reconciled; while it is behind, the status does not reflect
+    /// the latest spec yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Standard Kubernetes conditions. Types: `Ready`; `InvalidSpec` (True when the spec breaks a rule, the
+    /// message naming each field).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// GPUs held by admitted jobs, per resource in `spec.limits`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub used: Vec<GpuLimit>,
     /// `used/limit` per resource (printer column), e.g. `nvidia.com/gpu 4/8`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used_summary: Option<String>,
+    /// Jobs admitted under this quota: all of their pods may run. They stay admitted while they run, even if
+    /// the quota shrinks; only preemption takes their GPUs back.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub admitted: Vec<JobRef>,
     /// Waiting jobs in admission order (the first is admitted next), each with why it waits.
@@ -131,8 +152,10 @@ pub struct GPUQuotaStatus {
     /// Jobs that name this quota but can never be admitted by it, each with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<JobRef>,
+    /// Number of admitted jobs (printer column).
     #[serde(default)]
     pub admitted_count: u32,
+    /// Number of queued jobs (printer column).
     #[serde(default)]
     pub queued_count: u32,
 }
@@ -140,7 +163,9 @@ pub struct GPUQuotaStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobRef {
+    /// Namespace of the TrainingJob.
     pub namespace: String,
+    /// Name of the TrainingJob.
     pub name: String,
     /// The job's UID: a job deleted and re-created under the same name is a new job.
     #[serde(default, skip_serializing_if = "Option::is_none")]

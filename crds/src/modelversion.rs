@@ -16,6 +16,8 @@ pub const SHA256_PATTERN: &str = r"^[a-f0-9]{64}$";
 /// Finalizer that keeps a ModelVersion a Rollout serves from being deleted.
 pub const IN_USE_FINALIZER: &str = "flywheel.dev/in-use";
 
+/// Desired state of a ModelVersion: the model artifact, where it came from, its offline metrics, and the gates
+/// that decide whether it may be rolled out. A TrainingJob creates one when it succeeds.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "flywheel.dev",
@@ -46,15 +48,20 @@ pub struct ModelVersionSpec {
     /// Registry name of the model this is a version of.
     #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
     pub model_name: String,
+    /// The model artifact. Immutable once created: a registry entry names one artifact forever.
     pub artifact: Artifact,
     /// SHA-256 of the feature schema the model was trained on; serving refuses inputs of another schema.
     #[schemars(pattern(SHA256_PATTERN))]
     pub feature_schema_hash: String,
+    /// Where the model came from: training job, feature view, data range, seed, code version and parent version.
+    /// Set by the TrainingJob that creates the version.
     #[serde(default)]
     pub lineage: Lineage,
     /// Offline metrics on the evaluation set.
     #[serde(default)]
     pub metrics: OfflineMetrics,
+    /// Gates on `metrics` that make the version `Validated` or `Rejected`; only a Validated version can be
+    /// rolled out. Without gates the version is validated against nothing, and its `Validated` condition says so.
     #[serde(default)]
     pub validation: Validation,
 }
@@ -64,11 +71,13 @@ pub struct ModelVersionSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec.artifact is immutable; create a new ModelVersion instead"))]
 pub struct Artifact {
+    /// Location of the model artifact (`file://`, `s3://`, `gs://` or `hdfs://`).
     #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
     pub uri: String,
     /// SHA-256 of the artifact; a server refuses an artifact that does not match.
     #[schemars(pattern(SHA256_PATTERN))]
     pub sha256: String,
+    /// Artifact format; `flywheel-v1` (what `flywheel-trainer` writes) is the only one. Default `flywheel-v1`.
     #[serde(default = "default_artifact_format")]
     pub format: ArtifactFormat,
 }
@@ -86,6 +95,7 @@ pub enum ArtifactFormat {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Lineage {
+    /// The TrainingJob (same namespace) that produced the artifact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training_job: Option<String>,
     /// The FeatureView the training data's features came from (`namespace/name` when the training set recorded
@@ -97,8 +107,10 @@ pub struct Lineage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(SHA256_PATTERN))]
     pub feature_view_schema_hash: Option<String>,
+    /// Event-time range of the training rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_range: Option<TimeRange>,
+    /// Random seed the model was trained with (the TrainingJob's `spec.seed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// Trainer version (e.g. a git describe) that produced the artifact.
@@ -165,9 +177,13 @@ impl Validation {
     validation = Rule::new("!(has(self.min) && has(self.max)) || self.min <= self.max").message("min must not exceed max")
 )]
 pub struct Gate {
+    /// The offline metric the gate checks: `auc`, `gauc`, `logLoss` or `calibration`. A version without that
+    /// metric leaves the gate `Unknown`.
     pub metric: GateMetric,
+    /// The metric must be at least this (inclusive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,
+    /// The metric must be at most this (inclusive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
     /// Version to compare against: another ModelVersion or the holder of an alias.
@@ -209,23 +225,37 @@ pub enum ModelVersionPhase {
     Rejected,
 }
 
+/// Observed state of a ModelVersion, written by the operator: the gates' verdict, the aliases it holds, and
+/// which Rollouts serve it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelVersionStatus {
+    /// The `metadata.generation` the operator last reconciled; while it is behind, the status does not reflect
+    /// the latest spec yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Standard Kubernetes conditions. Types: `Ready`; `InvalidSpec` (True when the spec breaks a rule, the
+    /// message naming each field); `Validated` (the gates' verdict: True passed, False failed, Unknown
+    /// pending); `InUse` (True while a Rollout serves the version, which then cannot be deleted).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// `Pending` (a gate cannot be evaluated yet, e.g. its baseline is missing), `Validated` (every gate
+    /// passed) or `Rejected` (a gate failed). The verdict is final for a generation; only Validated versions
+    /// roll out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<ModelVersionPhase>,
+    /// The outcome of each gate in `spec.validation.gates`, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gate_results: Vec<GateResult>,
+    /// Aliases this version holds, derived from the Rollouts of its namespace: `production` while a Rollout
+    /// serves it as stable, `canary` while it is a Rollout's live canary.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
     /// Aliases joined by `,` (printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aliases_summary: Option<String>,
+    /// When the version gained or lost each alias, oldest first (the last 20 changes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub promotion_history: Vec<PromotionRecord>,
     /// Rollouts serving this version (stable or canary).
@@ -239,19 +269,25 @@ pub struct ModelVersionStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AcceptedArtifact {
+    /// The accepted `spec.artifact.uri`.
     pub uri: String,
+    /// The accepted `spec.artifact.sha256`.
     pub sha256: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GateResult {
+    /// The metric the gate checked.
     pub metric: GateMetric,
+    /// The version's value of the metric; absent when `spec.metrics` lacks it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
     /// The bound applied, e.g. `>= 0.75` or `>= 0.781 (baseline 0.783 - 0.002)`.
     pub threshold: String,
+    /// `Pass`, `Fail`, or `Unknown` when a bound could not be checked (the metric or the baseline is missing).
     pub verdict: GateVerdict,
+    /// Why the gate could not be fully checked, e.g. a missing baseline or metric.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -266,11 +302,14 @@ pub enum GateVerdict {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PromotionRecord {
+    /// The alias gained or lost: `production` or `canary`.
     pub alias: String,
     /// `Promoted` or `Demoted`.
     pub action: String,
+    /// The Rollout that promoted the version; absent on a demotion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<String>,
+    /// When the alias was gained or lost.
     pub time: Time,
 }
 

@@ -15,6 +15,8 @@ pub const DEFAULT_CANARY_WEIGHTS: [u32; 4] = [1, 5, 20, 100];
 /// Regex of an HTTP header name.
 pub const HEADER_PATTERN: &str = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
 
+/// Desired state of a Rollout: the ModelVersion to serve, its serving pods, the canary steps and analysis that
+/// move traffic to a new version, and how traffic is routed.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "flywheel.dev",
@@ -42,10 +44,14 @@ pub struct RolloutSpec {
     /// The ModelVersion that should be served; changing it starts a progression from the current stable.
     #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
     pub model_version: String,
+    /// The model servers: one Deployment per served version (stable and canary), each with these settings.
     #[serde(default)]
     pub serving: ServingTemplate,
+    /// How traffic moves from the stable version to a new one. Default: canary steps 1% → 5% → 20% → 100%.
     #[serde(default)]
     pub strategy: Strategy,
+    /// Prometheus analysis that gates each canary step: rounds of measurements that must pass before the weight
+    /// moves on. Without it, steps advance without checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub analysis: Option<Analysis>,
     /// Prometheus alert names that abort the canary at once when they fire for it.
@@ -109,6 +115,7 @@ pub struct ServingTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub image: Option<String>,
+    /// Resources of each model-server container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Largest batch the server micro-batches concurrent requests into.
@@ -138,6 +145,7 @@ fn default_max_batch() -> u32 {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct Strategy {
+    /// Canary progression: the steps and how long the canary's pods may take to become available.
     #[serde(default)]
     pub canary: CanaryStrategy,
 }
@@ -182,6 +190,8 @@ pub enum CanaryStep {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct Pause {
+    /// How long to hold, e.g. `10m`; omit to hold until promoted with the `flywheel.dev/action: promote`
+    /// annotation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration: Option<Duration>,
 }
@@ -202,8 +212,10 @@ pub struct Analysis {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^[!-~]+$"), length(max = 256))]
     pub tenant: Option<String>,
+    /// Time between analysis rounds, e.g. `1m`. Default `1m`.
     #[serde(default = "default_interval")]
     pub interval: Duration,
+    /// How long after a step starts before its first analysis round, e.g. `2m`. Default: no delay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_delay: Option<Duration>,
     /// Measurements per step before moving on.
@@ -214,6 +226,8 @@ pub struct Analysis {
     #[serde(default = "default_min_samples")]
     #[schemars(range(min = 0))]
     pub min_samples: u64,
+    /// Failed analysis rounds (a round fails when any metric fails) tolerated during one progression; one more
+    /// aborts the canary and rolls it back. Default 1.
     #[serde(default = "default_failure_limit")]
     #[schemars(range(min = 0, max = 100))]
     pub failure_limit: u32,
@@ -229,6 +243,8 @@ pub struct Analysis {
     /// is not trusted with traffic) or `pause` (the canary keeps its weight until a human decides).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_error: Option<OnError>,
+    /// The checks of each analysis round (1 to 16, names unique): each a built-in metric or a PromQL query,
+    /// with the range it must fall in.
     #[schemars(length(min = 1, max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub metrics: Vec<AnalysisMetric>,
 }
@@ -275,8 +291,11 @@ fn default_inconclusive_limit() -> u32 {
     validation = Rule::new("has(self.min) || has(self.max)").message("set min, max or both")
 )]
 pub struct AnalysisMetric {
+    /// Name of the check, unique in the list; measurements in status are recorded under it.
     #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
     pub name: String,
+    /// A metric Flywheel queries from the serving metrics: `aucDrop`, `calibrationDeviation`, `latencyP99` or
+    /// `errorRate`. Set exactly one of `builtin` or `query`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<BuiltinMetric>,
     /// PromQL returning one number; `{{canary}}`, `{{stable}}` and `{{namespace}}` are substituted.
@@ -311,8 +330,12 @@ pub enum BuiltinMetric {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.router) && has(self.gatewayApi))").message("set router or gatewayApi, not both"))]
 pub struct TrafficRouting {
+    /// Flywheel's built-in router: a Deployment behind the Service named after the Rollout that splits requests
+    /// by the canary weight, keeping each caller on one version. The default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<RouterTraffic>,
+    /// Drive the backend weights of a Gateway API HTTPRoute instead. Not supported yet: setting it makes the
+    /// spec invalid (`InvalidSpec`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_api: Option<GatewayApiTraffic>,
 }
@@ -333,6 +356,7 @@ pub struct RouterTraffic {
     #[serde(default = "default_sticky_header")]
     #[schemars(pattern(HEADER_PATTERN), length(max = 128))]
     pub sticky_header: String,
+    /// Router pods, 1 to 100. Default 2.
     #[serde(default = "default_router_replicas")]
     #[schemars(range(min = 1, max = 100))]
     pub replicas: i32,
@@ -371,36 +395,59 @@ pub enum RolloutPhase {
     Degraded,
 }
 
+/// Observed state of a Rollout, written by the operator: the stable and canary versions, the canary's step and
+/// weight, and the analysis so far.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
+    /// The `metadata.generation` the operator last reconciled; while it is behind, the status does not reflect
+    /// the latest spec yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Standard Kubernetes conditions. Types: `Ready` (True while the stable version's every replica is
+    /// available, i.e. the endpoint serves); `InvalidSpec` (True when the spec breaks a rule, the message naming
+    /// each field); `Healthy` (True when no canary is in progress and the stable version takes all traffic;
+    /// False while progressing, paused or aborted, with the reason).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// `Progressing` (a canary is moving through its steps), `Paused` (waiting for a human: an untimed pause
+    /// step, analysis inconclusive too often, or analysis errors with `onError: pause`), `Healthy` (the stable
+    /// version takes all traffic) or `Degraded` (the canary was aborted and rolled back; annotate
+    /// `flywheel.dev/action: retry` or change `spec.modelVersion`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<RolloutPhase>,
+    /// Index (from 0) of the canary step in progress; equal to the number of steps once the canary was promoted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_step: Option<u32>,
     /// `current/total` (printer column).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_summary: Option<String>,
+    /// Percentage of traffic (0 to 100) the router sends to the canary; the rest goes to the stable version.
     #[serde(default)]
     pub canary_weight: u32,
+    /// The ModelVersion that takes the traffic the canary does not: the first version served, or the last one
+    /// promoted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable_version: Option<String>,
+    /// The ModelVersion being rolled out; absent when no canary is in progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_version: Option<String>,
+    /// When the current step started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_started_at: Option<Time>,
+    /// Failed analysis rounds in this progression; above `spec.analysis.failureLimit` the canary is aborted.
     #[serde(default)]
     pub failed_measurements: u32,
+    /// Inconclusive analysis rounds in this progression (reset by a manual promote); above
+    /// `spec.analysis.inconclusiveLimit` the rollout pauses.
     #[serde(default)]
     pub inconclusive_measurements: u32,
     /// Every analysis measurement of the current progression, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub measurements: Vec<Measurement>,
+    /// Why the canary was aborted and rolled back (failed analysis, analysis errors, a firing alert, a missed
+    /// progress deadline or a manual abort); cleared when a new progression starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort_reason: Option<String>,
     /// Analysis rounds passed in the current step.
@@ -426,12 +473,19 @@ pub struct RolloutStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Measurement {
+    /// Name of the analysis metric (`spec.analysis.metrics[].name`).
     pub metric: String,
+    /// Index (from 0) of the canary step it was taken in.
     pub step: u32,
+    /// When it was taken.
     pub time: Time,
+    /// The measured value; absent when the measurement is inconclusive or an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
+    /// `Successful` (within min/max), `Failed` (outside them), `Inconclusive` (too few labeled samples, no data
+    /// or not a finite number) or `Error` (the query failed).
     pub verdict: MeasurementVerdict,
+    /// What was compared, or why the measurement is inconclusive or an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

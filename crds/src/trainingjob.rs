@@ -14,6 +14,8 @@ use crate::common::{
 use crate::featureview::STORAGE_URI_PATTERN;
 use crate::modelversion::Validation;
 
+/// Desired state of a TrainingJob: the data, the model and how to train it, the pod topology, and where the
+/// artifact goes. On success the job creates a ModelVersion of the same name.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "flywheel.dev",
@@ -49,7 +51,10 @@ use crate::modelversion::Validation;
 pub struct TrainingJobSpec {
     /// Training and evaluation data.
     pub data: TrainingData,
+    /// The model to train: its registry name, architecture and embedding sizes.
     pub model: ModelArchitecture,
+    /// Optimizer settings. Dense weights always train with Adam; `kind` picks the embedding optimizer. Default
+    /// `kind: adam`, `learningRate: 0.003`.
     #[serde(default)]
     pub optimizer: Optimizer,
     /// The most passes over the training set; early stopping usually ends training sooner.
@@ -63,6 +68,8 @@ pub struct TrainingJobSpec {
     /// stored in the artifact and applied by evaluation, batch scoring and serving alike.
     #[serde(default)]
     pub calibration: CalibrationMethod,
+    /// Rows per training step. A data-parallel gang splits each batch among its training processes; each
+    /// parameter-server worker trains batches of this size on its own. Default 1024.
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 1_048_576))]
     pub batch_size: u32,
@@ -89,6 +96,8 @@ pub struct TrainingJobSpec {
     #[serde(default)]
     #[schemars(range(min = -1000, max = 1000))]
     pub priority: i32,
+    /// Where and how often training state is checkpointed. Without it, checkpoints go under the job's artifact
+    /// directory every 1000 steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpointing>,
     /// Whole-gang restarts (from the last checkpoint) before the job fails.
@@ -273,8 +282,11 @@ fn default_event_time() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatasetUris {
+    /// Training set: a Parquet file or directory (`file://` on the training storage).
     #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
     pub train: String,
+    /// Evaluation set, scored after training for the offline metrics: a Parquet file or directory (`file://`
+    /// on the training storage).
     #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
     pub eval: String,
     /// Label column (e.g. `clicked`).
@@ -292,7 +304,10 @@ pub struct ModelArchitecture {
     /// Registry name of the model; ModelVersions of this job are named after it.
     #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 40))]
     pub name: String,
+    /// `logistic` (logistic regression), `wide_deep` (Wide & Deep) or `deepfm` (DeepFM). Wide & Deep and DeepFM
+    /// need `hiddenLayers`; logistic takes none.
     pub architecture: Architecture,
+    /// Width of each embedding vector, 1 to 1024. Default 16.
     #[serde(default = "default_embedding_dim")]
     #[schemars(range(min = 1, max = 1024))]
     pub embedding_dim: u32,
@@ -337,6 +352,8 @@ impl Architecture {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Optimizer {
+    /// Optimizer of the sparse embedding rows: `adam`, `adagrad` or `sgd` (dense weights always use Adam).
+    /// Default `adam`.
     #[serde(default = "default_optimizer_kind")]
     pub kind: OptimizerKind,
     /// Learning rate of the dense parameters.
@@ -403,8 +420,10 @@ pub struct SingleTopology {}
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 pub struct ParameterServerTopology {
+    /// Parameter-server pods the embedding rows are sharded over, 1 to 256.
     #[schemars(range(min = 1, max = 256))]
     pub servers: u32,
+    /// Worker pods that train asynchronously, each on its share of the rows, 1 to 1024.
     #[schemars(range(min = 1, max = 1024))]
     pub workers: u32,
 }
@@ -468,8 +487,11 @@ impl Topology {
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct RoleResources {
+    /// Resources of each worker pod's trainer container. For data-parallel GPU workers, the GPU request and
+    /// limit (`gpusPerWorker` of `gpuResource`) are added to them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<ResourceRequirements>,
+    /// Resources of each parameter-server pod's container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<ResourceRequirements>,
 }
@@ -480,6 +502,7 @@ pub struct Checkpointing {
     /// Where checkpoints go; a restarted gang resumes from the newest one.
     #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
     pub uri: String,
+    /// Training steps between checkpoints. Default 1000.
     #[serde(default = "default_checkpoint_steps")]
     #[schemars(range(min = 1, max = 100_000_000))]
     pub every_steps: u64,
@@ -507,14 +530,26 @@ pub enum TrainingPhase {
     Failed,
 }
 
+/// Observed state of a TrainingJob, written by the operator: phase, queue position, pods, progress, metrics
+/// and restarts.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainingJobStatus {
+    /// The `metadata.generation` the operator last reconciled; while it is behind, the status does not reflect
+    /// the latest spec yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Standard Kubernetes conditions. Types: `Ready`; `InvalidSpec` (True when the spec breaks a rule, the
+    /// message naming each field); `DatasetBuilt` (the training set was built from the FeatureView);
+    /// `Admitted` (admitted, or why it waits); `PodsScheduled` and `PodsStarted` (False, with the reason, while
+    /// the gang's pods cannot be scheduled or their containers cannot start); `Complete` (True once the
+    /// ModelVersion was created); `Failed` (True, with the reason, when the job failed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// `Queued` (waiting for admission, its training set or its warm-start version), `Running`, `Restarting`
+    /// (the gang restarts from its last checkpoint after a failure), `Suspended` (`spec.suspend`), `Succeeded`
+    /// or `Failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<TrainingPhase>,
     /// Topology summary (printer column), e.g. `ps 2x4`.
@@ -523,10 +558,13 @@ pub struct TrainingJobStatus {
     /// While `Queued`: why, and the place in the queue (1 = next).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueStatus>,
+    /// Pods of the current attempt, per role (`worker`, `server`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaStatus>,
+    /// Training progress as the chief worker last reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<TrainingProgress>,
+    /// Offline metrics on the evaluation set, once training succeeded; copied to the ModelVersion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<OfflineMetrics>,
     /// How training ended: epochs trained, the epoch whose weights were kept, and whether it stopped early.
@@ -539,10 +577,13 @@ pub struct TrainingJobStatus {
     /// and pods of an older attempt are removed before the new attempt's pods are made.
     #[serde(default)]
     pub attempt: u32,
+    /// Why the gang was restarted, oldest first (the last 10).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restart_reasons: Vec<String>,
+    /// When the gang's pods were first created (the first attempt's start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
+    /// When the job succeeded or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
     /// The ModelVersion this job produced.
@@ -568,9 +609,13 @@ pub struct ConvergenceStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct QueueStatus {
+    /// Why the job waits, e.g. no room in its GPUQuota, preempted, its training set being built, or its
+    /// warm-start ModelVersion missing.
     pub reason: String,
+    /// Place in the GPUQuota's queue (1 = admitted next); absent when the job does not wait for the quota.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<u32>,
+    /// When the job started waiting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
 }
@@ -580,11 +625,15 @@ pub struct QueueStatus {
 pub struct ReplicaStatus {
     /// `worker` or `server`.
     pub role: String,
+    /// Pods the topology asks for in this role.
     pub desired: u32,
+    /// Pods of this role that exist and have not finished (pending or running).
     #[serde(default)]
     pub active: u32,
+    /// Pods of this role that exited successfully.
     #[serde(default)]
     pub succeeded: u32,
+    /// Pods of this role that failed.
     #[serde(default)]
     pub failed: u32,
 }
@@ -592,16 +641,22 @@ pub struct ReplicaStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrainingProgress {
+    /// Training steps (mini-batches) done so far.
     pub step: u64,
+    /// Steps planned for all of `spec.epochs`; early stopping may end training sooner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_steps: Option<u64>,
+    /// Current epoch, counting from 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u32>,
     /// Completed share as text (printer column), e.g. `42%`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<String>,
+    /// Training throughput in rows per second since the chief's previous report: the whole gang's in a
+    /// data-parallel job, the chief worker's own in a parameter-server job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub samples_per_second: Option<f64>,
+    /// Training loss (log loss) of the latest reported mini-batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
 }
@@ -610,12 +665,16 @@ pub struct TrainingProgress {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OfflineMetrics {
+    /// ROC AUC on the evaluation set, 0 to 1 (0.5 is random ranking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub auc: Option<f64>,
+    /// Group AUC on the evaluation set: the AUC of each user, weighted by their impressions (users with only
+    /// clicks or only non-clicks are skipped), 0 to 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub gauc: Option<f64>,
+    /// Mean binary cross-entropy on the evaluation set; lower is better.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub log_loss: Option<f64>,
@@ -627,6 +686,7 @@ pub struct OfflineMetrics {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0))]
     pub uncalibrated_calibration: Option<f64>,
+    /// Rows of the evaluation set the metrics were computed on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval_samples: Option<u64>,
 }
