@@ -289,7 +289,7 @@ watch=$!
 rollout_manifest ctr-v2
 wait_rollout Healthy ctr-v2 600
 kill "$watch" 2>/dev/null || true
-"$kubectl" get modelversions ctr-demo ctr-v2 -o custom-columns='NAME:.metadata.name,ALIASES:.status.aliases,SERVED BY:.status.servedBy'
+"$kubectl" get modelversions ctr-demo ctr-v2 -o custom-columns='NAME:.metadata.name,ALIASES:.status.aliases,SERVED BY:.status.servedBy[*].rollout,ROLE:.status.servedBy[*].role'
 "$kubectl" get deployments -l flywheel.dev/rollout=ctr
 tail -n 3 "$state/traffic.log"
 

@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{DNS_LABEL_PATTERN, SpecViolations, TimeRange};
 use crate::featureview::STORAGE_URI_PATTERN;
-use crate::trainingjob::OfflineMetrics;
 
 /// Regex of a lowercase hex SHA-256 digest.
 pub const SHA256_PATTERN: &str = r"^[a-f0-9]{64}$";
@@ -258,9 +257,9 @@ pub struct ModelVersionStatus {
     /// When the version gained or lost each alias, oldest first (the last 20 changes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub promotion_history: Vec<PromotionRecord>,
-    /// Rollouts serving this version (stable or canary).
+    /// Rollouts serving this version, each with the role the version has in it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub served_by: Vec<String>,
+    pub served_by: Vec<ServedBy>,
     /// The artifact accepted at first reconcile; a later spec with another artifact is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_artifact: Option<AcceptedArtifact>,
@@ -297,6 +296,67 @@ pub enum GateVerdict {
     Pass,
     Fail,
     Unknown,
+}
+
+/// A Rollout serving the version, and as what.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServedBy {
+    /// Name of the Rollout, in the version's namespace.
+    pub rollout: String,
+    /// `Stable` (takes the traffic the canary does not) or `Canary`.
+    pub role: ServingRole,
+}
+
+/// The part a version plays in a Rollout.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ServingRole {
+    Stable,
+    Canary,
+}
+
+impl std::fmt::Display for ServedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let role = match self.role {
+            ServingRole::Stable => "stable",
+            ServingRole::Canary => "canary",
+        };
+        write!(f, "{} ({role})", self.rollout)
+    }
+}
+
+/// Reads an entry as written today, or as operators before 0.1 wrote it (`"<rollout> (stable)"`), so a status
+/// written by an older operator still loads.
+impl<'de> Deserialize<'de> for ServedBy {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Wire {
+            Typed { rollout: String, role: ServingRole },
+            Text(String),
+        }
+        match Wire::deserialize(deserializer)? {
+            Wire::Typed { rollout, role } => Ok(ServedBy { rollout, role }),
+            Wire::Text(text) => {
+                let (rollout, role) = text
+                    .strip_suffix(" (stable)")
+                    .map(|rollout| (rollout, ServingRole::Stable))
+                    .or_else(|| {
+                        text.strip_suffix(" (canary)")
+                            .map(|rollout| (rollout, ServingRole::Canary))
+                    })
+                    .ok_or_else(|| {
+                        serde::de::Error::custom(format!(
+                            "servedBy entry `{text}` is neither {{rollout, role}} nor `<rollout> (stable|canary)`"
+                        ))
+                    })?;
+                Ok(ServedBy {
+                    rollout: rollout.to_owned(),
+                    role,
+                })
+            }
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -337,5 +397,68 @@ impl ModelVersionSpec {
             violations.push("spec.lineage.dataRange.end", "must be after start");
         }
         violations.into_result()
+    }
+}
+
+/// Offline evaluation metrics of a model, on its evaluation set (a TrainingJob reports them too).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OfflineMetrics {
+    /// ROC AUC on the evaluation set, 0 to 1 (0.5 is random ranking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub auc: Option<f64>,
+    /// Group AUC on the evaluation set: the AUC of each user, weighted by their impressions (users with only
+    /// clicks or only non-clicks are skipped), 0 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub gauc: Option<f64>,
+    /// Mean binary cross-entropy on the evaluation set; lower is better.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub log_loss: Option<f64>,
+    /// Σ predicted / Σ positive; 1.0 is perfectly calibrated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub calibration: Option<f64>,
+    /// The same ratio before the model's calibrator (absent when it has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0))]
+    pub uncalibrated_calibration: Option<f64>,
+    /// Rows of the evaluation set the metrics were computed on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_samples: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_by_reads_typed_and_legacy_entries_and_writes_typed() {
+        let entries: Vec<ServedBy> = serde_json::from_value(serde_json::json!([
+            {"rollout": "ctr", "role": "Canary"},
+            "ctr-eu (stable)",
+        ]))
+        .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(
+            entries,
+            [
+                ServedBy {
+                    rollout: "ctr".into(),
+                    role: ServingRole::Canary
+                },
+                ServedBy {
+                    rollout: "ctr-eu".into(),
+                    role: ServingRole::Stable
+                },
+            ]
+        );
+        assert_eq!(entries[1].to_string(), "ctr-eu (stable)");
+        assert_eq!(
+            serde_json::to_value(&entries[1]).unwrap_or_default(),
+            serde_json::json!({"rollout": "ctr-eu", "role": "Stable"})
+        );
+        assert!(serde_json::from_value::<ServedBy>(serde_json::json!("ctr")).is_err());
     }
 }

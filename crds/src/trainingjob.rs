@@ -12,7 +12,7 @@ use crate::common::{
     is_gpu_resource,
 };
 use crate::featureview::STORAGE_URI_PATTERN;
-use crate::modelversion::Validation;
+use crate::modelversion::{OfflineMetrics, Validation};
 
 /// Desired state of a TrainingJob: the data, the model and how to train it, the pod topology, and where the
 /// artifact goes. On success the job creates a ModelVersion of the same name.
@@ -659,36 +659,6 @@ pub struct TrainingProgress {
     /// Training loss (log loss) of the latest reported mini-batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss: Option<f64>,
-}
-
-/// Offline evaluation metrics, shared with ModelVersion.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct OfflineMetrics {
-    /// ROC AUC on the evaluation set, 0 to 1 (0.5 is random ranking).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0, max = 1.0))]
-    pub auc: Option<f64>,
-    /// Group AUC on the evaluation set: the AUC of each user, weighted by their impressions (users with only
-    /// clicks or only non-clicks are skipped), 0 to 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0, max = 1.0))]
-    pub gauc: Option<f64>,
-    /// Mean binary cross-entropy on the evaluation set; lower is better.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
-    pub log_loss: Option<f64>,
-    /// Σ predicted / Σ positive; 1.0 is perfectly calibrated.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
-    pub calibration: Option<f64>,
-    /// The same ratio before the model's calibrator (absent when it has none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 0.0))]
-    pub uncalibrated_calibration: Option<f64>,
-    /// Rows of the evaluation set the metrics were computed on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eval_samples: Option<u64>,
 }
 
 impl TrainingJobSpec {

@@ -29,8 +29,13 @@ fn undescribed(schema: &Value, path: &str, missing: &mut Vec<String>) {
 fn every_crd_field_has_a_description() {
     let mut missing = Vec::new();
     for crd in flywheel_crds::all_crds() {
-        let definition = serde_json::to_value(&crd.definition).unwrap_or_else(|err| panic!("{err}"));
-        for version in definition["spec"]["versions"].as_array().into_iter().flatten() {
+        let definition =
+            serde_json::to_value(&crd.definition).unwrap_or_else(|err| panic!("{err}"));
+        for version in definition["spec"]["versions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let root = format!("{}/{}", crd.name, version["name"].as_str().unwrap_or("?"));
             undescribed(&version["schema"]["openAPIV3Schema"], &root, &mut missing);
         }

@@ -2,7 +2,8 @@
 //! ServiceAccount, on one Lease. Only the leader reconciles; the standby answers probes. When the leader's
 //! container is killed (`docker kill`: no chance to release the Lease), a new object is reconciled within one
 //! lease duration plus one retry period; when the leader's pod is deleted (SIGTERM), it hands the Lease to the
-//! other replica at once. `helm uninstall` leaves no object of the release behind.
+//! other replica at once. The webhook Service follows the leader, and a standby refuses Alertmanager's
+//! notifications (503, so Alertmanager retries). `helm uninstall` leaves no object of the release behind.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -13,10 +14,11 @@ use flywheel_e2e::on_node::{self, RELEASE_NAMESPACE, container_of, docker_kill};
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Endpoints, Pod};
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -71,6 +73,72 @@ async fn reconciled_count(ip: Ipv4Addr) -> Result<u64, Box<dyn std::error::Error
         .filter(|line| line.starts_with("flywheel_operator_reconciliations_total"))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
         .sum())
+}
+
+/// Waits until the webhook Service's only address is the Lease holder's pod.
+async fn webhook_follows_the_leader(client: &Client, when: &str) -> TestResult {
+    let endpoints: Api<Endpoints> = Api::namespaced(client.clone(), RELEASE_NAMESPACE);
+    until(
+        &format!("{when}: the webhook Service to select only the leader"),
+        Duration::from_secs(30),
+        || {
+            let (client, endpoints) = (client.clone(), endpoints.clone());
+            async move {
+                let leader = holder(&client).await?;
+                let leader_ip = on_node::operator_pods(&client)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .find(|pod| pod.name_any() == leader)
+                    .and_then(|pod| pod.status?.pod_ip)
+                    .ok_or_else(|| format!("{leader} has no IP"))?;
+                let targets: Vec<String> = endpoints
+                    .get_opt("flywheel-operator-webhook")
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .and_then(|e| e.subsets)
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|subset| subset.addresses.unwrap_or_default())
+                    .map(|address| address.ip)
+                    .collect();
+                if targets == [leader_ip.clone()] {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "leader {leader} at {leader_ip}, webhook targets {targets:?}"
+                    ))
+                }
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Sends a firing alert to one replica's webhook; the HTTP status.
+async fn notify(ip: Ipv4Addr, authorization: &str) -> Result<u16, Box<dyn std::error::Error>> {
+    let body = json!({"alerts": [{"status": "firing", "labels": {
+        "alertname": "FlywheelAucDrop", "namespace": "leader", "rollout": "ctr",
+    }}]})
+    .to_string();
+    let mut stream = tokio::net::TcpStream::connect((ip, HTTP_PORT)).await?;
+    stream
+        .write_all(
+            format!(
+                "POST /webhook/alertmanager HTTP/1.0\r\nHost: operator\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    Ok(answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0))
 }
 
 /// Creates a FeatureView and returns how long until the operator marked it Ready.
@@ -153,6 +221,13 @@ async fn only_the_leader_reconciles_and_the_lease_survives_a_kill_and_hands_over
         200,
         "a standby is ready to serve probes"
     );
+    webhook_follows_the_leader(&client, "settled").await?;
+    let authorization = on_node::webhook_authorization(&client).await?;
+    assert_eq!(
+        notify(*standby_ip, &authorization).await?,
+        503,
+        "a standby refuses an alert it would not act on"
+    );
 
     // A crash: the Lease is not released. The kubelet restarts the container, which is the same pod and so
     // the same identity, or the standby takes the Lease once it lapses: either way within a lease duration.
@@ -167,6 +242,7 @@ async fn only_the_leader_reconciles_and_the_lease_survives_a_kill_and_hands_over
         "takeover took {takeover:?}"
     );
     let leader = holder(&client).await?;
+    webhook_follows_the_leader(&client, "after the kill").await?;
     // The graceful stop below is of a settled leader: one renewing its Lease, as it does between its first
     // seconds and its end. (A leader deleted while its controllers start can miss renewals on a loaded
     // two-core machine and then lets the Lease lapse: a known gap, not what this step checks.)
@@ -248,6 +324,7 @@ async fn only_the_leader_reconciles_and_the_lease_survives_a_kill_and_hands_over
         "a released lease is taken before it would lapse: acquired {gap:?} after the last renewal"
     );
     time_to_ready(&client, &namespace, "after-delete").await?;
+    webhook_follows_the_leader(&client, "after the delete").await?;
 
     // Uninstalling removes the operator's pods and every object of the release.
     flywheel_e2e::helm::helm(&[

@@ -1,6 +1,7 @@
 //! A Rollout survives its operator: the operator's container killed (`docker kill`) while the canary holds 20%,
 //! the restarted operator carries on at the same step with the same analysis counters and the same workloads
-//! (no duplicates). Its own test binary, so it has its own cluster and may kill its operator.
+//! (no duplicates), and it deletes the workloads of a version it does not serve that appeared while it was
+//! down (an orphan). Its own test binary, so it has its own cluster and may kill its operator.
 
 use std::time::Duration;
 
@@ -10,8 +11,10 @@ use flywheel_e2e::rollouts::{
     CANARY_UP, Setup, model_version, rollout_manifest, rollout_status, set_target, wait_scraped,
     wait_status,
 };
+use flywheel_e2e::wait::until;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -51,6 +54,30 @@ async fn a_killed_operator_resumes_the_rollout_at_20_percent()
     )?)?;
     let before = rollout_status(&setup).await?;
     let measured_before = before["measurements"].as_array().map_or(0, Vec::len);
+    // While the operator restarts: workloads labelled as the rollout's for a version it does not serve.
+    let orphan_labels =
+        json!({"flywheel.dev/rollout": "ctr", "flywheel.dev/model-version": "ctr-v0"});
+    let deployments: Api<Deployment> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    let services: Api<Service> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    let orphan: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "ctr-ctr-v0", "labels": orphan_labels},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": orphan_labels},
+            "template": {
+                "metadata": {"labels": orphan_labels},
+                "spec": {"containers": [{"name": "serve", "image": "flywheel-serving:orphan"}]},
+            },
+        },
+    }))?;
+    deployments.create(&PostParams::default(), &orphan).await?;
+    let orphan_service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "ctr-ctr-v0", "labels": orphan_labels},
+        "spec": {"selector": orphan_labels, "ports": [{"port": 8080}]},
+    }))?;
+    services
+        .create(&PostParams::default(), &orphan_service)
+        .await?;
 
     // The restarted operator analyses on: more measurements, same step, same weight, nothing reset.
     let after = wait_status(&setup, "analysis resumed", Duration::from_secs(30), |s| {
@@ -62,7 +89,29 @@ async fn a_killed_operator_resumes_the_rollout_at_20_percent()
     assert_eq!(after["phase"], "Paused");
     assert_eq!(after["failedMeasurements"], before["failedMeasurements"]);
     assert_eq!(after["stableVersion"], "ctr-v1");
-    let deployments: Api<Deployment> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    until(
+        "the orphaned workloads are swept",
+        Duration::from_secs(30),
+        || async {
+            let deployment = deployments
+                .get_opt("ctr-ctr-v0")
+                .await
+                .map_err(|e| e.to_string())?;
+            let service = services
+                .get_opt("ctr-ctr-v0")
+                .await
+                .map_err(|e| e.to_string())?;
+            match (deployment, service) {
+                (None, None) => Ok(()),
+                (deployment, service) => Err(format!(
+                    "Deployment left: {}, Service left: {}",
+                    deployment.is_some(),
+                    service.is_some()
+                )),
+            }
+        },
+    )
+    .await?;
     let names: Vec<String> = deployments
         .list(&ListParams::default().labels("flywheel.dev/rollout=ctr"))
         .await?

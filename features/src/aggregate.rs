@@ -5,7 +5,7 @@
 //!
 //! [`values_as_of`] evaluates one time directly over any [`EventColumns`]: the streaming side's decoded events
 //! ([`Events`]) or a batch run's Arrow columns. The batch side's sliding path over every event of an entity (the
-//! offline table) lives in `offline` and shares this module's [`Window`]; the two are tested against each other.
+//! offline table) lives in `offline` and shares this module's `Window`; the two are tested against each other.
 
 use std::collections::BTreeMap;
 

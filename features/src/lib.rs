@@ -8,10 +8,12 @@
 //! - [`samples`]: sample joining (impressions ← clicks ← conversions, attribution windows);
 //! - [`stats`]: per-feature statistics and drift against a baseline;
 //! - [`online`]: the Redis layout and its conditional, idempotent writes;
-//! - `table` and `offline` (feature `parquet`): the Parquet tables of the batch side, and a materialization
-//!   computed over their Arrow columns.
+//! - `column`, `table` and `offline` (feature `parquet`): one Arrow column as the computations read it, the
+//!   Parquet tables of the batch side, and a materialization computed over their columns.
 
 pub mod aggregate;
+#[cfg(feature = "parquet")]
+pub mod column;
 #[cfg(feature = "parquet")]
 pub mod offline;
 pub mod online;

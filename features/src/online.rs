@@ -22,7 +22,7 @@ pub const AS_OF_FIELD: &str = "_as_of_us";
 /// Entities per script call: large enough that the call's overhead vanishes, small enough not to stall Redis.
 pub const WRITE_BATCH: usize = 256;
 
-/// KEYS: the hashes; ARGV[1] the as-of field's name, then per hash: its as-of time, expiry (ms since the epoch),
+/// KEYS: the hashes; `ARGV[1]` the as-of field's name, then per hash: its as-of time, expiry (ms since the epoch),
 /// the number of fields n and n field/value pairs. A hash is replaced only when its stored values are not
 /// newer. Returns how many hashes were written. When none of the hashes exists yet (a view's first run, a
 /// backfill, new entities), one EXISTS over them all stands for the per-hash reads.

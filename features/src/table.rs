@@ -6,9 +6,12 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arrow_array::builder::Int64Builder;
+use arrow_array::cast::AsArray;
 use arrow_array::types::{
-    TimestampMicrosecondType, TimestampMillisecondType, TimestampNanosecondType,
-    TimestampSecondType,
+    Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, TimestampMicrosecondType,
+    TimestampMillisecondType, TimestampNanosecondType, TimestampSecondType, UInt8Type, UInt16Type,
+    UInt32Type, UInt64Type,
 };
 use arrow_array::{
     Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
@@ -26,7 +29,7 @@ use parquet::schema::types::ColumnPath;
 use rayon::iter::{IntoParallelRefIterator, ParallelIterator};
 
 use crate::aggregate::owned;
-use crate::offline::Column;
+use crate::column::Column;
 use crate::value::{EntityKey, FeatureValue, KeyPart};
 use crate::view::{Micros, View};
 
@@ -414,4 +417,98 @@ pub fn read_feature_rows(dir: &Path, view: &View) -> Result<FeatureRows, TableEr
         }
     }
     Ok(rows)
+}
+
+/// Reading a Column from Parquet batches (the errors name the file and column).
+impl Column {
+    /// The column `name` of `batch` (from the file `path`), normalized.
+    pub(crate) fn of_batch(
+        batch: &RecordBatch,
+        path: &Path,
+        name: &str,
+    ) -> Result<Column, TableError> {
+        let array = batch
+            .column_by_name(name)
+            .ok_or_else(|| TableError::MissingColumn {
+                path: path.to_owned(),
+                column: name.to_owned(),
+            })?;
+        let out_of_range = |row: usize| TableError::BadValue {
+            path: path.to_owned(),
+            column: name.to_owned(),
+            row,
+            problem: "integer out of the Int64 range".into(),
+        };
+        macro_rules! ints {
+            ($t:ty) => {{
+                let typed = array.as_primitive::<$t>();
+                let mut builder = Int64Builder::with_capacity(typed.len());
+                for (row, value) in typed.iter().enumerate() {
+                    match value.map(i64::try_from).transpose() {
+                        Ok(value) => builder.append_option(value),
+                        Err(_) => return Err(out_of_range(row)),
+                    }
+                }
+                Column::Int(builder.finish())
+            }};
+        }
+        let without_nan = |values: Float64Array| {
+            if values.values().iter().any(|x| x.is_nan()) {
+                values.iter().map(|v| v.filter(|x| !x.is_nan())).collect()
+            } else {
+                values
+            }
+        };
+        Ok(match array.data_type() {
+            DataType::Int64 => Column::Int(array.as_primitive::<Int64Type>().clone()),
+            DataType::Int8 => ints!(Int8Type),
+            DataType::Int16 => ints!(Int16Type),
+            DataType::Int32 => ints!(Int32Type),
+            DataType::UInt8 => ints!(UInt8Type),
+            DataType::UInt16 => ints!(UInt16Type),
+            DataType::UInt32 => ints!(UInt32Type),
+            DataType::UInt64 => ints!(UInt64Type),
+            DataType::Float64 => {
+                Column::Float(without_nan(array.as_primitive::<Float64Type>().clone()))
+            }
+            DataType::Float32 => Column::Float(without_nan(
+                array
+                    .as_primitive::<Float32Type>()
+                    .iter()
+                    .map(|v| v.map(f64::from))
+                    .collect(),
+            )),
+            DataType::Utf8 => Column::Str(array.as_string::<i32>().clone()),
+            DataType::LargeUtf8 => Column::Str(array.as_string::<i64>().iter().collect()),
+            DataType::Utf8View => Column::Str(array.as_string_view().iter().collect()),
+            DataType::Boolean => Column::Bool(array.as_boolean().clone()),
+            other => {
+                return Err(TableError::WrongType {
+                    path: path.to_owned(),
+                    column: name.to_owned(),
+                    found: other.to_string(),
+                    expected: "an integer, float, string or boolean".into(),
+                });
+            }
+        })
+    }
+    /// One column from parts of the same kind, in order; parts of different kinds (files that disagree on a
+    /// column's type) are refused.
+    pub(crate) fn concat(parts: &[&Column], path: &Path, name: &str) -> Result<Column, TableError> {
+        let arrays: Vec<ArrayRef> = parts.iter().map(|c| c.array()).collect();
+        let slices: Vec<&dyn Array> = arrays.iter().map(|a| a.as_ref()).collect();
+        let mismatch = |message: String| TableError::Parquet {
+            path: path.to_owned(),
+            message: format!("column `{name}`: {message}"),
+        };
+        let joined = arrow_select::concat::concat(&slices)
+            .map_err(|e| mismatch(format!("files with different types ({e})")))?;
+        Ok(match parts.first() {
+            Some(Column::Int(_)) => Column::Int(joined.as_primitive::<Int64Type>().clone()),
+            Some(Column::Float(_)) => Column::Float(joined.as_primitive::<Float64Type>().clone()),
+            Some(Column::Str(_)) => Column::Str(joined.as_string::<i32>().clone()),
+            Some(Column::Bool(_)) => Column::Bool(joined.as_boolean().clone()),
+            None => return Err(mismatch("no rows".into())),
+        })
+    }
 }

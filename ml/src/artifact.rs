@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::calibration::Calibrator;
+use crate::config::{Convergence, EvalMetrics, TrainConfig};
 use crate::embedding::{EmbeddingTable, TableReadError};
 use crate::model::{CtrModel, ModelConfig};
 use crate::schema::FeatureSchema;
-use crate::train::{Convergence, EvalMetrics, Tables, TrainConfig};
+use crate::tables::Tables;
 
 pub const FORMAT: &str = "flywheel-v1";
 const MAGIC: &[u8; 4] = b"FWM1";

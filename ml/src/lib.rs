@@ -3,11 +3,13 @@
 
 pub mod artifact;
 pub mod calibration;
+pub mod config;
 pub mod embedding;
 pub mod metrics;
 pub mod model;
 pub mod reduce;
 pub mod schema;
 pub mod synthetic;
+pub mod tables;
 pub mod train;
 pub mod transform;

@@ -19,11 +19,13 @@ use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
 
 use crate::artifact::{self, ArtifactError, ModelCard, SavedModel};
 use crate::calibration::{CalibrationMethod, Calibrator, sigmoid};
-use crate::embedding::{EmbeddingTable, SparseOptimizer, distinct_keys, sum_rows};
+pub use crate::config::{Convergence, EvalMetrics, TrainConfig};
+use crate::embedding::{EmbeddingTable, distinct_keys, sum_rows};
 use crate::metrics;
 use crate::model::{CtrModel, ModelConfig, bce_with_logits};
 use crate::reduce::{self, GradientReducer, StepGradients};
 use crate::schema::FeatureSchema;
+pub use crate::tables::{RowStore, TableKind, Tables, row_key};
 use crate::transform::{TransformError, Value};
 
 /// Encoded examples, row-major: `fields` embedding indices and `numeric_width` numbers per example.
@@ -103,78 +105,12 @@ impl EncodedDataset {
 /// The smallest held-out set early stopping and calibration are fitted on.
 pub const MIN_VALIDATION_ROWS: usize = 200;
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct TrainConfig {
-    /// Passes over the training set; with `patience`, the most it trains.
-    pub epochs: usize,
-    pub batch_size: usize,
-    /// Learning rate of the dense parameters (Adam).
-    pub learning_rate: f64,
-    /// Optimizer of the embedding rows.
-    pub sparse_optimizer: SparseOptimizer,
-    pub seed: u64,
-    /// Standard deviation of the initial embedding rows.
-    pub init_std: f32,
-    /// Early stopping: epochs without a lower validation log loss before training stops and the best epoch's
-    /// weights are kept. `None` trains every epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub patience: Option<usize>,
-    /// The dense learning rate rises linearly from 0 over these first steps.
-    #[serde(default)]
-    pub warmup_steps: u64,
-    /// Both learning rates are multiplied by this after an epoch without a lower validation log loss.
-    #[serde(default = "no_decay")]
-    pub plateau_decay: f64,
-    /// L2 penalty on the dense weights (Adam's weight decay).
-    #[serde(default)]
-    pub weight_decay: f64,
-    /// How probabilities are calibrated on the validation set after training.
-    #[serde(default)]
-    pub calibration: CalibrationMethod,
-}
-
-fn no_decay() -> f64 {
-    1.0
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            epochs: 1,
-            batch_size: 1024,
-            learning_rate: 0.001,
-            sparse_optimizer: SparseOptimizer::adagrad(0.05),
-            seed: 0,
-            init_std: 0.01,
-            patience: None,
-            warmup_steps: 0,
-            plateau_decay: 1.0,
-            weight_decay: 0.0,
-            calibration: CalibrationMethod::None,
-        }
-    }
-}
-
 impl TrainConfig {
     fn dense_optimizer<B: AutodiffBackend>(&self) -> OptimizerAdaptor<Adam, CtrModel<B>, B> {
         let decay =
             (self.weight_decay > 0.0).then(|| WeightDecayConfig::new(self.weight_decay as f32));
         AdamConfig::new().with_weight_decay(decay).init()
     }
-}
-
-/// How training ended: the validation log loss after every epoch, the epoch whose weights were kept, and
-/// whether early stopping ended it before `epochs`.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct Convergence {
-    pub epochs_trained: usize,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub validation_log_loss: Vec<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub best_epoch: Option<usize>,
-    pub stopped_early: bool,
 }
 
 /// Progress of training, reported after every step.
@@ -186,20 +122,6 @@ pub struct Progress {
     pub total_steps: u64,
     pub samples_per_second: f64,
     pub loss: f64,
-}
-
-/// Offline evaluation of a model.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct EvalMetrics {
-    pub auc: Option<f64>,
-    pub gauc: Option<f64>,
-    pub log_loss: Option<f64>,
-    pub calibration: Option<f64>,
-    /// Calibration of the model's own sigmoid, before its calibrator.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uncalibrated_calibration: Option<f64>,
-    pub samples: usize,
 }
 
 impl EvalMetrics {
@@ -214,74 +136,6 @@ impl EvalMetrics {
             samples: labels.len(),
         }
     }
-}
-
-/// First-order weights (width 1) and factor rows (width `embeddingDim`) of every categorical field. A row is
-/// keyed by `field << 48 | index`, so fields never share rows.
-#[derive(Clone)]
-pub struct Tables {
-    pub first_order: EmbeddingTable,
-    pub factors: Option<EmbeddingTable>,
-}
-
-/// The two embedding tables of a model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TableKind {
-    /// One weight per row: the linear (wide) term.
-    FirstOrder,
-    /// `embeddingDim` weights per row: the factors of FM and the deep part.
-    Factors,
-}
-
-/// Where embedding rows live: this process's [`Tables`], or parameter-server shards.
-pub trait RowStore {
-    type Error: std::error::Error + Send + Sync + 'static;
-    /// Appends the rows of `keys` (creating missing ones) to `out`. Training passes each row once per step.
-    fn gather(
-        &mut self,
-        table: TableKind,
-        keys: &[u64],
-        out: &mut Vec<f32>,
-    ) -> Result<(), Self::Error>;
-    /// Applies one optimizer step to the rows of `keys` given their gradients.
-    fn apply(&mut self, table: TableKind, keys: &[u64], grads: &[f32]) -> Result<(), Self::Error>;
-}
-
-impl Tables {
-    pub fn table_mut(&mut self, kind: TableKind) -> Option<&mut EmbeddingTable> {
-        match kind {
-            TableKind::FirstOrder => Some(&mut self.first_order),
-            TableKind::Factors => self.factors.as_mut(),
-        }
-    }
-}
-
-impl RowStore for Tables {
-    type Error = std::convert::Infallible;
-
-    fn gather(
-        &mut self,
-        table: TableKind,
-        keys: &[u64],
-        out: &mut Vec<f32>,
-    ) -> Result<(), Self::Error> {
-        if let Some(table) = self.table_mut(table) {
-            table.gather_into(keys, out);
-        }
-        Ok(())
-    }
-
-    fn apply(&mut self, table: TableKind, keys: &[u64], grads: &[f32]) -> Result<(), Self::Error> {
-        if let Some(table) = self.table_mut(table) {
-            table.apply_gradients(keys, grads);
-        }
-        Ok(())
-    }
-}
-
-/// Row key of `index` in categorical field `field`.
-pub fn row_key(field: usize, index: u64) -> u64 {
-    ((field as u64) << 48) | (index & ((1 << 48) - 1))
 }
 
 pub struct Trainer<B: AutodiffBackend> {

@@ -6,6 +6,7 @@
 //! notification to the replica that acts on it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::Router;
@@ -32,6 +33,9 @@ pub struct AlertBoard {
     woken: Mutex<Option<UnboundedReceiver<RolloutKey>>>,
     /// The token notifications must carry; until it is known (start-up) notifications are refused.
     token: OnceLock<Token>,
+    /// Whether this replica acts on alerts. A standby refuses notifications (503) so Alertmanager retries
+    /// them, and the retry reaches the leader, instead of recording alerts nobody acts on.
+    leading: AtomicBool,
 }
 
 impl Default for AlertBoard {
@@ -42,11 +46,16 @@ impl Default for AlertBoard {
             wake,
             woken: Mutex::new(Some(woken)),
             token: OnceLock::new(),
+            leading: AtomicBool::new(true),
         }
     }
 }
 
 impl AlertBoard {
+    pub fn set_leading(&self, leading: bool) {
+        self.leading.store(leading, Ordering::Relaxed);
+    }
+
     /// Sets the webhook token (once; a later call changes nothing and returns false).
     pub fn set_token(&self, token: Token) -> bool {
         self.token.set(token).is_ok()
@@ -170,6 +179,13 @@ async fn receive(
                 .into_response();
         }
         Some(_) => {}
+    }
+    if !board.leading.load(Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this replica is a standby; the leader acts on alerts (Alertmanager retries)",
+        )
+            .into_response();
     }
     match serde_json::from_slice::<Notification>(&body) {
         Ok(notification) => {
@@ -324,6 +340,14 @@ mod tests {
             assert_eq!(send(refused).await, StatusCode::UNAUTHORIZED);
             assert!(board.firing(&key, now, None).is_empty());
         }
+        board.set_leading(false);
+        assert_eq!(
+            send(Some(token.bearer())).await,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a standby refuses, so Alertmanager retries and reaches the leader"
+        );
+        assert!(board.firing(&key, now, None).is_empty());
+        board.set_leading(true);
         assert_eq!(send(Some(token.bearer())).await, StatusCode::OK);
         assert_eq!(board.firing(&key, now, None), ["A"]);
     }

@@ -1,12 +1,10 @@
 //! Command-line and environment configuration of the operator.
 
+use flywheel_crds::common::parse_duration;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-
-use crate::traffic::ServingSettings;
-use crate::trainingjob::TrainerSettings;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -94,10 +92,6 @@ pub enum LogFormat {
     Text,
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    flywheel_crds::common::parse_duration(text).map_err(|err| err.to_string())
-}
-
 impl Config {
     pub fn trainer_settings(&self) -> TrainerSettings {
         let defaults = TrainerSettings::default();
@@ -121,6 +115,13 @@ impl Config {
             storage_claim: self.storage_claim.clone(),
             storage_path: self.storage_path.clone(),
         }
+    }
+
+    /// This replica's pod (namespace, name), from the downward API the chart sets.
+    pub fn pod(&self) -> Option<(String, String)> {
+        let name = std::env::var("POD_NAME").ok()?;
+        let namespace = std::env::var("POD_NAMESPACE").ok()?;
+        Some((namespace, name))
     }
 
     pub fn identity(&self) -> String {
@@ -147,4 +148,44 @@ impl Config {
             })
             .unwrap_or_else(|| "default".to_owned())
     }
+}
+
+/// Operator-wide settings every gang uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainerSettings {
+    pub image: String,
+    /// Image of the workers of a job that trains on NVIDIA GPUs (the trainer built with `--features cuda`).
+    pub gpu_image: String,
+    /// A PersistentVolumeClaim mounted at `storage_path` in every pod: where `file://` URIs of data,
+    /// checkpoints and artifacts live.
+    pub storage_claim: Option<String>,
+    pub storage_path: String,
+    pub service_account: Option<String>,
+}
+
+impl Default for TrainerSettings {
+    fn default() -> Self {
+        TrainerSettings {
+            image: format!(
+                "ghcr.io/flywheel-dev/flywheel-trainer:{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            gpu_image: format!(
+                "ghcr.io/flywheel-dev/flywheel-trainer:{}-cuda",
+                env!("CARGO_PKG_VERSION")
+            ),
+            storage_claim: None,
+            storage_path: "/var/lib/flywheel".to_owned(),
+            service_account: None,
+        }
+    }
+}
+
+/// Settings every serving pod gets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServingSettings {
+    pub image: String,
+    /// The claim the artifacts are on (the trainer's storage), mounted read-only at `storage_path`.
+    pub storage_claim: Option<String>,
+    pub storage_path: String,
 }

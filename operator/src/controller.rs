@@ -5,22 +5,22 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::channel::oneshot;
-use futures::{FutureExt, StreamExt};
-use kube::api::{Patch, PatchParams};
+use futures::{Stream, StreamExt};
+use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, warn};
 
 use crate::alerts::AlertBoard;
+use crate::config::{ServingSettings, TrainerSettings};
+use crate::credentials::CredentialsError;
 use crate::metrics::Metrics;
-use crate::plan::{Plan, REASON_INVALID_SPEC};
-use crate::traffic::ServingSettings;
-use crate::trainingjob::TrainerSettings;
+use crate::plan::{Children, FinalizerChange, Plan, REASON_INVALID_SPEC};
 
 /// The one field manager of everything the operator writes with server-side apply.
 pub const FIELD_MANAGER: &str = "flywheel-operator";
@@ -82,8 +82,8 @@ pub enum Error {
     Encode(#[from] serde_json::Error),
     #[error("{0}")]
     Conflict(String),
-    #[error("generating a credential: {0}")]
-    Credentials(String),
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
 }
 
 impl Error {
@@ -102,8 +102,10 @@ impl Error {
     }
 }
 
-/// Carries out a plan: server-side applies the status when it changed, publishes the planned Events, and
-/// turns the requeue into an Action. Events are best effort: failing to record one never fails the reconcile.
+/// Carries out a plan: adds the finalizer it asks for, applies its children and deletes the ones it no longer
+/// wants, server-side applies the status when it changed, publishes the planned Events, removes the finalizer
+/// it lets go, and turns the requeue into an Action. Events are best effort: failing to record one never fails
+/// the reconcile.
 pub async fn apply_plan<K, S>(
     ctx: &Context,
     api: &Api<K>,
@@ -116,6 +118,17 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     S: Serialize + PartialEq,
 {
+    if let Some(FinalizerChange::Add(finalizer)) = plan.finalizer {
+        set_finalizer(api, object, Some(finalizer)).await?;
+    }
+    apply_children(ctx, object, &plan.children).await?;
+    if let Some(FinalizerChange::Remove(_)) = plan.finalizer
+        && object.meta().deletion_timestamp.is_some()
+    {
+        // The deletion finishes now: the object goes away, status included.
+        set_finalizer(api, object, None).await?;
+        return Ok(Action::await_change());
+    }
     if current_status != Some(&plan.status) {
         let patch = serde_json::json!({
             "apiVersion": K::api_version(&()),
@@ -150,36 +163,94 @@ where
             warn!(kind, name = %object.name_any(), error = %err, "could not record event");
         }
     }
+    if let Some(FinalizerChange::Remove(_)) = plan.finalizer {
+        set_finalizer(api, object, None).await?;
+    }
     Ok(plan
         .requeue
         .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// Applies the planned children in order, then deletes the ones planned to go (404 counts as deleted).
+async fn apply_children<K>(ctx: &Context, owner: &K, children: &Children) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()>,
+{
+    if children.apply.is_empty() && children.delete.is_empty() {
+        return Ok(());
+    }
+    let namespace = owner.meta().namespace.clone().unwrap_or_default();
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for child in &children.apply {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &namespace, &child.resource);
+        api.patch(child.name(), &params, &Patch::Apply(&child.object))
+            .await?;
+    }
+    let background = DeleteParams {
+        propagation_policy: Some(PropagationPolicy::Background),
+        ..DeleteParams::default()
+    };
+    for gone in &children.delete {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &namespace, &gone.resource);
+        match api.delete(&gone.name, &background).await {
+            Ok(_) => debug!(kind = gone.resource.kind, name = gone.name, "child deleted"),
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The finalizer's field manager: separate from status and children, so applying `[]` removes only
+/// Flywheel's entry and leaves other controllers' finalizers alone.
+const FINALIZER_MANAGER: &str = "flywheel-operator-finalizer";
+
+async fn set_finalizer<K>(api: &Api<K>, object: &K, finalizer: Option<&str>) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    let finalizers: Vec<&str> = finalizer.into_iter().collect();
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "metadata": {"name": object.name_any(), "finalizers": finalizers},
+    });
+    api.patch(
+        &object.name_any(),
+        &PatchParams::apply(FINALIZER_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A watch of `api` (objects matching `config`) cached in a store without `managedFields`: the store, and the
+/// watch events after the store took them, for a Controller's main stream (`applied_objects`) or its
+/// secondary watches (`touched_objects`). Watch errors are retried with backoff.
+pub fn cached_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (store, writer) = reflector::store();
+    let events = watcher(api, config)
+        .default_backoff()
+        .modify(strip_managed_fields)
+        .reflect(writer);
+    (store, events)
 }
 
 /// Drops `managedFields` from watched objects: the operator never reads them, and on pods they are a large
 /// share of the memory a store holds.
 pub fn strip_managed_fields<K: Resource>(object: &mut K) {
     object.meta_mut().managed_fields = None;
-}
-
-/// Tells every running controller to finish its in-flight reconciles and stop.
-#[derive(Default)]
-pub struct Shutdown {
-    senders: Vec<oneshot::Sender<()>>,
-}
-
-impl Shutdown {
-    /// A trigger for one controller.
-    pub fn subscribe(&mut self) -> impl Future<Output = ()> + Send + Sync + 'static + use<> {
-        let (sender, receiver) = oneshot::channel();
-        self.senders.push(sender);
-        receiver.map(|_| ())
-    }
-
-    pub fn trigger(self) {
-        for sender in self.senders {
-            let _ = sender.send(());
-        }
-    }
 }
 
 /// Runs one Controller over every object of `K` until `stop` resolves. Watch and reconcile errors are logged
@@ -231,22 +302,4 @@ pub async fn run_controller_with<K, F, Fut>(
             }
         })
         .await;
-}
-
-/// Runs the controllers of all five kinds until `shutdown` is triggered.
-pub fn run_all(ctx: Arc<Context>, shutdown: &mut Shutdown) -> impl Future<Output = ()> + use<> {
-    let featureviews = crate::featureview::run(ctx.clone(), shutdown.subscribe());
-    let trainingjobs = crate::trainingjob::run(ctx.clone(), shutdown.subscribe());
-    let modelversions = crate::modelversion::run(ctx.clone(), shutdown.subscribe());
-    let rollouts = crate::rollout::run(ctx.clone(), shutdown.subscribe());
-    let gpuquotas = crate::gpuquota::run(ctx, shutdown.subscribe());
-    async move {
-        futures::join!(
-            featureviews,
-            trainingjobs,
-            modelversions,
-            rollouts,
-            gpuquotas
-        );
-    }
 }

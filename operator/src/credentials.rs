@@ -13,8 +13,6 @@ use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::controller::Error;
-
 /// Tokens by Secret key.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Tokens(BTreeMap<String, Token>);
@@ -56,10 +54,25 @@ fn read(secret: &Secret, keys: &[&str]) -> (Tokens, Vec<String>) {
     (Tokens(tokens), missing)
 }
 
-fn generate(keys: &[String]) -> Result<BTreeMap<String, ByteString>, Error> {
+/// Why a credentials Secret could not be read or made.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("encoding the Secret: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("generating a token: {0}")]
+    Generate(#[from] flywheel_auth::AuthError),
+    #[error("Secret {name} keeps changing: {missing:?} still have no valid token")]
+    Unsettled { name: String, missing: Vec<String> },
+    #[error("the credentials have no {0}")]
+    MissingKey(&'static str),
+}
+
+fn generate(keys: &[String]) -> Result<BTreeMap<String, ByteString>, CredentialsError> {
     keys.iter()
         .map(|key| {
-            let token = Token::generate().map_err(|err| Error::Credentials(err.to_string()))?;
+            let token = Token::generate()?;
             Ok((key.clone(), ByteString(token.expose().as_bytes().to_vec())))
         })
         .collect()
@@ -73,7 +86,7 @@ pub async fn ensure(
     owner: Option<Value>,
     labels: Value,
     keys: &[&str],
-) -> Result<Tokens, Error> {
+) -> Result<Tokens, CredentialsError> {
     // Two tries: a create that loses a race with another writer (409) reads the winner's Secret.
     for _ in 0..2 {
         match api.get_opt(name).await? {
@@ -110,9 +123,10 @@ pub async fn ensure(
     let secret = api.get(name).await?;
     match read(&secret, keys) {
         (tokens, missing) if missing.is_empty() => Ok(tokens),
-        (_, missing) => Err(Error::Conflict(format!(
-            "Secret {name} keeps changing: {missing:?} still have no valid token"
-        ))),
+        (_, missing) => Err(CredentialsError::Unsettled {
+            name: name.to_owned(),
+            missing,
+        }),
     }
 }
 

@@ -4,8 +4,8 @@
 //! termination message), the schema hash, the baseline statistics and drift, with a `Drifted` condition.
 //!
 //! Scheduling: one run at a time (a run is due at the schedule's next time after the newest Job's creation;
-//! the first at once); a Job is named after its scheduled time, so a restarted operator re-creating it gets
-//! `AlreadyExists`. Each Job reads events after the last watermark, so a failed run is retried by the next.
+//! the first at once); a Job is named after its scheduled time, so a restarted operator applying it again
+//! changes nothing. Each Job reads events after the last watermark, so a failed run is retried by the next.
 //! Without a schedule the view is materialized once. The newest [`JOB_HISTORY`] finished Jobs are kept.
 
 use std::str::FromStr;
@@ -22,17 +22,17 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
+use kube::api::ListParams;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::batch_job::{self, Outcome};
-use crate::controller::{Context, Error, FIELD_MANAGER, apply_plan, run_controller_with};
-use crate::plan::{Plan, PlannedEvent, spec_conditions};
-use crate::traffic::{ServingSettings, owner, security};
-use crate::trainingjob::gang::TrainerSettings;
+use crate::config::{ServingSettings, TrainerSettings};
+use crate::controller::{Context, Error, apply_plan, run_controller_with};
+use crate::plan::{Child, ChildRef, Children, Plan, PlannedEvent, spec_conditions};
+use crate::traffic::{owner, security};
 
 pub const KIND: &str = "FeatureView";
 /// Label on a view's Jobs, ingestion Deployment and their pods.
@@ -68,18 +68,10 @@ pub struct Observed<'a> {
     pub now: Timestamp,
     /// The view's materialization Jobs, newest first.
     pub jobs: &'a [JobRun],
-}
-
-/// What the controller does to reach the plan.
-#[derive(Debug, PartialEq)]
-pub struct ViewPlan {
-    pub plan: Plan<FeatureViewStatus>,
-    /// A Job to create now: its name and the scheduled time it stands for.
-    pub run: Option<(String, Timestamp)>,
-    /// Finished Jobs beyond the history limit.
-    pub delete_jobs: Vec<String>,
-    /// Whether the ingestion Deployment should exist.
-    pub ingest: bool,
+    /// What a materialization Job's pod gets.
+    pub trainer: &'a TrainerSettings,
+    /// What the ingestion pod gets.
+    pub serving: &'a ServingSettings,
 }
 
 /// The schedule's next time strictly after `after`: `@every <duration>`, `@hourly`-style macros, or five-field
@@ -106,7 +98,10 @@ pub fn job_name(view: &str, scheduled: Timestamp) -> String {
     format!("{stem}-m-{}", scheduled.as_second())
 }
 
-pub fn plan(observed: &Observed<'_>) -> ViewPlan {
+/// The status, Events and children of a view: a materialization Job when one is due, the finished Jobs beyond
+/// the history limit to delete, and the ingestion Deployment applied (stream and online store) or deleted (no
+/// stream).
+pub fn plan(observed: &Observed<'_>) -> Result<Plan<FeatureViewStatus>, serde_json::Error> {
     let view = observed.view;
     let generation = view.metadata.generation;
     let mut status = view.status.clone().unwrap_or_default();
@@ -130,34 +125,42 @@ pub fn plan(observed: &Observed<'_>) -> ViewPlan {
         observed.now,
         (ConditionStatus::True, "SpecAccepted", "the spec is valid"),
     );
-    let mut result = ViewPlan {
-        plan: Plan {
-            status,
-            events: Vec::new(),
-            requeue: None,
-        },
-        run: None,
-        delete_jobs: Vec::new(),
-        ingest: false,
+    let mut plan = Plan {
+        status,
+        events: Vec::new(),
+        requeue: None,
+        children: Children::default(),
+        finalizer: None,
     };
     if !valid {
-        result.plan.events = events;
-        return result;
+        plan.events = events;
+        return Ok(plan);
     }
-    record_newest_result(observed, &mut result.plan.status, &mut events);
-    result.ingest = view.spec.source.stream.is_some() && view.spec.online.is_some();
-    if view.spec.source.batch.is_some() {
-        schedule(observed, &mut result, &mut events);
+    record_newest_result(observed, &mut plan.status, &mut events);
+    if view.spec.source.batch.is_some()
+        && let Some((job_name, scheduled)) = schedule(observed, &mut plan, &mut events)
+    {
+        let job = materialization_job(view, &job_name, scheduled, observed.trainer)?;
+        plan.children.apply.push(Child::of(&job)?);
     }
-    result.delete_jobs = observed
+    plan.children.delete = observed
         .jobs
         .iter()
         .filter(|job| job.state != JobState::Running)
         .skip(JOB_HISTORY)
-        .map(|job| job.name.clone())
+        .map(|job| ChildRef::of::<Job>(&job.name))
         .collect();
-    result.plan.events = events;
-    result
+    let name = view.metadata.name.as_deref().unwrap_or_default();
+    if view.spec.source.stream.is_some() && view.spec.online.is_some() {
+        let ingest = ingest_deployment(view, observed.serving)?;
+        plan.children.apply.push(Child::of(&ingest)?);
+    } else if view.spec.source.stream.is_none() {
+        plan.children
+            .delete
+            .push(ChildRef::of::<Deployment>(ingest_name(name)));
+    }
+    plan.events = events;
+    Ok(plan)
 }
 
 /// Status from the newest finished Job: its run, statistics and drift, or why it failed.
@@ -307,7 +310,13 @@ fn record_newest_result(
     }
 }
 
-fn schedule(observed: &Observed<'_>, result: &mut ViewPlan, events: &mut Vec<PlannedEvent>) {
+/// The materialization run due now (its Job's name and the scheduled time it stands for), and when to look
+/// again.
+fn schedule(
+    observed: &Observed<'_>,
+    plan: &mut Plan<FeatureViewStatus>,
+    events: &mut Vec<PlannedEvent>,
+) -> Option<(String, Timestamp)> {
     let view = observed.view;
     let name = view.metadata.name.as_deref().unwrap_or_default();
     if observed
@@ -315,12 +324,12 @@ fn schedule(observed: &Observed<'_>, result: &mut ViewPlan, events: &mut Vec<Pla
         .iter()
         .any(|job| job.state == JobState::Running)
     {
-        return;
+        return None;
     }
     let newest = observed.jobs.first();
     let due = match (&view.spec.materialization, newest) {
         (_, None) => observed.now,
-        (None, Some(_)) => return,
+        (None, Some(_)) => return None,
         (Some(materialization), Some(job)) => {
             match next_run(&materialization.schedule, job.created) {
                 Ok(next) => next,
@@ -331,21 +340,21 @@ fn schedule(observed: &Observed<'_>, result: &mut ViewPlan, events: &mut Vec<Pla
                         action: "Schedule",
                         note: format!("spec.materialization.schedule: {error}"),
                     });
-                    return;
+                    return None;
                 }
             }
         }
     };
-    if due <= observed.now {
-        result.run = Some((job_name(name, due), due));
-        if let Some(materialization) = &view.spec.materialization
-            && let Ok(next) = next_run(&materialization.schedule, observed.now)
-        {
-            result.plan.requeue = Some(wait_until(observed.now, next));
-        }
-    } else {
-        result.plan.requeue = Some(wait_until(observed.now, due));
+    if due > observed.now {
+        plan.requeue = Some(wait_until(observed.now, due));
+        return None;
     }
+    if let Some(materialization) = &view.spec.materialization
+        && let Ok(next) = next_run(&materialization.schedule, observed.now)
+    {
+        plan.requeue = Some(wait_until(observed.now, next));
+    }
+    Some((job_name(name, due), due))
 }
 
 fn wait_until(now: Timestamp, then: Timestamp) -> Duration {
@@ -558,43 +567,9 @@ pub async fn reconcile(view: Arc<FeatureView>, ctx: Arc<Context>) -> Result<Acti
         view: &view,
         now: Timestamp::now(),
         jobs: &runs,
-    });
-    if let Some((job_name, scheduled)) = &planned.run {
-        let job = materialization_job(&view, job_name, *scheduled, &ctx.trainer)?;
-        match jobs_api.create(&PostParams::default(), &job).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(response)) if response.code == 409 => {}
-            Err(error) => return Err(error.into()),
-        }
-    }
-    let background = DeleteParams {
-        propagation_policy: Some(PropagationPolicy::Background),
-        ..DeleteParams::default()
-    };
-    for old in &planned.delete_jobs {
-        match jobs_api.delete(old, &background).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(response)) if response.code == 404 => {}
-            Err(error) => return Err(error.into()),
-        }
-    }
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    if planned.ingest {
-        let deployment = ingest_deployment(&view, &ctx.serving)?;
-        deployments
-            .patch(
-                &ingest_name(&name),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&deployment),
-            )
-            .await?;
-    } else if view.spec.source.stream.is_none() {
-        match deployments.delete(&ingest_name(&name), &background).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(response)) if response.code == 404 => {}
-            Err(error) => return Err(error.into()),
-        }
-    }
+        trainer: &ctx.trainer,
+        serving: &ctx.serving,
+    })?;
     let api = Api::namespaced(ctx.client.clone(), &namespace);
     apply_plan(
         &ctx,
@@ -602,7 +577,7 @@ pub async fn reconcile(view: Arc<FeatureView>, ctx: Arc<Context>) -> Result<Acti
         view.as_ref(),
         KIND,
         view.status.as_ref(),
-        planned.plan,
+        planned,
     )
     .await
 }
@@ -631,6 +606,63 @@ mod tests {
         view
     }
 
+    fn serving() -> ServingSettings {
+        ServingSettings {
+            image: "flywheel-serving:test".into(),
+            storage_claim: None,
+            storage_path: "/var/lib/flywheel".into(),
+        }
+    }
+
+    fn plan_at(view: &FeatureView, now: Timestamp, jobs: &[JobRun]) -> Plan<FeatureViewStatus> {
+        plan(&Observed {
+            view,
+            now,
+            jobs,
+            trainer: &TrainerSettings::default(),
+            serving: &serving(),
+        })
+        .unwrap_or_else(|err| panic!("the children serialize: {err}"))
+    }
+
+    /// The materialization run the plan starts: its Job's name and scheduled time.
+    fn run(planned: &Plan<FeatureViewStatus>) -> Option<(String, Timestamp)> {
+        planned
+            .children
+            .apply
+            .iter()
+            .find(|child| child.resource.kind == "Job")
+            .map(|job| {
+                let scheduled = job
+                    .object
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get("flywheel.dev/scheduled-time"))
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(Timestamp::UNIX_EPOCH);
+                (job.name().to_owned(), scheduled)
+            })
+    }
+
+    fn ingests(planned: &Plan<FeatureViewStatus>) -> bool {
+        planned
+            .children
+            .apply
+            .iter()
+            .any(|child| child.resource.kind == "Deployment" && child.name() == "ctr-events-ingest")
+    }
+
+    fn deleted(planned: &Plan<FeatureViewStatus>, kind: &str) -> Vec<String> {
+        planned
+            .children
+            .delete
+            .iter()
+            .filter(|gone| gone.resource.kind == kind)
+            .map(|gone| gone.name.clone())
+            .collect()
+    }
+
     fn report(drift: Vec<FeatureDrift>) -> MaterializationReport {
         MaterializationReport {
             rows: 1200,
@@ -655,25 +687,15 @@ mod tests {
     #[test]
     fn a_new_view_materializes_at_once_and_runs_its_ingestion() {
         let view = view();
-        let planned = plan(&Observed {
-            view: &view,
-            now: at(1_000),
-            jobs: &[],
-        });
-        assert_eq!(planned.run, Some(("ctr-events-m-1000".into(), at(1_000))));
+        let planned = plan_at(&view, at(1_000), &[]);
+        assert_eq!(run(&planned), Some(("ctr-events-m-1000".into(), at(1_000))));
         assert!(
-            planned.ingest,
+            ingests(&planned),
             "the view has a stream source and an online store"
         );
-        assert_eq!(
-            planned.plan.status.schema_hash,
-            Some(view.spec.schema_hash())
-        );
-        assert_eq!(
-            condition_of(&planned.plan.status.conditions, "Ready").0,
-            "True"
-        );
-        assert_eq!(planned.plan.requeue, Some(Duration::from_secs(900)));
+        assert_eq!(planned.status.schema_hash, Some(view.spec.schema_hash()));
+        assert_eq!(condition_of(&planned.status.conditions, "Ready").0, "True");
+        assert_eq!(planned.requeue, Some(Duration::from_secs(900)));
     }
 
     #[test]
@@ -684,12 +706,8 @@ mod tests {
             created: at(1_000),
             state: JobState::Running,
         }];
-        let planned = plan(&Observed {
-            view: &view,
-            now: at(5_000),
-            jobs: &running,
-        });
-        assert_eq!(planned.run, None, "one run at a time");
+        let planned = plan_at(&view, at(5_000), &running);
+        assert_eq!(run(&planned), None, "one run at a time");
         let done = [JobRun {
             name: "a".into(),
             created: at(1_000),
@@ -698,23 +716,15 @@ mod tests {
                 report: Some(report(vec![])),
             },
         }];
-        let planned = plan(&Observed {
-            view: &view,
-            now: at(1_500),
-            jobs: &done,
-        });
-        assert_eq!(planned.run, None);
+        let planned = plan_at(&view, at(1_500), &done);
+        assert_eq!(run(&planned), None);
         assert_eq!(
-            planned.plan.requeue,
+            planned.requeue,
             Some(Duration::from_secs(400)),
             "due at 1000 + 15m"
         );
-        let planned = plan(&Observed {
-            view: &view,
-            now: at(1_900),
-            jobs: &done,
-        });
-        assert_eq!(planned.run, Some(("ctr-events-m-1900".into(), at(1_900))));
+        let planned = plan_at(&view, at(1_900), &done);
+        assert_eq!(run(&planned), Some(("ctr-events-m-1900".into(), at(1_900))));
     }
 
     #[test]
@@ -731,12 +741,8 @@ mod tests {
                 ])),
             },
         }];
-        let planned = plan(&Observed {
-            view: &view,
-            now: at(1_020),
-            jobs: &jobs,
-        });
-        let status = &planned.plan.status;
+        let planned = plan_at(&view, at(1_020), &jobs);
+        let status = &planned.status;
         let run = status
             .last_materialization
             .clone()
@@ -751,13 +757,7 @@ mod tests {
             "drifted from the baseline: ad_price (PSI 0.600, KS 0.100)"
         );
         assert_eq!(status.drift.len(), 2);
-        assert!(
-            planned
-                .plan
-                .events
-                .iter()
-                .any(|e| e.reason == "FeatureDrift")
-        );
+        assert!(planned.events.iter().any(|e| e.reason == "FeatureDrift"));
         // The next run reads after the watermark.
         let mut view = view;
         view.status = Some(status.clone());
@@ -811,13 +811,8 @@ mod tests {
                 },
             });
         }
-        let planned = plan(&Observed {
-            view: &view,
-            now: at(5_010),
-            jobs: &jobs,
-        });
-        let (state, message, _) =
-            condition_of(&planned.plan.status.conditions, CONDITION_MATERIALIZED);
+        let planned = plan_at(&view, at(5_010), &jobs);
+        let (state, message, _) = condition_of(&planned.status.conditions, CONDITION_MATERIALIZED);
         assert_eq!(state, "False");
         assert_eq!(
             message,
@@ -825,31 +820,35 @@ mod tests {
         );
         assert!(
             planned
-                .plan
                 .events
                 .iter()
                 .any(|e| e.reason == "MaterializationFailed" && e.warning)
         );
-        assert_eq!(planned.delete_jobs, ["old-2", "old-3"]);
+        assert_eq!(deleted(&planned, "Job"), ["old-2", "old-3"]);
     }
 
     #[test]
     fn an_invalid_view_runs_nothing() {
         let mut view = view();
         view.spec.features[2].value_type = flywheel_crds::featureview::FeatureValueType::String;
-        let planned = plan(&Observed {
-            view: &view,
-            now: at(1_000),
-            jobs: &[],
-        });
-        let (state, message, _) = condition_of(&planned.plan.status.conditions, "InvalidSpec");
+        let planned = plan_at(&view, at(1_000), &[]);
+        let (state, message, _) = condition_of(&planned.status.conditions, "InvalidSpec");
         assert_eq!(state, "True");
         assert!(
             message
                 .starts_with("spec.features[2].valueType: is String but the feature yields Int64"),
             "{message}"
         );
-        assert_eq!((planned.run, planned.ingest), (None, false));
+        assert_eq!((run(&planned), ingests(&planned)), (None, false));
+    }
+
+    #[test]
+    fn a_view_without_a_stream_deletes_its_ingestion_and_starts_none() {
+        let mut view = view();
+        view.spec.source.stream = None;
+        let planned = plan_at(&view, at(1_000), &[]);
+        assert!(!ingests(&planned));
+        assert_eq!(deleted(&planned, "Deployment"), ["ctr-events-ingest"]);
     }
 
     #[test]

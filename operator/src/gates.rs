@@ -1,8 +1,8 @@
 //! A ModelVersion's validation gates, evaluated against its offline metrics and, for relative gates, a baseline
 //! version's. Pure: the baseline is resolved by the caller.
 
+use flywheel_crds::modelversion::OfflineMetrics;
 use flywheel_crds::modelversion::{Gate, GateMetric, GateResult, GateVerdict, ModelVersionPhase};
-use flywheel_crds::trainingjob::OfflineMetrics;
 
 /// What a gate's baseline resolved to.
 #[derive(Clone, Debug, PartialEq)]

@@ -4,26 +4,23 @@
 //! the last GPUs.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use flywheel_crds::GPUQuota;
 use flywheel_crds::TrainingJob;
 use flywheel_crds::common::ConditionStatus;
 use flywheel_crds::gpuquota::{GPUQuotaStatus, GpuLimit, JobRef};
 use flywheel_crds::trainingjob::TrainingPhase;
-use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::core::{Selector, SelectorExt};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
-use tracing::warn;
 
 use crate::admission::{Candidate, Decision, decide};
-use crate::controller::{Context, Error, apply_plan, strip_managed_fields};
-use crate::plan::{Plan, PlannedEvent, spec_conditions};
+use crate::controller::{Context, Error, apply_plan, cached_watch, run_controller_with};
+use crate::plan::{Children, Plan, PlannedEvent, spec_conditions};
 
 pub const KIND: &str = "GPUQuota";
 
@@ -52,6 +49,8 @@ pub fn plan(observed: &Observed<'_>) -> Plan<GPUQuotaStatus> {
             status,
             events,
             requeue: None,
+            children: Children::default(),
+            finalizer: None,
         };
     }
     let decision = decide(
@@ -77,6 +76,8 @@ pub fn plan(observed: &Observed<'_>) -> Plan<GPUQuotaStatus> {
         status,
         events,
         requeue: None,
+        children: Children::default(),
+        finalizer: None,
     }
 }
 
@@ -209,33 +210,22 @@ pub async fn reconcile(
     .await
 }
 
-/// Requeue after a failed reconcile.
-const ERROR_REQUEUE: Duration = Duration::from_secs(10);
-
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let (jobs, jobs_writer) = reflector::store();
-    let job_events = watcher(
+    let (jobs, job_events) = cached_watch(
         Api::<TrainingJob>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(strip_managed_fields)
-    .reflect(jobs_writer)
-    .touched_objects();
-    let (namespaces, namespaces_writer) = reflector::store();
-    let namespace_events = watcher(
+    );
+    let job_events = job_events.touched_objects();
+    let (namespaces, namespace_events) = cached_watch(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(strip_managed_fields)
-    .reflect(namespaces_writer)
-    .touched_objects();
+    );
+    let namespace_events = namespace_events.touched_objects();
     let controller = Controller::new(Api::<GPUQuota>::all(client), watcher::Config::default());
     let quotas = controller.store();
     let stores = Arc::new(Stores { jobs, namespaces });
-    controller
+    let controller = controller
         // A job's arrival, change or deletion concerns the quota it names.
         .watches_stream(job_events, |job: TrainingJob| {
             job.spec.queue.map(|queue| ObjectRef::new(&queue))
@@ -248,27 +238,12 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
                 .filter(|quota| quota.spec.namespaces.selector.is_some())
                 .map(|quota| ObjectRef::from_obj(quota.as_ref()))
                 .collect::<Vec<_>>()
-        })
-        .with_config(crate::controller::controller_config())
-        .graceful_shutdown_on(stop)
-        .run(
-            move |quota, ctx| {
-                let stores = stores.clone();
-                async move { reconcile(quota, ctx, &stores).await }
-            },
-            |quota: Arc<GPUQuota>, error: &Error, ctx: Arc<Context>| {
-                ctx.metrics.reconcile_failed(KIND, error.label());
-                warn!(kind = KIND, name = %quota.name_any(), error = %error, "reconcile failed");
-                Action::requeue(ERROR_REQUEUE)
-            },
-            ctx,
-        )
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                warn!(kind = KIND, error = %err, "controller error");
-            }
-        })
-        .await;
+        });
+    run_controller_with(KIND, controller, ctx, stop, move |quota, ctx| {
+        let stores = stores.clone();
+        async move { reconcile(quota, ctx, &stores).await }
+    })
+    .await;
 }
 
 /// Where a job stands in its quota's decision.

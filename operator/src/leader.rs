@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Api;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use tracing::{info, warn};
 
 #[derive(Debug, Clone)]
@@ -247,6 +248,36 @@ impl LeaderElector {
 
 /// Conflicting writes a release retries before the Lease is left to lapse.
 const RELEASE_ATTEMPTS: usize = 5;
+
+/// Label on the leading replica's pod. The chart's webhook Service selects it, so Alertmanager's
+/// notifications reach the replica that acts on them.
+pub const LEADER_LABEL: &str = "flywheel.dev/leader";
+
+/// How many times marking the pod is tried before giving up (a standby refuses notifications meanwhile).
+const MARK_ATTEMPTS: u32 = 5;
+
+/// Sets or clears [`LEADER_LABEL`] on this replica's pod (`namespace`, `name`). Best effort: failing leaves
+/// the webhook Service pointing at the wrong replica or none, whose refusals Alertmanager retries.
+pub async fn mark_pod(client: &kube::Client, namespace: &str, name: &str, leading: bool) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let value = if leading { Some("true") } else { None };
+    let patch = serde_json::json!({"metadata": {"labels": {LEADER_LABEL: value}}});
+    for attempt in 1..=MARK_ATTEMPTS {
+        match pods
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                info!(leading, "pod's leader label set");
+                return;
+            }
+            Err(err) if attempt == MARK_ATTEMPTS => {
+                warn!(error = %err, leading, "could not set the pod's leader label");
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

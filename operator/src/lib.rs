@@ -20,6 +20,7 @@ pub mod modelversion;
 pub mod plan;
 pub mod prometheus;
 pub mod rollout;
+pub mod supervisor;
 pub mod telemetry;
 pub mod traffic;
 pub mod trainingjob;

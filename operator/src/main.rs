@@ -7,10 +7,11 @@ use anyhow::{Context as _, anyhow};
 use clap::Parser;
 use flywheel_operator::alerts::AlertBoard;
 use flywheel_operator::config::Config;
-use flywheel_operator::controller::{Context, Shutdown, run_all};
+use flywheel_operator::controller::Context;
 use flywheel_operator::http::{self, Health};
-use flywheel_operator::leader::{LeaderElector, LeaseSettings};
+use flywheel_operator::leader::{self, LeaderElector, LeaseSettings};
 use flywheel_operator::metrics::Metrics;
+use flywheel_operator::supervisor::{Shutdown, run_all};
 use flywheel_operator::telemetry;
 use futures::FutureExt;
 use futures::channel::oneshot;
@@ -43,6 +44,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     info!(addr = %listener.local_addr()?, identity, "serving /metrics, /healthz, /readyz");
     let (stop_http, http_stopped) = oneshot::channel::<()>();
     let alerts = Arc::new(AlertBoard::default());
+    // With leader election, a replica acts on alerts only once it leads.
+    alerts.set_leading(config.no_leader_election);
     let http_server = tokio::spawn(http::serve(
         listener,
         health.clone(),
@@ -73,8 +76,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.serving_settings(),
         alerts,
     ));
+    let pod = config.pod();
     let outcome = if config.no_leader_election {
         health.set_ready(true);
+        if let Some((namespace, name)) = &pod {
+            leader::mark_pod(&client, namespace, name, true).await;
+        }
         let mut shutdown = Shutdown::default();
         let controllers = run_all(ctx, &mut shutdown);
         tokio::pin!(controllers);
@@ -88,7 +95,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     } else {
         let elector = LeaderElector::new(
-            client,
+            client.clone(),
             LeaseSettings {
                 name: config.lease_name.clone(),
                 namespace: config.lease_namespace(),
@@ -97,7 +104,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 retry: config.lease_retry,
             },
         );
-        lead(&elector, ctx, &health, &metrics, &mut stop_signal).await
+        let marker = LeaderMark {
+            client,
+            pod,
+            alerts: ctx.alerts.clone(),
+        };
+        lead(&elector, ctx, &health, &metrics, &marker, &mut stop_signal).await
     };
     let _ = stop_http.send(());
     http_server
@@ -143,6 +155,24 @@ async fn webhook_token(
         })
 }
 
+/// Where this replica says whether it leads: its pod's label (the webhook Service follows it) and the alert
+/// board (a standby refuses notifications).
+struct LeaderMark {
+    client: kube::Client,
+    /// This replica's pod (namespace, name), when it runs in one.
+    pod: Option<(String, String)>,
+    alerts: Arc<AlertBoard>,
+}
+
+impl LeaderMark {
+    async fn set(&self, leading: bool) {
+        self.alerts.set_leading(leading);
+        if let Some((namespace, name)) = &self.pod {
+            leader::mark_pod(&self.client, namespace, name, leading).await;
+        }
+    }
+}
+
 /// Waits for the Lease, runs the controllers while holding it, and stops them on shutdown (releasing the Lease
 /// so a standby takes over at once) or when the Lease is lost (exiting non-zero so the pod restarts as standby).
 async fn lead(
@@ -150,13 +180,17 @@ async fn lead(
     ctx: Arc<Context>,
     health: &Health,
     metrics: &Metrics,
+    marker: &LeaderMark,
     stop_signal: &mut (impl Future<Output = ()> + Unpin),
 ) -> anyhow::Result<()> {
+    // A restarted container is the same pod: its label from before the restart must not draw notifications.
+    marker.set(false).await;
     info!("waiting for the leader lease");
     tokio::select! {
         () = &mut *stop_signal => return Ok(()),
         () = elector.acquire(|| health.set_ready(true)) => {}
     }
+    marker.set(true).await;
     metrics.set_leader(true);
     info!("leading: starting controllers");
     let mut shutdown = Shutdown::default();
@@ -182,5 +216,6 @@ async fn lead(
         () = &mut controllers => Err(anyhow!("controllers stopped unexpectedly")),
     };
     metrics.set_leader(false);
+    marker.set(false).await;
     outcome
 }

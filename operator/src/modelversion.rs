@@ -12,7 +12,7 @@ use flywheel_crds::common::ConditionStatus;
 use flywheel_crds::common::{condition, set_condition};
 use flywheel_crds::modelversion::{
     AcceptedArtifact, Baseline, IN_USE_FINALIZER, ModelVersionPhase, ModelVersionStatus,
-    PromotionRecord,
+    PromotionRecord, ServedBy, ServingRole,
 };
 use flywheel_crds::rollout::RolloutPhase;
 use jiff::Timestamp;
@@ -20,13 +20,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 
-use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 
-use crate::controller::{Context, Error, apply_plan, run_controller_with, strip_managed_fields};
+use crate::controller::{Context, Error, apply_plan, cached_watch, run_controller_with};
 use crate::gates::{self, ResolvedBaseline};
-use crate::plan::{Plan, PlannedEvent, spec_conditions};
+use crate::plan::{Children, FinalizerChange, Plan, PlannedEvent, spec_conditions};
 
 pub const KIND: &str = "ModelVersion";
 
@@ -168,10 +167,24 @@ pub fn plan(observed: &Observed<'_>) -> Plan<ModelVersionStatus> {
         status.gate_results = results;
     }
     usage(observed, &mut status, &mut events);
+    let finalizer = finalizer_change(version, !status.served_by.is_empty());
     Plan {
         status,
         events,
         requeue,
+        children: Children::default(),
+        finalizer,
+    }
+}
+
+/// The in-use finalizer follows whether a Rollout serves the version: a served version cannot be deleted, and
+/// one no longer served is let go (its deletion, if asked for, then finishes).
+fn finalizer_change(version: &ModelVersion, in_use: bool) -> Option<FinalizerChange> {
+    let has_finalizer = version.finalizers().iter().any(|f| f == IN_USE_FINALIZER);
+    match (in_use, has_finalizer) {
+        (true, false) => Some(FinalizerChange::Add(IN_USE_FINALIZER)),
+        (false, true) => Some(FinalizerChange::Remove(IN_USE_FINALIZER)),
+        _ => None,
     }
 }
 
@@ -197,7 +210,10 @@ fn usage(observed: &Observed<'_>, status: &mut ModelVersionStatus, events: &mut 
         };
         let rollout_name = rollout.metadata.name.clone().unwrap_or_default();
         if rollout_status.stable_version.as_deref() == Some(name) {
-            served_by.push(format!("{rollout_name} (stable)"));
+            served_by.push(ServedBy {
+                rollout: rollout_name.clone(),
+                role: ServingRole::Stable,
+            });
             aliases.push((ALIAS_PRODUCTION.to_owned(), rollout_name.clone()));
         }
         let canary_live = matches!(
@@ -205,7 +221,10 @@ fn usage(observed: &Observed<'_>, status: &mut ModelVersionStatus, events: &mut 
             Some(RolloutPhase::Progressing | RolloutPhase::Paused)
         );
         if canary_live && rollout_status.canary_version.as_deref() == Some(name) {
-            served_by.push(format!("{rollout_name} (canary)"));
+            served_by.push(ServedBy {
+                rollout: rollout_name.clone(),
+                role: ServingRole::Canary,
+            });
             aliases.push((ALIAS_CANARY.to_owned(), rollout_name));
         }
     }
@@ -264,13 +283,18 @@ fn usage(observed: &Observed<'_>, status: &mut ModelVersionStatus, events: &mut 
             ),
         );
     } else {
+        let serving = status
+            .served_by
+            .iter()
+            .map(ServedBy::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         let message = if deleting {
             format!(
-                "deletion waits: served by {}; move the Rollout to another version first",
-                status.served_by.join(", ")
+                "deletion waits: served by {serving}; move the Rollout to another version first"
             )
         } else {
-            format!("served by {}", status.served_by.join(", "))
+            format!("served by {serving}")
         };
         let was = status
             .conditions
@@ -299,9 +323,6 @@ fn usage(observed: &Observed<'_>, status: &mut ModelVersionStatus, events: &mut 
     }
 }
 
-/// The finalizer's field manager: separate from status, so applying `[]` removes only Flywheel's entry.
-const FINALIZER_MANAGER: &str = "flywheel-operator-finalizer";
-
 pub async fn reconcile(
     version: Arc<ModelVersion>,
     ctx: Arc<Context>,
@@ -327,19 +348,9 @@ pub async fn reconcile(
         rollouts: &rollouts,
         now: Timestamp::now(),
     });
-    let in_use = !plan.status.served_by.is_empty();
-    let has_finalizer = version.finalizers().iter().any(|f| f == IN_USE_FINALIZER);
     let api: Api<ModelVersion> =
         Api::namespaced(ctx.client.clone(), &namespace.clone().unwrap_or_default());
-    if in_use && !has_finalizer {
-        set_finalizer(&api, &version, true).await?;
-    }
-    if !in_use && has_finalizer && version.metadata.deletion_timestamp.is_some() {
-        // Nothing serves it any more: let the deletion finish (the object, status included, goes away).
-        set_finalizer(&api, &version, false).await?;
-        return Ok(Action::await_change());
-    }
-    let action = apply_plan(
+    apply_plan(
         &ctx,
         &api,
         version.as_ref(),
@@ -347,35 +358,7 @@ pub async fn reconcile(
         version.status.as_ref(),
         plan,
     )
-    .await?;
-    if !in_use && has_finalizer {
-        set_finalizer(&api, &version, false).await?;
-    }
-    Ok(action)
-}
-
-async fn set_finalizer(
-    api: &Api<ModelVersion>,
-    version: &ModelVersion,
-    present: bool,
-) -> Result<(), Error> {
-    let finalizers: Vec<&str> = if present {
-        vec![IN_USE_FINALIZER]
-    } else {
-        Vec::new()
-    };
-    let patch = serde_json::json!({
-        "apiVersion": "flywheel.dev/v1alpha1",
-        "kind": "ModelVersion",
-        "metadata": {"name": version.name_any(), "finalizers": finalizers},
-    });
-    api.patch(
-        &version.name_any(),
-        &PatchParams::apply(FINALIZER_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    .await
 }
 
 pub struct Stores {
@@ -386,25 +369,17 @@ pub struct Stores {
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     // The controller's own cache of every ModelVersion resolves gate baselines; a cache of Rollouts gives
     // aliases and use, and a Rollout's change re-reconciles the versions it names or served.
-    let (versions, versions_writer) = reflector::store();
-    let version_events = watcher(
+    let (versions, version_events) = cached_watch(
         Api::<ModelVersion>::all(ctx.client.clone()),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(strip_managed_fields)
-    .reflect(versions_writer)
-    .applied_objects();
+    );
+    let version_events = version_events.applied_objects();
     let controller = Controller::for_stream(version_events, versions.clone());
-    let (rollouts, rollouts_writer) = reflector::store();
-    let rollout_events = watcher(
+    let (rollouts, rollout_events) = cached_watch(
         Api::<Rollout>::all(ctx.client.clone()),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(strip_managed_fields)
-    .reflect(rollouts_writer)
-    .touched_objects();
+    );
+    let rollout_events = rollout_events.touched_objects();
     let mapper_versions = versions.clone();
     let controller = controller.watches_stream(rollout_events, move |rollout: Rollout| {
         let namespace = rollout.namespace();
@@ -418,11 +393,10 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
                 let name = version.name_any();
                 status.stable_version.as_deref() == Some(name.as_str())
                     || status.canary_version.as_deref() == Some(name.as_str())
-                    || version.status.as_ref().is_some_and(|s| {
-                        s.served_by
-                            .iter()
-                            .any(|by| by.split(' ').next() == Some(rollout_name.as_str()))
-                    })
+                    || version
+                        .status
+                        .as_ref()
+                        .is_some_and(|s| s.served_by.iter().any(|by| by.rollout == rollout_name))
             })
             .map(|version| ObjectRef::from_obj(version.as_ref()))
             .collect::<Vec<_>>()
@@ -635,10 +609,29 @@ mod tests {
             now: Timestamp::UNIX_EPOCH,
         });
         assert_eq!(served.status.aliases, vec!["production"]);
-        assert_eq!(served.status.served_by, vec!["ctr (stable)"]);
+        assert_eq!(
+            served.status.served_by,
+            vec![ServedBy {
+                rollout: "ctr".into(),
+                role: ServingRole::Stable
+            }]
+        );
         assert_eq!(served.status.promotion_history[0].action, "Promoted");
         assert_eq!(condition(&served.status.conditions, "InUse").0, "True");
+        assert_eq!(
+            served.finalizer,
+            Some(FinalizerChange::Add(IN_USE_FINALIZER)),
+            "a served version cannot be deleted"
+        );
         version.status = Some(served.status);
+        version.metadata.finalizers = Some(vec![IN_USE_FINALIZER.into()]);
+        let steady = plan(&Observed {
+            version: &version,
+            others: &[],
+            rollouts: &rollouts,
+            now: Timestamp::UNIX_EPOCH,
+        });
+        assert_eq!(steady.finalizer, None, "already held");
         if let Some(status) = rollout.status.as_mut() {
             status.stable_version = Some("ctr-v2".into());
         }
@@ -653,5 +646,10 @@ mod tests {
         assert_eq!(replaced.status.promotion_history.len(), 2);
         assert_eq!(replaced.status.promotion_history[1].action, "Demoted");
         assert_eq!(condition(&replaced.status.conditions, "InUse").0, "False");
+        assert_eq!(
+            replaced.finalizer,
+            Some(FinalizerChange::Remove(IN_USE_FINALIZER)),
+            "no longer served: a deletion may finish"
+        );
     }
 }

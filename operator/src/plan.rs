@@ -9,13 +9,103 @@ use flywheel_crds::common::{
 };
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::Resource;
+use kube::api::{ApiResource, DynamicObject};
+use serde::Serialize;
 
-/// What a reconcile should do: the full status to own, the Events to emit, and when to look again.
+/// What a reconcile should do: the full status to own, the Events to emit, the objects it owns to apply and
+/// to delete, its finalizer, and when to look again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan<S> {
     pub status: S,
     pub events: Vec<PlannedEvent>,
     pub requeue: Option<Duration>,
+    pub children: Children,
+    pub finalizer: Option<FinalizerChange>,
+}
+
+/// The objects a reconcile owns, in the object's namespace: applied in order (server-side, the operator's
+/// field manager), then deleted (an object already gone counts as deleted).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Children {
+    pub apply: Vec<Child>,
+    pub delete: Vec<ChildRef>,
+}
+
+/// An object to apply, kept as its kind's API and its JSON so one list holds every kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Child {
+    pub resource: ApiResource,
+    pub object: DynamicObject,
+}
+
+impl Child {
+    pub fn of<K>(object: &K) -> Result<Child, serde_json::Error>
+    where
+        K: Resource<DynamicType = ()> + Serialize,
+    {
+        Ok(Child {
+            resource: ApiResource::erase::<K>(&()),
+            object: serde_json::from_value(serde_json::to_value(object)?)?,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        self.object.metadata.name.as_deref().unwrap_or_default()
+    }
+}
+
+/// An owned object to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildRef {
+    pub resource: ApiResource,
+    pub name: String,
+}
+
+impl ChildRef {
+    pub fn of<K: Resource<DynamicType = ()>>(name: impl Into<String>) -> ChildRef {
+        ChildRef {
+            resource: ApiResource::erase::<K>(&()),
+            name: name.into(),
+        }
+    }
+}
+
+/// An owned object seen in a cache, as a sweep judges it: its kind, name and labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedObject {
+    pub resource: ApiResource,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl OwnedObject {
+    pub fn of<K: Resource<DynamicType = ()>>(object: &K) -> OwnedObject {
+        OwnedObject {
+            resource: ApiResource::erase::<K>(&()),
+            name: object.meta().name.clone().unwrap_or_default(),
+            labels: object.meta().labels.clone().unwrap_or_default(),
+        }
+    }
+
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+
+    pub fn reference(&self) -> ChildRef {
+        ChildRef {
+            resource: self.resource.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// Flywheel's finalizer on the reconciled object: added before the status is written; removed after it, or
+/// instead of it when the object is being deleted (it then goes away with its status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalizerChange {
+    Add(&'static str),
+    Remove(&'static str),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,6 @@
 //! the Service named after the Rollout, whose route table (a ConfigMap) carries the weights. Canary first, so
 //! its sticky bucket range only grows.
 
-use std::collections::BTreeMap;
-
 use flywheel_auth::{ADMIN_TOKEN_KEY, CREDENTIALS_DIR, FEEDBACK_TOKEN_KEY};
 use flywheel_crds::{ModelVersion, Rollout};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -12,6 +10,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::Resource;
 use serde_json::{Value, json};
 use xxhash_rust::xxh3::xxh3_64;
+
+use crate::config::ServingSettings;
 
 pub const LABEL_ROLLOUT: &str = "flywheel.dev/rollout";
 pub const LABEL_VERSION: &str = "flywheel.dev/model-version";
@@ -22,15 +22,6 @@ pub const ADMIN_PORT: i32 = 8082;
 const ROUTES_FILE: &str = "routes.json";
 /// Pod-template annotation with a digest of the mounted tokens: a rotated Secret rolls the pods.
 pub const CREDENTIALS_DIGEST_ANNOTATION: &str = "flywheel.dev/credentials-digest";
-
-/// Settings every serving pod gets.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ServingSettings {
-    pub image: String,
-    /// The claim the artifacts are on (the trainer's storage), mounted read-only at `storage_path`.
-    pub storage_claim: Option<String>,
-    pub storage_path: String,
-}
 
 /// The served versions and their weights, in bucket order (canary first).
 pub fn split(canary: Option<(&str, u32)>, stable: &str) -> Vec<(String, u32)> {
@@ -368,17 +359,6 @@ pub fn router(
         },
     }))?;
     Ok((deployment, service))
-}
-
-/// Versions and their ModelVersions, for the workloads of `split`.
-pub fn served<'a>(
-    split: &[(String, u32)],
-    versions: &'a BTreeMap<String, ModelVersion>,
-) -> Vec<&'a ModelVersion> {
-    split
-        .iter()
-        .filter_map(|(version, _)| versions.get(version))
-        .collect()
 }
 
 #[cfg(test)]

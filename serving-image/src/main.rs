@@ -1,6 +1,7 @@
 //! `flywheel-serving`: the online data plane a Rollout's pods run. `serve` answers the Open Inference Protocol
 //! (REST and gRPC) for one model version; `route` splits traffic between versions' servers.
 
+use flywheel_crds::common::parse_duration;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -189,24 +190,6 @@ struct RouteArgs {
 fn token_of(path: Option<&PathBuf>, flag: &str) -> anyhow::Result<Option<flywheel_auth::Token>> {
     path.map(|path| flywheel_auth::Token::from_file(path).with_context(|| format!("--{flag}")))
         .transpose()
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 90s, 30m or 2h"))?;
-    let seconds = match unit {
-        "ms" => return Ok(Duration::from_millis(number)),
-        "s" | "" => number,
-        "m" => number * 60,
-        "h" => number * 3600,
-        _ => return Err(format!("`{text}`: unit must be ms, s, m or h")),
-    };
-    Ok(Duration::from_secs(seconds))
 }
 
 fn main() -> std::process::ExitCode {

@@ -16,8 +16,9 @@ use arrow_array::{
 use flywheel_crds::FeatureView;
 use flywheel_crds::common::parse_duration;
 use flywheel_crds::featureview::{FeatureStatistics, FeatureViewSpec, MaterializationReport};
+use flywheel_features::column::Column;
 use flywheel_features::offline::{
-    Column, Computed, EntityIds, SourceEvents, values_at_events, write_partition,
+    Computed, EntityIds, SourceEvents, values_at_events, write_partition,
 };
 use flywheel_features::online::{WRITE_BATCH, is_expired, now_micros, redis_url};
 use flywheel_features::pit::PointInTimeIndex;

@@ -9,6 +9,11 @@
 //! commands, sets `MIMALLOC_ALLOW_THP=0` (unless the environment already says otherwise), which makes mimalloc
 //! neither ask for huge pages nor let the kernel use them for the process.
 
+#![allow(
+    unsafe_code,
+    reason = "the allocator is tuned from argv before main, in .init_array"
+)]
+
 use std::ffi::{CStr, c_char, c_int};
 
 /// The commands that run once over their input and exit.

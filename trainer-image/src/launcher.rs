@@ -4,6 +4,11 @@
 //! `i`. It then waits for them; the first to fail takes the others down and fails the launcher, naming it, so
 //! the whole-gang restart the operator makes covers every rank.
 
+#![allow(
+    unsafe_code,
+    reason = "a rank's parent-death signal is set with prctl before exec"
+)]
+
 use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;

@@ -27,6 +27,7 @@ mod status;
 mod training_set;
 mod worker;
 
+use flywheel_crds::common::parse_duration;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -161,7 +162,7 @@ struct PsArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// A worker silent this long fails the shard (the gang restarts from its checkpoint).
-    #[arg(long, default_value = "120s", value_parser = parse_seconds)]
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
     worker_timeout: std::time::Duration,
     /// Where the shard writes `ps-shard-<I>.fwt` when the chief asks; an existing one is loaded at start.
     #[arg(long, env = "FLYWHEEL_CHECKPOINT_DIR")]
@@ -178,14 +179,6 @@ struct PsArgs {
     /// The gang token (the TrainingJob's Secret) every call must carry; without it calls are not checked.
     #[arg(long, env = "FLYWHEEL_GANG_TOKEN_FILE")]
     gang_token_file: Option<PathBuf>,
-}
-
-fn parse_seconds(text: &str) -> Result<std::time::Duration, String> {
-    let seconds = text.strip_suffix('s').unwrap_or(text);
-    seconds
-        .parse::<u64>()
-        .map(std::time::Duration::from_secs)
-        .map_err(|_| format!("`{text}`: use seconds such as 120s"))
 }
 
 #[derive(clap::Args)]
@@ -290,14 +283,14 @@ struct TrainArgs {
     #[arg(long, env = "FLYWHEEL_LISTEN", default_value = "0.0.0.0:7070")]
     listen: std::net::SocketAddr,
     /// A data-parallel rank silent this long fails the gang (the operator restarts it from its checkpoint).
-    #[arg(long, default_value = "120s", value_parser = parse_seconds)]
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
     worker_timeout: std::time::Duration,
     /// The gang token (the TrainingJob's Secret): sent with every call to the shards or the chief, and
     /// required of every call to this rank's collective.
     #[arg(long, env = "FLYWHEEL_GANG_TOKEN_FILE")]
     gang_token_file: Option<PathBuf>,
     /// How long to keep trying to reach the shards (or the data-parallel chief) at start.
-    #[arg(long, default_value = "60s", value_parser = parse_seconds)]
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
     connect_timeout: std::time::Duration,
     /// Threads of burn's CPU kernels. Unset (and no `RAYON_NUM_THREADS`): the trainer times a few steps of this
     /// model with 1, 2, 4, … and every core, and trains with the fastest (narrow models train faster on one).

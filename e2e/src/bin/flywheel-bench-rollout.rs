@@ -6,7 +6,9 @@
 //! 2. N Rollouts (default 1000) created at once: time until every one serves its version, reconciles per second
 //!    and the operator's memory.
 //!
-//!     scripts/bench-rollout.sh [ROLLOUTS]
+//! ```sh
+//! scripts/bench-rollout.sh [ROLLOUTS]
+//! ```
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -3,6 +3,7 @@
 //! table first, so status never claims a weight that is not in force, then status and Events. An abort also
 //! pushes the new route table to every router pod at once, not waiting for the mounted ConfigMap to refresh.
 
+pub mod children;
 pub mod health;
 pub mod online;
 pub mod plan;
@@ -12,51 +13,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_auth::{ADMIN_TOKEN_KEY, FEEDBACK_TOKEN_KEY, Token};
-use flywheel_crds::rollout::{RolloutPhase, RolloutStatus};
+use flywheel_crds::rollout::RolloutStatus;
 use flywheel_crds::{FeatureView, ModelVersion, Rollout};
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use tracing::warn;
 
 use crate::analysis::{self, QueryContext, QueryResult};
-use crate::controller::{
-    Context, ERROR_REQUEUE, Error, FIELD_MANAGER, apply_plan, strip_managed_fields,
-};
-use crate::credentials::{self, Tokens};
+use crate::controller::{Context, Error, apply_plan, cached_watch, run_controller_with};
+use crate::credentials::{self, CredentialsError};
+use crate::plan::OwnedObject;
 use crate::prometheus::Access;
 use crate::traffic::{self, LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
+use children::{canary_live, split_of};
 use online::OnlineView;
 
 pub const KIND: &str = "Rollout";
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 const PUSH_TIMEOUT: Duration = Duration::from_secs(1);
-
-fn canary_live(status: &RolloutStatus) -> bool {
-    status.canary_version.is_some()
-        && matches!(
-            status.phase,
-            Some(RolloutPhase::Progressing | RolloutPhase::Paused)
-        )
-}
-
-/// The versions taking traffic, with weights, for a status.
-fn split_of(status: &RolloutStatus) -> Option<Vec<(String, u32)>> {
-    let stable = status.stable_version.as_deref()?;
-    let canary = status
-        .canary_version
-        .as_deref()
-        .filter(|_| canary_live(status))
-        .map(|canary| (canary, status.canary_weight));
-    Some(traffic::split(canary, stable))
-}
 
 /// Alerts of `spec.alerts` firing in Prometheus for this rollout's model, in its namespace.
 async fn firing_in_prometheus(rollout: &Rollout, prometheus: &str, access: &Access) -> Vec<String> {
@@ -172,16 +154,27 @@ async fn run_analysis(
     Some(results)
 }
 
+/// The caches a Rollout reconcile reads: ModelVersions, and the Deployments and Services labelled with a
+/// rollout (the sweep's view of what each owns).
+pub struct Stores {
+    versions: Store<ModelVersion>,
+    deployments: Store<Deployment>,
+    services: Store<Service>,
+}
+
 pub async fn reconcile(
     rollout: Arc<Rollout>,
     ctx: Arc<Context>,
-    versions: Store<ModelVersion>,
+    stores: Arc<Stores>,
 ) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started(KIND);
     let namespace = rollout.namespace().unwrap_or_default();
     let name = rollout.name_any();
-    let version =
-        |version: &str| versions.get(&ObjectRef::<ModelVersion>::new(version).within(&namespace));
+    let version = |version: &str| {
+        stores
+            .versions
+            .get(&ObjectRef::<ModelVersion>::new(version).within(&namespace))
+    };
     let target = version(&rollout.spec.model_version);
     let now = Timestamp::now();
     let status = rollout.status.clone().unwrap_or_default();
@@ -216,98 +209,58 @@ pub async fn reconcile(
     .await?;
     let admin_token = tokens
         .get(ADMIN_TOKEN_KEY)
-        .ok_or_else(|| Error::Credentials(format!("no {ADMIN_TOKEN_KEY}")))?;
-    let before = split_of(&status);
+        .ok_or(CredentialsError::MissingKey(ADMIN_TOKEN_KEY))?;
     // Listed once: read back for drift now, sent the new table after planning.
     let routers = match &rollout.spec.traffic.router {
         Some(_) => router_pods(&ctx, &namespace, &name).await,
         None => Vec::new(),
     };
-    let drifted_routers = match &before {
+    let drifted_routers = match split_of(&status) {
         Some(split) => {
-            let table = traffic::route_table(&name, &namespace, split);
+            let table = traffic::route_table(&name, &namespace, &split);
             drifted_routers(&routers, &table, admin_token).await
         }
         None => Vec::new(),
     };
     let canary_pods = match status.canary_version.as_deref() {
         Some(canary) if canary_live(&status) => {
-            Some(version_pods(&ctx, &namespace, &name, canary).await?)
+            Some(version_pods(&ctx, &stores, &namespace, &name, canary).await?)
         }
         _ => None,
     };
     let stable_pods = match status.stable_version.as_deref() {
-        Some(stable) => Some(version_pods(&ctx, &namespace, &name, stable).await?),
+        Some(stable) => Some(version_pods(&ctx, &stores, &namespace, &name, stable).await?),
         None => None,
     };
+    let candidates: BTreeSet<&str> = [
+        status.stable_version.as_deref(),
+        status.canary_version.as_deref(),
+        Some(rollout.spec.model_version.as_str()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let found: Vec<Arc<ModelVersion>> = candidates.into_iter().filter_map(version).collect();
+    let versions: Vec<&ModelVersion> = found.iter().map(AsRef::as_ref).collect();
+    let owned = owned_workloads(&stores, &namespace, &name);
+    let digest = tokens.digest();
     let planned = plan::plan(&plan::Observed {
         rollout: &rollout,
         target: target.as_deref(),
         analysis,
         firing,
-        online: online.clone(),
+        online,
         drifted_routers,
         canary_pods,
         stable_pods,
+        versions: &versions,
+        owned: &owned,
+        serving: &ctx.serving,
+        credentials_digest: &digest,
         now,
-    });
-    let after = split_of(&planned.plan.status);
-    if let Some(split) = &after {
-        let mut served: BTreeSet<String> = split.iter().map(|(v, _)| v.clone()).collect();
-        // A canary keeps its pods while it is live, even before its first weight.
-        if let Some(canary) = planned
-            .plan
-            .status
-            .canary_version
-            .as_ref()
-            .filter(|_| canary_live(&planned.plan.status))
-        {
-            served.insert(canary.clone());
-        }
-        let found: BTreeMap<String, ModelVersion> = served
-            .iter()
-            .filter_map(|v| version(v).map(|mv| (v.clone(), mv.as_ref().clone())))
-            .collect();
-        let table = traffic::route_table(&name, &namespace, split);
-        if planned.aborted.is_some() || planned.restore_routes || before.as_ref() != Some(split) {
-            push_routes(&routers, &table, admin_token).await;
-        }
-        let online_env = match &online {
-            OnlineView::Found(view) => online::environment(&rollout, view),
-            _ => None,
-        };
-        apply_workloads(
-            &ctx,
-            &rollout,
-            &namespace,
-            &found,
-            &table,
-            online_env.as_deref(),
-            &tokens,
-        )
-        .await?;
-        let versions_before: BTreeSet<&String> = [
-            status.stable_version.as_ref(),
-            status.canary_version.as_ref(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        let versions_after: BTreeSet<&String> = [
-            planned.plan.status.stable_version.as_ref(),
-            planned
-                .plan
-                .status
-                .canary_version
-                .as_ref()
-                .filter(|_| canary_live(&planned.plan.status)),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if rollout.status.is_none() || versions_before != versions_after {
-            remove_unserved(&ctx, &namespace, &name, &served).await?;
-        }
+    })?;
+    if let Some(table) = &planned.push_routes {
+        push_routes(&routers, table, admin_token).await;
     }
     let roles = |status: &RolloutStatus| {
         let canary = status
@@ -346,6 +299,32 @@ pub async fn reconcile(
     .await
 }
 
+/// The cached Deployments and Services labelled with this rollout.
+fn owned_workloads(stores: &Stores, namespace: &str, name: &str) -> Vec<OwnedObject> {
+    let mine = |meta: &kube::api::ObjectMeta| {
+        meta.namespace.as_deref() == Some(namespace)
+            && meta
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_ROLLOUT))
+                .map(String::as_str)
+                == Some(name)
+    };
+    let deployments = stores
+        .deployments
+        .state()
+        .into_iter()
+        .filter(|d| mine(&d.metadata))
+        .map(|d| OwnedObject::of(d.as_ref()));
+    let services = stores
+        .services
+        .state()
+        .into_iter()
+        .filter(|s| mine(&s.metadata))
+        .map(|s| OwnedObject::of(s.as_ref()));
+    deployments.chain(services).collect()
+}
+
 /// The FeatureView the rollout names for online features.
 async fn online_view(
     ctx: &Context,
@@ -362,114 +341,23 @@ async fn online_view(
     })
 }
 
-async fn apply_workloads(
-    ctx: &Context,
-    rollout: &Rollout,
-    namespace: &str,
-    versions: &BTreeMap<String, ModelVersion>,
-    table: &Value,
-    online: Option<&[Value]>,
-    tokens: &Tokens,
-) -> Result<(), Error> {
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let digest = tokens.digest();
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
-    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-    let routes = traffic::routes_config_map(rollout, table)?;
-    config_maps
-        .patch(&routes.name_any(), &params, &Patch::Apply(&routes))
-        .await?;
-    for version in versions.values() {
-        let deployment =
-            traffic::version_deployment(rollout, version, &ctx.serving, online, &digest)?;
-        deployments
-            .patch(&deployment.name_any(), &params, &Patch::Apply(&deployment))
-            .await?;
-        let service = traffic::version_service(rollout, &version.name_any())?;
-        services
-            .patch(&service.name_any(), &params, &Patch::Apply(&service))
-            .await?;
-    }
-    if rollout.spec.traffic.router.is_some() {
-        let (router, service) = traffic::router(rollout, &ctx.serving, &digest)?;
-        deployments
-            .patch(&router.name_any(), &params, &Patch::Apply(&router))
-            .await?;
-        services
-            .patch(&service.name_any(), &params, &Patch::Apply(&service))
-            .await?;
-    }
-    Ok(())
-}
-
-/// Deletes the Deployments and Services of versions this rollout no longer serves (a promoted rollout's old
-/// stable, an aborted canary).
-async fn remove_unserved(
-    ctx: &Context,
-    namespace: &str,
-    name: &str,
-    served: &BTreeSet<String>,
-) -> Result<(), Error> {
-    let selector = ListParams::default().labels(&format!("{LABEL_ROLLOUT}={name},{LABEL_VERSION}"));
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
-    for deployment in deployments.list(&selector).await? {
-        if !served.contains(
-            deployment
-                .labels()
-                .get(LABEL_VERSION)
-                .map_or("", String::as_str),
-        ) {
-            ignore_missing(
-                deployments
-                    .delete(&deployment.name_any(), &DeleteParams::default())
-                    .await,
-            )?;
-        }
-    }
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
-    for service in services.list(&selector).await? {
-        if !served.contains(
-            service
-                .labels()
-                .get(LABEL_VERSION)
-                .map_or("", String::as_str),
-        ) {
-            ignore_missing(
-                services
-                    .delete(&service.name_any(), &DeleteParams::default())
-                    .await,
-            )?;
-        }
-    }
-    Ok(())
-}
-
-fn ignore_missing<T>(result: Result<T, kube::Error>) -> Result<(), Error> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(err) => Err(err.into()),
-    }
-}
-
 /// A served version's Deployment and pods, as the plan judges its availability.
 async fn version_pods(
     ctx: &Context,
+    stores: &Stores,
     namespace: &str,
     name: &str,
     version: &str,
 ) -> Result<health::VersionPods, Error> {
-    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
-    let deployment = deployments
-        .get_opt(&traffic::workload_name(name, version))
-        .await?;
+    let deployment = stores.deployments.get(
+        &ObjectRef::<Deployment>::new(&traffic::workload_name(name, version)).within(namespace),
+    );
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let selector = ListParams::default().labels(&format!(
         "{LABEL_ROLLOUT}={name},{LABEL_VERSION}={version},{LABEL_ROLE}=serve"
     ));
     let pods = pods.list(&selector).await?.items;
-    Ok(health::observe(deployment.as_ref(), &pods))
+    Ok(health::observe(deployment.as_deref(), &pods))
 }
 
 /// The running router pods of a rollout: (name, IP).
@@ -574,22 +462,29 @@ async fn admin_call(
 
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let (versions, versions_writer) = reflector::store();
-    let version_events = watcher(
+    let (versions, version_events) = cached_watch(
         Api::<ModelVersion>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(strip_managed_fields)
-    .reflect(versions_writer)
-    .touched_objects();
+    );
+    let version_events = version_events.touched_objects();
     // Cached without managedFields: with server-side apply they are most of an object's size.
-    let (rollouts, rollouts_writer) = reflector::store();
-    let rollout_events = watcher(Api::<Rollout>::all(client), watcher::Config::default())
-        .default_backoff()
-        .modify(strip_managed_fields)
-        .reflect(rollouts_writer)
-        .applied_objects();
+    let (rollouts, rollout_events) = cached_watch(
+        Api::<Rollout>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let rollout_events = rollout_events.applied_objects();
+    // Only the workloads of rollouts are cached: the sweep's view of what each rollout owns.
+    let labelled = watcher::Config::default().labels(LABEL_ROLLOUT);
+    let (deployments, deployment_events) =
+        cached_watch(Api::<Deployment>::all(client.clone()), labelled.clone());
+    let deployment_events = deployment_events.touched_objects();
+    let (services, service_events) = cached_watch(Api::<Service>::all(client.clone()), labelled);
+    let service_events = service_events.touched_objects();
+    let stores = Arc::new(Stores {
+        versions,
+        deployments,
+        services,
+    });
     let controller = Controller::for_stream(rollout_events, rollouts.clone());
     let wakeups = ctx.alerts.take_wakeups();
     let woken = futures::stream::unfold(wakeups, |receiver| async move {
@@ -598,7 +493,7 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
         Some((key, Some(receiver)))
     })
     .map(|(namespace, name)| ObjectRef::<Rollout>::new(&name).within(&namespace));
-    controller
+    let controller = controller
         .watches_stream(version_events, move |version: ModelVersion| {
             let namespace = version.namespace();
             let name = version.name_any();
@@ -618,22 +513,20 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
                 .map(|rollout| ObjectRef::from_obj(rollout.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .reconcile_on(woken)
-        .with_config(crate::controller::controller_config())
-        .graceful_shutdown_on(stop)
-        .run(
-            move |rollout, ctx| reconcile(rollout, ctx, versions.clone()),
-            |rollout: Arc<Rollout>, error: &Error, ctx: Arc<Context>| {
-                ctx.metrics.reconcile_failed(KIND, error.label());
-                warn!(kind = KIND, name = %rollout.name_any(), namespace = rollout.namespace(), error = %error, "reconcile failed");
-                Action::requeue(ERROR_REQUEUE)
-            },
-            ctx,
-        )
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                warn!(kind = KIND, error = %err, "controller error");
-            }
+        .watches_stream(deployment_events, |deployment: Deployment| {
+            owning_rollout(&deployment)
         })
-        .await;
+        .watches_stream(service_events, |service: Service| owning_rollout(&service))
+        .reconcile_on(woken);
+    run_controller_with(KIND, controller, ctx, stop, move |rollout, ctx| {
+        reconcile(rollout, ctx, stores.clone())
+    })
+    .await;
+}
+
+/// The Rollout a labelled workload belongs to: a change to it (an orphan appearing, a served Deployment
+/// deleted or becoming available) is the rollout's to look at.
+fn owning_rollout<K: kube::Resource>(object: &K) -> Option<ObjectRef<Rollout>> {
+    let name = object.meta().labels.as_ref()?.get(LABEL_ROLLOUT)?;
+    Some(ObjectRef::new(name).within(object.meta().namespace.as_deref()?))
 }

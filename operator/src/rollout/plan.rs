@@ -22,10 +22,13 @@ use flywheel_crds::{ModelVersion, Rollout};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::children;
 use super::health::VersionPods;
 use super::online::{self, OnlineView};
 use crate::analysis::Verdict;
-use crate::plan::{Plan, PlannedEvent, spec_conditions};
+use crate::config::ServingSettings;
+use crate::plan::{OwnedObject, Plan, PlannedEvent, spec_conditions};
+use crate::traffic;
 
 /// Annotation carrying a manual action: `promote`, `promote-full`, `abort` or `retry`, optionally followed by
 /// `:<anything>` so the same action can be given again.
@@ -61,6 +64,13 @@ pub struct Observed<'a> {
     pub canary_pods: Option<VersionPods>,
     /// The stable version's pods (`None` without a stable version).
     pub stable_pods: Option<VersionPods>,
+    /// The ModelVersions the rollout may serve (stable, canary, target) that exist.
+    pub versions: &'a [&'a ModelVersion],
+    /// The Deployments and Services labelled with this rollout, from the cache (swept when not planned).
+    pub owned: &'a [OwnedObject],
+    pub serving: &'a ServingSettings,
+    /// Digest of the rollout's credentials, stamped on its pod templates.
+    pub credentials_digest: &'a str,
     pub now: Timestamp,
 }
 
@@ -69,8 +79,9 @@ pub struct RolloutPlan {
     pub plan: Plan<RolloutStatus>,
     /// The canary was aborted on this reconcile.
     pub aborted: Option<String>,
-    /// Some router's table drifted: send every router the planned table now.
-    pub restore_routes: bool,
+    /// The route table to send every router pod now, not waiting for the mounted ConfigMap to refresh: the
+    /// split changed, the canary was aborted, or a router's table drifted.
+    pub push_routes: Option<serde_json::Value>,
 }
 
 /// The manual action the annotation asks for, unless it was already handled.
@@ -411,7 +422,7 @@ fn requeue_after(rollout: &Rollout, status: &RolloutStatus, now: Timestamp) -> D
     next.max(Duration::from_millis(200))
 }
 
-pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
+pub fn plan(observed: &Observed<'_>) -> Result<RolloutPlan, serde_json::Error> {
     let rollout = observed.rollout;
     let generation = rollout.metadata.generation;
     let mut status = rollout.status.clone().unwrap_or_default();
@@ -532,15 +543,37 @@ pub fn plan(observed: &Observed<'_>) -> RolloutPlan {
     if valid && !serving && b.status.stable_version.is_some() {
         requeue = requeue.min(WAIT_REQUEUE);
     }
-    RolloutPlan {
+    let children = children::plan(
+        &children::Inputs {
+            rollout,
+            versions: observed.versions,
+            owned: observed.owned,
+            online: &observed.online,
+            serving: observed.serving,
+            credentials_digest: observed.credentials_digest,
+        },
+        &b.status,
+    )?;
+    let split = children::split_of(&b.status);
+    let split_changed = rollout.status.as_ref().and_then(children::split_of) != split;
+    let push_routes = split
+        .filter(|_| b.aborted.is_some() || restore_routes || split_changed)
+        .map(|split| {
+            let name = rollout.metadata.name.as_deref().unwrap_or_default();
+            let namespace = rollout.metadata.namespace.as_deref().unwrap_or_default();
+            traffic::route_table(name, namespace, &split)
+        });
+    Ok(RolloutPlan {
         plan: Plan {
             status: b.status,
             events: b.events,
             requeue: Some(requeue),
+            children,
+            finalizer: None,
         },
         aborted: b.aborted,
-        restore_routes,
-    }
+        push_routes,
+    })
 }
 
 /// The `Ready` condition: serving once the stable version's every replica is available.
@@ -803,10 +836,23 @@ mod tests {
                 available: 1,
                 problems: Vec::new(),
             }),
+            versions: &[],
+            owned: &[],
+            serving: &serving(),
+            credentials_digest: "d",
             now,
-        });
+        })
+        .unwrap_or_else(|err| panic!("the children serialize: {err}"));
         rollout.status = Some(planned.plan.status.clone());
         planned
+    }
+
+    fn serving() -> ServingSettings {
+        ServingSettings {
+            image: "flywheel-serving:test".into(),
+            storage_claim: None,
+            storage_path: "/var/lib/flywheel".into(),
+        }
     }
 
     fn status(rollout: &Rollout) -> RolloutStatus {
@@ -827,11 +873,16 @@ mod tests {
                 drifted_routers: drifted,
                 canary_pods: None,
                 stable_pods: None,
+                versions: &[],
+                owned: &[],
+                serving: &serving(),
+                credentials_digest: "d",
                 now: at(0),
             })
+            .unwrap_or_else(|err| panic!("the children serialize: {err}"))
         };
         let steady = observe(Vec::new());
-        assert!(!steady.restore_routes);
+        assert!(steady.push_routes.is_none());
         assert!(
             steady
                 .plan
@@ -840,7 +891,7 @@ mod tests {
                 .all(|e| e.reason != "RoutesDrifted")
         );
         let drifted = observe(vec!["ctr-router-7d9f".into()]);
-        assert!(drifted.restore_routes);
+        assert!(drifted.push_routes.is_some());
         assert_eq!(drifted.plan.status, steady.plan.status);
         let event = drifted
             .plan
@@ -868,8 +919,13 @@ mod tests {
                 drifted_routers: Vec::new(),
                 canary_pods: None,
                 stable_pods,
+                versions: &[],
+                owned: &[],
+                serving: &serving(),
+                credentials_digest: "d",
                 now: at(0),
-            });
+            })
+            .unwrap_or_else(|err| panic!("the children serialize: {err}"));
             let ready = planned
                 .plan
                 .status

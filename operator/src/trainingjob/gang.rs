@@ -22,6 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 };
 use kube::{Resource, ResourceExt};
 
+pub use crate::config::TrainerSettings;
+
 /// Port of the parameter-server shards and of the data-parallel chief's collective.
 pub const RPC_PORT: u16 = 7070;
 /// Port where the chief worker serves its progress (`GET /progress`).
@@ -40,37 +42,6 @@ pub const LABEL_QUOTA: &str = "flywheel.dev/quota";
 pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
 /// Node label the NVIDIA GPU feature discovery sets to the GPU product.
 const GPU_PRODUCT_LABEL: &str = "nvidia.com/gpu.product";
-
-/// Operator-wide settings every gang uses.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrainerSettings {
-    pub image: String,
-    /// Image of the workers of a job that trains on NVIDIA GPUs (the trainer built with `--features cuda`).
-    pub gpu_image: String,
-    /// A PersistentVolumeClaim mounted at `storage_path` in every pod: where `file://` URIs of data,
-    /// checkpoints and artifacts live.
-    pub storage_claim: Option<String>,
-    pub storage_path: String,
-    pub service_account: Option<String>,
-}
-
-impl Default for TrainerSettings {
-    fn default() -> Self {
-        TrainerSettings {
-            image: format!(
-                "ghcr.io/flywheel-dev/flywheel-trainer:{}",
-                env!("CARGO_PKG_VERSION")
-            ),
-            gpu_image: format!(
-                "ghcr.io/flywheel-dev/flywheel-trainer:{}-cuda",
-                env!("CARGO_PKG_VERSION")
-            ),
-            storage_claim: None,
-            storage_path: "/var/lib/flywheel".to_owned(),
-            service_account: None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {

@@ -16,14 +16,13 @@ use std::time::Duration;
 
 use flywheel_crds::trainingjob::{TrainingPhase, TrainingProgress};
 use flywheel_crds::{FeatureView, GPUQuota, ModelVersion, TrainingJob};
-use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
@@ -32,14 +31,16 @@ pub use dataset::DatasetObservation;
 pub use gang::{KUEUE_QUEUE_LABEL, TrainerSettings};
 pub use plan::{Observed, TrainingPlan, WarmStart, plan};
 
-use crate::controller::{Context, Error, FIELD_MANAGER, apply_plan, strip_managed_fields};
+use crate::controller::{
+    Context, Error, FIELD_MANAGER, apply_plan, cached_watch, run_controller_with,
+    strip_managed_fields,
+};
 use crate::credentials;
 use gang::{CHIEF, LABEL_JOB};
 
 pub const KIND: &str = "TrainingJob";
 
 /// Requeue after a failed reconcile.
-const ERROR_REQUEUE: Duration = Duration::from_secs(10);
 /// How often the jobs-by-phase gauge is recounted.
 const PHASE_GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -358,33 +359,21 @@ fn count_phases(ctx: &Context, jobs: &Store<TrainingJob>) {
 
 pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let (jobs, jobs_writer) = reflector::store();
-    let job_events = watcher(
+    let (jobs, job_events) = cached_watch(
         Api::<TrainingJob>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(strip_managed_fields)
-    .reflect(jobs_writer)
-    .applied_objects();
-    let (pods, pods_writer) = reflector::store();
-    let pod_events = watcher(
+    );
+    let job_events = job_events.applied_objects();
+    let (pods, pod_events) = cached_watch(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default().labels(LABEL_JOB),
-    )
-    .default_backoff()
-    .modify(strip_managed_fields)
-    .reflect(pods_writer)
-    .touched_objects();
-    let (quotas, quotas_writer) = reflector::store();
-    let quota_events = watcher(
+    );
+    let pod_events = pod_events.touched_objects();
+    let (quotas, quota_events) = cached_watch(
         Api::<GPUQuota>::all(client.clone()),
         watcher::Config::default(),
-    )
-    .default_backoff()
-    .modify(strip_managed_fields)
-    .reflect(quotas_writer)
-    .touched_objects();
+    );
+    let quota_events = quota_events.touched_objects();
     // The training-set Jobs: their end moves their TrainingJob on.
     let dataset_job_events = watcher(
         Api::<Job>::all(client.clone()),
@@ -400,23 +389,10 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
         .owns_stream(dataset_job_events)
         .watches_stream(quota_events, move |quota: GPUQuota| {
             jobs_of_quota(&mapper_jobs, &quota)
-        })
-        .with_config(crate::controller::controller_config())
-        .graceful_shutdown_on(stop)
-        .run(
-            move |job, ctx| reconcile(job, ctx, stores.clone()),
-            |job: Arc<TrainingJob>, error: &Error, ctx: Arc<Context>| {
-                ctx.metrics.reconcile_failed(KIND, error.label());
-                warn!(kind = KIND, name = %job.name_any(), namespace = job.namespace(), error = %error, "reconcile failed");
-                Action::requeue(ERROR_REQUEUE)
-            },
-            ctx.clone(),
-        )
-        .for_each(|result| async move {
-            if let Err(err) = result {
-                warn!(kind = KIND, error = %err, "controller error");
-            }
         });
+    let controller = run_controller_with(KIND, controller, ctx.clone(), stop, move |job, ctx| {
+        reconcile(job, ctx, stores.clone())
+    });
     let gauge = async move {
         loop {
             tokio::time::sleep(PHASE_GAUGE_INTERVAL).await;

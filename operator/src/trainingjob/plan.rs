@@ -12,10 +12,12 @@ use flywheel_crds::GPUQuota;
 use flywheel_crds::ModelVersion;
 use flywheel_crds::TrainingJob;
 use flywheel_crds::common::{ConditionStatus, condition, find_condition, set_condition};
-use flywheel_crds::modelversion::{Artifact, ArtifactFormat, Lineage, ModelVersionSpec};
+use flywheel_crds::modelversion::{
+    Artifact, ArtifactFormat, Lineage, ModelVersionSpec, OfflineMetrics,
+};
 use flywheel_crds::trainingjob::{
-    ConvergenceStatus, FeatureViewData, OfflineMetrics, QueueStatus, ReplicaStatus,
-    TrainingJobStatus, TrainingPhase, TrainingProgress,
+    ConvergenceStatus, FeatureViewData, QueueStatus, ReplicaStatus, TrainingJobStatus,
+    TrainingPhase, TrainingProgress,
 };
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
@@ -30,7 +32,7 @@ use super::gang::{
     Role, TrainerSettings,
 };
 use crate::gpuquota::{Standing, standing};
-use crate::plan::{Plan, PlannedEvent, spec_conditions};
+use crate::plan::{Children, Plan, PlannedEvent, spec_conditions};
 
 pub const CONDITION_ADMITTED: &str = "Admitted";
 pub const CONDITION_COMPLETE: &str = "Complete";
@@ -421,6 +423,8 @@ pub fn plan(observed: &Observed<'_>) -> TrainingPlan {
             status: builder.status,
             events,
             requeue: builder.requeue,
+            children: Children::default(),
+            finalizer: None,
         },
         service: builder.service,
         create_pods: builder.create_pods,
