@@ -189,7 +189,10 @@ fn cycles(graph: &Graph) -> Vec<BTreeSet<String>> {
 fn no_crate_has_a_module_cycle() {
     let mut report = Vec::new();
     for krate in CRATES {
-        assert!(workspace().join(krate).join("src").is_dir(), "{krate}: no src/");
+        assert!(
+            workspace().join(krate).join("src").is_dir(),
+            "{krate}: no src/"
+        );
         let graph = module_graph(krate);
         for component in cycles(&graph) {
             let edges: Vec<String> = component
