@@ -15,10 +15,14 @@ pub mod aggregate;
 #[cfg(feature = "parquet")]
 pub mod column;
 #[cfg(feature = "parquet")]
+pub mod grouping;
+#[cfg(feature = "parquet")]
 pub mod offline;
 pub mod online;
 pub mod pit;
 pub mod samples;
+#[cfg(feature = "parquet")]
+pub mod source;
 pub mod stats;
 #[cfg(feature = "parquet")]
 pub mod table;

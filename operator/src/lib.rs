@@ -1,15 +1,12 @@
 //! The Flywheel operator: one controller per kind, each written as observe → pure plan → apply, run only by
 //! the replica that holds the leader Lease.
 
-pub mod admission;
 pub mod alerts;
-pub mod analysis;
 pub mod batch_job;
 pub mod config;
 pub mod controller;
 pub mod credentials;
 pub mod featureview;
-pub mod gates;
 pub mod gpuquota;
 #[cfg(test)]
 mod hostile_server;
@@ -17,10 +14,9 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod modelversion;
+pub mod objects;
 pub mod plan;
-pub mod prometheus;
 pub mod rollout;
 pub mod supervisor;
 pub mod telemetry;
-pub mod traffic;
 pub mod trainingjob;

@@ -17,12 +17,12 @@ use flywheel_crds::FeatureView;
 use flywheel_crds::common::parse_duration;
 use flywheel_crds::featureview::{FeatureStatistics, FeatureViewSpec, MaterializationReport};
 use flywheel_features::column::Column;
-use flywheel_features::offline::{
-    Computed, EntityIds, SourceEvents, values_at_events, write_partition,
-};
+use flywheel_features::grouping::EntityIds;
+use flywheel_features::offline::{Computed, values_at_events, write_partition};
 use flywheel_features::online::{WRITE_BATCH, is_expired, now_micros, redis_url};
 use flywheel_features::pit::PointInTimeIndex;
 use flywheel_features::samples::{Click, Windows, label_impressions};
+use flywheel_features::source::SourceEvents;
 use flywheel_features::stats::{Baseline, drift_of, profile};
 use flywheel_features::table::{
     self, feature_array, read_batches, read_feature_rows, write_parquet,

@@ -108,7 +108,7 @@ impl ProgressReporter {
             samples_per_second: Some(self.window_samples as f64 / seconds),
             phase: Phase::Training,
         };
-        crate::emit(json!({
+        crate::report::emit(json!({
             "event": "progress", "rank": self.rank, "epoch": progress.epoch, "step": progress.step,
             "totalSteps": progress.total_steps, "samplesPerSecond": progress.samples_per_second,
             "loss": progress.loss,
@@ -142,7 +142,7 @@ fn serve(addr: SocketAddr, latest: watch::Receiver<Progress>) -> anyhow::Result<
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    crate::emit(json!({"event": "statusListening", "addr": bound, "path": "/progress"}));
+    crate::report::emit(json!({"event": "statusListening", "addr": bound, "path": "/progress"}));
     let app = Router::new()
         .route("/progress", get(latest_progress))
         .with_state(latest);

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::Service;
 use super::online::{self, OnlineView};
 use crate::config::ServingSettings;
 use crate::plan::{Child, Children, OwnedObject};
-use crate::traffic::{self, LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
+use crate::rollout::traffic::{self, LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
 
 /// What the children are built from, besides the planned status.
 pub struct Inputs<'a> {

@@ -3,10 +3,13 @@
 //! table first, so status never claims a weight that is not in force, then status and Events. An abort also
 //! pushes the new route table to every router pod at once, not waiting for the mounted ConfigMap to refresh.
 
+pub mod analysis;
 pub mod children;
 pub mod health;
 pub mod online;
 pub mod plan;
+pub mod prometheus;
+pub mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -27,14 +30,14 @@ use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use tracing::warn;
 
-use crate::analysis::{self, QueryContext, QueryResult};
 use crate::controller::{Context, Error, apply_plan, cached_watch, run_controller_with};
 use crate::credentials::{self, CredentialsError};
 use crate::plan::OwnedObject;
-use crate::prometheus::Access;
-use crate::traffic::{self, LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
+use crate::rollout::prometheus::Access;
+use analysis::{QueryContext, QueryResult};
 use children::{canary_live, split_of};
 use online::OnlineView;
+use traffic::{LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
 
 pub const KIND: &str = "Rollout";
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -202,7 +205,7 @@ pub async fn reconcile(
     let tokens = credentials::ensure(
         &Api::<Secret>::namespaced(ctx.client.clone(), &namespace),
         &traffic::credentials_name(&name),
-        Some(traffic::owner(rollout.as_ref())),
+        Some(crate::objects::owner(rollout.as_ref())),
         json!({LABEL_ROLLOUT: name, LABEL_ROLE: "credentials"}),
         &[ADMIN_TOKEN_KEY, FEEDBACK_TOKEN_KEY],
     )

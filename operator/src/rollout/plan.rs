@@ -25,10 +25,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::children;
 use super::health::VersionPods;
 use super::online::{self, OnlineView};
-use crate::analysis::Verdict;
 use crate::config::ServingSettings;
 use crate::plan::{OwnedObject, Plan, PlannedEvent, spec_conditions};
-use crate::traffic;
+use crate::rollout::analysis::Verdict;
+use crate::rollout::traffic;
 
 /// Annotation carrying a manual action: `promote`, `promote-full`, `abort` or `retry`, optionally followed by
 /// `:<anything>` so the same action can be given again.

@@ -13,8 +13,8 @@ use serde_json::json;
 
 use super::gang::{self, Paths, TrainerSettings};
 use crate::batch_job::Outcome;
-use crate::featureview::view_json;
-use crate::traffic::{owner, security};
+use crate::featureview::builders::view_json;
+use crate::objects::{owner, security};
 
 pub const CONDITION_DATASET_BUILT: &str = "DatasetBuilt";
 /// Label of the training-set Job and its pod: the TrainingJob it builds for.

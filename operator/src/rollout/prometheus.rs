@@ -250,9 +250,9 @@ mod tests {
 
     // A test CA and a certificate it signed for 127.0.0.1 and localhost (valid until 2126), made with openssl;
     // the key is only ever used by this test's server.
-    const CA: &[u8] = include_bytes!("testdata/prometheus-ca.crt");
-    const SERVER_CERTIFICATE: &[u8] = include_bytes!("testdata/prometheus-server.crt");
-    const SERVER_KEY: &[u8] = include_bytes!("testdata/prometheus-server.key");
+    const CA: &[u8] = include_bytes!("../testdata/prometheus-ca.crt");
+    const SERVER_CERTIFICATE: &[u8] = include_bytes!("../testdata/prometheus-server.crt");
+    const SERVER_KEY: &[u8] = include_bytes!("../testdata/prometheus-server.key");
 
     /// An https Prometheus on a free port that answers `1` to a request carrying `expect_headers`, and 401
     /// otherwise.

@@ -1,13 +1,13 @@
 //! Rollout analysis: the PromQL of each metric (built-ins over the serving metrics, or the user's query with
 //! `{{stable}}`, `{{canary}}`, `{{rollout}}`, `{{namespace}}`, `{{interval}}` filled in), the verdict of one
-//! measurement, and the instant query that takes one (over [`crate::prometheus`]).
+//! measurement, and the instant query that takes one (over [`crate::rollout::prometheus`]).
 
 use std::time::Duration;
 
 use flywheel_crds::rollout::{AnalysisMetric, BuiltinMetric, MeasurementVerdict};
 use serde::Deserialize;
 
-use crate::prometheus::{self, Access, PrometheusError};
+use crate::rollout::prometheus::{self, Access, PrometheusError};
 
 /// The versions and endpoint a query is about.
 pub struct QueryContext<'a> {

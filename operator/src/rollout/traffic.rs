@@ -7,11 +7,11 @@ use flywheel_auth::{ADMIN_TOKEN_KEY, CREDENTIALS_DIR, FEEDBACK_TOKEN_KEY};
 use flywheel_crds::{ModelVersion, Rollout};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kube::Resource;
 use serde_json::{Value, json};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::ServingSettings;
+use crate::objects::{owner, security};
 
 pub const LABEL_ROLLOUT: &str = "flywheel.dev/rollout";
 pub const LABEL_VERSION: &str = "flywheel.dev/model-version";
@@ -61,11 +61,6 @@ pub fn route_table(rollout: &str, namespace: &str, split: &[(String, u32)]) -> V
         })
         .collect();
     json!({ "backends": backends })
-}
-
-/// The controller owner reference to `owner`, as JSON for a manifest.
-pub fn owner<K: Resource<DynamicType = ()>>(owner: &K) -> Value {
-    serde_json::to_value(owner.controller_owner_ref(&()).unwrap_or_default()).unwrap_or_default()
 }
 
 fn push(list: &mut Value, item: Value) {
@@ -128,17 +123,6 @@ pub fn same_routes(live: &Value, desired: &Value) -> bool {
     backends(live).is_some()
         && backends(live) == backends(desired)
         && mirror(live) == mirror(desired)
-}
-
-/// The restricted container security context every Flywheel data-plane container gets.
-pub fn security() -> Value {
-    json!({
-        "runAsNonRoot": true,
-        "readOnlyRootFilesystem": true,
-        "allowPrivilegeEscalation": false,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    })
 }
 
 /// The path of a `file://` artifact URI (the serving pods see the same volume as the trainer).

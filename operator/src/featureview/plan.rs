@@ -1,42 +1,21 @@
-//! FeatureView controller: validates the spec, runs materialization as Jobs on `materialization.schedule` (the
-//! operator schedules them itself: a 1.20 API server has no batch/v1 CronJob), runs the ingestion Deployment
-//! while the view has a stream source, and reports in status the last materialization (from the Job's
-//! termination message), the schema hash, the baseline statistics and drift, with a `Drifted` condition.
-//!
-//! Scheduling: one run at a time (a run is due at the schedule's next time after the newest Job's creation;
-//! the first at once); a Job is named after its scheduled time, so a restarted operator applying it again
-//! changes nothing. Each Job reads events after the last watermark, so a failed run is retried by the next.
-//! Without a schedule the view is materialized once. The newest [`JOB_HISTORY`] finished Jobs are kept.
+//! The FeatureView's plan, pure: status from the newest finished materialization Job (run, statistics, drift),
+//! the next run on the schedule, the Jobs beyond the history to delete, and the ingestion Deployment.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_crds::FeatureView;
 use flywheel_crds::common::{ConditionStatus, condition, set_condition};
-use flywheel_crds::featureview::{
-    FeatureViewStatus, Materialization, MaterializationReport, MaterializationRun,
-};
+use flywheel_crds::featureview::{FeatureViewStatus, MaterializationReport, MaterializationRun};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::ListParams;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::watcher;
-use kube::{Api, Resource, ResourceExt};
-use serde_json::{Value, json};
 
-use crate::batch_job::{self, Outcome};
+use super::builders::{ingest_deployment, ingest_name, materialization_job};
 use crate::config::{ServingSettings, TrainerSettings};
-use crate::controller::{Context, Error, apply_plan, run_controller_with};
 use crate::plan::{Child, ChildRef, Children, Plan, PlannedEvent, spec_conditions};
-use crate::traffic::{owner, security};
 
-pub const KIND: &str = "FeatureView";
-/// Label on a view's Jobs, ingestion Deployment and their pods.
-pub const LABEL_VIEW: &str = "flywheel.dev/feature-view";
 /// Finished materialization Jobs kept for inspection.
 pub const JOB_HISTORY: usize = 3;
 pub const CONDITION_DRIFTED: &str = "Drifted";
@@ -360,234 +339,6 @@ fn schedule(
 fn wait_until(now: Timestamp, then: Timestamp) -> Duration {
     let seconds = (then.as_millisecond() - now.as_millisecond()).max(1_000) as u64;
     Duration::from_millis(seconds)
-}
-
-/// The view as the data-plane processes read it (FLYWHEEL_FEATURE_VIEW).
-pub fn view_json(view: &FeatureView) -> String {
-    json!({
-        "apiVersion": "flywheel.dev/v1alpha1",
-        "kind": KIND,
-        "metadata": {"name": view.metadata.name, "namespace": view.metadata.namespace},
-        "spec": view.spec,
-    })
-    .to_string()
-}
-
-fn common_env(view: &FeatureView) -> Vec<Value> {
-    let mut env = vec![json!({"name": "FLYWHEEL_FEATURE_VIEW", "value": view_json(view)})];
-    if let Some(secret) = view
-        .spec
-        .online
-        .as_ref()
-        .and_then(|o| o.redis.password_secret.as_ref())
-    {
-        env.push(json!({"name": "FLYWHEEL_REDIS_PASSWORD",
-                        "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}}));
-    }
-    env
-}
-
-/// The materialization Job of one scheduled run.
-/// How long one materialization run may take, in seconds (`spec.materialization.timeout`, default 30m).
-fn run_deadline_seconds(view: &FeatureView) -> u64 {
-    let timeout = view.spec.materialization.as_ref().map_or_else(
-        || flywheel_crds::common::Duration::from(Materialization::DEFAULT_TIMEOUT),
-        Materialization::timeout,
-    );
-    timeout
-        .parse()
-        .map_or(30 * 60, |timeout| timeout.as_secs().max(1))
-}
-
-pub fn materialization_job(
-    view: &FeatureView,
-    name: &str,
-    scheduled: Timestamp,
-    settings: &TrainerSettings,
-) -> Result<Job, serde_json::Error> {
-    let view_name = view.metadata.name.clone().unwrap_or_default();
-    let mut env = common_env(view);
-    env.push(json!({"name": "FLYWHEEL_TERMINATION_LOG", "value": "/dev/termination-log"}));
-    if let Some(watermark) = view
-        .status
-        .as_ref()
-        .and_then(|s| s.last_materialization.as_ref())
-        .and_then(|r| r.watermark.clone())
-    {
-        env.push(json!({"name": "FLYWHEEL_SINCE", "value": watermark}));
-    }
-    let (volumes, mounts) = match &settings.storage_claim {
-        Some(claim) => (
-            json!([{"name": "storage", "persistentVolumeClaim": {"claimName": claim}}]),
-            json!([{"name": "storage", "mountPath": settings.storage_path}]),
-        ),
-        None => (json!([]), json!([])),
-    };
-    let labels = json!({LABEL_VIEW: view_name, "app.kubernetes.io/managed-by": "flywheel"});
-    serde_json::from_value(json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": view.metadata.namespace,
-            "labels": labels,
-            "annotations": {"flywheel.dev/scheduled-time": scheduled.to_string()},
-            "ownerReferences": [owner(view)],
-        },
-        "spec": {
-            "backoffLimit": 2,
-            // A hung store must not hold the schedule: the whole run, retries included, is bounded.
-            "activeDeadlineSeconds": run_deadline_seconds(view),
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "serviceAccountName": settings.service_account,
-                    "volumes": volumes,
-                    "containers": [{
-                        "name": "materialize",
-                        "image": settings.image,
-                        "args": ["materialize"],
-                        "env": env,
-                        "volumeMounts": mounts,
-                        "terminationMessagePolicy": "FallbackToLogsOnError",
-                        "securityContext": security(),
-                    }],
-                },
-            },
-        },
-    }))
-}
-
-pub fn ingest_name(view: &str) -> String {
-    format!("{view}-ingest")
-}
-
-/// The streaming ingestion Deployment (one replica: one consumer group member per partition needs no more for
-/// most topics; scale it for partitions).
-pub fn ingest_deployment(
-    view: &FeatureView,
-    settings: &ServingSettings,
-) -> Result<Deployment, serde_json::Error> {
-    let view_name = view.metadata.name.clone().unwrap_or_default();
-    let labels = json!({LABEL_VIEW: view_name, "app.kubernetes.io/component": "ingest"});
-    serde_json::from_value(json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": ingest_name(&view_name),
-            "namespace": view.metadata.namespace,
-            "labels": labels,
-            "ownerReferences": [owner(view)],
-        },
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "containers": [{
-                        "name": "ingest",
-                        "image": settings.image,
-                        "args": ["ingest"],
-                        "env": common_env(view),
-                        "ports": [{"name": "metrics", "containerPort": 8082, "protocol": "TCP"}],
-                        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
-                        "securityContext": security(),
-                    }],
-                },
-            },
-        },
-    }))
-}
-
-/// The Job as the plan sees it; a finished Job's report comes from its pod's termination message.
-fn job_run(job: &Job, pods: &[Pod]) -> JobRun {
-    let state = match batch_job::outcome(job, pods) {
-        Outcome::Running => JobState::Running,
-        Outcome::Succeeded { finished, message } => JobState::Succeeded {
-            finished,
-            report: message.and_then(|m| serde_json::from_str(&m).ok()),
-        },
-        Outcome::Failed { message } => JobState::Failed {
-            message: message.unwrap_or_else(|| "no termination message".into()),
-        },
-    };
-    JobRun {
-        name: job.name_any(),
-        created: job
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map_or(Timestamp::UNIX_EPOCH, |t| t.0),
-        state,
-    }
-}
-
-pub async fn reconcile(view: Arc<FeatureView>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.reconcile_started(KIND);
-    let namespace = view.namespace().unwrap_or_default();
-    let name = view.name_any();
-    let jobs_api: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
-    let selector = ListParams::default().labels(&format!("{LABEL_VIEW}={name}"));
-    let mut jobs: Vec<Job> = jobs_api
-        .list(&selector)
-        .await?
-        .items
-        .into_iter()
-        .filter(|job| {
-            job.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == view.meta().uid.as_ref())
-        })
-        .collect();
-    jobs.sort_by_key(|job| {
-        std::cmp::Reverse(job.metadata.creation_timestamp.as_ref().map(|t| t.0))
-    });
-    // Only the newest finished Job's pods are read, for its report.
-    let newest_finished = jobs.iter().find(|job| {
-        job.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .flatten()
-                .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True")
-        })
-    });
-    let pods = match newest_finished {
-        Some(job) => {
-            Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
-                .list(&ListParams::default().labels(&format!("job-name={}", job.name_any())))
-                .await?
-                .items
-        }
-        None => Vec::new(),
-    };
-    let runs: Vec<JobRun> = jobs.iter().map(|job| job_run(job, &pods)).collect();
-    let planned = plan(&Observed {
-        view: &view,
-        now: Timestamp::now(),
-        jobs: &runs,
-        trainer: &ctx.trainer,
-        serving: &ctx.serving,
-    })?;
-    let api = Api::namespaced(ctx.client.clone(), &namespace);
-    apply_plan(
-        &ctx,
-        &api,
-        view.as_ref(),
-        KIND,
-        view.status.as_ref(),
-        planned,
-    )
-    .await
-}
-
-pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync + 'static) {
-    let views: Api<FeatureView> = Api::all(ctx.client.clone());
-    let jobs: Api<Job> = Api::all(ctx.client.clone());
-    let controller = Controller::new(views, watcher::Config::default())
-        .owns(jobs, watcher::Config::default().labels(LABEL_VIEW));
-    run_controller_with::<FeatureView, _, _>(KIND, controller, ctx, stop, reconcile).await;
 }
 
 #[cfg(test)]
