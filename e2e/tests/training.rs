@@ -19,6 +19,7 @@ use flywheel_e2e::training_jobs::{finished, job_until, phase};
 use flywheel_e2e::wait::until;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, ListParams, LogParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
@@ -159,6 +160,34 @@ async fn a_parameter_server_gang_trains_for_real_and_leaves_a_model_version() ->
         pods.len(),
         4,
         "2 parameter servers and 2 workers, all at once"
+    );
+    // The shards' RPC port is the gang's alone (the test node's network plugin does not enforce it; a
+    // cluster's does).
+    let policy = Api::<NetworkPolicy>::namespaced(s.client.clone(), &s.namespace)
+        .get("ps-train-gang")
+        .await?;
+    let spec = policy.spec.unwrap_or_default();
+    let gang = Some(BTreeMap::from([(
+        "flywheel.dev/training-job".to_owned(),
+        "ps-train".to_owned(),
+    )]));
+    assert_eq!(spec.pod_selector.and_then(|s| s.match_labels), gang);
+    let rpc_sources: Vec<_> = spec
+        .ingress
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|rule| {
+            rule.ports.iter().flatten().any(|p| {
+                p.port == Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(7070))
+            })
+        })
+        .flat_map(|rule| rule.from.unwrap_or_default())
+        .map(|peer| peer.pod_selector.and_then(|s| s.match_labels))
+        .collect();
+    assert_eq!(
+        rpc_sources,
+        [gang],
+        "only the gang's members reach port 7070"
     );
 
     let done = job_until(

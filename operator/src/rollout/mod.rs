@@ -6,9 +6,11 @@
 pub mod analysis;
 pub mod children;
 pub mod health;
+pub mod observed;
 pub mod online;
 pub mod plan;
 pub mod prometheus;
+pub mod steps;
 pub mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,5 +1,5 @@
-//! The pods and headless Service of a TrainingJob's gang, as pure functions of the job, its attempt and its
-//! quota's isolation: the trainer's env/args contract (see trainer-image/README.md) lives here.
+//! The pods, headless Service and NetworkPolicy of a TrainingJob's gang, as pure functions of the job, its
+//! attempt and its quota's isolation: the trainer's env/args contract (see trainer-image/README.md) lives here.
 //!
 //! Every member reaches the others by DNS (`<role>-<index>.<job>.<namespace>.svc`) through the headless
 //! Service, which publishes members before they are ready so a gang can start in any order.
@@ -16,10 +16,15 @@ use k8s_openapi::api::core::v1::{
     PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, SecretVolumeSource,
     SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
 };
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 pub use crate::config::TrainerSettings;
@@ -262,6 +267,55 @@ pub fn service(job: &TrainingJob) -> Service {
             ..ServiceSpec::default()
         }),
         status: None,
+    }
+}
+
+/// Name of the gang's NetworkPolicy.
+pub fn network_policy_name(job: &str) -> String {
+    format!("{job}-gang")
+}
+
+/// Who may reach the gang's pods: the shards' and the chief's RPC port only from members of the same gang
+/// (parameters and gradients never come from outside it; the gang token authenticates on top), the progress
+/// port from anywhere (the operator polls it; it only reads). Enforced where the cluster's network plugin
+/// enforces NetworkPolicies.
+pub fn network_policy(job: &TrainingJob) -> NetworkPolicy {
+    let name = job.name_any();
+    let tcp = |port: u16| NetworkPolicyPort {
+        port: Some(IntOrString::Int(i32::from(port))),
+        protocol: Some("TCP".to_owned()),
+        ..NetworkPolicyPort::default()
+    };
+    let members = LabelSelector {
+        match_labels: Some(selector_labels(&name)),
+        ..LabelSelector::default()
+    };
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(network_policy_name(&name)),
+            namespace: job.namespace(),
+            labels: Some(selector_labels(&name)),
+            owner_references: Some(vec![owner_reference(job)]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(members.clone()),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(members),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ports: Some(vec![tcp(RPC_PORT)]),
+                },
+                NetworkPolicyIngressRule {
+                    from: None,
+                    ports: Some(vec![tcp(STATUS_PORT)]),
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
     }
 }
 
@@ -960,5 +1014,42 @@ mod tests {
             service.metadata.owner_references.unwrap_or_default()[0].uid,
             "uid-1"
         );
+    }
+
+    #[test]
+    fn only_gang_members_reach_the_rpc_port_and_anyone_the_progress_port() {
+        let job = gpu_job();
+        let policy = network_policy(&job);
+        let name = job.name_any();
+        assert_eq!(
+            policy.metadata.name,
+            Some(network_policy_name(&name)),
+            "one policy per job"
+        );
+        let spec = policy.spec.unwrap_or_default();
+        let members = Some(selector_labels(&name));
+        assert_eq!(spec.pod_selector.and_then(|s| s.match_labels), members);
+        assert_eq!(spec.policy_types, Some(vec!["Ingress".to_owned()]));
+        let rules = spec.ingress.unwrap_or_default();
+        let port_of = |rule: &NetworkPolicyIngressRule| {
+            rule.ports.clone().unwrap_or_default()[0].port.clone()
+        };
+        let rpc = rules
+            .iter()
+            .find(|r| port_of(r) == Some(IntOrString::Int(i32::from(RPC_PORT))))
+            .unwrap_or_else(|| panic!("no rule for the RPC port: {rules:?}"));
+        let from = rpc.from.clone().unwrap_or_default();
+        assert_eq!(from.len(), 1);
+        assert_eq!(
+            from[0].pod_selector.clone().and_then(|s| s.match_labels),
+            members
+        );
+        assert!(from[0].namespace_selector.is_none(), "this namespace only");
+        let status = rules
+            .iter()
+            .find(|r| port_of(r) == Some(IntOrString::Int(i32::from(STATUS_PORT))))
+            .unwrap_or_else(|| panic!("no rule for the progress port: {rules:?}"));
+        assert!(status.from.is_none());
+        assert_eq!(rules.len(), 2, "no other port is open");
     }
 }

@@ -6,9 +6,11 @@
 //! no way around a team's limit); Kueue may admit it too, by setting `spec.suspend: false`, and the label is
 //! passed to every pod.
 
+pub mod chief;
 pub mod dataset;
 pub mod gang;
 pub mod plan;
+pub mod pods;
 pub mod progress;
 
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use flywheel_crds::{FeatureView, GPUQuota, ModelVersion, TrainingJob};
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
@@ -259,6 +262,15 @@ pub async fn reconcile(
                 &service.name_any(),
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(service),
+            )
+            .await?;
+    }
+    if let Some(policy) = &decided.network_policy {
+        Api::<NetworkPolicy>::namespaced(ctx.client.clone(), &namespace)
+            .patch(
+                &policy.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(policy),
             )
             .await?;
     }

@@ -22,15 +22,16 @@ use flywheel_crds::trainingjob::{
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::ResourceExt;
-use serde::Deserialize;
 
-use super::dataset::{self, CONDITION_DATASET_BUILT, DatasetObservation, DatasetStep};
-use super::gang::{
-    self, CHIEF, GangContext, KUEUE_QUEUE_LABEL, LABEL_ATTEMPT, LABEL_INDEX, LABEL_ROLE, Member,
-    Role, TrainerSettings,
+pub use super::chief::{
+    ChiefConvergence, ChiefFeatureView, ChiefMetrics, ChiefResult, chief_result,
 };
+use super::dataset::{self, CONDITION_DATASET_BUILT, DatasetObservation, DatasetStep};
+use super::gang::{self, CHIEF, GangContext, KUEUE_QUEUE_LABEL, Role, TrainerSettings};
+use super::pods::{attempt_of, failure_reason, is_live, member_of, pod_phase, termination};
 use crate::gpuquota::{Standing, standing};
 use crate::plan::{Children, Plan, PlannedEvent, spec_conditions};
 
@@ -78,6 +79,8 @@ pub struct TrainingPlan {
     pub plan: Plan<TrainingJobStatus>,
     /// Applied (create or update) whenever pods are created.
     pub service: Option<Service>,
+    /// Applied with the Service: only the gang's own members reach its RPC port.
+    pub network_policy: Option<NetworkPolicy>,
     pub create_pods: Vec<Pod>,
     pub delete_pods: Vec<String>,
     pub model_version: Option<ModelVersion>,
@@ -89,140 +92,8 @@ pub struct TrainingPlan {
     pub restarted: bool,
 }
 
-/// What the chief writes to its termination message when it finishes (trainer's `publish`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ChiefResult {
-    pub artifact: String,
-    pub sha256: String,
-    pub feature_schema_hash: String,
-    #[serde(default)]
-    pub metrics: ChiefMetrics,
-    /// How training ended (absent from trainers before early stopping).
-    #[serde(default)]
-    pub convergence: Option<ChiefConvergence>,
-    #[serde(default)]
-    pub steps: u64,
-    #[serde(default)]
-    pub samples_per_second: Option<f64>,
-    /// The FeatureView the training set was built from, when `build-dataset` recorded it in the set.
-    #[serde(default)]
-    pub feature_view: Option<ChiefFeatureView>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ChiefFeatureView {
-    /// `namespace/name`.
-    pub name: String,
-    pub schema_hash: String,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ChiefConvergence {
-    pub epochs_trained: u32,
-    #[serde(default)]
-    pub best_epoch: Option<u32>,
-    #[serde(default)]
-    pub stopped_early: bool,
-    #[serde(default)]
-    pub validation_log_loss: Vec<f64>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ChiefMetrics {
-    pub auc: Option<f64>,
-    pub gauc: Option<f64>,
-    pub log_loss: Option<f64>,
-    pub calibration: Option<f64>,
-    #[serde(default)]
-    pub uncalibrated_calibration: Option<f64>,
-    #[serde(default)]
-    pub samples: u64,
-}
-
-/// Parses the chief's termination message: the last line that is a JSON object with the result.
-pub fn chief_result(message: &str) -> Result<ChiefResult, String> {
-    message
-        .lines()
-        .rev()
-        .filter(|line| line.trim_start().starts_with('{'))
-        .find_map(|line| serde_json::from_str::<ChiefResult>(line).ok())
-        .ok_or_else(|| {
-            let last = message.lines().last().unwrap_or("(empty)");
-            format!("the chief finished without a result: {last}")
-        })
-}
-
 fn phase_of(status: &TrainingJobStatus) -> Option<TrainingPhase> {
     status.phase
-}
-
-fn attempt_of(pod: &Pod) -> Option<u32> {
-    pod.labels().get(LABEL_ATTEMPT)?.parse().ok()
-}
-
-fn member_of(pod: &Pod) -> Option<Member> {
-    let labels = pod.labels();
-    Some(Member {
-        role: Role::parse(labels.get(LABEL_ROLE)?)?,
-        index: labels.get(LABEL_INDEX)?.parse().ok()?,
-    })
-}
-
-fn pod_phase(pod: &Pod) -> &str {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending")
-}
-
-fn is_live(pod: &Pod) -> bool {
-    pod.metadata.deletion_timestamp.is_none() && !matches!(pod_phase(pod), "Succeeded" | "Failed")
-}
-
-/// The trainer's termination message, or failing that a description of how the container ended.
-fn termination(pod: &Pod) -> (Option<i32>, String) {
-    let terminated = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|statuses| statuses.iter().find(|c| c.name == gang::CONTAINER))
-        .and_then(|c| c.state.as_ref())
-        .and_then(|state| state.terminated.as_ref());
-    match terminated {
-        Some(t) => (
-            Some(t.exit_code),
-            t.message
-                .clone()
-                .filter(|m| !m.trim().is_empty())
-                .or_else(|| t.reason.clone())
-                .unwrap_or_default(),
-        ),
-        None => (
-            None,
-            pod.status
-                .as_ref()
-                .and_then(|s| s.message.clone().or_else(|| s.reason.clone()))
-                .unwrap_or_default(),
-        ),
-    }
-}
-
-fn failure_reason(pod: &Pod) -> String {
-    let (code, message) = termination(pod);
-    let last = message
-        .lines()
-        .rev()
-        .find(|line| !line.trim().is_empty())
-        .unwrap_or("no message")
-        .trim();
-    match code {
-        Some(code) => format!("{} exited {code}: {last}", pod.name_any()),
-        None => format!("{} failed: {last}", pod.name_any()),
-    }
 }
 
 /// Whether the job may run now, and if not why.
@@ -281,6 +152,7 @@ struct Builder<'o, 'a> {
     delete_pods: Vec<String>,
     create_pods: Vec<Pod>,
     service: Option<Service>,
+    network_policy: Option<NetworkPolicy>,
     model_version: Option<ModelVersion>,
     dataset_job: Option<Job>,
     admitted_after: Option<Duration>,
@@ -400,6 +272,7 @@ pub fn plan(observed: &Observed<'_>) -> TrainingPlan {
         delete_pods: Vec::new(),
         create_pods: Vec::new(),
         service: None,
+        network_policy: None,
         model_version: None,
         dataset_job: None,
         admitted_after: None,
@@ -427,6 +300,7 @@ pub fn plan(observed: &Observed<'_>) -> TrainingPlan {
             finalizer: None,
         },
         service: builder.service,
+        network_policy: builder.network_policy,
         create_pods: builder.create_pods,
         delete_pods: builder.delete_pods,
         model_version: builder.model_version,
@@ -800,6 +674,7 @@ fn run_gang(b: &mut Builder<'_, '_>, paths: &gang::Paths, warm_start: Option<(&s
             }
             if !b.create_pods.is_empty() {
                 b.service = Some(gang::service(job));
+                b.network_policy = Some(gang::network_policy(job));
             }
             if b.status.start_time.is_none() {
                 b.status.start_time = Some(Time(observed.now));
@@ -817,6 +692,7 @@ fn run_gang(b: &mut Builder<'_, '_>, paths: &gang::Paths, warm_start: Option<(&s
             if containers_starting(b, &current) == Starting::GaveUp {
                 b.create_pods.clear();
                 b.service = None;
+                b.network_policy = None;
                 return;
             }
             if let Some(progress) = &observed.progress {
