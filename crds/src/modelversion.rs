@@ -106,6 +106,10 @@ pub struct Lineage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(SHA256_PATTERN))]
     pub feature_view_schema_hash: Option<String>,
+    /// The Rollout (same namespace) whose served traffic was the training data: its logged predictions, with
+    /// the features as they were scored, labeled by the clicks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_traffic: Option<String>,
     /// Event-time range of the training rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_range: Option<TimeRange>,

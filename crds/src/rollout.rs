@@ -89,6 +89,7 @@ pub struct OnlineFeatures {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.clicksTopic) || has(self.predictionLogTopic)").message("spec.feedback: set clicksTopic, predictionLogTopic or both"))]
+#[x_kube(validation = Rule::new("!has(self.trafficLog) || has(self.predictionLogTopic)").message("spec.feedback.trafficLog: needs predictionLogTopic (what it writes down)"))]
 pub struct Feedback {
     /// Kafka bootstrap servers, `host:port`.
     #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 253)))]
@@ -102,7 +103,27 @@ pub struct Feedback {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249))]
     pub prediction_log_topic: Option<String>,
+    /// Write the served traffic into the offline store: a Deployment the operator runs consumes the prediction
+    /// log and the clicks and writes them as Parquet, which a TrainingJob's `spec.data.servedTraffic` trains on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_log: Option<TrafficLog>,
 }
+
+/// Where and how often the served traffic is written down.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficLog {
+    /// A directory on the training storage (`file://`): predictions go to `predictions/`, clicks to `clicks/`,
+    /// one Parquet part per flush, by day.
+    #[schemars(pattern(TRAFFIC_LOG_URI_PATTERN), length(max = 2048))]
+    pub uri: String,
+    /// A part is written at least this often while traffic arrives (default `1m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_interval: Option<Duration>,
+}
+
+/// The traffic log lives on the training storage, which every pod mounts as a filesystem.
+pub const TRAFFIC_LOG_URI_PATTERN: &str = r"^file:///.+$";
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -550,6 +571,14 @@ impl RolloutSpec {
                 "spec.feedback",
                 "set clicksTopic, predictionLogTopic or both",
             );
+        }
+        if let Some(interval) = self
+            .feedback
+            .as_ref()
+            .and_then(|f| f.traffic_log.as_ref())
+            .and_then(|log| log.flush_interval.as_ref())
+        {
+            violations.check_duration("spec.feedback.trafficLog.flushInterval", interval);
         }
         if let Some(deadline) = &self.strategy.canary.progress_deadline {
             violations.check_duration("spec.strategy.canary.progressDeadline", deadline);

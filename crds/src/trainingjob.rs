@@ -192,11 +192,15 @@ fn default_backoff_limit() -> u32 {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.featureView) != has(self.dataset)").message("spec.data: set exactly one of featureView or dataset"))]
+#[x_kube(validation = Rule::new("(has(self.featureView) ? 1 : 0) + (has(self.servedTraffic) ? 1 : 0) + (has(self.dataset) ? 1 : 0) == 1").message("spec.data: set exactly one of featureView, servedTraffic or dataset"))]
 pub struct TrainingData {
     /// Build the training set from a FeatureView with point-in-time joins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature_view: Option<FeatureViewData>,
+    /// Build the training set from what a Rollout served: one row per logged prediction, with the features as
+    /// they were scored, labeled by its clicks. The model keeps the served model's feature schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_traffic: Option<ServedTrafficData>,
     /// Use ready-made Parquet training and evaluation sets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<DatasetUris>,
@@ -227,6 +231,51 @@ pub struct FeatureViewData {
     /// was created. It must start at or after the end of `trainRange`, so evaluation never sees the training
     /// period.
     pub eval_range: EventRange,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServedTrafficData {
+    /// The Rollout, in the job's namespace, whose `spec.feedback.trafficLog` holds the traffic. Its stable
+    /// version's artifact gives the feature schema.
+    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
+    pub rollout: String,
+    /// A click labels its prediction when it arrives within this long of it (default `30m`). Predictions whose
+    /// window has not closed by the end of the log are left out, not counted as negatives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub click_window: Option<Duration>,
+    /// Predictions served in this range train the model: `start` and `end`, or `last` (e.g. `7d`) before the
+    /// evaluation range starts.
+    pub train_range: EventRange,
+    /// Predictions served in this range evaluate it: `start` and `end`, or `last` (e.g. `1d`) before the job
+    /// was created.
+    pub eval_range: EventRange,
+}
+
+impl ServedTrafficData {
+    pub const DEFAULT_CLICK_WINDOW: &str = "30m";
+
+    /// The absolute (train, eval) ranges for a job created at `created`.
+    pub fn ranges(&self, created: jiff::Timestamp) -> Option<(TimeRange, TimeRange)> {
+        resolve_ranges(&self.train_range, &self.eval_range, created)
+    }
+
+    pub fn click_window(&self) -> &str {
+        self.click_window
+            .as_ref()
+            .map_or(Self::DEFAULT_CLICK_WINDOW, |w| w.0.as_str())
+    }
+}
+
+/// Evaluation counts back from `created`, training from the evaluation's start.
+fn resolve_ranges(
+    train: &EventRange,
+    eval: &EventRange,
+    created: jiff::Timestamp,
+) -> Option<(TimeRange, TimeRange)> {
+    let eval = eval.resolve(created)?;
+    let train = train.resolve(eval.start.0)?;
+    Some((train, eval))
 }
 
 /// A range of event times: absolute (`start`, `end`) or relative (`last`).
@@ -269,9 +318,7 @@ impl EventRange {
 impl FeatureViewData {
     /// The absolute (train, eval) ranges for a job created at `created`.
     pub fn ranges(&self, created: jiff::Timestamp) -> Option<(TimeRange, TimeRange)> {
-        let eval = self.eval_range.resolve(created)?;
-        let train = self.train_range.resolve(eval.start.0)?;
-        Some((train, eval))
+        resolve_ranges(&self.train_range, &self.eval_range, created)
     }
 }
 
@@ -676,38 +723,39 @@ impl TrainingJobSpec {
         if let Some(timeout) = &self.start_timeout {
             violations.check_duration("spec.startTimeout", timeout);
         }
-        match (&self.data.feature_view, &self.data.dataset) {
-            (Some(_), Some(_)) | (None, None) => {
-                violations.push("spec.data", "set exactly one of featureView or dataset");
-            }
-            (Some(view), None) => {
+        let data = &self.data;
+        match (&data.feature_view, &data.served_traffic, &data.dataset) {
+            (Some(view), None, None) => {
                 violations.check_storage_uri("spec.data.featureView.events", &view.events);
-                let train = check_event_range(
+                check_ranges(
                     &mut violations,
-                    "spec.data.featureView.trainRange",
+                    "spec.data.featureView",
                     &view.train_range,
-                );
-                let eval = check_event_range(
-                    &mut violations,
-                    "spec.data.featureView.evalRange",
                     &view.eval_range,
                 );
-                if let (Some(train), Some(eval)) = (train, eval)
-                    && eval.start.0 < train.end.0
-                {
-                    violations.push(
-                        "spec.data.featureView.evalRange.start",
-                        "evaluation must start at or after the end of trainRange (no look-ahead)",
-                    );
-                }
             }
-            (None, Some(dataset)) => {
+            (None, Some(traffic), None) => {
+                if let Some(window) = &traffic.click_window {
+                    violations.check_duration("spec.data.servedTraffic.clickWindow", window);
+                }
+                check_ranges(
+                    &mut violations,
+                    "spec.data.servedTraffic",
+                    &traffic.train_range,
+                    &traffic.eval_range,
+                );
+            }
+            (None, None, Some(dataset)) => {
                 violations.check_storage_uri("spec.data.dataset.train", &dataset.train);
                 violations.check_storage_uri("spec.data.dataset.eval", &dataset.eval);
                 if let Some(schema) = &dataset.schema {
                     violations.check_storage_uri("spec.data.dataset.schema", schema);
                 }
             }
+            _ => violations.push(
+                "spec.data",
+                "set exactly one of featureView, servedTraffic or dataset",
+            ),
         }
         if let Some(checkpoint) = &self.checkpoint {
             violations.check_storage_uri("spec.checkpoint.uri", &checkpoint.uri);
@@ -770,6 +818,25 @@ impl TrainingJobSpec {
             }
         }
         violations.into_result()
+    }
+}
+
+/// Both ranges well formed, and evaluation after training.
+fn check_ranges(
+    violations: &mut SpecViolations,
+    field: &str,
+    train_range: &EventRange,
+    eval_range: &EventRange,
+) {
+    let train = check_event_range(violations, &format!("{field}.trainRange"), train_range);
+    let eval = check_event_range(violations, &format!("{field}.evalRange"), eval_range);
+    if let (Some(train), Some(eval)) = (train, eval)
+        && eval.start.0 < train.end.0
+    {
+        violations.push(
+            format!("{field}.evalRange.start"),
+            "evaluation must start at or after the end of trainRange (no look-ahead)",
+        );
     }
 }
 

@@ -101,6 +101,15 @@ impl FeatureSchema {
         digest.iter().map(|byte| format!("{byte:02x}")).collect()
     }
 
+    /// `(name, type)` of each input feature: everything a row must carry, which is every feature but the
+    /// crosses (computed from other inputs).
+    pub fn inputs(&self) -> impl Iterator<Item = (&str, ValueType)> {
+        self.features
+            .iter()
+            .filter(|f| !matches!(f.transform, Some(Transform::Cross { .. })))
+            .map(|f| (f.name.as_str(), f.value_type))
+    }
+
     /// `(name, rows)` of each categorical feature: the embedding tables a model needs.
     pub fn categorical(&self) -> Vec<(&str, u64)> {
         self.features

@@ -112,6 +112,7 @@ impl Config {
                     env!("CARGO_PKG_VERSION")
                 )
             }),
+            traffic_log_image: self.trainer_settings().image,
             storage_claim: self.storage_claim.clone(),
             storage_path: self.storage_path.clone(),
         }
@@ -185,6 +186,8 @@ impl Default for TrainerSettings {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServingSettings {
     pub image: String,
+    /// The trainer image, which runs a Rollout's traffic log (it writes the offline store's Parquet).
+    pub traffic_log_image: String,
     /// The claim the artifacts are on (the trainer's storage), mounted read-only at `storage_path`.
     pub storage_claim: Option<String>,
     pub storage_path: String,

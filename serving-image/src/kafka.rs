@@ -1,5 +1,5 @@
-//! Kafka paths of the server: the prediction log (what was scored, with the transformed features, so training
-//! can replay exactly what serving saw) and the click topic (labels joined to predictions by request id).
+//! Kafka paths of the server: the prediction log (what was scored, with the input features as scored, so a
+//! training set can hold exactly what serving saw) and the click topic (labels joined to predictions by request id).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +22,9 @@ pub struct PredictionRecord {
     pub model: String,
     pub version: String,
     pub score: f64,
-    /// Embedding indices after the transforms, in schema order.
-    pub categorical: Vec<u64>,
-    /// Dense inputs after the transforms, in schema order.
-    pub numeric: Vec<f32>,
+    /// The input features as scored (the request's and the online store's values, typed by the schema); a
+    /// missing value is absent.
+    pub features: serde_json::Map<String, serde_json::Value>,
     pub timestamp_ms: u64,
 }
 

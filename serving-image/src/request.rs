@@ -178,16 +178,7 @@ pub fn rows_of_shape(input: &str, shape: &[i64]) -> Result<usize, RequestError> 
 
 /// Input features of a schema: everything but crosses, which are computed from other inputs.
 pub fn input_features(schema: &FeatureSchema) -> impl Iterator<Item = (&str, ValueType)> {
-    schema
-        .features
-        .iter()
-        .filter(|f| {
-            !matches!(
-                f.transform,
-                Some(flywheel_ml::transform::Transform::Cross { .. })
-            )
-        })
-        .map(|f| (f.name.as_str(), f.value_type))
+    schema.inputs()
 }
 
 fn fits(value_type: ValueType, column: &Column) -> bool {
@@ -314,6 +305,34 @@ pub fn encode(
     Ok(data)
 }
 
+/// Each row's input features as they were scored: the request's values and those filled from the online store,
+/// typed by the schema (an integer given for a Float64 feature is logged as a float), a missing value absent. The
+/// prediction log carries these, so a training set built from served traffic holds exactly what was scored.
+pub fn served_rows(
+    schema: &FeatureSchema,
+    request: &InferRequest,
+    rows: usize,
+) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let mut served = vec![serde_json::Map::new(); rows];
+    for (name, value_type) in input_features(schema) {
+        let Some(input) = request.inputs.iter().find(|input| input.name == name) else {
+            continue;
+        };
+        for (row, values) in served.iter_mut().enumerate() {
+            let logged = match (value_type, input.column.value(row)) {
+                (_, Value::Missing) => continue,
+                (ValueType::Float64, Value::Int(v)) => serde_json::Value::from(v as f64),
+                (_, Value::Int(v)) => serde_json::Value::from(v),
+                (_, Value::Float(v)) => serde_json::Value::from(v),
+                (_, Value::Str(v)) => serde_json::Value::from(v),
+                (_, Value::Bool(v)) => serde_json::Value::from(v),
+            };
+            values.insert(name.to_owned(), logged);
+        }
+    }
+    served
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +358,35 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn served_rows_carry_each_input_typed_by_the_schema_and_leave_missing_values_out() {
+        let schema = feature_schema(1000);
+        let mut request = request(2);
+        for input in &mut request.inputs {
+            match input.name.as_str() {
+                // An integer given for the float feature is logged as the float it was scored as.
+                "price" => input.column = Column::Int(vec![9, 10]),
+                "age" => {
+                    input.column = Column::Values(vec![OwnedValue::Int(30), OwnedValue::Missing]);
+                }
+                _ => {}
+            }
+        }
+        let rows = served_rows(&schema, &request, 2);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0]["price"], serde_json::json!(9.0));
+        assert!(rows[0]["price"].is_f64());
+        assert_eq!(rows[0]["gender"], serde_json::json!("gender0"));
+        assert_eq!(rows[1]["device"], serde_json::json!("device1"));
+        assert_eq!(rows[0]["age"], serde_json::json!(30));
+        assert!(!rows[1].contains_key("age"), "a missing value is absent");
+        assert_eq!(
+            rows[0].len(),
+            input_features(&schema).count(),
+            "every input, no cross"
+        );
     }
 
     #[test]

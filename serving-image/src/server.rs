@@ -163,7 +163,11 @@ impl Server {
             store.fill(&model.card.schema, &mut request).await?;
         }
         let data = request::encode(&model.card.schema, &request, self.limits.max_rows)?;
-        let logged = self.prediction_log.as_ref().map(|_| data.clone());
+        let rows = data.labels.len();
+        let logged = self
+            .prediction_log
+            .as_ref()
+            .map(|_| request::served_rows(&model.card.schema, &request, rows));
         let scores = self
             .batcher
             .score(model.clone(), data)
@@ -176,20 +180,17 @@ impl Server {
         let version = model.version().to_owned();
         self.metrics.scored(&version, &scores);
         self.remember(&id, &version, &scores);
-        if let (Some(log), Some(data)) = (&self.prediction_log, logged) {
+        if let (Some(log), Some(served)) = (&self.prediction_log, logged) {
             let timestamp_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            for (row, &score) in scores.iter().enumerate() {
+            for (row, (&score, features)) in scores.iter().zip(served).enumerate() {
                 log.log(&PredictionRecord {
                     request_id: row_id(&id, row, scores.len()),
                     model: self.model_name.clone(),
                     version: version.clone(),
                     score,
-                    categorical: data.categorical[row * data.fields..(row + 1) * data.fields]
-                        .to_vec(),
-                    numeric: data.numeric[row * data.numeric_width..(row + 1) * data.numeric_width]
-                        .to_vec(),
+                    features,
                     timestamp_ms,
                 });
             }

@@ -6,7 +6,7 @@ use flywheel_ml::calibration::CalibrationMethod;
 use flywheel_ml::model::Architecture;
 use serde_json::json;
 
-use crate::{featurestore, training_set};
+use crate::{featurestore, traffic_log, traffic_set, training_set};
 use clap::{Parser, Subcommand};
 use flywheel_crds::common::parse_duration;
 
@@ -76,6 +76,12 @@ pub(crate) enum Command {
     /// Build a TrainingJob's train and eval sets from a FeatureView and labeled events, and the model's
     /// feature schema (`train.parquet`, `eval.parquet`, `schema.json`); the summary is the termination message.
     TrainingSet(Box<training_set::TrainingSetArgs>),
+    /// Build a TrainingJob's train and eval sets from a Rollout's served traffic (one row per prediction, the
+    /// features as scored, `clicked` from the clicks) and the served model's schema.
+    TrafficTrainingSet(Box<traffic_set::TrafficSetArgs>),
+    /// Write a Rollout's served traffic (prediction log and clicks from Kafka) into the offline store as
+    /// Parquet parts; runs until stopped.
+    LogTraffic(Box<traffic_log::LogTrafficArgs>),
     /// Write synthetic feature events (`events.parquet`) and labeled events (`labels.parquet`).
     GenerateEvents(featurestore::GenerateEventsArgs),
     /// Write the model inputs of a Parquet data set after the schema's transforms (`c<i>`, `x<j>`, `label`,

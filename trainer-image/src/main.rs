@@ -32,6 +32,8 @@ mod report;
 mod setup;
 mod single;
 mod status;
+mod traffic_log;
+mod traffic_set;
 mod train;
 mod training_set;
 mod worker;
@@ -67,6 +69,8 @@ fn main() -> std::process::ExitCode {
         Command::Materialize(args) => featurestore::materialize(&args),
         Command::BuildDataset(args) => featurestore::build_dataset(&args),
         Command::TrainingSet(args) => training_set::build(&args),
+        Command::TrafficTrainingSet(args) => traffic_set::build(&args),
+        Command::LogTraffic(args) => traffic_log::log_traffic(&args),
         Command::GenerateEvents(args) => featurestore::generate_events(&args),
         Command::Ps(args) => ps_command(&args),
         Command::Movielens { from, out } => movielens::convert(&from, &out).map_err(Into::into).map(

@@ -52,7 +52,7 @@ pub struct TrainingSetArgs {
     termination_log: PathBuf,
 }
 
-fn parse_range(text: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_range(text: &str) -> Result<(String, String), String> {
     match text.split_once(',') {
         Some((start, end)) if !start.is_empty() && !end.is_empty() => {
             Ok((start.to_owned(), end.to_owned()))

@@ -360,6 +360,7 @@ mod tests {
     fn serving() -> ServingSettings {
         ServingSettings {
             image: "flywheel-serving:test".into(),
+            traffic_log_image: "flywheel-trainer:test".into(),
             storage_claim: None,
             storage_path: "/var/lib/flywheel".into(),
         }

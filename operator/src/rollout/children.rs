@@ -1,5 +1,5 @@
 //! What a Rollout owns, decided from its planned status: the route table (ConfigMap), a Deployment and a
-//! Service per served version, the router, and the sweep of every owned workload the status no longer serves
+//! Service per served version, the router, the traffic log's sink, and the sweep of every owned workload the status no longer serves
 //! (a promoted rollout's old stable, an aborted canary, a router the spec dropped, or one created behind the
 //! operator's back). The sweep is level-triggered: it compares the cache of owned objects with the plan on
 //! every reconcile, so an orphan missed once is collected by the next.
@@ -12,6 +12,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 
 use super::online::{self, OnlineView};
+use super::traffic_log;
 use crate::config::ServingSettings;
 use crate::plan::{Child, Children, OwnedObject};
 use crate::rollout::traffic::{self, LABEL_ROLE, LABEL_ROLLOUT, LABEL_VERSION};
@@ -112,6 +113,11 @@ pub fn plan(inputs: &Inputs<'_>, status: &RolloutStatus) -> Result<Children, ser
         children.apply.push(Child::of(&router)?);
         children.apply.push(Child::of(&service)?);
     }
+    let traffic_log = traffic_log::deployment(rollout, inputs.serving)?;
+    let with_traffic_log = traffic_log.is_some();
+    if let Some(sink) = traffic_log {
+        children.apply.push(Child::of(&sink)?);
+    }
     children.delete = inputs
         .owned
         .iter()
@@ -119,7 +125,11 @@ pub fn plan(inputs: &Inputs<'_>, status: &RolloutStatus) -> Result<Children, ser
         .filter(|owned| is_workload(owned))
         .filter(|owned| match owned.label(LABEL_VERSION) {
             Some(version) => !served.contains(version),
-            None => owned.label(LABEL_ROLE) == Some("router") && !with_router,
+            None => match owned.label(LABEL_ROLE) {
+                Some("router") => !with_router,
+                Some(traffic_log::ROLE) => !with_traffic_log,
+                _ => false,
+            },
         })
         .map(OwnedObject::reference)
         .collect();
@@ -156,6 +166,7 @@ mod tests {
     fn settings() -> ServingSettings {
         ServingSettings {
             image: "flywheel-serving:test".into(),
+            traffic_log_image: "flywheel-trainer:test".into(),
             storage_claim: None,
             storage_path: "/var/lib/flywheel".into(),
         }
@@ -323,6 +334,31 @@ mod tests {
             deleted(&dropped),
             [pair("Deployment", "ctr-router"), pair("Service", "ctr")]
         );
+    }
+
+    #[test]
+    fn the_traffic_log_sink_follows_the_spec() {
+        let mut rollout = rollout();
+        let sink = [owned::<Deployment>(
+            "ctr-traffic-log",
+            &[(LABEL_ROLLOUT, "ctr"), (LABEL_ROLE, traffic_log::ROLE)],
+        )];
+        let healthy = status("ctr-v1", None, RolloutPhase::Healthy);
+        rollout.spec.feedback = Some(flywheel_crds::rollout::Feedback {
+            brokers: vec!["kafka:9092".into()],
+            clicks_topic: Some("clicks".into()),
+            prediction_log_topic: Some("predictions".into()),
+            traffic_log: Some(flywheel_crds::rollout::TrafficLog {
+                uri: "file:///var/lib/flywheel/traffic/ctr".into(),
+                flush_interval: None,
+            }),
+        });
+        let kept = children_for(&rollout, &sink, &healthy);
+        assert!(kept.delete.is_empty());
+        assert!(applied(&kept).contains(&pair("Deployment", "ctr-traffic-log")));
+        rollout.spec.feedback = None;
+        let dropped = children_for(&rollout, &sink, &healthy);
+        assert_eq!(deleted(&dropped), [pair("Deployment", "ctr-traffic-log")]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod plan;
 pub mod prometheus;
 pub mod steps;
 pub mod traffic;
+pub mod traffic_log;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

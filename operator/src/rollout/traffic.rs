@@ -370,6 +370,7 @@ mod tests {
         let version: ModelVersion = load("modelversion.yaml", 1);
         let settings = ServingSettings {
             image: "serving".into(),
+            traffic_log_image: "flywheel-trainer:test".into(),
             storage_claim: None,
             storage_path: "/var/lib/flywheel".into(),
         };
@@ -394,6 +395,7 @@ mod tests {
             brokers: vec!["kafka-0:9092".into(), "kafka-1:9092".into()],
             clicks_topic: Some("clicks".into()),
             prediction_log_topic: None,
+            traffic_log: None,
         });
         assert_eq!(
             env_of(&version_deployment(
@@ -419,6 +421,7 @@ mod tests {
         let version: ModelVersion = load("modelversion.yaml", 1);
         let settings = ServingSettings {
             image: "serving".into(),
+            traffic_log_image: "flywheel-trainer:test".into(),
             storage_claim: None,
             storage_path: "/var/lib/flywheel".into(),
         };

@@ -1,15 +1,17 @@
-//! The training-set step of a TrainingJob on a FeatureView: before the gang is admitted (no GPU is held while
-//! data is built), a batch Job of the trainer image (`flywheel-trainer training-set`) joins the view's
-//! features, as of each labeled event, onto the events of the train and eval ranges and writes the sets and the
-//! model's feature schema beside the job's model. Its outcome becomes the `DatasetBuilt` condition.
+//! The training-set step of a TrainingJob on a FeatureView or on a Rollout's served traffic: before the gang is
+//! admitted (no GPU is held while data is built), a batch Job of the trainer image builds the train and eval
+//! sets and the model's feature schema beside the job's model. From a view (`flywheel-trainer training-set`)
+//! it joins the view's features, as of each labeled event, onto the events of each range; from served traffic
+//! (`flywheel-trainer traffic-training-set`) it labels each logged prediction by its clicks and keeps the
+//! features as they were scored. Its outcome becomes the `DatasetBuilt` condition.
 
 use flywheel_crds::FeatureView;
 use flywheel_crds::common::TimeRange;
-use flywheel_crds::trainingjob::{FeatureViewData, TrainingJob};
+use flywheel_crds::trainingjob::TrainingJob;
 use k8s_openapi::api::batch::v1::Job;
 use kube::ResourceExt;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::gang::{self, Paths, TrainerSettings};
 use crate::batch_job::Outcome;
@@ -25,13 +27,30 @@ pub const LABEL_DATASET_OF: &str = "flywheel.dev/dataset-of";
 pub enum DatasetObservation {
     /// The job reads ready-made sets, or its status already says they are built: nothing was looked up.
     NotNeeded,
-    /// The FeatureView the job names does not exist (yet).
-    ViewMissing,
-    /// The view, and the step's Job if it exists.
-    View {
-        view: Box<FeatureView>,
+    /// What the step reads is not there (yet): a reason and a message naming it.
+    Missing { reason: String, message: String },
+    /// What the step reads, and the step's Job if it exists.
+    Found {
+        input: DatasetInput,
         job: Option<Outcome>,
     },
+}
+
+/// What a training set is built from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DatasetInput {
+    View(Box<FeatureView>),
+    Traffic(ServedTraffic),
+}
+
+/// A Rollout's traffic log and the model it served, which gives the new model its feature schema.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServedTraffic {
+    /// `spec.feedback.trafficLog.uri` of the Rollout.
+    pub log: String,
+    /// The stable version's artifact and its digest.
+    pub model_uri: String,
+    pub model_sha256: String,
 }
 
 /// What the plan does about the step.
@@ -45,8 +64,20 @@ pub enum DatasetStep {
     Start(Box<Job>),
     /// The Job runs; wait.
     Building,
-    WaitingForView,
+    Waiting {
+        reason: String,
+        message: String,
+    },
     Failed(String),
+}
+
+/// Where the job's sets come from, in words (`FeatureView ctr-events`, `Rollout ctr's served traffic`).
+pub fn source(job: &TrainingJob) -> String {
+    match (&job.spec.data.feature_view, &job.spec.data.served_traffic) {
+        (Some(view), _) => format!("FeatureView {}", view.name),
+        (None, Some(traffic)) => format!("Rollout {}'s served traffic", traffic.rollout),
+        (None, None) => "the dataset".to_owned(),
+    }
 }
 
 /// The name of a job's training-set Job.
@@ -57,33 +88,40 @@ pub fn job_name(training_job: &str) -> String {
 /// Decides the step from what was observed.
 pub fn step(
     job: &TrainingJob,
-    data: &FeatureViewData,
     paths: &Paths,
     settings: &TrainerSettings,
     observed: &DatasetObservation,
 ) -> Result<DatasetStep, serde_json::Error> {
     Ok(match observed {
         DatasetObservation::NotNeeded => DatasetStep::Built { summary: None },
-        DatasetObservation::ViewMissing => DatasetStep::WaitingForView,
-        DatasetObservation::View { view, job: None } => match ranges(job, data) {
-            Some(ranges) => {
-                DatasetStep::Start(Box::new(builder(job, view, data, ranges, paths, settings)?))
-            }
-            None => DatasetStep::Failed(
-                "spec.data.featureView: the train and eval ranges do not resolve".to_owned(),
-            ),
+        DatasetObservation::Missing { reason, message } => DatasetStep::Waiting {
+            reason: reason.clone(),
+            message: message.clone(),
         },
-        DatasetObservation::View {
+        DatasetObservation::Found { input, job: None } => match ranges(job) {
+            Some(ranges) => {
+                DatasetStep::Start(Box::new(builder(job, input, ranges, paths, settings)?))
+            }
+            None => DatasetStep::Failed(format!(
+                "spec.data.{}: the train and eval ranges do not resolve",
+                if job.spec.data.feature_view.is_some() {
+                    "featureView"
+                } else {
+                    "servedTraffic"
+                }
+            )),
+        },
+        DatasetObservation::Found {
             job: Some(Outcome::Running),
             ..
         } => DatasetStep::Building,
-        DatasetObservation::View {
+        DatasetObservation::Found {
             job: Some(Outcome::Succeeded { message, .. }),
             ..
         } => DatasetStep::Built {
             summary: Some(summary(message.as_deref())),
         },
-        DatasetObservation::View {
+        DatasetObservation::Found {
             job: Some(Outcome::Failed { message }),
             ..
         } => DatasetStep::Failed(format!(
@@ -95,13 +133,17 @@ pub fn step(
 }
 
 /// The job's absolute (train, eval) ranges: relative ones count back from its creation.
-pub fn ranges(job: &TrainingJob, data: &FeatureViewData) -> Option<(TimeRange, TimeRange)> {
+pub fn ranges(job: &TrainingJob) -> Option<(TimeRange, TimeRange)> {
     let created = job
         .metadata
         .creation_timestamp
         .as_ref()
         .map_or(jiff::Timestamp::UNIX_EPOCH, |t| t.0);
-    data.ranges(created)
+    match (&job.spec.data.feature_view, &job.spec.data.served_traffic) {
+        (Some(view), _) => view.ranges(created),
+        (None, Some(traffic)) => traffic.ranges(created),
+        (None, None) => None,
+    }
 }
 
 /// The report `training-set` leaves in its termination message.
@@ -141,19 +183,73 @@ fn failure(message: Option<&str>) -> String {
     }
 }
 
-/// The Job that builds the sets: the trainer image with the training storage, the view as JSON in its
-/// environment, the restricted security context.
+/// The container's arguments and environment for `input`.
+fn command(
+    job: &TrainingJob,
+    input: &DatasetInput,
+    (train, eval): (TimeRange, TimeRange),
+    out_dir: String,
+) -> (Vec<String>, Vec<Value>) {
+    let range = |r: &TimeRange| format!("{},{}", r.start.0, r.end.0);
+    let mut env = vec![
+        json!({"name": "FLYWHEEL_TERMINATION_LOG", "value": "/dev/termination-log"}),
+        json!({"name": "TMPDIR", "value": gang::SCRATCH}),
+    ];
+    let args = match (
+        input,
+        &job.spec.data.feature_view,
+        &job.spec.data.served_traffic,
+    ) {
+        (DatasetInput::View(view), Some(data), _) => {
+            env.push(json!({"name": "FLYWHEEL_FEATURE_VIEW", "value": view_json(view)}));
+            let events = data.events.strip_prefix("file://").unwrap_or(&data.events);
+            vec![
+                "training-set".to_owned(),
+                "--events".to_owned(),
+                events.to_owned(),
+                "--label".to_owned(),
+                data.label.clone(),
+                "--event-time".to_owned(),
+                data.timestamp_field.clone(),
+            ]
+        }
+        (DatasetInput::Traffic(traffic), _, Some(data)) => vec![
+            "traffic-training-set".to_owned(),
+            "--traffic".to_owned(),
+            traffic.log.clone(),
+            "--model".to_owned(),
+            traffic.model_uri.clone(),
+            "--model-sha256".to_owned(),
+            traffic.model_sha256.clone(),
+            "--click-window".to_owned(),
+            data.click_window().to_owned(),
+        ],
+        // The observation follows the spec; a spec changed in between is read at the next reconcile.
+        _ => Vec::new(),
+    };
+    let mut args = args;
+    args.extend([
+        "--train-range".to_owned(),
+        range(&train),
+        "--eval-range".to_owned(),
+        range(&eval),
+        "--out-dir".to_owned(),
+        out_dir,
+    ]);
+    (args, env)
+}
+
+/// The Job that builds the sets: the trainer image with the training storage, the restricted security
+/// context.
 fn builder(
     job: &TrainingJob,
-    view: &FeatureView,
-    data: &FeatureViewData,
-    (train, eval): (TimeRange, TimeRange),
+    input: &DatasetInput,
+    ranges: (TimeRange, TimeRange),
     paths: &Paths,
     settings: &TrainerSettings,
 ) -> Result<Job, serde_json::Error> {
     let name = job.name_any();
-    let events = data.events.strip_prefix("file://").unwrap_or(&data.events);
-    let range = |r: &TimeRange| format!("{},{}", r.start.0, r.end.0);
+    let (args, env) = command(job, input, ranges, gang::dataset_dir(&paths.output));
     let (volumes, mounts) = gang::volumes(settings);
     let labels = json!({
         LABEL_DATASET_OF: name,
@@ -184,20 +280,8 @@ fn builder(
                     "containers": [{
                         "name": "training-set",
                         "image": job.spec.image.clone().unwrap_or_else(|| settings.image.clone()),
-                        "args": [
-                            "training-set",
-                            "--events", events,
-                            "--label", data.label,
-                            "--event-time", data.timestamp_field,
-                            "--train-range", range(&train),
-                            "--eval-range", range(&eval),
-                            "--out-dir", gang::dataset_dir(&paths.output),
-                        ],
-                        "env": [
-                            {"name": "FLYWHEEL_FEATURE_VIEW", "value": view_json(view)},
-                            {"name": "FLYWHEEL_TERMINATION_LOG", "value": "/dev/termination-log"},
-                            {"name": "TMPDIR", "value": gang::SCRATCH},
-                        ],
+                        "args": args,
+                        "env": env,
                         "volumeMounts": mounts,
                         "terminationMessagePolicy": "FallbackToLogsOnError",
                         "securityContext": security(),
@@ -221,31 +305,28 @@ mod tests {
     }
 
     fn decide(observed: &DatasetObservation) -> DatasetStep {
-        let job = job();
+        decide_for(&job(), observed)
+    }
+
+    fn decide_for(job: &TrainingJob, observed: &DatasetObservation) -> DatasetStep {
         let paths = gang::paths(&job.name_any(), &job.spec).unwrap_or_else(|e| panic!("{e}"));
-        let data = job
-            .spec
-            .data
-            .feature_view
-            .clone()
-            .unwrap_or_else(|| panic!("the example reads a FeatureView"));
         let settings = TrainerSettings {
             storage_claim: Some("flywheel-data".into()),
             ..TrainerSettings::default()
         };
-        step(&job, &data, &paths, &settings, observed).unwrap_or_else(|e| panic!("{e}"))
+        step(job, &paths, &settings, observed).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    fn view() -> Box<FeatureView> {
+    fn view() -> DatasetInput {
         let mut view: FeatureView = load("featureview.yaml", 1);
         view.metadata.namespace = Some("team".into());
-        Box::new(view)
+        DatasetInput::View(Box::new(view))
     }
 
     #[test]
     fn a_missing_job_is_started_with_the_ranges_the_view_and_the_storage() {
-        let DatasetStep::Start(built) = decide(&DatasetObservation::View {
-            view: view(),
+        let DatasetStep::Start(built) = decide(&DatasetObservation::Found {
+            input: view(),
             job: None,
         }) else {
             panic!("expected a Job to start");
@@ -291,15 +372,15 @@ mod tests {
     fn the_outcome_of_the_job_is_the_step() {
         let view = view();
         assert_eq!(
-            decide(&DatasetObservation::View {
-                view: view.clone(),
+            decide(&DatasetObservation::Found {
+                input: view.clone(),
                 job: Some(Outcome::Running),
             }),
             DatasetStep::Building
         );
         assert_eq!(
-            decide(&DatasetObservation::View {
-                view: view.clone(),
+            decide(&DatasetObservation::Found {
+                input: view.clone(),
                 job: Some(Outcome::Succeeded {
                     finished: jiff::Timestamp::UNIX_EPOCH,
                     message: Some(
@@ -313,8 +394,8 @@ mod tests {
             }
         );
         assert_eq!(
-            decide(&DatasetObservation::View {
-                view,
+            decide(&DatasetObservation::Found {
+                input: view,
                 job: Some(Outcome::Failed {
                     message: Some(
                         r#"{"event":"failed","error":"/e: no label column `clicked` (spec.data.featureView.label); it has user_id"}"#
@@ -328,9 +409,60 @@ mod tests {
                     .into()
             )
         );
+        let missing = DatasetObservation::Missing {
+            reason: "FeatureViewMissing".into(),
+            message: "waiting for FeatureView `ctr-events`".into(),
+        };
         assert_eq!(
-            decide(&DatasetObservation::ViewMissing),
-            DatasetStep::WaitingForView
+            decide(&missing),
+            DatasetStep::Waiting {
+                reason: "FeatureViewMissing".into(),
+                message: "waiting for FeatureView `ctr-events`".into(),
+            }
         );
+    }
+
+    #[test]
+    fn served_traffic_is_built_from_the_log_with_the_served_models_schema() {
+        let mut job = job();
+        let view = job.spec.data.feature_view.take();
+        let Some(view) = view else {
+            panic!("the example reads a FeatureView");
+        };
+        job.spec.data.served_traffic = Some(flywheel_crds::trainingjob::ServedTrafficData {
+            rollout: "ctr".into(),
+            click_window: Some(flywheel_crds::common::Duration::from("10m")),
+            train_range: view.train_range,
+            eval_range: view.eval_range,
+        });
+        let input = DatasetInput::Traffic(ServedTraffic {
+            log: "file:///var/lib/flywheel/traffic/ctr".into(),
+            model_uri: "file:///var/lib/flywheel/models/ctr-v1/model.fwm".into(),
+            model_sha256: "ab".repeat(32),
+        });
+        let DatasetStep::Start(built) =
+            decide_for(&job, &DatasetObservation::Found { input, job: None })
+        else {
+            panic!("expected a Job to start");
+        };
+        let spec = built.spec.and_then(|s| s.template.spec).unwrap_or_default();
+        let args = spec.containers[0]
+            .args
+            .clone()
+            .unwrap_or_default()
+            .join(" ");
+        assert_eq!(
+            args,
+            format!(
+                "traffic-training-set --traffic file:///var/lib/flywheel/traffic/ctr \
+                 --model file:///var/lib/flywheel/models/ctr-v1/model.fwm --model-sha256 {} \
+                 --click-window 10m \
+                 --train-range 2026-11-01T00:00:00Z,2026-11-15T00:00:00Z \
+                 --eval-range 2026-11-15T00:00:00Z,2026-11-16T00:00:00Z \
+                 --out-dir /var/lib/flywheel/models/ctr-deepfm-ps/dataset",
+                "ab".repeat(32)
+            )
+        );
+        assert_eq!(source(&job), "Rollout ctr's served traffic");
     }
 }

@@ -134,13 +134,24 @@ pub struct Paths {
     pub checkpoints: String,
 }
 
+/// The label column of a training set built from served traffic (`flywheel-trainer traffic-training-set`).
+pub const TRAFFIC_LABEL: &str = "clicked";
+
 /// Resolves the job's storage URIs, or says which field the trainer cannot read.
 pub fn paths(job_name: &str, spec: &TrainingJobSpec) -> Result<Paths, String> {
     let output = join(
         &local_path("spec.output.artifactUri", &spec.output.artifact_uri)?,
         job_name,
     );
-    let (train, eval, label, schema) = match (&spec.data.dataset, &spec.data.feature_view) {
+    let built_label = match (&spec.data.feature_view, &spec.data.served_traffic) {
+        (Some(view), _) => {
+            local_path("spec.data.featureView.events", &view.events)?;
+            Some(view.label.clone())
+        }
+        (None, Some(_)) => Some(TRAFFIC_LABEL.to_owned()),
+        (None, None) => None,
+    };
+    let (train, eval, label, schema) = match (&spec.data.dataset, built_label) {
         (Some(dataset), _) => {
             let train = local_path("spec.data.dataset.train", &dataset.train)?;
             let eval = local_path("spec.data.dataset.eval", &dataset.eval)?;
@@ -151,17 +162,18 @@ pub fn paths(job_name: &str, spec: &TrainingJobSpec) -> Result<Paths, String> {
             (train, eval, dataset.label.clone(), schema)
         }
         // The training-set step writes the sets and their schema beside the job's model.
-        (None, Some(view)) => {
-            local_path("spec.data.featureView.events", &view.events)?;
+        (None, Some(label)) => {
             let dir = dataset_dir(&output);
             (
                 join(&dir, "train.parquet"),
                 join(&dir, "eval.parquet"),
-                view.label.clone(),
+                label,
                 join(&dir, "schema.json"),
             )
         }
-        (None, None) => return Err("spec.data: set featureView or dataset".to_owned()),
+        (None, None) => {
+            return Err("spec.data: set featureView, servedTraffic or dataset".to_owned());
+        }
     };
     let checkpoints = match &spec.checkpoint {
         Some(checkpoint) => join(

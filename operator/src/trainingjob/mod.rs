@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_crds::trainingjob::{TrainingPhase, TrainingProgress};
-use flywheel_crds::{FeatureView, GPUQuota, ModelVersion, TrainingJob};
+use flywheel_crds::{FeatureView, GPUQuota, ModelVersion, Rollout, TrainingJob};
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -30,7 +30,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use tracing::{info, warn};
 
-pub use dataset::DatasetObservation;
+pub use dataset::{DatasetInput, DatasetObservation, ServedTraffic};
 pub use gang::{KUEUE_QUEUE_LABEL, TrainerSettings};
 pub use plan::{Observed, TrainingPlan, WarmStart, plan};
 
@@ -97,8 +97,9 @@ async fn chief_progress(pods: &[&Pod], job: &TrainingJob) -> Option<TrainingProg
     progress::poll(ip).await
 }
 
-/// What the training-set step of a job on a FeatureView needs: the view and its Job's outcome. Nothing is
-/// looked up once the job's status says its sets are built, or when it reads ready-made sets.
+/// What the training-set step of a job on a FeatureView or on served traffic needs: its input and its Job's
+/// outcome. Nothing is looked up once the job's status says its sets are built, or when it reads ready-made
+/// sets.
 async fn training_set(ctx: &Context, job: &TrainingJob) -> Result<DatasetObservation, Error> {
     let status = job.status.clone().unwrap_or_default();
     let finished = matches!(
@@ -109,20 +110,14 @@ async fn training_set(ctx: &Context, job: &TrainingJob) -> Result<DatasetObserva
         .conditions
         .iter()
         .any(|c| c.type_ == dataset::CONDITION_DATASET_BUILT && c.status == "True");
-    let Some(data) = job
-        .spec
-        .data
-        .feature_view
-        .as_ref()
-        .filter(|_| !finished && !built)
-    else {
+    if finished || built || job.spec.data.dataset.is_some() {
         return Ok(DatasetObservation::NotNeeded);
+    }
+    let input = match dataset_input(ctx, job).await? {
+        Ok(input) => input,
+        Err(missing) => return Ok(missing),
     };
     let namespace = job.namespace().unwrap_or_default();
-    let views: Api<FeatureView> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(view) = views.get_opt(&data.name).await? else {
-        return Ok(DatasetObservation::ViewMissing);
-    };
     let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = dataset::job_name(&job.name_any());
     let outcome = match jobs.get_opt(&name).await? {
@@ -147,10 +142,90 @@ async fn training_set(ctx: &Context, job: &TrainingJob) -> Result<DatasetObserva
         }
         None => None,
     };
-    Ok(DatasetObservation::View {
-        view: Box::new(view),
+    Ok(DatasetObservation::Found {
+        input,
         job: outcome,
     })
+}
+
+fn missing(reason: &str, message: String) -> DatasetObservation {
+    DatasetObservation::Missing {
+        reason: reason.to_owned(),
+        message,
+    }
+}
+
+/// The FeatureView, or the Rollout's traffic log and served model; what is missing, as an observation.
+async fn dataset_input(
+    ctx: &Context,
+    job: &TrainingJob,
+) -> Result<Result<DatasetInput, DatasetObservation>, Error> {
+    let namespace = job.namespace().unwrap_or_default();
+    if let Some(data) = &job.spec.data.feature_view {
+        let views: Api<FeatureView> = Api::namespaced(ctx.client.clone(), &namespace);
+        return Ok(match views.get_opt(&data.name).await? {
+            Some(view) => Ok(DatasetInput::View(Box::new(view))),
+            None => Err(missing(
+                "FeatureViewMissing",
+                format!(
+                    "waiting for FeatureView `{}` (spec.data.featureView.name)",
+                    data.name
+                ),
+            )),
+        });
+    }
+    let Some(data) = &job.spec.data.served_traffic else {
+        return Ok(Err(DatasetObservation::NotNeeded));
+    };
+    let rollouts: Api<Rollout> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(rollout) = rollouts.get_opt(&data.rollout).await? else {
+        return Ok(Err(missing(
+            "RolloutMissing",
+            format!(
+                "waiting for Rollout `{}` (spec.data.servedTraffic.rollout)",
+                data.rollout
+            ),
+        )));
+    };
+    let Some(log) = rollout
+        .spec
+        .feedback
+        .as_ref()
+        .and_then(|f| f.traffic_log.as_ref())
+    else {
+        return Ok(Err(missing(
+            "TrafficNotLogged",
+            format!(
+                "Rollout `{}` logs no traffic: set its spec.feedback.trafficLog",
+                data.rollout
+            ),
+        )));
+    };
+    let Some(stable) = rollout
+        .status
+        .as_ref()
+        .and_then(|s| s.stable_version.clone())
+    else {
+        return Ok(Err(missing(
+            "NothingServed",
+            format!("Rollout `{}` serves no version yet", data.rollout),
+        )));
+    };
+    let versions: Api<ModelVersion> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(version) = versions.get_opt(&stable).await? else {
+        return Ok(Err(missing(
+            "NothingServed",
+            format!(
+                "ModelVersion `{stable}`, which Rollout `{}` serves, does not exist",
+                data.rollout
+            ),
+        )));
+    };
+    Ok(Ok(DatasetInput::Traffic(ServedTraffic {
+        log: log.uri.clone(),
+        model_uri: version.spec.artifact.uri.clone(),
+        model_sha256: version.spec.artifact.sha256.clone(),
+    })))
 }
 
 /// Registers the produced ModelVersion. Its name is the job's; when a ModelVersion of that name exists from

@@ -16,8 +16,8 @@ use flywheel_crds::modelversion::{
     Artifact, ArtifactFormat, Lineage, ModelVersionSpec, OfflineMetrics,
 };
 use flywheel_crds::trainingjob::{
-    ConvergenceStatus, FeatureViewData, QueueStatus, ReplicaStatus, TrainingJobStatus,
-    TrainingPhase, TrainingProgress,
+    ConvergenceStatus, QueueStatus, ReplicaStatus, TrainingJobStatus, TrainingPhase,
+    TrainingProgress,
 };
 use jiff::Timestamp;
 use k8s_openapi::api::batch::v1::Job;
@@ -49,7 +49,7 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 /// How soon to look again while pods of an older attempt terminate.
 const TERMINATION_POLL: Duration = Duration::from_secs(2);
 /// How often a job looks again for the FeatureView it names.
-const MISSING_VIEW_RETRY: Duration = Duration::from_secs(30);
+const MISSING_INPUT_RETRY: Duration = Duration::from_secs(30);
 
 /// The ModelVersion a job warm-starts from, as far as the operator knows.
 #[derive(Debug, Clone, PartialEq)]
@@ -411,9 +411,7 @@ fn advance(b: &mut Builder<'_, '_>) {
         );
         return;
     }
-    if let Some(data) = &job.spec.data.feature_view
-        && !training_set_built(b, data, &paths)
-    {
+    if job.spec.data.dataset.is_none() && !training_set_built(b, &paths) {
         return;
     }
     match admission(observed) {
@@ -506,20 +504,11 @@ fn advance(b: &mut Builder<'_, '_>) {
     run_gang(b, &paths, warm_start);
 }
 
-/// The training-set step of a job on a FeatureView ([`dataset`]); true once its sets are built.
-fn training_set_built(
-    b: &mut Builder<'_, '_>,
-    data: &FeatureViewData,
-    paths: &gang::Paths,
-) -> bool {
+/// The training-set step of a job on a FeatureView or on served traffic ([`dataset`]); true once its sets are
+/// built.
+fn training_set_built(b: &mut Builder<'_, '_>, paths: &gang::Paths) -> bool {
     let observed = b.observed;
-    let step = match dataset::step(
-        observed.job,
-        data,
-        paths,
-        observed.settings,
-        &observed.dataset,
-    ) {
+    let step = match dataset::step(observed.job, paths, observed.settings, &observed.dataset) {
         Ok(step) => step,
         Err(err) => {
             b.fail(
@@ -529,15 +518,15 @@ fn training_set_built(
             return false;
         }
     };
+    let source = dataset::source(observed.job);
     let building = format!(
-        "Job {} builds the training and evaluation sets from FeatureView {}",
+        "Job {} builds the training and evaluation sets from {source}",
         dataset::job_name(&observed.job.name_any()),
-        data.name
     );
     let (reason, message) = match step {
         DatasetStep::Built { summary } => {
             if let Some(summary) = summary {
-                let message = format!("from FeatureView {}: {summary}", data.name);
+                let message = format!("from {source}: {summary}");
                 b.event(false, "DatasetBuilt", "BuildDataset", message.clone());
                 b.set(
                     CONDITION_DATASET_BUILT,
@@ -561,24 +550,18 @@ fn training_set_built(
         DatasetStep::Start(job) => {
             b.event(false, "BuildingDataset", "BuildDataset", building.clone());
             b.dataset_job = Some(*job);
-            ("Building", building)
+            ("Building".to_owned(), building)
         }
-        DatasetStep::Building => ("Building", building),
-        DatasetStep::WaitingForView => {
-            b.requeue = Some(MISSING_VIEW_RETRY);
-            (
-                "FeatureViewMissing",
-                format!(
-                    "waiting for FeatureView `{}` (spec.data.featureView.name)",
-                    data.name
-                ),
-            )
+        DatasetStep::Building => ("Building".to_owned(), building),
+        DatasetStep::Waiting { reason, message } => {
+            b.requeue = Some(MISSING_INPUT_RETRY);
+            (reason, message)
         }
     };
     b.set(
         CONDITION_DATASET_BUILT,
         ConditionStatus::False,
-        reason,
+        &reason,
         message.clone(),
     );
     // No GPU is held while the data is built: the job waits before admission.
@@ -914,13 +897,13 @@ fn succeed(b: &mut Builder<'_, '_>, result: &ChiefResult, warm_start: Option<(&s
                     .feature_view
                     .as_ref()
                     .map(|v| v.schema_hash.clone()),
-                data_range: job
+                served_traffic: job
                     .spec
                     .data
-                    .feature_view
+                    .served_traffic
                     .as_ref()
-                    .and_then(|v| dataset::ranges(job, v))
-                    .map(|(train, _)| train),
+                    .map(|traffic| traffic.rollout.clone()),
+                data_range: dataset::ranges(job).map(|(train, _)| train),
                 seed: Some(job.spec.seed),
                 code_version: Some(
                     job.spec

@@ -1,7 +1,10 @@
 //! Plan tests: every phase transition of a TrainingJob, without a server.
 
+use flywheel_crds::common::Duration;
 use flywheel_crds::gpuquota::{GPUQuotaStatus, JobRef};
-use flywheel_crds::trainingjob::{DatasetUris, TrainingData, TrainingJobStatus, TrainingPhase};
+use flywheel_crds::trainingjob::{
+    DatasetUris, EventRange, ServedTrafficData, TrainingData, TrainingJobStatus, TrainingPhase,
+};
 use flywheel_crds::{FeatureView, GPUQuota, TrainingJob};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{
@@ -11,7 +14,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
-use super::dataset::DatasetObservation;
+use super::dataset::{DatasetInput, DatasetObservation};
 use super::gang::{self, LABEL_ATTEMPT, Paths, TrainerSettings};
 use super::plan::{Observed, TrainingPlan, WarmStart, chief_result, plan};
 use crate::batch_job::Outcome;
@@ -30,6 +33,7 @@ fn ps_job() -> TrainingJob {
     ));
     job.spec.data = TrainingData {
         feature_view: None,
+        served_traffic: None,
         dataset: Some(DatasetUris {
             train: "file:///data/ctr/train.parquet".into(),
             eval: "file:///data/ctr/eval.parquet".into(),
@@ -521,6 +525,84 @@ fn the_model_version_records_the_feature_view_its_training_set_came_from() {
     assert_eq!(lineage.feature_view_schema_hash, Some(hash));
 }
 
+fn traffic_job() -> TrainingJob {
+    let mut job = ps_job();
+    job.spec.data = TrainingData {
+        feature_view: None,
+        served_traffic: Some(ServedTrafficData {
+            rollout: "ctr".into(),
+            click_window: None,
+            train_range: EventRange {
+                start: None,
+                end: None,
+                last: Some(Duration::from("7d")),
+            },
+            eval_range: EventRange {
+                start: None,
+                end: None,
+                last: Some(Duration::from("1d")),
+            },
+        }),
+        dataset: None,
+    };
+    job
+}
+
+#[test]
+fn a_job_on_served_traffic_waits_until_the_rollout_logs_it() {
+    let settings = TrainerSettings::default();
+    let job = traffic_job();
+    let missing = DatasetObservation::Missing {
+        reason: "TrafficNotLogged".into(),
+        message: "Rollout `ctr` logs no traffic: set its spec.feedback.trafficLog".into(),
+    };
+    let decided = observe_dataset(&job, &[], None, &settings, missing);
+    let status = &decided.plan.status;
+    assert_eq!(status.phase, Some(TrainingPhase::Queued));
+    let built = flywheel_crds::common::find_condition(&status.conditions, "DatasetBuilt")
+        .unwrap_or_else(|| panic!("no DatasetBuilt condition"));
+    assert_eq!(
+        (built.status.as_str(), built.reason.as_str()),
+        ("False", "TrafficNotLogged")
+    );
+    assert!(
+        built.message.contains("spec.feedback.trafficLog"),
+        "{}",
+        built.message
+    );
+    assert!(decided.dataset_job.is_none() && decided.create_pods.is_empty());
+}
+
+#[test]
+fn the_model_version_of_a_job_on_served_traffic_names_the_rollout_and_the_range() {
+    let job = with_status(
+        traffic_job(),
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            ..TrainingJobStatus::default()
+        },
+    );
+    let mut pods = gang_pods(&job, 0, "Running");
+    for pod in pods.iter_mut().filter(|p| p.name_any().contains("worker")) {
+        let chief = pod.name_any().ends_with("worker-0");
+        terminate(pod, "Succeeded", 0, if chief { RESULT } else { "{}" });
+    }
+    let decided = observe(&job, &pods, None, &TrainerSettings::default());
+    let lineage = decided
+        .model_version
+        .map(|version| version.spec.lineage)
+        .unwrap_or_default();
+    assert_eq!(lineage.served_traffic.as_deref(), Some("ctr"));
+    let range = lineage
+        .data_range
+        .unwrap_or_else(|| panic!("no data range"));
+    assert_eq!(
+        range.end.0.as_second() - range.start.0.as_second(),
+        7 * 86_400,
+        "the last 7 days before the evaluation day"
+    );
+}
+
 #[test]
 fn a_failed_member_restarts_the_whole_gang_as_a_new_attempt() {
     let settings = TrainerSettings::default();
@@ -702,10 +784,10 @@ fn view_job() -> TrainingJob {
     job
 }
 
-fn view() -> Box<FeatureView> {
+fn view() -> DatasetInput {
     let mut view: FeatureView = load("featureview.yaml", 1);
     view.metadata.namespace = Some("team".into());
-    Box::new(view)
+    DatasetInput::View(Box::new(view))
 }
 
 #[test]
@@ -717,8 +799,8 @@ fn a_job_on_a_feature_view_builds_its_training_set_before_admission() {
         &[],
         None,
         &settings,
-        DatasetObservation::View {
-            view: view(),
+        DatasetObservation::Found {
+            input: view(),
             job: None,
         },
     );
@@ -753,8 +835,8 @@ fn a_job_on_a_feature_view_builds_its_training_set_before_admission() {
         &[],
         None,
         &settings,
-        DatasetObservation::View {
-            view: view(),
+        DatasetObservation::Found {
+            input: view(),
             job: Some(Outcome::Succeeded {
                 finished: Timestamp::UNIX_EPOCH,
                 message: Some(r#"{"trainRows":900,"evalRows":100,"features":4}"#.into()),
@@ -798,8 +880,8 @@ fn a_failed_training_set_fails_the_job_with_the_builders_reason() {
         &[],
         None,
         &settings,
-        DatasetObservation::View {
-            view: view(),
+        DatasetObservation::Found {
+            input: view(),
             job: Some(Outcome::Failed {
                 message: Some(
                     r#"{"event":"failed","error":"/e: no label column `clicked` (spec.data.featureView.label); it has user_id"}"#
@@ -823,7 +905,11 @@ fn a_failed_training_set_fails_the_job_with_the_builders_reason() {
 fn a_job_waits_for_the_feature_view_it_names() {
     let settings = TrainerSettings::default();
     let job = view_job();
-    let decided = observe_dataset(&job, &[], None, &settings, DatasetObservation::ViewMissing);
+    let missing = DatasetObservation::Missing {
+        reason: "FeatureViewMissing".into(),
+        message: "waiting for FeatureView `ctr-events` (spec.data.featureView.name)".into(),
+    };
+    let decided = observe_dataset(&job, &[], None, &settings, missing);
     let status = &decided.plan.status;
     assert_eq!(status.phase, Some(TrainingPhase::Queued));
     assert_eq!(
