@@ -3,7 +3,8 @@
 //! answers through the Rollout's Service, the model read from the claim the gang wrote it to. The next
 //! TrainingJobs state gates against the version holding `production`, and the versions they create are
 //! validated or rejected by them. With three serving replicas and a clicks topic, every label reaches the
-//! replica that served its prediction.
+//! replica that served its prediction; the Rollout's traffic log writes what was served, and a TrainingJob on
+//! that served traffic trains the next model.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -56,7 +57,7 @@ fn job(name: &str, topology: Value) -> Value {
 async fn a_trained_model_is_served_from_containers_through_the_rollouts_router() -> TestResult {
     let cluster = on_node::operator(&[]).await?;
     let client = cluster.client().await?;
-    let (namespace, _) = namespace_with_storage(cluster, &client, "serve-node").await?;
+    let (namespace, volume) = namespace_with_storage(cluster, &client, "serve-node").await?;
     generate_training_data(&client, &namespace, 20_000).await?;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &namespace);
     jobs.create(
@@ -251,13 +252,18 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
     std::fs::create_dir_all(&staging)?;
     let broker = Broker::start_on(&staging, NODE_IP).await?;
     broker.create_topic("clicks")?;
+    broker.create_topic("predictions")?;
     rollouts
         .patch(
             "ctr",
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {
                 "serving": {"replicas": 3},
-                "feedback": {"brokers": [broker.address], "clicksTopic": "clicks"},
+                "feedback": {
+                    "brokers": [broker.address], "clicksTopic": "clicks",
+                    "predictionLogTopic": "predictions",
+                    "trafficLog": {"uri": format!("file://{STORAGE}/traffic"), "flushInterval": "2s"},
+                },
             }})),
         )
         .await?;
@@ -316,8 +322,19 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
         }
         counts
     };
-    let labeled = 30;
+    let labeled = 90;
+    // Range bounds are whole seconds (metav1.Time): the split is the next second, passed before the second half.
+    let whole_second = |offset: i64| {
+        jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + offset)
+            .map_err(|e| e.to_string())
+    };
+    let served_from = whole_second(0)?;
+    let mut split = served_from;
     for i in 0..labeled {
+        if i == labeled / 2 {
+            split = whole_second(1)?;
+            tokio::time::sleep(Duration::from_millis(1_200)).await;
+        }
         let id = format!("fb-{i}");
         let body = rest_body(Some(&id), &rows[i % rows.len()..i % rows.len() + 1])
             .to_string()
@@ -357,7 +374,118 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
     })
     .await?;
     eprintln!("(matched, unmatched) clicks per replica, probes included: {after:?}");
+    next_model_from_served_traffic(
+        &client,
+        &namespace,
+        &volume,
+        (served_from, split),
+        |body| {
+            let http = http.clone();
+            async move {
+                http.send_to(
+                    "POST",
+                    SocketAddr::from((cluster_ip, 8080)),
+                    "/v2/models/ctr/infer",
+                    Some(body),
+                    &[("x-user-id", "late")],
+                )
+                .await
+                .map(|(code, _)| code)
+                .map_err(|e| e.to_string())
+            }
+        },
+        rest_body(Some("late"), &rows[..1]).to_string().into_bytes(),
+    )
+    .await
+}
+
+/// Predictions are labeled by the clicks that arrive within this long.
+const CLICK_WINDOW: Duration = Duration::from_secs(5);
+
+/// The Rollout's traffic log holds every prediction served since `served_from`; a TrainingJob on the Rollout's
+/// served traffic trains on the first half (before `split`) and evaluates on the second, and its ModelVersion
+/// names the Rollout. A last prediction, sent once the others' click windows closed, ends the log.
+async fn next_model_from_served_traffic<F, Fut>(
+    client: &Client,
+    namespace: &str,
+    volume: &std::path::Path,
+    (served_from, split): (jiff::Timestamp, jiff::Timestamp),
+    infer: F,
+    late_body: Vec<u8>,
+) -> TestResult
+where
+    F: Fn(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<u16, String>>,
+{
+    tokio::time::sleep(CLICK_WINDOW + Duration::from_secs(1)).await;
+    assert_eq!(infer(late_body).await?, 200);
+    let logged = volume.join("traffic").join("predictions");
+    until(
+        "the traffic log's sink to write every prediction",
+        SETTLE,
+        || {
+            let logged = logged.clone();
+            async move {
+                let rows = logged_rows(&logged);
+                (rows >= 91)
+                    .then_some(())
+                    .ok_or(format!("{rows} predictions in {}", logged.display()))
+            }
+        },
+    )
+    .await?;
+    let end = jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + 3_600)?;
+    let mut spec = job("ctr-traffic", json!({"single": {}}));
+    spec["spec"]["data"] = json!({"servedTraffic": {
+        "rollout": "ctr",
+        "clickWindow": format!("{}s", CLICK_WINDOW.as_secs()),
+        "trainRange": {"start": served_from.to_string(), "end": split.to_string()},
+        "evalRange": {"start": split.to_string(), "end": end.to_string()},
+    }});
+    spec["spec"]["epochs"] = json!(3);
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), namespace);
+    jobs.create(&PostParams::default(), &serde_json::from_value(spec)?)
+        .await?;
+    let done = job_until(
+        client,
+        namespace,
+        "ctr-traffic",
+        "to finish",
+        TRAINING,
+        finished,
+    )
+    .await?;
+    let status = done.status.unwrap_or_default();
+    assert_eq!(status.phase, Some(TrainingPhase::Succeeded), "{status:?}");
+    let built = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "DatasetBuilt")
+        .ok_or("no DatasetBuilt condition")?;
+    assert_eq!(
+        built.message,
+        "from Rollout ctr's served traffic: 45 training and 45 evaluation rows, 9 model features",
+        "one row per served prediction; `late` waits for its click window"
+    );
+    let versions: Api<ModelVersion> = Api::namespaced(client.clone(), namespace);
+    let version = versions.get("ctr-traffic").await?;
+    assert_eq!(version.spec.lineage.served_traffic.as_deref(), Some("ctr"));
+    assert_eq!(
+        version.spec.lineage.data_range.map(|r| r.end.0),
+        Some(split)
+    );
     Ok(())
+}
+
+/// Rows of every Parquet part under `dir` (none while it does not exist).
+fn logged_rows(dir: &std::path::Path) -> usize {
+    flywheel_features::table::parquet_files(dir)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|file| flywheel_features::table::read_batches(file).ok())
+        .flatten()
+        .map(|batch| batch.num_rows())
+        .sum()
 }
 
 /// The IPs of the Rollout's serving pods once exactly three run, Ready, with the clicks topic.
