@@ -7,7 +7,8 @@
 # point-in-time training set built from it, a Rollout serving the trained model behind the built-in router under
 # generated labeled traffic with a real Prometheus evaluating the chart's alert rules: a second model walks
 # 1 → 5 → 20 → 100% and becomes stable, and a model trained on the wrong data is rolled back by its online-AUC
-# alert. Ends with `kubectl get flywheel`.
+# alert. The Rollout logs what it serves through a Kafka-protocol broker, and a last TrainingJob trains the next
+# model on that served traffic. Ends with `kubectl get flywheel`.
 #   scripts/demo.sh          run and tear down
 #   scripts/demo.sh --keep   leave it running and print how to reach it
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -71,11 +72,11 @@ python3 e2e/scripts/helm.py install flywheel charts/flywheel flywheel-system "$k
 "$kubectl" -n flywheel-system get pods -o wide
 echo "leader: $("$kubectl" -n flywheel-system get lease flywheel-operator -o jsonpath='{.spec.holderIdentity}')"
 
-step "applying examples/ (the example Rollout and parameter-server TrainingJob are left out: their model and data are"
-echo "not on this machine; the demo's own below train on generated data and serve what they trained)"
+step "applying examples/ (the example Rollout and the TrainingJobs on its data are left out: their model and data"
+echo "are not on this machine; the demo's own below train on generated data and serve what they trained)"
 for manifest in examples/*.yaml; do
   case "$manifest" in
-    examples/rollout.yaml | examples/trainingjob-ps.yaml) ;;
+    examples/rollout.yaml | examples/trainingjob-ps.yaml | examples/trainingjob-traffic.yaml) ;;
     *) "$kubectl" apply -f "$manifest" ;;
   esac
 done
@@ -212,7 +213,21 @@ sed -e 's/for: 2m/for: 5s/' -e 's/canary > 0.01$/canary > 0.15/' -e 's/canary > 
 # PodMonitor select them.
 prometheus="$(e2e/scripts/start-prometheus.sh "$state" "$node_ip" "$state/serving-rules.yaml" | tail -n 1)"
 
-step "Rollout ctr: serving ctr-demo behind the router"
+step "a Kafka-protocol broker (tansu) for the clicks and the prediction log"
+# Like Redis, it stands outside the cluster; pods reach it on the node's address.
+kafka="$node_ip:$(free_port)"
+"$FLYWHEEL_CACHE/tansu/bin/tansu" broker --listener-url "tcp://$kafka" --advertised-listener-url "tcp://$kafka" \
+  --storage-engine memory://tansu/ >"$state/tansu.log" 2>&1 &
+echo $! >>"$state/pids"
+for _ in $(seq 1 30); do
+  (exec 3<>"/dev/tcp/${kafka%:*}/${kafka#*:}") 2>/dev/null && break
+  sleep 1
+done
+for topic in ctr-clicks ctr-predictions; do
+  "$FLYWHEEL_CACHE/tansu/bin/tansu" topic create --broker "tcp://$kafka" --partitions 1 "$topic"
+done
+
+step "Rollout ctr: serving ctr-demo behind the router; every prediction logged, the traffic written to the volume"
 rollout_manifest() { # MODEL_VERSION
   "$kubectl" apply -f - <<EOT
 apiVersion: flywheel.dev/v1alpha1
@@ -245,6 +260,11 @@ spec:
   alerts: [FlywheelOnlineAUCDropCritical]
   traffic:
     router: {stickyHeader: x-user-id}
+  feedback:
+    brokers: ["$kafka"]
+    clicksTopic: ctr-clicks
+    predictionLogTopic: ctr-predictions
+    trafficLog: {uri: "file://$mnt/traffic/ctr", flushInterval: 5s}
 EOT
 }
 # The state a rollout settles in: PHASE [STABLE] [SECONDS].
@@ -273,11 +293,9 @@ targets = json.load(sys.stdin)["data"]["activeTargets"]
 print(", ".join(sorted(t["labels"].get("pod", "?") + " (" + t["labels"]["job"] + ")" for t in targets)))')"
 endpoint="$("$kubectl" get service ctr -o jsonpath='{.spec.clusterIP}')"
 
-step "generated labeled traffic to the Rollout's Service (users sticky by x-user-id; clicks fed back)"
-# Labels need the Rollout's feedback token, from the Secret the operator created for it.
-"$kubectl" get secret ctr-credentials -o jsonpath='{.data.feedback-token}' | base64 -d >"$state/feedback-token"
+step "generated labeled traffic to the Rollout's Service (users sticky by x-user-id; clicks on the Kafka topic)"
 "$FLYWHEEL_BIN_DIR/flywheel-traffic" --url "http://$endpoint:8080" --model ctr --concurrency 8 \
-  --feedback-token-file "$state/feedback-token" >"$state/traffic.log" 2>&1 &
+  --kafka-brokers "$kafka" --clicks-topic ctr-clicks >"$state/traffic.log" 2>&1 &
 traffic=$!
 echo $traffic >>"$state/pids"
 sleep 5
@@ -312,7 +330,33 @@ curl -fsS "$prometheus/api/v1/query" \
   | python3 -c 'import json,sys; [print("  ", r["metric"].get("version"), round(float(r["value"][1]), 4)) for r in json.load(sys.stdin)["data"]["result"]]'
 sleep 5
 tail -n 2 "$state/traffic.log"
+
+step "the wheel turns: the next model trains on what the Rollout served (its traffic log on the volume)"
+"$kubectl" get deployment ctr-traffic-log
+echo "traffic log: $(find "$storage/traffic/ctr/predictions" -name '*.parquet' | wc -l) prediction parts, $(find "$storage/traffic/ctr/clicks" -name '*.parquet' | wc -l) click parts"
+"$kubectl" apply -f - <<EOT
+apiVersion: flywheel.dev/v1alpha1
+kind: TrainingJob
+metadata:
+  name: ctr-next
+spec:
+  data:
+    servedTraffic: {rollout: ctr, clickWindow: 10s, trainRange: {last: 3m}, evalRange: {last: 30s}}
+  model: {name: ctr, architecture: deepfm, embeddingDim: 8, hiddenLayers: [64, 32]}
+  optimizer: {kind: adagrad, learningRate: 0.002, sparseLearningRate: 0.05}
+  epochs: 2
+  batchSize: 512
+  topology: {single: {}}
+  queue: ranking-team
+  output: {artifactUri: "file://$mnt/models/"}
+  validation:
+    gates:
+      - {metric: auc, min: 0.6}
+EOT
+"$kubectl" wait --for condition=Ready --timeout=600s trainingjob/ctr-next
 kill "$traffic" 2>/dev/null || true
+echo "$("$kubectl" get trainingjob ctr-next -o jsonpath='{.status.conditions[?(@.type=="DatasetBuilt")].message}')"
+"$kubectl" get modelversion ctr-next -o custom-columns='NAME:.metadata.name,PHASE:.status.phase,AUC:.spec.metrics.auc,SERVED TRAFFIC OF:.spec.lineage.servedTraffic,FROM:.spec.lineage.dataRange.start,TO:.spec.lineage.dataRange.end'
 
 step "kubectl get flywheel"
 "$kubectl" get flywheel -o wide

@@ -22,6 +22,7 @@ use flywheel_e2e::training_jobs::{finished, job_until};
 use flywheel_e2e::wait::until;
 use flywheel_ml::synthetic::{SyntheticConfig, generate};
 use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -105,6 +106,38 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
         }
     })
     .await?;
+
+    // The Rollout's NetworkPolicy covers all its pods; only its router, the operator and scrapers reach the
+    // admin port (the node's bridge plugin does not enforce it; the selectors are what a real plugin reads).
+    let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &namespace);
+    let policy = until("the Rollout's NetworkPolicy", SETTLE, || {
+        let policies = policies.clone();
+        async move {
+            policies
+                .get_opt("ctr-network")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "not yet".to_owned())
+        }
+    })
+    .await?;
+    let spec = policy.spec.unwrap_or_default();
+    assert_eq!(
+        spec.pod_selector
+            .and_then(|s| s.match_labels)
+            .unwrap_or_default()
+            .get("flywheel.dev/rollout")
+            .map(String::as_str),
+        Some("ctr")
+    );
+    let admin_sources = spec
+        .ingress
+        .unwrap_or_default()
+        .into_iter()
+        .find(|rule| rule.from.is_some())
+        .and_then(|rule| rule.from)
+        .unwrap_or_default();
+    assert_eq!(admin_sources.len(), 4, "{admin_sources:?}");
 
     // Clients call the Rollout's Service: kube-proxy sends them to the router pod, which forwards to the
     // serving pod by its Service's DNS name; the model was read from the claim, mounted read-only.

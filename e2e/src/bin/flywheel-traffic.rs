@@ -1,15 +1,17 @@
 //! Labeled inference traffic for the demo: replays the eval impressions of `flywheel-trainer generate` (the same
 //! seed and sizes regenerate the same rows) against a model endpoint (the Rollout's router) as single-row
-//! Open Inference Protocol requests, each keyed by its user in the sticky header, and feeds each one's drawn
-//! click back (`POST /v1/feedback`, same key, so the label reaches the version that scored it). Prints, every
-//! few seconds, how many requests each model version answered.
+//! Open Inference Protocol requests, each keyed by its user in the sticky header, and feeds back a click drawn
+//! from the impression's true probability (`POST /v1/feedback`, same key, so the label reaches the version
+//! that scored it). Prints, every few seconds, how many requests each model version answered.
 //!
 //! Usage: `flywheel-traffic --url http://ADDRESS:8080 --model NAME [--seed 42] [--rows 100000] [--users 2000]
 //! [--items 400] [--eval-fraction 0.2] [--rate PER_SECOND] [--concurrency 8] [--duration SECONDS]
-//! [--sticky-header x-user-id] [--report-every SECONDS] [--feedback-token-file FILE]`
+//! [--sticky-header x-user-id] [--report-every SECONDS] [--feedback-token-file FILE]
+//! [--kafka-brokers HOST:PORT --clicks-topic TOPIC]`
 //!
 //! The feedback token is the Rollout's (`kubectl get secret <rollout>-credentials`, key `feedback-token`):
-//! serving pods refuse labels without it.
+//! serving pods refuse labels without it. With `--clicks-topic` the clicks go to that Kafka topic instead, as
+//! an application's click stream would (the Rollout's `spec.feedback.clicksTopic`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +26,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
 struct Options {
@@ -41,6 +47,8 @@ struct Options {
     report_every: Duration,
     /// `Authorization` of feedback calls.
     feedback_authorization: Option<String>,
+    kafka_brokers: Option<String>,
+    clicks_topic: Option<String>,
 }
 
 fn parse_options(args: impl IntoIterator<Item = String>) -> anyhow::Result<Options> {
@@ -58,6 +66,8 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> anyhow::Result<Optio
         sticky_header: "x-user-id".to_owned(),
         report_every: Duration::from_secs(5),
         feedback_authorization: None,
+        kafka_brokers: None,
+        clicks_topic: None,
     };
     let mut args = args.into_iter();
     while let Some(flag) = args.next() {
@@ -88,6 +98,8 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> anyhow::Result<Optio
                     .with_context(|| format!("--feedback-token-file {value}"))?;
                 options.feedback_authorization = Some(format!("Bearer {}", token.trim()));
             }
+            "--kafka-brokers" => options.kafka_brokers = Some(value.clone()),
+            "--clicks-topic" => options.clicks_topic = Some(value.clone()),
             "--report-every" => {
                 options.report_every = Duration::from_secs_f64(number("--report-every")?)
             }
@@ -96,6 +108,9 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> anyhow::Result<Optio
     }
     if options.url.is_empty() || options.model.is_empty() {
         bail!("--url and --model are required");
+    }
+    if options.kafka_brokers.is_some() != options.clicks_topic.is_some() {
+        bail!("--kafka-brokers and --clicks-topic go together");
     }
     if options.eval_fraction >= 1.0 {
         bail!("--eval-fraction must be below 1");
@@ -157,6 +172,8 @@ impl Tally {
 
 struct Sender {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// Clicks go to Kafka when set; to `/v1/feedback` otherwise.
+    clicks: Option<(FutureProducer, String)>,
     options: Options,
 }
 
@@ -199,7 +216,12 @@ impl Sender {
     }
 
     /// Scores one impression and feeds its click back; the version that answered.
-    async fn impression(&self, id: &str, impression: &Impression) -> Result<String, String> {
+    async fn impression(
+        &self,
+        id: &str,
+        impression: &Impression,
+        clicked: bool,
+    ) -> Result<String, String> {
         let key = impression.user_id.to_string();
         let path = format!("/v2/models/{}/infer", self.options.model);
         let answer = self
@@ -211,13 +233,28 @@ impl Sender {
             )
             .await?;
         let version = answer["model_version"].as_str().unwrap_or("?").to_owned();
-        self.post(
-            "/v1/feedback",
-            &json!({"requestId": id, "clicked": impression.clicked}),
-            &key,
-            self.options.feedback_authorization.as_deref(),
-        )
-        .await?;
+        let click = json!({"requestId": id, "clicked": clicked});
+        match &self.clicks {
+            Some((producer, topic)) => {
+                let payload = click.to_string();
+                producer
+                    .send(
+                        FutureRecord::to(topic).payload(&payload).key(&key),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map_err(|(error, _)| format!("{topic}: {error}"))?;
+            }
+            None => {
+                self.post(
+                    "/v1/feedback",
+                    &click,
+                    &key,
+                    self.options.feedback_authorization.as_deref(),
+                )
+                .await?;
+            }
+        }
         Ok(version)
     }
 }
@@ -252,17 +289,30 @@ async fn main() -> anyhow::Result<()> {
     connector.set_nodelay(true);
     let concurrency = options.concurrency.max(1);
     let (rate, duration, report_every) = (options.rate, options.duration, options.report_every);
+    let clicks = match (&options.kafka_brokers, &options.clicks_topic) {
+        (Some(brokers), Some(topic)) => Some((
+            ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .create::<FutureProducer>()
+                .context("the Kafka producer")?,
+            topic.clone(),
+        )),
+        _ => None,
+    };
     let sender = Arc::new(Sender {
         client: Client::builder(TokioExecutor::new()).build(connector),
+        clicks,
         options,
     });
     let tally = Arc::new(Tally::default());
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
+    let seed = sender.options.seed;
     let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
+        .map(|worker| {
             let (sender, tally, next, eval) =
                 (sender.clone(), tally.clone(), next.clone(), eval.clone());
+            let mut draws = ChaCha8Rng::seed_from_u64(seed.wrapping_add(worker as u64));
             tokio::spawn(async move {
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);
@@ -274,7 +324,13 @@ async fn main() -> anyhow::Result<()> {
                         return;
                     }
                     let impression = &eval[n % eval.len()];
-                    match sender.impression(&format!("r{n}"), impression).await {
+                    // A fresh draw from the impression's true probability: a replayed impression is a new
+                    // visit, so a model trained on the logged traffic cannot learn the replay's labels by heart.
+                    let clicked = draws.random::<f64>() < impression.true_probability;
+                    match sender
+                        .impression(&format!("r{n}"), impression, clicked)
+                        .await
+                    {
                         Ok(version) => tally.served(&version),
                         Err(error) => {
                             tally.failed(error);

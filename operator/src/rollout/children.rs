@@ -1,8 +1,9 @@
-//! What a Rollout owns, decided from its planned status: the route table (ConfigMap), a Deployment and a
-//! Service per served version, the router, the traffic log's sink, and the sweep of every owned workload the status no longer serves
-//! (a promoted rollout's old stable, an aborted canary, a router the spec dropped, or one created behind the
-//! operator's back). The sweep is level-triggered: it compares the cache of owned objects with the plan on
-//! every reconcile, so an orphan missed once is collected by the next.
+//! What a Rollout owns, decided from its planned status: the route table (ConfigMap), its NetworkPolicy, a
+//! Deployment and a Service per served version, the router, the traffic log's sink, and the sweep of every
+//! owned workload the status no longer serves (a promoted rollout's old stable, an aborted canary, a router or a
+//! sink the spec dropped, or one created behind the operator's back). The sweep is level-triggered: it compares
+//! the cache of owned objects with the plan on every reconcile, so an orphan missed once is collected by the
+//! next.
 
 use std::collections::BTreeSet;
 
@@ -11,6 +12,7 @@ use flywheel_crds::{ModelVersion, Rollout};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 
+use super::network;
 use super::online::{self, OnlineView};
 use super::traffic_log;
 use crate::config::ServingSettings;
@@ -82,6 +84,9 @@ pub fn plan(inputs: &Inputs<'_>, status: &RolloutStatus) -> Result<Children, ser
     children
         .apply
         .push(Child::of(&traffic::routes_config_map(rollout, &table)?)?);
+    children
+        .apply
+        .push(Child::of(&network::network_policy(rollout)?)?);
     let online_env = match inputs.online {
         OnlineView::Found(view) => online::environment(rollout, view),
         _ => None,

@@ -6,6 +6,7 @@
 pub mod analysis;
 pub mod children;
 pub mod health;
+pub mod network;
 pub mod observed;
 pub mod online;
 pub mod plan;
