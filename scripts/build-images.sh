@@ -71,6 +71,8 @@ for binary in "${binaries[@]}"; do
     -t "$registry/$binary:$version" "$context" >/dev/null
 done
 rm -rf "$context"
+# Every build leaves its binaries' layers in BuildKit's cache; a machine that rebuilds all day fills its disk.
+"$docker" builder prune --force --filter until=24h >/dev/null 2>&1 || true
 
 printf '%-52s %10s\n' IMAGE SIZE
 for binary in "${binaries[@]}"; do

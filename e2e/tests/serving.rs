@@ -419,6 +419,65 @@ async fn entity_features_come_from_the_online_store_when_the_request_lacks_them(
     Ok(())
 }
 
+/// A generated password may hold any character; it reaches Redis as it is (never spliced into a URL, where `@`,
+/// `/` or `#` would change the host or cut it short).
+#[tokio::test]
+async fn an_online_store_password_that_is_not_url_safe_still_authenticates() -> TestResult {
+    const PASSWORD: &str = "p@ss:w/rd#1%?é";
+    let dir = temp_dir("online-password");
+    let redis = Redis::start_with(&dir, &["--requirepass", PASSWORD]).await?;
+    let data = dataset(&dir.join("data"), 2_000, 29)?;
+    let artifact = train(&data.dir, &dir.join("v1"), 1)?;
+    let offline = offline_scores(&artifact, &data.dir)?;
+    let rows = &data.eval[..5];
+    for row in rows {
+        redis.command(&[
+            "--no-auth-warning",
+            "-a",
+            PASSWORD,
+            "HSET",
+            &format!("user:{}", row.user_id),
+            "age",
+            &row.age.to_string(),
+        ])?;
+    }
+    let server = serve_model(
+        &dir,
+        "serve",
+        "v1",
+        &artifact,
+        &[
+            "--online-store",
+            &format!("redis://127.0.0.1:{}", redis.port),
+            "--online-store-password",
+            PASSWORD,
+            "--online-features",
+            "age",
+            "--online-key-prefix",
+            "user:",
+        ],
+    )
+    .await?;
+    let mut body = rest_body(None, rows);
+    if let Some(inputs) = body["inputs"].as_array_mut() {
+        inputs.retain(|input| input["name"] != "age");
+    }
+    let (code, answer) = HttpClient::default()
+        .post(server.http, "/v2/models/ctr/infer", &body, &[])
+        .await?;
+    assert_eq!(code, 200, "{answer}");
+    let scores = scores_of(&answer);
+    assert_eq!(scores.len(), 5);
+    for (online, offline) in scores.iter().zip(&offline) {
+        assert!(
+            (online - offline).abs() <= 1e-6,
+            "{online} against {offline}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_input_gets_invalid_argument_naming_the_input_and_nothing_breaks() -> TestResult {
     let dir = temp_dir("bad-input");

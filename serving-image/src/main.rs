@@ -139,6 +139,9 @@ struct ServeArgs {
     /// Online store (Redis URL) to fill entity features a request does not carry.
     #[arg(long, env = "FLYWHEEL_ONLINE_STORE")]
     online_store: Option<String>,
+    /// The online store's password (from the view's Secret), kept out of the URL.
+    #[arg(long, env = "FLYWHEEL_REDIS_PASSWORD", hide_env_values = true)]
+    online_store_password: Option<String>,
     /// The request input whose value is the entity key.
     #[arg(long, env = "FLYWHEEL_ONLINE_ENTITY", default_value = "user_id")]
     online_entity: String,
@@ -253,6 +256,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             online::OnlineStore::connect(
                 online::OnlineSettings {
                     url: url.clone(),
+                    password: args.online_store_password.clone(),
                     prefix: args.online_key_prefix.clone(),
                     entity: args.online_entity.clone(),
                     features: args.online_features.clone(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_ml::schema::{FeatureSchema, ValueType};
+use redis::IntoConnectionInfo;
 use redis::aio::ConnectionManager;
 
 use crate::metrics::ServingMetrics;
@@ -32,6 +33,9 @@ pub enum OnlineError {
 
 pub struct OnlineSettings {
     pub url: String,
+    /// Set on the connection as it is, never spliced into the URL: a password holding `@`, `:` or `/` would
+    /// change its host.
+    pub password: Option<String>,
     pub prefix: String,
     pub entity: String,
     pub features: Vec<String>,
@@ -43,7 +47,15 @@ impl OnlineStore {
         settings: OnlineSettings,
         metrics: Arc<ServingMetrics>,
     ) -> Result<OnlineStore, OnlineError> {
-        let client = redis::Client::open(settings.url.as_str())?;
+        let mut connection_info = settings.url.as_str().into_connection_info()?;
+        if let Some(password) = &settings.password {
+            let with_password = connection_info
+                .redis_settings()
+                .clone()
+                .set_password(password);
+            connection_info = connection_info.set_redis_settings(with_password);
+        }
+        let client = redis::Client::open(connection_info)?;
         let connection = ConnectionManager::new(client).await?;
         Ok(OnlineStore {
             connection,

@@ -92,18 +92,13 @@ pub fn environment(rollout: &Rollout, view: &FeatureView) -> Option<Vec<Value>> 
         .map(|f| f.name.as_str())
         .collect();
     let mut env = Vec::new();
-    let store = match &redis.password_secret {
-        Some(secret) => {
-            env.push(json!({"name": "FLYWHEEL_REDIS_PASSWORD",
-                            "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}}));
-            // Kubernetes expands $(VAR) from the variables defined before it.
-            format!(
-                "redis://:$(FLYWHEEL_REDIS_PASSWORD)@{}/{}",
-                redis.address, redis.database
-            )
-        }
-        None => format!("redis://{}/{}", redis.address, redis.database),
-    };
+    // The password goes on its own: the server sets it on the connection, so no character of it can change the
+    // URL.
+    if let Some(secret) = &redis.password_secret {
+        env.push(json!({"name": "FLYWHEEL_REDIS_PASSWORD",
+                        "valueFrom": {"secretKeyRef": {"name": secret, "key": "password"}}}));
+    }
+    let store = format!("redis://{}/{}", redis.address, redis.database);
     env.push(json!({"name": "FLYWHEEL_ONLINE_STORE", "value": store}));
     env.push(json!({"name": "FLYWHEEL_ONLINE_KEY_PREFIX", "value": view.online_key_prefix()}));
     env.push(json!({"name": "FLYWHEEL_ONLINE_ENTITY", "value": input}));
@@ -171,10 +166,12 @@ mod tests {
                 .unwrap_or_default()
         };
         assert_eq!(env[0]["valueFrom"]["secretKeyRef"]["name"], "redis-auth");
+        let store = value("FLYWHEEL_ONLINE_STORE");
+        let store = store.as_str().unwrap_or_default();
+        assert!(store.starts_with("redis://"), "{store}");
         assert!(
-            value("FLYWHEEL_ONLINE_STORE")
-                .as_str()
-                .is_some_and(|s| s.starts_with("redis://:$(FLYWHEEL_REDIS_PASSWORD)@"))
+            !store.contains('@') && !store.contains("$("),
+            "the password never enters the URL: {store}"
         );
         assert_eq!(value("FLYWHEEL_ONLINE_KEY_PREFIX"), "ml/ctr-events:");
         assert_eq!(
