@@ -221,9 +221,13 @@ pub struct FeatureViewData {
     #[serde(default = "default_event_time")]
     #[schemars(length(min = 1, max = 63))]
     pub timestamp_field: String,
-    /// Label column of the events (e.g. `clicked`).
+    /// Label column of the events (e.g. `clicked`). With `sampleJoin`, `label_click` or `label_convert`: the
+    /// labels sample joining writes.
     #[schemars(length(min = 1, max = 63))]
     pub label: String,
+    /// The events are impressions without labels: label each by joining its clicks (and their conversions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_join: Option<SampleJoinData>,
     /// Events whose time falls in this range train the model: `start` and `end`, or `last` (e.g. `7d`): that
     /// long before the evaluation range starts.
     pub train_range: EventRange,
@@ -231,6 +235,55 @@ pub struct FeatureViewData {
     /// was created. It must start at or after the end of `trainRange`, so evaluation never sees the training
     /// period.
     pub eval_range: EventRange,
+}
+
+/// Impressions labeled by their clicks: `label_click` when a click with the impression's request id follows it
+/// within `clickWindow`, `label_convert` when one of those clicks is followed by a conversion with its click id
+/// within `conversionWindow`. A click counted twice never duplicates its impression.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SampleJoinData {
+    /// Clicks: a Parquet file or directory (`file://`) with the request id, the click id and the event time.
+    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
+    pub clicks: String,
+    /// Conversions: a Parquet file or directory (`file://`) with the click id and the event time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
+    pub conversions: Option<String>,
+    /// How long after its impression a click counts (default `30m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub click_window: Option<Duration>,
+    /// How long after its click a conversion counts (default `7d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversion_window: Option<Duration>,
+    /// Request id column of the impressions and the clicks (default `request_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub request_id_column: Option<String>,
+    /// Click id column of the clicks and the conversions (default `click_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub click_id_column: Option<String>,
+}
+
+impl SampleJoinData {
+    pub fn click_window(&self) -> &str {
+        self.click_window.as_ref().map_or("30m", |d| d.0.as_str())
+    }
+
+    pub fn conversion_window(&self) -> &str {
+        self.conversion_window
+            .as_ref()
+            .map_or("7d", |d| d.0.as_str())
+    }
+
+    pub fn request_id_column(&self) -> &str {
+        self.request_id_column.as_deref().unwrap_or("request_id")
+    }
+
+    pub fn click_id_column(&self) -> &str {
+        self.click_id_column.as_deref().unwrap_or("click_id")
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -727,6 +780,9 @@ impl TrainingJobSpec {
         match (&data.feature_view, &data.served_traffic, &data.dataset) {
             (Some(view), None, None) => {
                 violations.check_storage_uri("spec.data.featureView.events", &view.events);
+                if let Some(join) = &view.sample_join {
+                    check_sample_join(&mut violations, &view.label, join);
+                }
                 check_ranges(
                     &mut violations,
                     "spec.data.featureView",
@@ -818,6 +874,34 @@ impl TrainingJobSpec {
             }
         }
         violations.into_result()
+    }
+}
+
+fn check_sample_join(violations: &mut SpecViolations, label: &str, join: &SampleJoinData) {
+    const FIELD: &str = "spec.data.featureView.sampleJoin";
+    violations.check_storage_uri(&format!("{FIELD}.clicks"), &join.clicks);
+    if let Some(conversions) = &join.conversions {
+        violations.check_storage_uri(&format!("{FIELD}.conversions"), conversions);
+    }
+    for (name, window) in [
+        ("clickWindow", &join.click_window),
+        ("conversionWindow", &join.conversion_window),
+    ] {
+        if let Some(window) = window {
+            violations.check_duration(&format!("{FIELD}.{name}"), window);
+        }
+    }
+    match label {
+        "label_click" => {}
+        "label_convert" if join.conversions.is_some() => {}
+        "label_convert" => violations.push(
+            format!("{FIELD}.conversions"),
+            "label_convert needs conversions",
+        ),
+        _ => violations.push(
+            "spec.data.featureView.label",
+            "with sampleJoin the label is label_click or label_convert",
+        ),
     }
 }
 

@@ -714,6 +714,76 @@ async fn training_sets_are_point_in_time_correct_and_samples_are_joined() -> Tes
         table::values(&batch, &joined, "price")?[0],
         FeatureValue::Float(1.0)
     );
+
+    // The TrainingJob step on the same impressions: train and eval sets by range, labeled by sample joining.
+    let sets = dir.join("sets");
+    let report = trainer(&[
+        "training-set",
+        "--view",
+        &view_arg,
+        "--events",
+        &impressions.display().to_string(),
+        "--label",
+        "label_convert",
+        "--clicks",
+        &clicks.display().to_string(),
+        "--conversions",
+        &conversions.display().to_string(),
+        "--click-window",
+        "30s",
+        "--conversion-window",
+        "60s",
+        "--train-range",
+        "1970-01-01T00:01:40Z,1970-01-01T00:03:20Z",
+        "--eval-range",
+        "1970-01-01T00:03:20Z,1970-01-01T00:05:00Z",
+        "--out-dir",
+        &sets.display().to_string(),
+        "--termination-log",
+        &log,
+    ])?;
+    assert_eq!(
+        (report["trainRows"].clone(), report["evalRows"].clone()),
+        (json!(2), json!(1)),
+        "{report}"
+    );
+    let train = sets.join("train.parquet");
+    let batch = read_batches(&train)?.remove(0);
+    assert_eq!(
+        table::values(&batch, &train, "request_id")?,
+        [
+            FeatureValue::Str("r1".into()),
+            FeatureValue::Str("r3".into())
+        ]
+    );
+    assert_eq!(
+        table::values(&batch, &train, "label_convert")?,
+        [FeatureValue::Bool(true), FeatureValue::Bool(false)]
+    );
+    assert!(sets.join("schema.json").exists());
+    // A label sample joining does not write is refused before anything is built.
+    let refused = trainer(&[
+        "training-set",
+        "--view",
+        &view_arg,
+        "--events",
+        &impressions.display().to_string(),
+        "--label",
+        "clicked",
+        "--clicks",
+        &clicks.display().to_string(),
+        "--train-range",
+        "1970-01-01T00:01:40Z,1970-01-01T00:03:20Z",
+        "--eval-range",
+        "1970-01-01T00:03:20Z,1970-01-01T00:05:00Z",
+        "--out-dir",
+        &dir.join("refused").display().to_string(),
+        "--termination-log",
+        &log,
+    ])
+    .err()
+    .unwrap_or_default();
+    assert!(refused.contains("not `clicked`"), "{refused}");
     Ok(())
 }
 

@@ -130,19 +130,32 @@ pub struct BuildDatasetArgs {
     out: PathBuf,
 }
 
+/// Sample joining's inputs besides the impressions: clicks, optional conversions, windows and id columns.
+#[derive(Clone, Debug)]
+pub struct SampleJoin {
+    pub clicks: PathBuf,
+    pub conversions: Option<PathBuf>,
+    pub click_window: String,
+    pub conversion_window: String,
+    pub request_id: String,
+    pub click_id: String,
+}
+
 impl BuildDatasetArgs {
-    /// Point-in-time features for the labeled `events` whose `event_time` is in `[start, end)`.
-    pub fn labeled_events(
+    /// Point-in-time features for the `events` whose `event_time` is in `[start, end)`: labeled events as they
+    /// are, or impressions labeled by sample joining.
+    pub fn for_range(
         view: ViewArgs,
         events: PathBuf,
+        sample_join: Option<SampleJoin>,
         event_time: &str,
         (start, end): (&str, &str),
         out: PathBuf,
     ) -> BuildDatasetArgs {
-        BuildDatasetArgs {
+        let mut args = BuildDatasetArgs {
             view,
             features: None,
-            events: Some(events),
+            events: None,
             impressions: None,
             clicks: None,
             conversions: None,
@@ -155,7 +168,20 @@ impl BuildDatasetArgs {
             start: Some(start.to_owned()),
             end: Some(end.to_owned()),
             out,
+        };
+        match sample_join {
+            None => args.events = Some(events),
+            Some(join) => {
+                args.impressions = Some(events);
+                args.clicks = Some(join.clicks);
+                args.conversions = join.conversions;
+                args.click_window = join.click_window;
+                args.conversion_window = join.conversion_window;
+                args.request_id = join.request_id;
+                args.click_id = join.click_id;
+            }
         }
+        args
     }
 }
 

@@ -1,5 +1,6 @@
 //! `training-set`: the step a TrainingJob on a FeatureView runs before its gang is admitted. Joins the view's
-//! features, as of each labeled event, onto the events of the train and eval ranges (`train.parquet`,
+//! features, as of each labeled event (or each impression, labeled by sample joining its clicks and
+//! conversions), onto the events of the train and eval ranges (`train.parquet`,
 //! `eval.parquet`, lineage in their metadata) and writes the model's feature schema (`schema.json`): the
 //! view's join keys and categorical features hashed into embedding buckets, its numbers standardized with the
 //! training set's mean and deviation.
@@ -16,7 +17,10 @@ use flywheel_ml::schema::{FeatureSchema, FeatureSpec, ValueType};
 use flywheel_ml::transform::Transform;
 use serde_json::json;
 
-use crate::featurestore::{BuildDatasetArgs, ViewArgs, build_dataset, load_view};
+use crate::featurestore::{BuildDatasetArgs, SampleJoin, ViewArgs, build_dataset, load_view};
+
+/// The labels sample joining writes.
+const SAMPLE_JOIN_LABELS: [&str; 2] = ["label_click", "label_convert"];
 
 #[derive(clap::Args)]
 pub struct TrainingSetArgs {
@@ -26,9 +30,25 @@ pub struct TrainingSetArgs {
     /// label; `file://` URIs or paths.
     #[arg(long)]
     events: String,
-    /// The label column of the events.
+    /// The label column of the events (with `--clicks`: `label_click` or `label_convert`, which sample joining
+    /// writes).
     #[arg(long)]
     label: String,
+    /// Sample joining: the events are impressions, labeled by these clicks (`--request-id`, `--click-id`, the
+    /// event time) within `--click-window`.
+    #[arg(long)]
+    clicks: Option<String>,
+    /// Conversions (`--click-id`, the event time) within `--conversion-window` of a click: `label_convert`.
+    #[arg(long, requires = "clicks")]
+    conversions: Option<String>,
+    #[arg(long, default_value = "30m")]
+    click_window: String,
+    #[arg(long, default_value = "7d")]
+    conversion_window: String,
+    #[arg(long, default_value = "request_id")]
+    request_id: String,
+    #[arg(long, default_value = "click_id")]
+    click_id: String,
     #[arg(long, default_value = "event_timestamp")]
     event_time: String,
     /// The training range `START,END` (RFC 3339, END excluded).
@@ -79,7 +99,31 @@ pub fn build(args: &TrainingSetArgs) -> anyhow::Result<()> {
 
 fn build_sets(args: &TrainingSetArgs) -> anyhow::Result<serde_json::Value> {
     let events = local_path(&args.events);
-    check_label(&events, &args.label)?;
+    let sample_join = match &args.clicks {
+        Some(clicks) => {
+            if !SAMPLE_JOIN_LABELS.contains(&args.label.as_str())
+                || (args.label == "label_convert" && args.conversions.is_none())
+            {
+                bail!(
+                    "sample joining labels `label_click`, or `label_convert` with conversions; not `{}` \
+                     (spec.data.featureView.label)",
+                    args.label
+                );
+            }
+            Some(SampleJoin {
+                clicks: local_path(clicks),
+                conversions: args.conversions.as_deref().map(local_path),
+                click_window: args.click_window.clone(),
+                conversion_window: args.conversion_window.clone(),
+                request_id: args.request_id.clone(),
+                click_id: args.click_id.clone(),
+            })
+        }
+        None => {
+            check_label(&events, &args.label)?;
+            None
+        }
+    };
     std::fs::create_dir_all(&args.out_dir)
         .with_context(|| format!("creating {}", args.out_dir.display()))?;
     let (train, eval) = (
@@ -87,9 +131,10 @@ fn build_sets(args: &TrainingSetArgs) -> anyhow::Result<serde_json::Value> {
         args.out_dir.join("eval.parquet"),
     );
     for (range, out) in [(&args.train_range, &train), (&args.eval_range, &eval)] {
-        build_dataset(&BuildDatasetArgs::labeled_events(
+        build_dataset(&BuildDatasetArgs::for_range(
             args.view.clone(),
             events.clone(),
+            sample_join.clone(),
             &args.event_time,
             (&range.0, &range.1),
             out.clone(),

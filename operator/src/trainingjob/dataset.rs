@@ -202,16 +202,37 @@ fn command(
     ) {
         (DatasetInput::View(view), Some(data), _) => {
             env.push(json!({"name": "FLYWHEEL_FEATURE_VIEW", "value": view_json(view)}));
-            let events = data.events.strip_prefix("file://").unwrap_or(&data.events);
-            vec![
+            let local = |uri: &str| uri.strip_prefix("file://").unwrap_or(uri).to_owned();
+            let mut args = vec![
                 "training-set".to_owned(),
                 "--events".to_owned(),
-                events.to_owned(),
+                local(&data.events),
                 "--label".to_owned(),
                 data.label.clone(),
                 "--event-time".to_owned(),
                 data.timestamp_field.clone(),
-            ]
+            ];
+            if let Some(join) = &data.sample_join {
+                args.extend([
+                    "--clicks".to_owned(),
+                    local(&join.clicks),
+                    "--click-window".to_owned(),
+                    join.click_window().to_owned(),
+                    "--request-id".to_owned(),
+                    join.request_id_column().to_owned(),
+                    "--click-id".to_owned(),
+                    join.click_id_column().to_owned(),
+                ]);
+                if let Some(conversions) = &join.conversions {
+                    args.extend([
+                        "--conversions".to_owned(),
+                        local(conversions),
+                        "--conversion-window".to_owned(),
+                        join.conversion_window().to_owned(),
+                    ]);
+                }
+            }
+            args
         }
         (DatasetInput::Traffic(traffic), _, Some(data)) => vec![
             "traffic-training-set".to_owned(),
@@ -419,6 +440,47 @@ mod tests {
                 reason: "FeatureViewMissing".into(),
                 message: "waiting for FeatureView `ctr-events`".into(),
             }
+        );
+    }
+
+    #[test]
+    fn impressions_are_labeled_by_sample_joining_their_clicks_and_conversions() {
+        let mut job = job();
+        if let Some(view) = &mut job.spec.data.feature_view {
+            view.label = "label_convert".into();
+            view.sample_join = Some(flywheel_crds::trainingjob::SampleJoinData {
+                clicks: "file:///var/lib/flywheel/events/clicks/".into(),
+                conversions: Some("file:///var/lib/flywheel/events/conversions/".into()),
+                click_window: None,
+                conversion_window: Some(flywheel_crds::common::Duration::from("1d")),
+                request_id_column: Some("impression_id".into()),
+                click_id_column: None,
+            });
+        }
+        let DatasetStep::Start(built) = decide_for(
+            &job,
+            &DatasetObservation::Found {
+                input: view(),
+                job: None,
+            },
+        ) else {
+            panic!("expected a Job to start");
+        };
+        let spec = built.spec.and_then(|s| s.template.spec).unwrap_or_default();
+        let args = spec.containers[0]
+            .args
+            .clone()
+            .unwrap_or_default()
+            .join(" ");
+        assert!(
+            args.contains(
+                "--label label_convert --event-time event_timestamp \
+                 --clicks /var/lib/flywheel/events/clicks/ --click-window 30m \
+                 --request-id impression_id --click-id click_id \
+                 --conversions /var/lib/flywheel/events/conversions/ --conversion-window 1d \
+                 --train-range"
+            ),
+            "{args}"
         );
     }
 
