@@ -11,6 +11,7 @@ pub mod gpuquota;
 pub mod modelversion;
 pub mod rollout;
 pub mod trainingjob;
+pub mod tuning;
 
 pub use featureview::{FeatureView, FeatureViewSpec, FeatureViewStatus};
 pub use gpuquota::{GPUQuota, GPUQuotaSpec, GPUQuotaStatus};

@@ -572,13 +572,18 @@ impl RolloutSpec {
                 "set clicksTopic, predictionLogTopic or both",
             );
         }
-        if let Some(interval) = self
-            .feedback
-            .as_ref()
-            .and_then(|f| f.traffic_log.as_ref())
-            .and_then(|log| log.flush_interval.as_ref())
+        if let Some(feedback) = &self.feedback
+            && let Some(log) = &feedback.traffic_log
         {
-            violations.check_duration("spec.feedback.trafficLog.flushInterval", interval);
+            if feedback.prediction_log_topic.is_none() {
+                violations.push(
+                    "spec.feedback.trafficLog",
+                    "needs predictionLogTopic (what it writes down)",
+                );
+            }
+            if let Some(interval) = &log.flush_interval {
+                violations.check_duration("spec.feedback.trafficLog.flushInterval", interval);
+            }
         }
         if let Some(deadline) = &self.strategy.canary.progress_deadline {
             violations.check_duration("spec.strategy.canary.progressDeadline", deadline);

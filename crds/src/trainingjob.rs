@@ -13,6 +13,7 @@ use crate::common::{
 };
 use crate::featureview::STORAGE_URI_PATTERN;
 use crate::modelversion::{OfflineMetrics, Validation};
+use crate::tuning::{Tuning, TuningRange, TuningStatus};
 
 /// Desired state of a TrainingJob: the data, the model and how to train it, the pod topology, and where the
 /// artifact goes. On success the job creates a ModelVersion of the same name.
@@ -79,6 +80,10 @@ pub struct TrainingJobSpec {
     /// Continue training from this ModelVersion's weights (incremental training).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm_start_from: Option<LocalRef>,
+    /// Search the training settings (random search; `single` topology, not with `warmStartFrom`); the best
+    /// trial's model is registered and the trials table is in `status.tuning`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning: Option<Tuning>,
     /// Exactly one of `single`, `parameterServer`, `dataParallel`.
     pub topology: Topology,
     /// Pod resources per role.
@@ -670,6 +675,9 @@ pub struct TrainingJobStatus {
     /// How training ended: epochs trained, the epoch whose weights were kept, and whether it stopped early.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub convergence: Option<ConvergenceStatus>,
+    /// The search's trials and the one registered, when `spec.tuning` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning: Option<TuningStatus>,
     /// Gang restarts after a failure so far (counted against `backoffLimit`), and why.
     #[serde(default)]
     pub restarts: u32,
@@ -813,6 +821,9 @@ impl TrainingJobSpec {
                 "set exactly one of featureView, servedTraffic or dataset",
             ),
         }
+        if let Some(tuning) = &self.tuning {
+            check_tuning(&mut violations, self, tuning);
+        }
         if let Some(checkpoint) = &self.checkpoint {
             violations.check_storage_uri("spec.checkpoint.uri", &checkpoint.uri);
         }
@@ -874,6 +885,39 @@ impl TrainingJobSpec {
             }
         }
         violations.into_result()
+    }
+}
+
+fn check_tuning(violations: &mut SpecViolations, spec: &TrainingJobSpec, tuning: &Tuning) {
+    if !matches!(spec.topology, Topology::Single(_)) {
+        violations.push(
+            "spec.tuning",
+            "trials run in one training process: tuning needs topology single",
+        );
+    }
+    if spec.warm_start_from.is_some() {
+        violations.push(
+            "spec.tuning",
+            "every trial trains from scratch: not with warmStartFrom",
+        );
+    }
+    for (name, range) in [
+        ("learningRate", &tuning.space.learning_rate),
+        ("sparseLearningRate", &tuning.space.sparse_learning_rate),
+        ("weightDecay", &tuning.space.weight_decay),
+    ] {
+        if let Some(problem) = range.as_ref().and_then(TuningRange::problem) {
+            violations.push(format!("spec.tuning.space.{name}"), problem);
+        }
+    }
+    if tuning
+        .space
+        .hidden_layers
+        .iter()
+        .flatten()
+        .any(|&width| width == 0)
+    {
+        violations.push("spec.tuning.space.hiddenLayers", "widths must be positive");
     }
 }
 

@@ -112,6 +112,7 @@ fn every_example_passes_cel_and_the_controller() {
         "rollout.yaml",
         "trainingjob-gpu.yaml",
         "trainingjob-ps.yaml",
+        "trainingjob-traffic.yaml",
     ] {
         let object = example(file);
         assert_eq!(cel_errors(&object, None), Vec::<String>::new(), "{file}");
@@ -152,6 +153,68 @@ fn training_data_needs_exactly_one_source() {
     assert_both_refuse(&both, "spec.data");
     let neither = without(example("trainingjob-ps.yaml"), "/spec/data/featureView");
     assert_both_refuse(&neither, "spec.data");
+}
+
+#[test]
+fn served_traffic_is_a_third_source_not_an_extra_one() {
+    let both = with(
+        example("trainingjob-ps.yaml"),
+        "/spec/data/servedTraffic",
+        json!({"rollout": "ctr", "trainRange": {"last": "7d"}, "evalRange": {"last": "1d"}}),
+    );
+    assert_both_refuse(&both, "spec.data");
+    assert_eq!(
+        cel_errors(&example("trainingjob-traffic.yaml"), None),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_traffic_log_needs_the_prediction_log() {
+    let rollout = with(
+        example("rollout.yaml"),
+        "/spec/feedback",
+        json!({"brokers": ["kafka:9092"], "clicksTopic": "clicks",
+               "trafficLog": {"uri": "file:///var/lib/flywheel/traffic/ctr"}}),
+    );
+    assert_both_refuse(&rollout, "spec.feedback.trafficLog");
+}
+
+#[test]
+fn tuning_runs_in_one_process_over_ranges_that_can_be_drawn_from() {
+    let tuning = json!({"trials": 8, "space": {"learningRate": {"min": 0, "max": 0.1}}});
+    let ps = with(example("trainingjob-ps.yaml"), "/spec/tuning", tuning);
+    let errors = controller_errors(&ps, None);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("spec.tuning: trials run in one training process")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("spec.tuning.space.learningRate: a log scale needs min above 0")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn sample_joining_labels_with_what_it_writes() {
+    let job = with(
+        example("trainingjob-ps.yaml"),
+        "/spec/data/featureView/sampleJoin",
+        json!({"clicks": "file:///var/lib/flywheel/events/clicks/"}),
+    );
+    let errors = controller_errors(&job, None);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("spec.data.featureView.label")),
+        "{errors:?}"
+    );
+    let fixed = with(job, "/spec/data/featureView/label", json!("label_click"));
+    assert_eq!(controller_errors(&fixed, None), Vec::<String>::new());
 }
 
 #[test]

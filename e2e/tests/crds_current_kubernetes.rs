@@ -285,6 +285,27 @@ fn rule_cases() -> Result<Vec<RuleCase>, Box<dyn std::error::Error>> {
             )?,
         },
         RuleCase {
+            rule: "!has(self.trafficLog) || has(self.predictionLogTopic)",
+            breaking: edited(
+                "rollout.yaml",
+                &[(
+                    "/spec/feedback",
+                    Some(json!({"brokers": ["kafka:9092"], "clicksTopic": "clicks",
+                                "trafficLog": {"uri": "file:///var/lib/flywheel/traffic/ctr"}})),
+                )],
+            )?,
+            satisfying: edited(
+                "rollout.yaml",
+                &[(
+                    "/spec/feedback",
+                    Some(
+                        json!({"brokers": ["kafka:9092"], "predictionLogTopic": "predictions",
+                                "trafficLog": {"uri": "file:///var/lib/flywheel/traffic/ctr"}}),
+                    ),
+                )],
+            )?,
+        },
+        RuleCase {
             rule: "!has(self.steps) || self.steps.filter(s, has(s.setWeight)).map(s, s.setWeight).isSorted()",
             breaking: edited(
                 "rollout.yaml",
@@ -353,12 +374,14 @@ fn rule_cases() -> Result<Vec<RuleCase>, Box<dyn std::error::Error>> {
             )?,
         },
         RuleCase {
-            rule: "has(self.featureView) != has(self.dataset)",
+            rule: "(has(self.featureView) ? 1 : 0) + (has(self.servedTraffic) ? 1 : 0) + (has(self.dataset) ? 1 : 0) == 1",
             breaking: edited(
                 "trainingjob-ps.yaml",
                 &[(
-                    "/spec/data/dataset",
-                    Some(json!({"train": "file:///t/", "eval": "file:///e/", "label": "clicked"})),
+                    "/spec/data/servedTraffic",
+                    Some(
+                        json!({"rollout": "ctr", "trainRange": {"last": "7d"}, "evalRange": {"last": "1d"}}),
+                    ),
                 )],
             )?,
             satisfying: edited(

@@ -198,6 +198,14 @@ pub(crate) struct TrainArgs {
     pub(crate) sparse_learning_rate: f32,
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
+    /// Random search: this many trials (trial 0 is the settings above), the lowest validation log loss wins.
+    /// One process only (not with --ps or --data-parallel).
+    #[arg(long, env = "FLYWHEEL_TUNE_TRIALS", default_value_t = 0)]
+    pub(crate) tune_trials: usize,
+    /// The search space as JSON: `learningRate`, `sparseLearningRate`, `weightDecay` (`{min, max, scale:
+    /// log|linear}`), `embeddingDim` (a list), `hiddenLayers` (a list of lists).
+    #[arg(long, env = "FLYWHEEL_TUNE_SPACE")]
+    pub(crate) tune_space: Option<String>,
     /// Directory the artifact (`model.fwm`, `model.fwm.sha256`) is written to.
     #[arg(long, env = "FLYWHEEL_OUTPUT")]
     pub(crate) output: PathBuf,

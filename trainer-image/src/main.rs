@@ -36,6 +36,7 @@ mod traffic_log;
 mod traffic_set;
 mod train;
 mod training_set;
+mod tuning;
 mod worker;
 
 use burn::backend::{Autodiff, Flex};

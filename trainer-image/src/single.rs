@@ -13,6 +13,9 @@ use crate::publish::*;
 use crate::report::emit;
 use crate::setup::*;
 use crate::status::{Phase, ProgressReporter};
+use crate::tuning::{Best, SearchSpace, TrialParams, compact, search};
+use flywheel_ml::model::ModelConfig;
+use flywheel_ml::train::{EncodedDataset, TrainConfig};
 
 pub(crate) fn train_command<B: AutodiffBackend>(
     args: &TrainArgs,
@@ -34,6 +37,21 @@ pub(crate) fn train_command<B: AutodiffBackend>(
         "validationRows": validation.as_ref().map_or(0, |v| v.len()),
         "seconds": started.elapsed().as_secs_f64(),
     }));
+    if args.tune_trials > 0 {
+        let Some(validation) = validation else {
+            anyhow::bail!(
+                "tuning needs a validation slice of the training set (--validation-fraction above 0, \
+                 and enough rows of both classes)"
+            );
+        };
+        return train_tuned::<B>(
+            args,
+            progress,
+            device,
+            (schema, train, validation, eval),
+            (model, config),
+        );
+    }
     let checkpoint_path = args
         .checkpoint_dir
         .as_ref()
@@ -84,4 +102,64 @@ pub(crate) fn train_command<B: AutodiffBackend>(
     finish_training(&mut card, &mut trainer, validation.as_ref(), convergence);
     card.metrics = trainer.evaluate(&eval);
     publish(args, &card, &trainer, samples, train_seconds, json!({}))
+}
+
+/// `--tune-trials`: the search picks the model (each trial trained from scratch; no checkpoints, so a restarted
+/// job searches again), which is then calibrated, evaluated and published with the trials table.
+fn train_tuned<B: AutodiffBackend>(
+    args: &TrainArgs,
+    progress: &mut ProgressReporter,
+    device: B::Device,
+    (schema, train, validation, eval): (
+        flywheel_ml::schema::FeatureSchema,
+        EncodedDataset,
+        EncodedDataset,
+        EncodedDataset,
+    ),
+    (model, config): (ModelConfig, TrainConfig),
+) -> anyhow::Result<()> {
+    if args.warm_start.is_some() {
+        anyhow::bail!("--tune-trials trains every trial from scratch; it cannot warm-start");
+    }
+    let space = SearchSpace::parse(args.tune_space.as_deref().unwrap_or("{}"))?;
+    let base = TrialParams {
+        learning_rate: args.learning_rate,
+        sparse_learning_rate: f64::from(args.sparse_learning_rate),
+        weight_decay: args.weight_decay,
+        embedding_dim: args.embedding_dim,
+        hidden_layers: model.hidden_layers.clone(),
+    };
+    let training_started = Instant::now();
+    let Best {
+        mut trainer,
+        model,
+        config,
+        convergence,
+        trials,
+        best,
+    } = search::<B>(
+        (&space, args.tune_trials, &args.sparse_optimizer),
+        &base,
+        (&model, &config),
+        (&train, &validation),
+        &device,
+    )?;
+    let train_seconds = training_started.elapsed().as_secs_f64();
+    progress.phase(Phase::Evaluating);
+    let samples: usize = trials.iter().map(|t| t.epochs * train.len()).sum();
+    let mut card = model_card(args, schema, model, config, (train.len(), eval.len()), None)?;
+    finish_training(&mut card, &mut trainer, Some(&validation), convergence);
+    card.metrics = trainer.evaluate(&eval);
+    std::fs::create_dir_all(&args.output)?;
+    let table = args.output.join("trials.json");
+    std::fs::write(&table, serde_json::to_vec_pretty(&trials)?)
+        .map_err(|err| anyhow::anyhow!("writing {}: {err}", table.display()))?;
+    publish(
+        args,
+        &card,
+        &trainer,
+        samples,
+        train_seconds,
+        json!({"tuning": {"best": best, "trials": compact(&trials)}}),
+    )
 }

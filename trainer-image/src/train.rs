@@ -20,6 +20,9 @@ pub(crate) fn train(args: &TrainArgs) -> anyhow::Result<()> {
     if !args.ps.is_empty() && args.data_parallel.is_some() {
         bail!("--ps and --data-parallel are two topologies: give one");
     }
+    if args.tune_trials > 0 && (!args.ps.is_empty() || args.data_parallel.is_some()) {
+        bail!("--tune-trials searches in one process: not with --ps or --data-parallel");
+    }
     if args.local_ranks != 1 {
         return launch_local_ranks(args);
     }

@@ -21,6 +21,46 @@ pub struct ChiefResult {
     /// The FeatureView the training set was built from, when `build-dataset` recorded it in the set.
     #[serde(default)]
     pub feature_view: Option<ChiefFeatureView>,
+    /// The search's trials, when the job tuned.
+    #[serde(default)]
+    pub tuning: Option<ChiefTuning>,
+}
+
+/// The trials as the trainer's termination message carries them (compact: a message holds 4 KiB).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChiefTuning {
+    pub best: u32,
+    pub trials: Vec<CompactTrial>,
+}
+
+/// `[trial, learningRate, sparseLearningRate, weightDecay, embeddingDim, hiddenLayers, validationLogLoss, epochs]`.
+pub type CompactTrial = (u32, f64, f64, f64, u32, Vec<u32>, f64, u32);
+
+impl ChiefTuning {
+    pub fn status(&self) -> flywheel_crds::tuning::TuningStatus {
+        flywheel_crds::tuning::TuningStatus {
+            best_trial: self.best,
+            trials: self
+                .trials
+                .iter()
+                .map(
+                    |(trial, learning_rate, sparse, decay, dim, hidden, loss, epochs)| {
+                        flywheel_crds::tuning::TrialStatus {
+                            trial: *trial,
+                            learning_rate: *learning_rate,
+                            sparse_learning_rate: *sparse,
+                            weight_decay: *decay,
+                            embedding_dim: *dim,
+                            hidden_layers: hidden.clone(),
+                            validation_log_loss: *loss,
+                            epochs: *epochs,
+                        }
+                    },
+                )
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -429,6 +429,15 @@ fn worker_args(spec: &TrainingJobSpec, paths: &Paths) -> Vec<String> {
             .collect();
         args.extend(["--hidden".into(), widths.join(",")]);
     }
+    // The spec's space is the trainer's `--tune-space` JSON as it is.
+    if let Some(tuning) = &spec.tuning {
+        args.extend([
+            "--tune-trials".into(),
+            tuning.trials.to_string(),
+            "--tune-space".into(),
+            serde_json::to_string(&tuning.space).unwrap_or_else(|_| "{}".to_owned()),
+        ]);
+    }
     args
 }
 

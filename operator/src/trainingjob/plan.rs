@@ -956,6 +956,26 @@ fn succeed(b: &mut Builder<'_, '_>, result: &ChiefResult, warm_start: Option<(&s
             );
         }
     }
+    if let Some(tuning) = &result.tuning {
+        let status = tuning.status();
+        if let Some(best) = status.trials.iter().find(|t| t.trial == status.best_trial) {
+            b.event(
+                false,
+                "Tuned",
+                "Train",
+                format!(
+                    "trial {} of {} kept: validation log loss {} (learning rate {}, embedding {}, hidden {:?})",
+                    best.trial,
+                    status.trials.len(),
+                    best.validation_log_loss,
+                    best.learning_rate,
+                    best.embedding_dim,
+                    best.hidden_layers
+                ),
+            );
+        }
+        b.status.tuning = Some(status);
+    }
     let total = b.status.progress.as_ref().and_then(|p| p.total_steps);
     b.status.progress = Some(TrainingProgress {
         step: result.steps,

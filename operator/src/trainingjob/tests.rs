@@ -604,6 +604,47 @@ fn the_model_version_of_a_job_on_served_traffic_names_the_rollout_and_the_range(
 }
 
 #[test]
+fn the_trials_of_a_tuned_job_are_in_its_status_and_the_best_is_named() {
+    let job = with_status(
+        ps_job(),
+        TrainingJobStatus {
+            phase: Some(TrainingPhase::Running),
+            ..TrainingJobStatus::default()
+        },
+    );
+    let result = RESULT.replacen(
+        "\"steps\"",
+        r#""tuning":{"best":1,"trials":[[0,0.003,0.05,0,16,[400,400],0.4711,9],[1,0.0012,0.08,1e-5,32,[64],0.4652,14]]},"steps""#,
+        1,
+    );
+    let mut pods = gang_pods(&job, 0, "Running");
+    for pod in pods.iter_mut().filter(|p| p.name_any().contains("worker")) {
+        let chief = pod.name_any().ends_with("worker-0");
+        terminate(pod, "Succeeded", 0, if chief { &result } else { "{}" });
+    }
+    let decided = observe(&job, &pods, None, &TrainerSettings::default());
+    let tuning = decided
+        .plan
+        .status
+        .tuning
+        .clone()
+        .unwrap_or_else(|| panic!("no tuning status"));
+    assert_eq!(tuning.best_trial, 1);
+    assert_eq!(tuning.trials.len(), 2);
+    assert_eq!(tuning.trials[1].hidden_layers, [64]);
+    assert_eq!(tuning.trials[1].validation_log_loss, 0.4652);
+    assert!(
+        decided
+            .plan
+            .events
+            .iter()
+            .any(|e| e.reason == "Tuned" && e.note.starts_with("trial 1 of 2 kept")),
+        "{:?}",
+        decided.plan.events
+    );
+}
+
+#[test]
 fn a_failed_member_restarts_the_whole_gang_as_a_new_attempt() {
     let settings = TrainerSettings::default();
     let job = with_status(

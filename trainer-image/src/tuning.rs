@@ -1,0 +1,346 @@
+//! Hyperparameter search in one process (`--tune-trials`): random search over learning rates, embedding size,
+//! hidden layers and weight decay. Each trial is a full training run with early stopping on the validation
+//! slice of the training set; the trial with the lowest validation log loss becomes the model. Trial 0 is the
+//! job's own settings, so the search never picks something worse than them on validation. The eval set is
+//! never looked at while choosing, so the offline metrics reported afterwards stay unbiased.
+
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use flywheel_ml::artifact::ArtifactError;
+use flywheel_ml::model::{Architecture, ModelConfig};
+use flywheel_ml::train::{Convergence, EncodedDataset, Position, TrainConfig, Trainer};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::report::emit;
+use crate::setup::sparse_optimizer;
+
+/// What a search may vary; an absent dimension keeps the job's setting.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SearchSpace {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learning_rate: Option<Interval>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sparse_learning_rate: Option<Interval>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_decay: Option<Interval>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub embedding_dim: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden_layers: Vec<Vec<usize>>,
+}
+
+/// A range to draw from, log-uniformly (the default: rates span decades) or uniformly.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Interval {
+    pub min: f64,
+    pub max: f64,
+    #[serde(default)]
+    pub scale: Scale,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum Scale {
+    #[default]
+    Log,
+    Linear,
+}
+
+impl Interval {
+    fn check(&self, name: &str) -> anyhow::Result<()> {
+        let finite = self.min.is_finite() && self.max.is_finite();
+        let positive = self.scale == Scale::Linear || self.min > 0.0;
+        if !finite || self.min < 0.0 || self.min > self.max || !positive {
+            anyhow::bail!(
+                "tuning space {name}: [{}, {}] is not a range of non-negative numbers (a log scale needs min > 0)",
+                self.min,
+                self.max
+            );
+        }
+        Ok(())
+    }
+
+    fn draw(&self, rng: &mut ChaCha8Rng) -> f64 {
+        let u: f64 = rng.random();
+        match self.scale {
+            Scale::Log => (self.min.ln() + u * (self.max.ln() - self.min.ln())).exp(),
+            Scale::Linear => self.min + u * (self.max - self.min),
+        }
+    }
+}
+
+impl SearchSpace {
+    pub fn parse(text: &str) -> anyhow::Result<SearchSpace> {
+        let space: SearchSpace =
+            serde_json::from_str(text).map_err(|err| anyhow::anyhow!("--tune-space: {err}"))?;
+        for (name, interval) in [
+            ("learningRate", &space.learning_rate),
+            ("sparseLearningRate", &space.sparse_learning_rate),
+            ("weightDecay", &space.weight_decay),
+        ] {
+            if let Some(interval) = interval {
+                interval.check(name)?;
+            }
+        }
+        if space.embedding_dim.contains(&0) || space.hidden_layers.iter().flatten().any(|&w| w == 0)
+        {
+            anyhow::bail!("tuning space: embedding sizes and layer widths must be positive");
+        }
+        Ok(space)
+    }
+}
+
+/// The settings one trial trains with.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrialParams {
+    pub learning_rate: f64,
+    pub sparse_learning_rate: f64,
+    pub weight_decay: f64,
+    pub embedding_dim: usize,
+    pub hidden_layers: Vec<usize>,
+}
+
+/// One row of the trials table.
+#[derive(Serialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct TrialResult {
+    pub trial: usize,
+    pub params: TrialParams,
+    /// The lowest validation log loss of the trial's epochs (its best epoch is what it would keep).
+    pub validation_log_loss: f64,
+    pub epochs: usize,
+    pub seconds: f64,
+}
+
+/// Trial `trial`'s settings: the job's own for trial 0, else a draw from `space` (seeded by the job's seed
+/// and the trial, so a rerun searches the same points).
+pub fn trial_params(
+    space: &SearchSpace,
+    base: &TrialParams,
+    seed: u64,
+    trial: usize,
+) -> TrialParams {
+    if trial == 0 {
+        return base.clone();
+    }
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ (trial as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut pick = |interval: &Option<Interval>, default: f64| {
+        interval.as_ref().map_or(default, |i| i.draw(&mut rng))
+    };
+    let learning_rate = pick(&space.learning_rate, base.learning_rate);
+    let sparse_learning_rate = pick(&space.sparse_learning_rate, base.sparse_learning_rate);
+    let weight_decay = pick(&space.weight_decay, base.weight_decay);
+    let embedding_dim = choose(&space.embedding_dim, &mut rng).unwrap_or(base.embedding_dim);
+    let hidden_layers =
+        choose(&space.hidden_layers, &mut rng).unwrap_or_else(|| base.hidden_layers.clone());
+    TrialParams {
+        learning_rate,
+        sparse_learning_rate,
+        weight_decay,
+        embedding_dim,
+        hidden_layers,
+    }
+}
+
+fn choose<T: Clone>(options: &[T], rng: &mut ChaCha8Rng) -> Option<T> {
+    if options.is_empty() {
+        return None;
+    }
+    options.get(rng.random_range(0..options.len())).cloned()
+}
+
+/// A trial keeps no checkpoints: a restarted pod searches again.
+type SaveCheckpoint<B> = fn(&Trainer<B>, Position) -> Result<(), ArtifactError>;
+
+/// The winning trial: its trainer (trained to its best epoch), its configurations and how it converged.
+pub struct Best<B: AutodiffBackend> {
+    pub trainer: Trainer<B>,
+    pub model: ModelConfig,
+    pub config: TrainConfig,
+    pub convergence: Convergence,
+    pub trials: Vec<TrialResult>,
+    pub best: usize,
+}
+
+/// Runs `trials` trials and keeps the best; every trial is reported as it ends.
+pub fn search<B: AutodiffBackend>(
+    (space, trials, sparse_kind): (&SearchSpace, usize, &str),
+    base: &TrialParams,
+    (model, config): (&ModelConfig, &TrainConfig),
+    (train, validation): (&EncodedDataset, &EncodedDataset),
+    device: &B::Device,
+) -> anyhow::Result<Best<B>> {
+    let mut results = Vec::new();
+    let mut best: Option<(f64, Trainer<B>, ModelConfig, TrainConfig, Convergence)> = None;
+    for trial in 0..trials.max(1) {
+        let params = trial_params(space, base, config.seed, trial);
+        let trial_model = ModelConfig {
+            embedding_dim: params.embedding_dim,
+            hidden_layers: if model.architecture == Architecture::Logistic {
+                Vec::new()
+            } else {
+                params.hidden_layers.clone()
+            },
+            ..model.clone()
+        };
+        let trial_config = TrainConfig {
+            learning_rate: params.learning_rate,
+            weight_decay: params.weight_decay,
+            sparse_optimizer: sparse_optimizer(sparse_kind, params.sparse_learning_rate as f32)?,
+            ..config.clone()
+        };
+        let started = Instant::now();
+        let mut trainer =
+            Trainer::<B>::new(trial_model.clone(), trial_config.clone(), device.clone());
+        trainer.start_at_base_rate(train.positive_rate());
+        let no_checkpoint: Option<(u64, SaveCheckpoint<B>)> = None;
+        let convergence = trainer.fit_from(
+            train,
+            Some(validation),
+            Position::default(),
+            |_| {},
+            no_checkpoint,
+        )?;
+        let loss = convergence
+            .validation_log_loss
+            .iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f64::INFINITY, f64::min);
+        let result = TrialResult {
+            trial,
+            params,
+            validation_log_loss: loss,
+            epochs: convergence.epochs_trained,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        emit(json!({"event": "trial", "trial": &result}));
+        results.push(result);
+        if best
+            .as_ref()
+            .is_none_or(|(best_loss, ..)| loss < *best_loss)
+        {
+            best = Some((loss, trainer, trial_model, trial_config, convergence));
+        }
+    }
+    let Some((loss, trainer, model, config, convergence)) = best else {
+        anyhow::bail!("no trial ran");
+    };
+    let best = results
+        .iter()
+        .position(|r| r.validation_log_loss == loss)
+        .unwrap_or(0);
+    Ok(Best {
+        trainer,
+        model,
+        config,
+        convergence,
+        trials: results,
+        best,
+    })
+}
+
+/// Four significant digits: enough to tell trials apart, short enough for a termination message.
+fn rounded(value: f64) -> f64 {
+    format!("{value:.3e}").parse().unwrap_or(value)
+}
+
+/// The trials as the termination message carries them (a pod's message holds 4 KiB): one array per trial,
+/// `[trial, learningRate, sparseLearningRate, weightDecay, embeddingDim, hiddenLayers, validationLogLoss,
+/// epochs]`. The full table goes to `trials.json` beside the model.
+pub fn compact(trials: &[TrialResult]) -> Vec<serde_json::Value> {
+    trials
+        .iter()
+        .map(|t| {
+            json!([
+                t.trial,
+                rounded(t.params.learning_rate),
+                rounded(t.params.sparse_learning_rate),
+                rounded(t.params.weight_decay),
+                t.params.embedding_dim,
+                t.params.hidden_layers,
+                rounded(t.validation_log_loss),
+                t.epochs,
+            ])
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> TrialParams {
+        TrialParams {
+            learning_rate: 0.003,
+            sparse_learning_rate: 0.05,
+            weight_decay: 0.0,
+            embedding_dim: 16,
+            hidden_layers: vec![400, 400],
+        }
+    }
+
+    #[test]
+    fn trial_zero_is_the_jobs_settings_and_draws_stay_in_the_space() -> anyhow::Result<()> {
+        let space = SearchSpace::parse(
+            r#"{"learningRate": {"min": 0.0001, "max": 0.1}, "embeddingDim": [8, 32],
+                "hiddenLayers": [[64], [128, 64]], "weightDecay": {"min": 0, "max": 0.001, "scale": "linear"}}"#,
+        )?;
+        assert_eq!(trial_params(&space, &base(), 7, 0), base());
+        for trial in 1..50 {
+            let params = trial_params(&space, &base(), 7, trial);
+            assert!((0.0001..=0.1).contains(&params.learning_rate), "{params:?}");
+            assert!([8, 32].contains(&params.embedding_dim));
+            assert!([vec![64], vec![128, 64]].contains(&params.hidden_layers));
+            assert!((0.0..=0.001).contains(&params.weight_decay));
+            assert_eq!(params.sparse_learning_rate, 0.05, "not in the space: kept");
+            assert_eq!(params, trial_params(&space, &base(), 7, trial), "seeded");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn thirty_two_compact_trials_fit_a_termination_message_with_room_to_spare() {
+        let trials: Vec<TrialResult> = (0..32)
+            .map(|trial| TrialResult {
+                trial,
+                params: TrialParams {
+                    learning_rate: 0.001_234_567_891_234,
+                    sparse_learning_rate: 0.051_234_567,
+                    weight_decay: 0.000_012_345_678,
+                    embedding_dim: 32,
+                    hidden_layers: vec![256, 128, 64],
+                },
+                validation_log_loss: 0.456_789_123_456,
+                epochs: 17,
+                seconds: 1.5,
+            })
+            .collect();
+        let text = serde_json::to_string(&compact(&trials)).unwrap_or_default();
+        assert!(text.len() < 2_200, "{} bytes", text.len());
+        assert!(
+            text.starts_with("[[0,0.001235,0.05123,0.00001235,32,[256,128,64],0.4568,17]"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_space_that_cannot_be_drawn_from_is_refused() {
+        for bad in [
+            r#"{"learningRate": {"min": 0, "max": 0.1}}"#,
+            r#"{"learningRate": {"min": 0.1, "max": 0.01}}"#,
+            r#"{"embeddingDim": [0]}"#,
+            r#"{"momentum": {"min": 0.1, "max": 0.9}}"#,
+        ] {
+            assert!(SearchSpace::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
