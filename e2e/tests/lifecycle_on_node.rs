@@ -355,7 +355,7 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
         }
         counts
     };
-    let labeled = 90;
+    let labeled = 900;
     // Range bounds are whole seconds (metav1.Time): the split is the next second, passed before the second half.
     let whole_second = |offset: i64| {
         jiff::Timestamp::from_second(jiff::Timestamp::now().as_second() + offset)
@@ -460,7 +460,7 @@ where
             let logged = logged.clone();
             async move {
                 let rows = logged_rows(&logged);
-                (rows >= 91)
+                (rows >= 901)
                     .then_some(())
                     .ok_or(format!("{rows} predictions in {}", logged.display()))
             }
@@ -476,6 +476,11 @@ where
         "evalRange": {"start": split.to_string(), "end": end.to_string()},
     }});
     spec["spec"]["epochs"] = json!(3);
+    // The next model is searched for: three trials in the training pod, the trials table in the status.
+    spec["spec"]["earlyStopping"] = json!({"validationFraction": 0.5});
+    spec["spec"]["tuning"] = json!({"trials": 3, "space": {
+        "learningRate": {"min": 0.0005, "max": 0.02}, "embeddingDim": [4, 8],
+    }});
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), namespace);
     jobs.create(&PostParams::default(), &serde_json::from_value(spec)?)
         .await?;
@@ -497,8 +502,22 @@ where
         .ok_or("no DatasetBuilt condition")?;
     assert_eq!(
         built.message,
-        "from Rollout ctr's served traffic: 45 training and 45 evaluation rows, 9 model features",
+        "from Rollout ctr's served traffic: 450 training and 450 evaluation rows, 9 model features",
         "one row per served prediction; `late` waits for its click window"
+    );
+    let tuning = status.tuning.ok_or("no tuning status")?;
+    assert_eq!(tuning.trials.len(), 3, "{tuning:?}");
+    assert_eq!(
+        tuning.trials[0].learning_rate, 0.002,
+        "trial 0 is the job's settings"
+    );
+    let best = &tuning.trials[tuning.best_trial as usize];
+    assert!(
+        tuning
+            .trials
+            .iter()
+            .all(|t| t.validation_log_loss >= best.validation_log_loss),
+        "{tuning:?}"
     );
     let versions: Api<ModelVersion> = Api::namespaced(client.clone(), namespace);
     let version = versions.get("ctr-traffic").await?;
