@@ -6,12 +6,16 @@
 //! no way around a team's limit); Kueue may admit it too, by setting `spec.suspend: false`, and the label is
 //! passed to every pod.
 
+mod builder;
 pub mod chief;
 pub mod dataset;
 pub mod gang;
+mod observed;
 pub mod plan;
+mod pod_health;
 pub mod pods;
 pub mod progress;
+mod registration;
 
 use std::sync::Arc;
 use std::time::Duration;

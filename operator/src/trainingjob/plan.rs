@@ -5,43 +5,33 @@
 //! `backoffLimit` restarts are spent. Preemption and suspension take the gang down without counting a restart;
 //! every new gang is a new `attempt`, and pods of an older attempt are gone before the next attempt's start.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flywheel_crds::GPUQuota;
 use flywheel_crds::ModelVersion;
-use flywheel_crds::TrainingJob;
-use flywheel_crds::common::{ConditionStatus, condition, find_condition, set_condition};
-use flywheel_crds::modelversion::{
-    Artifact, ArtifactFormat, Lineage, ModelVersionSpec, OfflineMetrics,
-};
-use flywheel_crds::trainingjob::{
-    ConvergenceStatus, QueueStatus, ReplicaStatus, TrainingJobStatus, TrainingPhase,
-    TrainingProgress,
-};
-use jiff::Timestamp;
+use flywheel_crds::common::{ConditionStatus, find_condition};
+use flywheel_crds::trainingjob::{QueueStatus, TrainingJobStatus, TrainingPhase};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
+use super::builder::Builder;
+pub use super::builder::{CONDITION_ADMITTED, CONDITION_COMPLETE, CONDITION_FAILED};
 pub use super::chief::{
     ChiefConvergence, ChiefFeatureView, ChiefMetrics, ChiefResult, chief_result,
 };
-use super::dataset::{self, CONDITION_DATASET_BUILT, DatasetObservation, DatasetStep};
-use super::gang::{self, CHIEF, GangContext, KUEUE_QUEUE_LABEL, Role, TrainerSettings};
-use super::pods::{attempt_of, failure_reason, is_live, member_of, pod_phase, termination};
+use super::dataset::{self, CONDITION_DATASET_BUILT, DatasetStep};
+use super::gang::{self, CHIEF, GangContext, KUEUE_QUEUE_LABEL, Role};
+pub use super::observed::{Observed, WarmStart};
+pub use super::pod_health::{CONDITION_PODS_SCHEDULED, CONDITION_PODS_STARTED};
+use super::pod_health::{Starting, containers_starting, scheduling};
+use super::pods::{attempt_of, failure_reason, member_of, pod_phase, termination};
+use super::registration::succeed;
+pub use super::registration::{ANNOTATION_JOB_UID, LABEL_MODEL};
 use crate::gpuquota::{Standing, standing};
-use crate::plan::{Children, Plan, PlannedEvent, spec_conditions};
+use crate::plan::{Children, Plan, spec_conditions};
 
-pub const CONDITION_ADMITTED: &str = "Admitted";
-pub const CONDITION_COMPLETE: &str = "Complete";
-pub const CONDITION_FAILED: &str = "Failed";
-/// Annotation on a produced ModelVersion naming the TrainingJob's UID (a registry entry outlives the job,
-/// so it carries no ownerReference).
-pub const ANNOTATION_JOB_UID: &str = "flywheel.dev/training-job-uid";
-pub const LABEL_MODEL: &str = "flywheel.dev/model";
 /// Restart reasons kept in status (the newest).
 const MAX_RESTART_REASONS: usize = 10;
 /// How often a running job's progress is polled.
@@ -50,29 +40,6 @@ const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 const TERMINATION_POLL: Duration = Duration::from_secs(2);
 /// How often a job looks again for the FeatureView it names.
 const MISSING_INPUT_RETRY: Duration = Duration::from_secs(30);
-
-/// The ModelVersion a job warm-starts from, as far as the operator knows.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WarmStart {
-    NotRequested,
-    Missing(String),
-    Found { uri: String, sha256: String },
-}
-
-pub struct Observed<'a> {
-    pub job: &'a TrainingJob,
-    /// Pods this job owns, of any attempt.
-    pub pods: Vec<&'a Pod>,
-    /// The quota the job names, when it names one and it exists.
-    pub quota: Option<&'a GPUQuota>,
-    pub warm_start: WarmStart,
-    /// The chief's latest progress, when it could be read.
-    pub progress: Option<TrainingProgress>,
-    pub settings: &'a TrainerSettings,
-    /// The training-set step of a job on a FeatureView.
-    pub dataset: DatasetObservation,
-    pub now: Timestamp,
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainingPlan {
@@ -142,120 +109,6 @@ fn admission(observed: &Observed<'_>) -> Admission {
             position: None,
             rejected: false,
         },
-    }
-}
-
-struct Builder<'o, 'a> {
-    observed: &'o Observed<'a>,
-    status: TrainingJobStatus,
-    events: Vec<PlannedEvent>,
-    delete_pods: Vec<String>,
-    create_pods: Vec<Pod>,
-    service: Option<Service>,
-    network_policy: Option<NetworkPolicy>,
-    model_version: Option<ModelVersion>,
-    dataset_job: Option<Job>,
-    admitted_after: Option<Duration>,
-    restarted: bool,
-    requeue: Option<Duration>,
-}
-
-impl Builder<'_, '_> {
-    fn event(&mut self, warning: bool, reason: &'static str, action: &'static str, note: String) {
-        self.events.push(PlannedEvent {
-            warning,
-            reason,
-            action,
-            note,
-        });
-    }
-
-    fn set(&mut self, type_: &str, status: ConditionStatus, reason: &str, message: String) {
-        set_condition(
-            &mut self.status.conditions,
-            condition(
-                type_,
-                status,
-                reason,
-                message,
-                self.observed.job.metadata.generation,
-                self.observed.now,
-            ),
-        );
-    }
-
-    fn enter(&mut self, phase: TrainingPhase) {
-        self.status.phase = Some(phase);
-    }
-
-    /// Deletes the gang's pods (finished ones too unless `keep_finished`, which keeps a failed job's pods for
-    /// inspection). Taking down pods of the current attempt starts a new attempt, so the next gang is new.
-    fn take_down(&mut self, keep_finished: bool) -> bool {
-        let current = self.status.attempt;
-        let mut had_current = false;
-        for pod in &self.observed.pods {
-            if pod.metadata.deletion_timestamp.is_some() || (keep_finished && !is_live(pod)) {
-                continue;
-            }
-            had_current |= attempt_of(pod) == Some(current);
-            self.delete_pods.push(pod.name_any());
-        }
-        if had_current && !keep_finished {
-            self.status.attempt += 1;
-        }
-        had_current
-    }
-
-    fn finish(&mut self, phase: TrainingPhase) {
-        self.enter(phase);
-        if self.status.completion_time.is_none() {
-            self.status.completion_time = Some(Time(self.observed.now));
-        }
-        self.status.queue = None;
-    }
-
-    fn fail(&mut self, reason: &str, message: String) {
-        self.take_down(true);
-        self.finish(TrainingPhase::Failed);
-        self.set(
-            CONDITION_FAILED,
-            ConditionStatus::True,
-            reason,
-            message.clone(),
-        );
-        self.event(true, "Failed", "Train", message);
-    }
-
-    fn replicas(&mut self, current: &[&Pod]) {
-        let topology = &self.observed.job.spec.topology;
-        let members = gang::members(topology);
-        let mut replicas: BTreeMap<Role, ReplicaStatus> = BTreeMap::new();
-        for member in &members {
-            replicas
-                .entry(member.role)
-                .or_insert_with(|| ReplicaStatus {
-                    role: member.role.as_str().to_owned(),
-                    desired: 0,
-                    active: 0,
-                    succeeded: 0,
-                    failed: 0,
-                })
-                .desired += 1;
-        }
-        for pod in current {
-            let Some(member) = member_of(pod) else {
-                continue;
-            };
-            if let Some(replica) = replicas.get_mut(&member.role) {
-                match pod_phase(pod) {
-                    "Succeeded" => replica.succeeded += 1,
-                    "Failed" => replica.failed += 1,
-                    _ if pod.metadata.deletion_timestamp.is_none() => replica.active += 1,
-                    _ => {}
-                }
-            }
-        }
-        self.status.replicas = replicas.into_values().collect();
     }
 }
 
@@ -686,146 +539,6 @@ fn run_gang(b: &mut Builder<'_, '_>, paths: &gang::Paths, warm_start: Option<(&s
     }
 }
 
-/// `PodsScheduled`: an admitted gang whose pods the scheduler cannot place (no node has the GPUs asked for,
-/// a taint, …) says so instead of looking like it trains; the Warning is raised once per episode.
-fn scheduling(b: &mut Builder<'_, '_>, current: &[&Pod]) {
-    let unschedulable: Vec<(String, String)> = current
-        .iter()
-        .filter_map(|pod| {
-            let scheduled = pod
-                .status
-                .as_ref()?
-                .conditions
-                .as_ref()?
-                .iter()
-                .find(|c| c.type_ == "PodScheduled")?;
-            (scheduled.status == "False" && scheduled.reason.as_deref() == Some("Unschedulable"))
-                .then(|| {
-                    (
-                        pod.name_any(),
-                        scheduled.message.clone().unwrap_or_default(),
-                    )
-                })
-        })
-        .collect();
-    let was_unschedulable = find_condition(&b.status.conditions, CONDITION_PODS_SCHEDULED)
-        .is_some_and(|c| c.status == ConditionStatus::False.as_str());
-    match unschedulable.first() {
-        Some((pod, message)) => {
-            let text = format!(
-                "{} of {} pods cannot be scheduled; {pod}: {message}",
-                unschedulable.len(),
-                current.len()
-            );
-            if !was_unschedulable {
-                b.event(true, "Unschedulable", "Schedule", text.clone());
-            }
-            b.set(
-                CONDITION_PODS_SCHEDULED,
-                ConditionStatus::False,
-                "Unschedulable",
-                text,
-            );
-        }
-        None if !current.is_empty() => b.set(
-            CONDITION_PODS_SCHEDULED,
-            ConditionStatus::True,
-            "Scheduled",
-            "every pod of the gang is scheduled or waiting for the scheduler".to_owned(),
-        ),
-        None => {}
-    }
-}
-
-pub const CONDITION_PODS_SCHEDULED: &str = "PodsScheduled";
-
-/// Why a container that the kubelet cannot start waits: nothing will change without a fix (a wrong image, a
-/// missing Secret), so the gang would look like it trains forever.
-const STUCK_STARTING: [&str; 7] = [
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "ErrImageNeverPull",
-    "InvalidImageName",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "RunContainerError",
-];
-
-#[derive(Debug, PartialEq, Eq)]
-enum Starting {
-    Fine,
-    Stuck,
-    /// Stuck past `spec.startTimeout`: the job failed and its pods go.
-    GaveUp,
-}
-
-/// `PodsStarted`: a scheduled gang whose containers the kubelet cannot start (image pull, container config)
-/// names the pod, the container and the kubelet's reason; the Warning is raised once per episode. Stuck for
-/// longer than `spec.startTimeout`, the job fails with that reason, so its quota goes back to the queue.
-fn containers_starting(b: &mut Builder<'_, '_>, current: &[&Pod]) -> Starting {
-    let stuck: Vec<(String, String, &'static str, String)> = current
-        .iter()
-        .flat_map(|pod| {
-            let statuses = pod
-                .status
-                .as_ref()
-                .and_then(|status| status.container_statuses.as_ref());
-            statuses.into_iter().flatten().filter_map(|container| {
-                let waiting = container.state.as_ref()?.waiting.as_ref()?;
-                let reason = waiting.reason.as_deref()?;
-                let reason = STUCK_STARTING.into_iter().find(|stuck| *stuck == reason)?;
-                Some((
-                    pod.name_any(),
-                    container.name.clone(),
-                    reason,
-                    waiting.message.clone().unwrap_or_default(),
-                ))
-            })
-        })
-        .collect();
-    let stuck_since = find_condition(&b.status.conditions, CONDITION_PODS_STARTED)
-        .filter(|c| c.status == ConditionStatus::False.as_str())
-        .map(|c| c.last_transition_time.0);
-    match stuck.first() {
-        Some((pod, container, reason, message)) => {
-            let text = format!(
-                "{} of {} pods cannot start; {pod} (container {container}): {reason}: {message}",
-                stuck.len(),
-                current.len()
-            );
-            let timeout = b.observed.job.spec.start_timeout();
-            let stuck_for = stuck_since
-                .map(|since| b.observed.now.duration_since(since))
-                .and_then(|elapsed| Duration::try_from(elapsed).ok());
-            let limit = timeout.parse().unwrap_or(Duration::from_secs(300));
-            if stuck_for.is_some_and(|stuck_for| stuck_for >= limit) {
-                b.fail(
-                    reason,
-                    format!("{text}; gave up after spec.startTimeout ({timeout})"),
-                );
-                return Starting::GaveUp;
-            }
-            if stuck_since.is_none() {
-                b.event(true, reason, "Start", text.clone());
-            }
-            b.set(CONDITION_PODS_STARTED, ConditionStatus::False, reason, text);
-            Starting::Stuck
-        }
-        None if stuck_since.is_some() => {
-            b.set(
-                CONDITION_PODS_STARTED,
-                ConditionStatus::True,
-                "Started",
-                "no container of the gang is stuck starting".to_owned(),
-            );
-            Starting::Fine
-        }
-        None => Starting::Fine,
-    }
-}
-
-pub const CONDITION_PODS_STARTED: &str = "PodsStarted";
-
 fn restart_or_fail(b: &mut Builder<'_, '_>, reason: String) {
     let limit = b.observed.job.spec.backoff_limit;
     if b.status.restarts >= limit {
@@ -854,162 +567,6 @@ fn restart_or_fail(b: &mut Builder<'_, '_>, reason: String) {
         format!(
             "restart {} of {limit} from the last checkpoint: {reason}",
             b.status.restarts
-        ),
-    );
-}
-
-fn succeed(b: &mut Builder<'_, '_>, result: &ChiefResult, warm_start: Option<(&str, &str)>) {
-    let job = b.observed.job;
-    let metrics = OfflineMetrics {
-        auc: result.metrics.auc,
-        gauc: result.metrics.gauc,
-        log_loss: result.metrics.log_loss,
-        calibration: result.metrics.calibration,
-        uncalibrated_calibration: result.metrics.uncalibrated_calibration,
-        eval_samples: Some(result.metrics.samples),
-    };
-    let name = job.name_any();
-    let uri = if result.artifact.contains("://") {
-        result.artifact.clone()
-    } else {
-        format!("file://{}", result.artifact)
-    };
-    let mut version = ModelVersion::new(
-        &name,
-        ModelVersionSpec {
-            model_name: job.spec.model.name.clone(),
-            artifact: Artifact {
-                uri,
-                sha256: result.sha256.clone(),
-                format: ArtifactFormat::FlywheelV1,
-            },
-            feature_schema_hash: result.feature_schema_hash.clone(),
-            lineage: Lineage {
-                training_job: Some(name.clone()),
-                feature_view: job
-                    .spec
-                    .data
-                    .feature_view
-                    .as_ref()
-                    .map(|v| v.name.clone())
-                    .or_else(|| result.feature_view.as_ref().map(|v| v.name.clone())),
-                feature_view_schema_hash: result
-                    .feature_view
-                    .as_ref()
-                    .map(|v| v.schema_hash.clone()),
-                served_traffic: job
-                    .spec
-                    .data
-                    .served_traffic
-                    .as_ref()
-                    .map(|traffic| traffic.rollout.clone()),
-                data_range: dataset::ranges(job).map(|(train, _)| train),
-                seed: Some(job.spec.seed),
-                code_version: Some(
-                    job.spec
-                        .image
-                        .clone()
-                        .unwrap_or_else(|| b.observed.settings.image.clone()),
-                ),
-                parent: warm_start
-                    .and(job.spec.warm_start_from.as_ref())
-                    .map(|parent| parent.name.clone()),
-            },
-            metrics: metrics.clone(),
-            validation: job.spec.validation.clone(),
-        },
-    );
-    version.metadata = ObjectMeta {
-        name: Some(name.clone()),
-        namespace: job.namespace(),
-        labels: Some(BTreeMap::from([
-            (LABEL_MODEL.to_owned(), job.spec.model.name.clone()),
-            (gang::LABEL_JOB.to_owned(), name.clone()),
-        ])),
-        annotations: Some(BTreeMap::from([(
-            ANNOTATION_JOB_UID.to_owned(),
-            job.uid().unwrap_or_default(),
-        )])),
-        ..ObjectMeta::default()
-    };
-    b.model_version = Some(version);
-    b.status.metrics = Some(metrics);
-    b.status.model_version = Some(name.clone());
-    if let Some(convergence) = &result.convergence {
-        // The trainer counts epochs from 0, people from 1.
-        let best_epoch = convergence.best_epoch.map(|epoch| epoch + 1);
-        b.status.convergence = Some(ConvergenceStatus {
-            epochs_trained: convergence.epochs_trained,
-            best_epoch,
-            stopped_early: convergence.stopped_early,
-        });
-        if convergence.stopped_early {
-            let best = best_epoch.map_or_else(|| "n/a".to_owned(), |epoch| epoch.to_string());
-            b.event(
-                false,
-                "StoppedEarly",
-                "Train",
-                format!(
-                    "held-out log loss stopped improving: trained {} of {} epochs, kept epoch {best}",
-                    convergence.epochs_trained, job.spec.epochs
-                ),
-            );
-        }
-    }
-    if let Some(tuning) = &result.tuning {
-        let status = tuning.status();
-        if let Some(best) = status.trials.iter().find(|t| t.trial == status.best_trial) {
-            b.event(
-                false,
-                "Tuned",
-                "Train",
-                format!(
-                    "trial {} of {} kept: validation log loss {} (learning rate {}, embedding {}, hidden {:?})",
-                    best.trial,
-                    status.trials.len(),
-                    best.validation_log_loss,
-                    best.learning_rate,
-                    best.embedding_dim,
-                    best.hidden_layers
-                ),
-            );
-        }
-        b.status.tuning = Some(status);
-    }
-    let total = b.status.progress.as_ref().and_then(|p| p.total_steps);
-    b.status.progress = Some(TrainingProgress {
-        step: result.steps,
-        total_steps: total.or(Some(result.steps)),
-        epoch: b.status.progress.as_ref().and_then(|p| p.epoch),
-        percent: Some("100%".to_owned()),
-        samples_per_second: result.samples_per_second,
-        loss: b.status.progress.as_ref().and_then(|p| p.loss),
-    });
-    // Parameter servers are done when the workers are; remove them now rather than wait for them to exit.
-    for pod in &b.observed.pods {
-        if member_of(pod).is_some_and(|m| m.role == Role::Server)
-            && pod.metadata.deletion_timestamp.is_none()
-        {
-            b.delete_pods.push(pod.name_any());
-        }
-    }
-    b.finish(TrainingPhase::Succeeded);
-    b.set(
-        CONDITION_COMPLETE,
-        ConditionStatus::True,
-        "ModelVersionCreated",
-        format!("produced ModelVersion {name}"),
-    );
-    b.event(
-        false,
-        "Succeeded",
-        "Train",
-        format!(
-            "produced ModelVersion {name} (AUC {})",
-            result
-                .metrics
-                .auc
-                .map_or_else(|| "n/a".to_owned(), |auc| format!("{auc:.4}"))
         ),
     );
 }
