@@ -349,6 +349,13 @@ spec:
   topology: {single: {}}
   queue: ranking-team
   output: {artifactUri: "file://$mnt/models/"}
+  # A small search: the job's own settings and three draws; the lowest validation log loss is registered.
+  tuning:
+    trials: 4
+    space:
+      learningRate: {min: 0.0005, max: 0.01}
+      embeddingDim: [4, 8, 16]
+      hiddenLayers: [[32], [64, 32]]
   validation:
     gates:
       - {metric: auc, min: 0.6}
@@ -356,6 +363,13 @@ EOT
 "$kubectl" wait --for condition=Ready --timeout=600s trainingjob/ctr-next
 kill "$traffic" 2>/dev/null || true
 echo "$("$kubectl" get trainingjob ctr-next -o jsonpath='{.status.conditions[?(@.type=="DatasetBuilt")].message}')"
+echo "trials (the registered one is bestTrial $("$kubectl" get trainingjob ctr-next -o jsonpath='{.status.tuning.bestTrial}')):"
+"$kubectl" get trainingjob ctr-next -o json | python3 -c '
+import json, sys
+for t in json.load(sys.stdin)["status"]["tuning"]["trials"]:
+    print("  trial %(trial)s: learning rate %(learningRate).4g, embedding %(embeddingDim)s, hidden %(hiddenLayers)s:"
+          " validation log loss %(validationLogLoss).4f after %(epochs)s epochs" % t)'
+
 "$kubectl" get modelversion ctr-next -o custom-columns='NAME:.metadata.name,PHASE:.status.phase,AUC:.spec.metrics.auc,SERVED TRAFFIC OF:.spec.lineage.servedTraffic,FROM:.spec.lineage.dataRange.start,TO:.spec.lineage.dataRange.end'
 
 step "kubectl get flywheel"
