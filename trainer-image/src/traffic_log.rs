@@ -19,6 +19,8 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::training_set::local_path;
+
 /// Micro-seconds since the epoch, as the offline store's time columns hold them.
 type Micros = i64;
 
@@ -140,7 +142,7 @@ pub fn log_traffic(args: &LogTrafficArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: &LogTrafficArgs) -> anyhow::Result<()> {
-    let out = PathBuf::from(args.out.strip_prefix("file://").unwrap_or(&args.out));
+    let out = local_path(&args.out);
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", &args.group)

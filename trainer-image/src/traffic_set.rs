@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::traffic_log::{
     CLICKED, CLICKS_DIR, EVENT_TIME, PREDICTIONS_DIR, REQUEST_ID, SERVED_SCORE, SERVED_VERSION,
 };
-use crate::training_set::parse_range;
+use crate::training_set::{local_path, parse_range, report_step};
 
 /// Parquet metadata key naming the traffic log a set was built from (lineage).
 pub const TRAFFIC_KEY: &str = "flywheel.traffic";
@@ -64,23 +64,7 @@ pub struct TrafficSetArgs {
 }
 
 pub fn build(args: &TrafficSetArgs) -> anyhow::Result<()> {
-    let result = build_sets(args);
-    let summary = match &result {
-        Ok(summary) => summary.clone(),
-        Err(err) => json!({"event": "failed", "error": format!("{err:#}")}),
-    };
-    if let Err(err) = std::fs::write(&args.termination_log, summary.to_string()) {
-        eprintln!(
-            "flywheel-trainer: not writing the termination message to {}: {err}",
-            args.termination_log.display()
-        );
-    }
-    println!("{summary}");
-    result.map(|_| ())
-}
-
-fn local_path(uri: &str) -> PathBuf {
-    PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
+    report_step(&args.termination_log, build_sets(args))
 }
 
 fn micros(text: &str) -> anyhow::Result<i64> {

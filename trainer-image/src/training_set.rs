@@ -82,15 +82,23 @@ pub(crate) fn parse_range(text: &str) -> Result<(String, String), String> {
 }
 
 pub fn build(args: &TrainingSetArgs) -> anyhow::Result<()> {
-    let result = build_sets(args);
+    report_step(&args.termination_log, build_sets(args))
+}
+
+/// A training-set step's outcome: its summary (or the error) as the termination message the operator reads,
+/// and on stdout.
+pub(crate) fn report_step(
+    termination_log: &Path,
+    result: anyhow::Result<serde_json::Value>,
+) -> anyhow::Result<()> {
     let summary = match &result {
         Ok(summary) => summary.clone(),
         Err(err) => json!({"event": "failed", "error": format!("{err:#}")}),
     };
-    if let Err(err) = std::fs::write(&args.termination_log, summary.to_string()) {
+    if let Err(err) = std::fs::write(termination_log, summary.to_string()) {
         eprintln!(
             "flywheel-trainer: not writing the termination message to {}: {err}",
-            args.termination_log.display()
+            termination_log.display()
         );
     }
     println!("{summary}");
@@ -159,7 +167,8 @@ fn build_sets(args: &TrainingSetArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-fn local_path(uri: &str) -> PathBuf {
+/// A `file://` URI (or a plain path) as a path on the training storage.
+pub(crate) fn local_path(uri: &str) -> PathBuf {
     PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
 }
 

@@ -179,7 +179,14 @@ pub fn search<B: AutodiffBackend>(
     device: &B::Device,
 ) -> anyhow::Result<Best<B>> {
     let mut results = Vec::new();
-    let mut best: Option<(f64, Trainer<B>, ModelConfig, TrainConfig, Convergence)> = None;
+    let mut best: Option<(
+        usize,
+        f64,
+        Trainer<B>,
+        ModelConfig,
+        TrainConfig,
+        Convergence,
+    )> = None;
     for trial in 0..trials.max(1) {
         let params = trial_params(space, base, config.seed, trial);
         let trial_model = ModelConfig {
@@ -226,18 +233,14 @@ pub fn search<B: AutodiffBackend>(
         results.push(result);
         if best
             .as_ref()
-            .is_none_or(|(best_loss, ..)| loss < *best_loss)
+            .is_none_or(|(_, best_loss, ..)| loss < *best_loss)
         {
-            best = Some((loss, trainer, trial_model, trial_config, convergence));
+            best = Some((trial, loss, trainer, trial_model, trial_config, convergence));
         }
     }
-    let Some((loss, trainer, model, config, convergence)) = best else {
+    let Some((best, _, trainer, model, config, convergence)) = best else {
         anyhow::bail!("no trial ran");
     };
-    let best = results
-        .iter()
-        .position(|r| r.validation_log_loss == loss)
-        .unwrap_or(0);
     Ok(Best {
         trainer,
         model,
