@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Makes the runtime base of Flywheel's images from Debian packages, without any image registry: the few
-# packages a distroless-like base needs (glibc, libgcc, CA certificates, time zones, netbase) unpacked with
-# dpkg-deb, a `nonroot` user (65532) and an empty /tmp, imported into Docker. Idempotent: a base made by this
-# very script is kept.
+# packages a distroless-like base needs (glibc, libgcc, OpenSSL for librdkafka's TLS, CA certificates, time
+# zones, netbase) unpacked with dpkg-deb, a `nonroot` user (65532) and an empty /tmp, imported into Docker.
+# Idempotent: a base made by this very script is kept.
 #
 # usage: scripts/build-base-image.sh [IMAGE]      (default flywheel-base:bookworm)
 set -euo pipefail
@@ -17,7 +17,7 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/debs" "$work/root"
-packages=(libc6 libgcc-s1 ca-certificates tzdata netbase)
+packages=(libc6 libgcc-s1 libssl3 ca-certificates tzdata netbase)
 if ! (cd "$work/debs" && apt-get download -qq -o APT::Sandbox::User=root "${packages[@]}" 2>/dev/null); then
   apt-get update -qq
   (cd "$work/debs" && apt-get download -qq -o APT::Sandbox::User=root "${packages[@]}")

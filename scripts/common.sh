@@ -15,6 +15,18 @@ step() { printf '\n==> %s\n' "$*"; }
 # need the buildx plugin instead.
 if [[ -z "${DOCKER:-}" && -x /usr/bin/docker ]]; then export DOCKER=/usr/bin/docker; fi
 
+# The C libraries the crates link before anything else runs: librdkafka's TLS and SASL SCRAM use the system
+# OpenSSL. Debian's machines usually carry them; a bare one gets them here.
+ensure_build_packages() {
+  if ! pkg-config --exists openssl 2>/dev/null; then
+    step "build packages (libssl-dev, pkg-config)"
+    local sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends libssl-dev pkg-config >/dev/null
+  fi
+}
+
 prepare_system() {
   step "system packages (etcd, Go, Prometheus, …)"
   "$repo/e2e/scripts/install-system-deps.sh"

@@ -16,6 +16,7 @@ cd "$repo"
 keep=""
 [[ "${1:-}" == "--keep" ]] && keep=1
 
+ensure_build_packages
 prepare_system
 step "building the Flywheel binaries and images"
 cargo build --workspace --bins --locked

@@ -7,6 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 cd "$repo"
 start=$SECONDS
 
+ensure_build_packages
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -3,6 +3,8 @@
 //! it into the pods; a caller proves it holds the token with an `Authorization` header, `Bearer <token>` or
 //! HTTP Basic with the token as the password (Alertmanager's `http_config` can send either).
 
+pub mod store_clients;
+
 use std::fmt;
 use std::path::Path;
 

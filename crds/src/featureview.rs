@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{DNS_LABEL_PATTERN, Duration, SpecViolations};
+use crate::store_access::{ClientTls, KafkaSecurity};
 
 /// Regex of a feature, entity or column name: an identifier usable in Parquet, Redis keys and model cards.
 pub const IDENTIFIER_PATTERN: &str = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$";
@@ -151,6 +152,9 @@ pub struct StreamSource {
     /// Encoding of each message; `Json` (one JSON object per message) is the only one so far. Default `Json`.
     #[serde(default = "default_stream_format")]
     pub format: StreamFormat,
+    /// TLS and SASL toward the brokers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<KafkaSecurity>,
 }
 
 fn default_stream_format() -> StreamFormat {
@@ -303,6 +307,9 @@ pub struct RedisStore {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(DNS_LABEL_PATTERN))]
     pub password_secret: Option<String>,
+    /// Connect over TLS (`rediss://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClientTls>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]

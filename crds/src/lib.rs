@@ -10,6 +10,7 @@ pub mod featureview;
 pub mod gpuquota;
 pub mod modelversion;
 pub mod rollout;
+pub mod store_access;
 pub mod trainingjob;
 pub mod tuning;
 

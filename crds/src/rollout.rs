@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{DNS_LABEL_PATTERN, Duration, SpecViolations};
+use crate::store_access::KafkaSecurity;
 
 /// Canary steps used when `strategy.canary.steps` is empty.
 pub const DEFAULT_CANARY_WEIGHTS: [u32; 4] = [1, 5, 20, 100];
@@ -107,6 +108,10 @@ pub struct Feedback {
     /// log and the clicks and writes them as Parquet, which a TrainingJob's `spec.data.servedTraffic` trains on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_log: Option<TrafficLog>,
+    /// TLS and SASL toward the brokers, for every client of this Rollout (serving replicas and the traffic
+    /// log's sink).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<KafkaSecurity>,
 }
 
 /// Where and how often the served traffic is written down.

@@ -15,6 +15,8 @@ python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v stunnel4 >/dev/null || need+=(stunnel4)
+command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v lua5.4 >/dev/null || need+=(lua5.4)
 command -v pgrep >/dev/null || need+=(procps)
 if ((${#need[@]})); then

@@ -12,6 +12,7 @@ pub mod on_node;
 pub mod operator;
 pub mod prometheus;
 pub mod rollouts;
+pub mod secured_stores;
 pub mod serving;
 pub mod training_jobs;
 pub mod wait;

@@ -33,7 +33,7 @@ pub enum ServingError {
     Http(String),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServingError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServingError {
     let what = what.into();
     move |source| ServingError::Io { what, source }
 }
@@ -44,7 +44,7 @@ pub fn free_port() -> Result<u16, ServingError> {
     Ok(listener.local_addr().map_err(io("local address"))?.port())
 }
 
-fn run(command: &mut Command, what: &str) -> Result<String, ServingError> {
+pub(crate) fn run(command: &mut Command, what: &str) -> Result<String, ServingError> {
     let output = command
         .stdin(Stdio::null())
         .output()
@@ -372,11 +372,7 @@ impl Broker {
 
     /// A broker listening on `listen` (the node's address, for pods to reach it).
     pub async fn start_on(dir: &Path, listen: Ipv4Addr) -> Result<Broker, ServingError> {
-        let cache = std::env::var_os("FLYWHEEL_CACHE").map_or_else(
-            || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flywheel"),
-            PathBuf::from,
-        );
-        let tansu = cache.join("tansu/bin/tansu");
+        let tansu = tansu_binary();
         let port = free_port()?;
         let address = format!("{listen}:{port}");
         let url = format!("tcp://{address}");
@@ -424,6 +420,29 @@ impl Broker {
         )
         .map(|_| ())
     }
+}
+
+/// Rows `flywheel-trainer log-traffic` reported writing (predictions, clicks), from its log.
+pub fn sink_written(log: &Path) -> (u64, u64) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["event"] == "part")
+        .fold((0, 0), |(predictions, clicks), event| {
+            (
+                predictions + event["predictions"].as_u64().unwrap_or(0),
+                clicks + event["clicks"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+/// The broker `e2e/scripts/build-tansu.sh` built into the cache.
+pub fn tansu_binary() -> PathBuf {
+    let cache = std::env::var_os("FLYWHEEL_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flywheel"),
+        PathBuf::from,
+    );
+    cache.join("tansu/bin/tansu")
 }
 
 /// Debian's redis-server on a free port, in memory only.

@@ -69,6 +69,29 @@ async fn chart_lints_installs_and_grants_the_operator_enough() -> TestResult {
         secrets.get_opt("ctr-credentials").await?.is_some(),
         "the Rollout's tokens were created"
     );
+    // The operator's own pods admit only scrapers and Alertmanager on their one port.
+    let policies: Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        Api::namespaced(client.clone(), on_node::RELEASE_NAMESPACE);
+    let policy = serde_json::to_value(policies.get("flywheel-operator").await?)?;
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "flywheel-operator"
+    );
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+    let rule = &policy["spec"]["ingress"][0];
+    assert_eq!(rule["ports"][0]["port"], "http-metrics");
+    let peers: Vec<String> = rule["from"]
+        .as_array()
+        .map(|from| from.iter().map(ToString::to_string).collect())
+        .unwrap_or_default();
+    assert!(
+        peers.iter().any(|peer| peer.contains("alertmanager"))
+            && peers.iter().any(|peer| peer.contains("prometheus")),
+        "{peers:?}"
+    );
     // The kubelet reports a started container a little after it runs; its log is readable from then on.
     let pods: Api<Pod> = Api::namespaced(client.clone(), on_node::RELEASE_NAMESPACE);
     let log = until("the operator's log", Duration::from_secs(60), || {

@@ -13,7 +13,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
 use flywheel_e2e::bin_dir;
 use flywheel_e2e::serving::{
-    Broker, HttpClient, Process, Server, dataset, offline_scores, rest_body, train,
+    Broker, HttpClient, Process, Server, dataset, offline_scores, rest_body, sink_written, train,
 };
 use flywheel_e2e::wait::until;
 use flywheel_features::table::read_batches;
@@ -31,20 +31,6 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::create_dir_all(&dir);
     dir
-}
-
-/// Rows the sink reported writing, by kind, from its log.
-fn written(log: &Path) -> (u64, u64) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines()
-        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-        .filter(|event| event["event"] == "part")
-        .fold((0, 0), |(predictions, clicks), event| {
-            (
-                predictions + event["predictions"].as_u64().unwrap_or(0),
-                clicks + event["clicks"].as_u64().unwrap_or(0),
-            )
-        })
 }
 
 fn read_set(path: &Path) -> Result<RecordBatch, Box<dyn std::error::Error>> {
@@ -167,7 +153,7 @@ async fn served_predictions_and_their_clicks_become_the_next_training_set() -> T
         "the sink wrote 40 predictions and 21 clicks",
         Duration::from_secs(60),
         || async {
-            let (predictions, clicks) = written(&sink_log);
+            let (predictions, clicks) = sink_written(&sink_log);
             (predictions >= 40 && clicks >= 21)
                 .then_some(())
                 .ok_or(format!("{predictions} predictions, {clicks} clicks"))
@@ -195,7 +181,7 @@ async fn served_predictions_and_their_clicks_become_the_next_training_set() -> T
         "the sink wrote the late predictions",
         Duration::from_secs(60),
         || async {
-            let (predictions, _) = written(&sink_log);
+            let (predictions, _) = sink_written(&sink_log);
             (predictions >= 42)
                 .then_some(())
                 .ok_or(format!("{predictions} predictions"))

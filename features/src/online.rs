@@ -13,6 +13,8 @@
 //! - streaming keeps each entity's recent events in the sorted set `<hash key>#events` (score: event time,
 //!   member: the event), which makes replays idempotent: a replayed event is the same member.
 
+use flywheel_auth::store_clients::ClientTls;
+
 use crate::value::{EntityKey, FeatureValue};
 use crate::view::{Micros, View};
 
@@ -258,29 +260,45 @@ pub fn add_writes(pipeline: &mut redis::Pipeline, rows: &[OnlineRow]) {
     }
 }
 
-/// The URL of a Redis server at `address` (`host:port`).
-pub fn redis_url(address: &str, password: Option<&str>, database: u8) -> String {
-    match password {
-        Some(password) => format!(
-            "redis://:{}@{address}/{database}",
-            escape_userinfo(password)
+/// A client of the Redis server at `url` (`redis://host:port/db`). The password is set on the connection, never
+/// spliced into the URL, so no character of it can change the host; with `tls` the connection is `rediss://`,
+/// verified against the given CA or the system's roots.
+pub fn redis_client(
+    url: &str,
+    password: Option<&str>,
+    tls: Option<&ClientTls>,
+) -> Result<redis::Client, redis::RedisError> {
+    let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
+    if let Some(password) = password {
+        let settings = info.redis_settings().clone().set_password(password);
+        info = info.set_redis_settings(settings);
+    }
+    let Some(tls) = tls else {
+        return redis::Client::open(info);
+    };
+    if let redis::ConnectionAddr::Tcp(host, port) = info.addr().clone() {
+        info = info.set_addr(redis::ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        });
+    }
+    match &tls.ca_pem {
+        Some(ca) => redis::Client::build_with_tls(
+            info,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            },
         ),
-        None => format!("redis://{address}/{database}"),
+        None => redis::Client::open(info),
     }
 }
 
-/// A password as URL user information: every byte but RFC 3986's unreserved ones percent-encoded, so `@`, `:`,
-/// `/`, `#` or `%` in a generated password cannot change the URL's host or drop the rest of the password.
-fn escape_userinfo(text: &str) -> String {
-    text.bytes()
-        .map(|byte| {
-            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-                char::from(byte).to_string()
-            } else {
-                format!("%{byte:02X}")
-            }
-        })
-        .collect()
+/// The URL of a Redis server at `address` (`host:port`).
+pub fn redis_url(address: &str, database: u8) -> String {
+    format!("redis://{address}/{database}")
 }
 
 /// Now, in microseconds since the epoch.
@@ -300,15 +318,27 @@ mod tests {
 
     #[test]
     fn a_password_with_url_characters_stays_the_password() {
-        let url = redis_url("redis.cache:6379", Some("p@ss:w/rd#1% é"), 2);
-        assert_eq!(
-            url,
-            "redis://:p%40ss%3Aw%2Frd%231%25%20%C3%A9@redis.cache:6379/2"
-        );
-        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-            .unwrap_or_else(|e| panic!("{e}"));
+        let url = redis_url("redis.cache:6379", 2);
+        assert_eq!(url, "redis://redis.cache:6379/2");
+        let client =
+            redis_client(&url, Some("p@ss:w/rd#1% é"), None).unwrap_or_else(|e| panic!("{e}"));
+        let info = client.get_connection_info();
         assert_eq!(info.redis_settings().password(), Some("p@ss:w/rd#1% é"));
-        assert_eq!(redis_url("r:6379", None, 0), "redis://r:6379/0");
+        assert_eq!(
+            info.addr(),
+            &redis::ConnectionAddr::Tcp("redis.cache".into(), 6379)
+        );
+    }
+
+    #[test]
+    fn tls_makes_the_connection_rediss_to_the_same_host() {
+        let tls = ClientTls { ca_pem: None };
+        let client =
+            redis_client("redis://r:6380/0", None, Some(&tls)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            client.get_connection_info().addr(),
+            redis::ConnectionAddr::TcpTls { host, port: 6380, insecure: false, .. } if host == "r"
+        ));
     }
 
     #[test]

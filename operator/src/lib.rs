@@ -17,6 +17,7 @@ pub mod modelversion;
 pub mod objects;
 pub mod plan;
 pub mod rollout;
+pub mod store_access;
 pub mod supervisor;
 pub mod telemetry;
 pub mod trainingjob;

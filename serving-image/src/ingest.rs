@@ -24,7 +24,6 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -32,6 +31,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
 use serde_json::Value;
+
+use crate::kafka::KafkaConnection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -47,7 +48,7 @@ pub enum IngestError {
 const IDLE_REPORT: Duration = Duration::from_secs(2);
 
 pub struct IngestSettings {
-    pub brokers: String,
+    pub kafka: KafkaConnection,
     pub topic: String,
     pub group: String,
     pub dead_letter_topic: String,
@@ -377,17 +378,19 @@ impl Ingest {
         connection: ConnectionManager,
         metrics: Arc<IngestMetrics>,
     ) -> Result<Ingest, IngestError> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &settings.brokers)
+        let consumer: StreamConsumer = settings
+            .kafka
+            .client_config()
             .set("group.id", &settings.group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .create()?;
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &settings.brokers)
+        let producer: FutureProducer = settings
+            .kafka
+            .client_config()
             .set("message.timeout.ms", "30000")
             .create()?;
-        ensure_topic(&settings.brokers, &settings.dead_letter_topic).await?;
+        ensure_topic(&settings.kafka, &settings.dead_letter_topic).await?;
         consumer.subscribe(&[&settings.topic])?;
         Ok(Ingest {
             view,
@@ -547,10 +550,8 @@ impl Ingest {
 }
 
 /// Creates the dead-letter topic unless it exists.
-async fn ensure_topic(brokers: &str, topic: &str) -> Result<(), IngestError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+async fn ensure_topic(kafka: &KafkaConnection, topic: &str) -> Result<(), IngestError> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
     let results = admin
         .create_topics(
             &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
@@ -569,4 +570,104 @@ async fn ensure_topic(brokers: &str, topic: &str) -> Result<(), IngestError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    /// A view of one Int64 entity with a last value, a transform and a windowed sum over one column.
+    fn view() -> View {
+        let manifest = json!({
+            "apiVersion": "flywheel.dev/v1alpha1", "kind": "FeatureView",
+            "metadata": {"name": "users", "namespace": "test"},
+            "spec": {
+                "entities": [{"name": "user", "joinKey": "user_id", "valueType": "Int64"}],
+                "source": {"stream": {"brokers": ["k:9092"], "topic": "events", "timestampField": "ts"}},
+                "features": [
+                    {"name": "price", "valueType": "Float64"},
+                    {"name": "log_price", "column": "price", "valueType": "Float64", "transform": {"log1p": {}}},
+                    {"name": "spend_1h", "column": "price", "valueType": "Float64",
+                     "aggregation": {"function": "sum", "window": "1h"}},
+                    {"name": "category", "valueType": "String"},
+                ],
+                "ttl": "1d",
+                "offline": {"uri": "file:///tmp/offline"},
+            },
+        });
+        let manifest = flywheel_features::view::parse_manifest(&manifest.to_string())
+            .unwrap_or_else(|e| panic!("{e}"));
+        View::of_manifest(&manifest, "ts").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            any::<i64>().prop_map(|v| json!(v)),
+            any::<f64>().prop_map(|v| json!(v)),
+            any::<bool>().prop_map(|v| json!(v)),
+            ".{0,12}".prop_map(|v| json!(v)),
+            Just(json!(null)),
+            Just(json!({"nested": [1, 2]})),
+            Just(json!(u64::MAX)),
+            Just(json!("2026-12-07T10:00:00Z")),
+        ]
+    }
+
+    #[test]
+    fn a_well_formed_event_is_read_and_a_malformed_one_names_its_field() {
+        let view = view();
+        let good =
+            json!({"user_id": 7, "ts": "2026-12-07T10:00:00Z", "price": 2.5, "category": "a"});
+        let event = parse_event(
+            &view,
+            Some(good.to_string().as_bytes()),
+            "event_id",
+            (0, 42),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(event.entity, EntityKey(vec![KeyPart::Int(7)]));
+        assert_eq!(event.id, "@0:42");
+        assert_eq!(
+            StreamEvent::from_member(&event.entity, &event.member()),
+            Some(event)
+        );
+        let bad = json!({"user_id": "seven", "ts": 1});
+        let refused = parse_event(&view, Some(bad.to_string().as_bytes()), "event_id", (0, 1));
+        assert_eq!(refused, Err("`user_id`: not a Int64".to_owned()));
+        let no_time = json!({"user_id": 1});
+        assert!(
+            parse_event(&view, Some(no_time.to_string().as_bytes()), "id", (0, 1))
+                .is_err_and(|e| e.contains("`ts`"))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_event(&view(), Some(&payload), "event_id", (0, 0));
+        }
+
+        /// Events of every shape a producer could send: fields present or not, of any type. Each is either
+        /// refused with a reason or read into an event that survives its sorted-set member unchanged.
+        #[test]
+        fn arbitrary_events_are_refused_or_round_trip(
+            fields in proptest::collection::btree_map(
+                prop::sample::select(vec!["user_id", "ts", "price", "category", "event_id", "other"]),
+                json_value(),
+                0..6,
+            ),
+        ) {
+            let payload = serde_json::to_vec(&fields).unwrap_or_default();
+            match parse_event(&view(), Some(&payload), "event_id", (3, 9)) {
+                Ok(event) => prop_assert_eq!(
+                    StreamEvent::from_member(&event.entity, &event.member()),
+                    Some(event)
+                ),
+                Err(reason) => prop_assert!(!reason.is_empty()),
+            }
+        }
+    }
 }

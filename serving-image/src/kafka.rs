@@ -14,6 +14,27 @@ use serde::{Deserialize, Serialize};
 
 use crate::metrics::ServingMetrics;
 
+/// Where the brokers are and how to reach them (TLS, SASL), for every client the server makes.
+#[derive(Clone, Debug, Default)]
+pub struct KafkaConnection {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// librdkafka's security settings (`security.protocol`, `sasl.*`, `ssl.*`).
+    pub security: Vec<(&'static str, String)>,
+}
+
+impl KafkaConnection {
+    /// A client configuration bound to the brokers, with the security settings.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (key, value) in &self.security {
+            config.set(*key, value);
+        }
+        config
+    }
+}
+
 /// One scored row as the prediction log carries it (JSON, keyed by request id).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -68,13 +89,13 @@ pub struct PredictionLog {
 
 impl PredictionLog {
     pub fn new(
-        brokers: &str,
+        kafka: &KafkaConnection,
         topic: &str,
         capacity: usize,
         metrics: Arc<ServingMetrics>,
     ) -> Result<PredictionLog, KafkaError> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        let producer = kafka
+            .client_config()
             .set("queue.buffering.max.messages", capacity.max(1).to_string())
             .set("linger.ms", "20")
             .set("message.timeout.ms", "30000")
@@ -112,15 +133,15 @@ impl PredictionLog {
 /// Consumes the click topic forever, handing each event to `on_click`. Every replica reads every click (its
 /// own consumer group), since each holds only its own predictions.
 pub async fn consume_clicks(
-    brokers: &str,
+    kafka: &KafkaConnection,
     topic: &str,
     group: &str,
     offset_reset: &str,
     metrics: Arc<ServingMetrics>,
     on_click: impl Fn(ClickEvent) + Send,
 ) -> Result<(), KafkaError> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: StreamConsumer = kafka
+        .client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", offset_reset)

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use flywheel_auth::store_clients::{KafkaClientArgs, RedisClientArgs};
 use tokio::net::TcpListener;
 
 use flywheel_serving::model::ModelSource;
@@ -33,7 +34,7 @@ enum Command {
     Route(RouteArgs),
     /// Stream a FeatureView's Kafka topic into its online store (windowed aggregations, at least once,
     /// idempotent; malformed events to a dead-letter topic).
-    Ingest(IngestArgs),
+    Ingest(Box<IngestArgs>),
 }
 
 #[derive(clap::Args)]
@@ -61,6 +62,10 @@ struct IngestArgs {
     redis: Option<String>,
     #[arg(long, env = "FLYWHEEL_REDIS_PASSWORD", hide_env_values = true)]
     redis_password: Option<String>,
+    #[command(flatten)]
+    redis_client: RedisClientArgs,
+    #[command(flatten)]
+    kafka_client: KafkaClientArgs,
     #[arg(long, default_value = "event_id")]
     event_id_field: String,
     #[arg(long, default_value_t = 1000)]
@@ -124,6 +129,8 @@ struct ServeArgs {
     /// Kafka bootstrap servers for the prediction log and the click topic.
     #[arg(long, env = "FLYWHEEL_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
+    #[command(flatten)]
+    kafka_client: KafkaClientArgs,
     #[arg(long, env = "FLYWHEEL_PREDICTION_LOG_TOPIC")]
     prediction_log_topic: Option<String>,
     /// Records the prediction log buffers before dropping (never blocking a request).
@@ -142,6 +149,8 @@ struct ServeArgs {
     /// The online store's password (from the view's Secret), kept out of the URL.
     #[arg(long, env = "FLYWHEEL_REDIS_PASSWORD", hide_env_values = true)]
     online_store_password: Option<String>,
+    #[command(flatten)]
+    online_store_client: RedisClientArgs,
     /// The request input whose value is the entity key.
     #[arg(long, env = "FLYWHEEL_ONLINE_ENTITY", default_value = "user_id")]
     online_entity: String,
@@ -217,7 +226,7 @@ fn main() -> std::process::ExitCode {
                 match cli.command {
                     Command::Serve(args) => serve(*args).await,
                     Command::Route(args) => route(args).await,
-                    Command::Ingest(args) => ingest(args).await,
+                    Command::Ingest(args) => ingest(*args).await,
                 }
             })
         });
@@ -238,15 +247,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let feedback_token = token_of(args.feedback_token_file.as_ref(), "feedback-token-file")?;
     let metrics = Arc::new(metrics::ServingMetrics::new(&args.model_name));
-    let prediction_log = match (&args.kafka_brokers, &args.prediction_log_topic) {
-        (Some(brokers), Some(topic)) => Some(
-            kafka::PredictionLog::new(
-                brokers,
-                topic,
-                args.prediction_log_capacity,
-                metrics.clone(),
-            )
-            .context("prediction log producer")?,
+    let kafka = match &args.kafka_brokers {
+        Some(brokers) => Some(kafka::KafkaConnection {
+            brokers: brokers.clone(),
+            security: args.kafka_client.settings()?,
+        }),
+        None => None,
+    };
+    let prediction_log = match (&kafka, &args.prediction_log_topic) {
+        (Some(kafka), Some(topic)) => Some(
+            kafka::PredictionLog::new(kafka, topic, args.prediction_log_capacity, metrics.clone())
+                .context("prediction log producer")?,
         ),
         (None, Some(_)) => anyhow::bail!("--prediction-log-topic needs --kafka-brokers"),
         _ => None,
@@ -257,6 +268,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 online::OnlineSettings {
                     url: url.clone(),
                     password: args.online_store_password.clone(),
+                    tls: args.online_store_client.tls()?,
                     prefix: args.online_key_prefix.clone(),
                     entity: args.online_entity.clone(),
                     features: args.online_features.clone(),
@@ -331,7 +343,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             refresher.refresh_quality();
         }
     });
-    if let (Some(brokers), Some(topic)) = (args.kafka_brokers.clone(), args.clicks_topic.clone()) {
+    if let (Some(kafka), Some(topic)) = (kafka, args.clicks_topic.clone()) {
         let group = args.clicks_group.clone().unwrap_or_else(|| {
             format!(
                 "flywheel-serving-{}-{}",
@@ -343,7 +355,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let reset = args.clicks_offset_reset.clone();
         tokio::spawn(async move {
             let result = kafka::consume_clicks(
-                &brokers,
+                &kafka,
                 &topic,
                 &group,
                 &reset,
@@ -474,10 +486,13 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let view = flywheel_features::View::of_manifest(&manifest, &stream.timestamp_field)?;
     let topic = args.topic.clone().unwrap_or_else(|| stream.topic.clone());
     let settings = ingest::IngestSettings {
-        brokers: args
-            .brokers
-            .clone()
-            .unwrap_or_else(|| stream.brokers.join(",")),
+        kafka: kafka::KafkaConnection {
+            brokers: args
+                .brokers
+                .clone()
+                .unwrap_or_else(|| stream.brokers.join(",")),
+            security: args.kafka_client.settings()?,
+        },
         dead_letter_topic: args
             .dead_letter_topic
             .clone()
@@ -492,16 +507,16 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         batch_wait: args.batch_wait,
     };
     let address = args.redis.as_deref().unwrap_or(&online.redis.address);
-    let url = flywheel_features::online::redis_url(
-        address,
+    let url = flywheel_features::online::redis_url(address, online.redis.database);
+    let connection = flywheel_features::online::redis_client(
+        &url,
         args.redis_password.as_deref(),
-        online.redis.database,
-    );
-    let connection = redis::Client::open(url.as_str())
-        .context("the online store address")?
-        .get_connection_manager()
-        .await
-        .with_context(|| format!("connecting to the online store at {address}"))?;
+        args.redis_client.tls()?.as_ref(),
+    )
+    .context("the online store address")?
+    .get_connection_manager()
+    .await
+    .with_context(|| format!("connecting to the online store at {address}"))?;
     let metrics = Arc::new(ingest::IngestMetrics::new());
     let admin = bind(args.admin_listen).await?;
     tracing::info!(topic = settings.topic, group = settings.group, "ingesting");

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use flywheel_auth::store_clients::ClientTls;
 use flywheel_ml::schema::{FeatureSchema, ValueType};
-use redis::IntoConnectionInfo;
 use redis::aio::ConnectionManager;
 
 use crate::metrics::ServingMetrics;
@@ -36,6 +36,8 @@ pub struct OnlineSettings {
     /// Set on the connection as it is, never spliced into the URL: a password holding `@`, `:` or `/` would
     /// change its host.
     pub password: Option<String>,
+    /// `rediss://`, verified against these roots.
+    pub tls: Option<ClientTls>,
     pub prefix: String,
     pub entity: String,
     pub features: Vec<String>,
@@ -47,15 +49,11 @@ impl OnlineStore {
         settings: OnlineSettings,
         metrics: Arc<ServingMetrics>,
     ) -> Result<OnlineStore, OnlineError> {
-        let mut connection_info = settings.url.as_str().into_connection_info()?;
-        if let Some(password) = &settings.password {
-            let with_password = connection_info
-                .redis_settings()
-                .clone()
-                .set_password(password);
-            connection_info = connection_info.set_redis_settings(with_password);
-        }
-        let client = redis::Client::open(connection_info)?;
+        let client = flywheel_features::online::redis_client(
+            &settings.url,
+            settings.password.as_deref(),
+            settings.tls.as_ref(),
+        )?;
         let connection = ConnectionManager::new(client).await?;
         Ok(OnlineStore {
             connection,

@@ -13,13 +13,14 @@ use anyhow::{Context, bail};
 use arrow_array::{
     ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray,
 };
+use flywheel_auth::store_clients::RedisClientArgs;
 use flywheel_crds::FeatureView;
 use flywheel_crds::common::parse_duration;
 use flywheel_crds::featureview::{FeatureStatistics, FeatureViewSpec, MaterializationReport};
 use flywheel_features::column::Column;
 use flywheel_features::grouping::EntityIds;
 use flywheel_features::offline::{Computed, values_at_events, write_partition};
-use flywheel_features::online::{WRITE_BATCH, is_expired, now_micros, redis_url};
+use flywheel_features::online::{WRITE_BATCH, is_expired, now_micros, redis_client, redis_url};
 use flywheel_features::pit::PointInTimeIndex;
 use flywheel_features::samples::{Click, Windows, label_impressions};
 use flywheel_features::source::SourceEvents;
@@ -38,6 +39,9 @@ use crate::online_writer::OnlineWriter;
 
 /// The kubelet keeps at most this much of a termination message.
 const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+/// How long the online store may take to accept the connection, and to take or answer one write batch.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const REDIS_IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(clap::Args, Clone)]
 pub struct ViewArgs {
@@ -69,6 +73,8 @@ pub struct MaterializeArgs {
     redis: Option<String>,
     #[arg(long, env = "FLYWHEEL_REDIS_PASSWORD", hide_env_values = true)]
     redis_password: Option<String>,
+    #[command(flatten)]
+    redis_client: RedisClientArgs,
     #[arg(long)]
     no_online: bool,
     /// Materialize events after this time (RFC 3339): the previous run's watermark.
@@ -488,16 +494,19 @@ fn connect_online(
         .redis
         .clone()
         .unwrap_or_else(|| online.redis.address.clone());
-    let url = redis_url(
-        &address,
-        args.redis_password.as_deref(),
-        online.redis.database,
-    );
+    let url = redis_url(&address, online.redis.database);
+    let password = args.redis_password.clone();
+    let tls = args.redis_client.tls();
     let connecting = address.clone();
     let connection = std::thread::spawn(move || {
-        redis::Client::open(url.as_str())
-            .and_then(|client| client.get_connection())
-            .with_context(|| format!("connecting to the online store at {connecting}"))
+        let client = redis_client(&url, password.as_deref(), tls?.as_ref())?;
+        let connection = client
+            .get_connection_with_timeout(REDIS_CONNECT_TIMEOUT)
+            .with_context(|| format!("connecting to the online store at {connecting}"))?;
+        // A black-holed store fails the run (and the Job reports it) instead of hanging it until its deadline.
+        connection.set_read_timeout(Some(REDIS_IO_TIMEOUT))?;
+        connection.set_write_timeout(Some(REDIS_IO_TIMEOUT))?;
+        Ok(connection)
     });
     Some((address, connection))
 }

@@ -11,6 +11,7 @@ use anyhow::Context;
 use arrow_array::{
     ArrayRef, BooleanArray, Float64Array, Int64Array, StringArray, TimestampMicrosecondArray,
 };
+use flywheel_auth::store_clients::KafkaClientArgs;
 use flywheel_crds::common::parse_duration;
 use flywheel_features::table::write_parquet;
 use rdkafka::Message;
@@ -46,6 +47,8 @@ pub struct LogTrafficArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "FLYWHEEL_KAFKA_BROKERS")]
     brokers: String,
+    #[command(flatten)]
+    kafka_client: KafkaClientArgs,
     /// The prediction log topic the serving replicas write.
     #[arg(long, env = "FLYWHEEL_PREDICTION_LOG_TOPIC")]
     predictions_topic: String,
@@ -143,8 +146,12 @@ pub fn log_traffic(args: &LogTrafficArgs) -> anyhow::Result<()> {
 
 async fn run(args: &LogTrafficArgs) -> anyhow::Result<()> {
     let out = local_path(&args.out);
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &args.brokers)
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &args.brokers);
+    for (key, value) in args.kafka_client.settings()? {
+        config.set(key, value);
+    }
+    let consumer: StreamConsumer = config
         .set("group.id", &args.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", &args.offset_reset)
@@ -409,6 +416,7 @@ mod tests {
     fn a_malformed_message_is_counted_and_dropped() {
         let args = LogTrafficArgs {
             brokers: String::new(),
+            kafka_client: KafkaClientArgs::default(),
             predictions_topic: "predictions".into(),
             clicks_topic: Some("clicks".into()),
             group: "g".into(),

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use super::{KIND, LABEL_VIEW};
 use crate::config::{ServingSettings, TrainerSettings};
 use crate::objects::{owner, security};
+use crate::store_access::PodAccess;
 
 /// The view as the data-plane processes read it (FLYWHEEL_FEATURE_VIEW).
 pub fn view_json(view: &FeatureView) -> String {
@@ -37,7 +38,11 @@ fn common_env(view: &FeatureView) -> Vec<Value> {
     env
 }
 
-/// The materialization Job of one scheduled run.
+/// TLS toward the view's online store, when it asks for it.
+fn redis_access(view: &FeatureView) -> PodAccess {
+    PodAccess::redis(view.spec.online.as_ref().and_then(|o| o.redis.tls.as_ref()))
+}
+
 /// How long one materialization run may take, in seconds (`spec.materialization.timeout`, default 30m).
 fn run_deadline_seconds(view: &FeatureView) -> u64 {
     let timeout = view.spec.materialization.as_ref().map_or_else(
@@ -49,6 +54,7 @@ fn run_deadline_seconds(view: &FeatureView) -> u64 {
         .map_or(30 * 60, |timeout| timeout.as_secs().max(1))
 }
 
+/// The materialization Job of one scheduled run.
 pub fn materialization_job(
     view: &FeatureView,
     name: &str,
@@ -66,13 +72,14 @@ pub fn materialization_job(
     {
         env.push(json!({"name": "FLYWHEEL_SINCE", "value": watermark}));
     }
-    let (volumes, mounts) = match &settings.storage_claim {
+    let (mut volumes, mut mounts) = match &settings.storage_claim {
         Some(claim) => (
             json!([{"name": "storage", "persistentVolumeClaim": {"claimName": claim}}]),
             json!([{"name": "storage", "mountPath": settings.storage_path}]),
         ),
         None => (json!([]), json!([])),
     };
+    redis_access(view).add_to(&mut env, &mut volumes, &mut mounts);
     let labels = json!({LABEL_VIEW: view_name, "app.kubernetes.io/managed-by": "flywheel"});
     serde_json::from_value(json!({
         "apiVersion": "batch/v1",
@@ -121,6 +128,16 @@ pub fn ingest_deployment(
 ) -> Result<Deployment, serde_json::Error> {
     let view_name = view.metadata.name.clone().unwrap_or_default();
     let labels = json!({LABEL_VIEW: view_name, "app.kubernetes.io/component": "ingest"});
+    let (mut env, mut volumes, mut mounts) = (common_env(view), json!([]), json!([]));
+    let kafka = view
+        .spec
+        .source
+        .stream
+        .as_ref()
+        .and_then(|s| s.security.as_ref());
+    PodAccess::kafka(kafka)
+        .and(redis_access(view))
+        .add_to(&mut env, &mut volumes, &mut mounts);
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -136,11 +153,13 @@ pub fn ingest_deployment(
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
+                    "volumes": volumes,
                     "containers": [{
                         "name": "ingest",
                         "image": settings.image,
                         "args": ["ingest"],
-                        "env": common_env(view),
+                        "env": env,
+                        "volumeMounts": mounts,
                         "ports": [{"name": "metrics", "containerPort": 8082, "protocol": "TCP"}],
                         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
                         "securityContext": security(),

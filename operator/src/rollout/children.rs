@@ -87,8 +87,8 @@ pub fn plan(inputs: &Inputs<'_>, status: &RolloutStatus) -> Result<Children, ser
     children
         .apply
         .push(Child::of(&network::network_policy(rollout)?)?);
-    let online_env = match inputs.online {
-        OnlineView::Found(view) => online::environment(rollout, view),
+    let online_access = match inputs.online {
+        OnlineView::Found(view) => online::access(rollout, view),
         _ => None,
     };
     let served = served(status);
@@ -101,7 +101,7 @@ pub fn plan(inputs: &Inputs<'_>, status: &RolloutStatus) -> Result<Children, ser
             rollout,
             version,
             inputs.serving,
-            online_env.as_deref(),
+            online_access.as_ref(),
             inputs.credentials_digest,
         )?;
         children.apply.push(Child::of(&deployment)?);
@@ -357,6 +357,7 @@ mod tests {
                 uri: "file:///var/lib/flywheel/traffic/ctr".into(),
                 flush_interval: None,
             }),
+            security: None,
         });
         let kept = children_for(&rollout, &sink, &healthy);
         assert!(kept.delete.is_empty());

@@ -4,7 +4,9 @@
 use flywheel_crds::common::SpecViolations;
 use flywheel_crds::featureview::FeatureValueType;
 use flywheel_crds::{FeatureView, ModelVersion, Rollout};
-use serde_json::{Value, json};
+use serde_json::json;
+
+use crate::store_access::PodAccess;
 
 const FIELD: &str = "spec.onlineFeatures.featureView";
 
@@ -64,9 +66,9 @@ fn short(hash: &str) -> &str {
     &hash[..hash.len().min(12)]
 }
 
-/// The serving container's environment for the view's online store (the pod reads the Redis password from the
-/// view's Secret); `None` when the view cannot be used.
-pub fn environment(rollout: &Rollout, view: &FeatureView) -> Option<Vec<Value>> {
+/// What the serving container needs for the view's online store: its settings, the Redis password from the
+/// view's Secret, TLS; `None` when the view cannot be used.
+pub fn access(rollout: &Rollout, view: &FeatureView) -> Option<PodAccess> {
     let redis = &view.spec.online.as_ref()?.redis;
     let [entity] = view.spec.entities.as_slice() else {
         return None;
@@ -103,7 +105,14 @@ pub fn environment(rollout: &Rollout, view: &FeatureView) -> Option<Vec<Value>> 
     env.push(json!({"name": "FLYWHEEL_ONLINE_KEY_PREFIX", "value": view.online_key_prefix()}));
     env.push(json!({"name": "FLYWHEEL_ONLINE_ENTITY", "value": input}));
     env.push(json!({"name": "FLYWHEEL_ONLINE_FEATURES", "value": features.join(",")}));
-    Some(env)
+    let tls = PodAccess::redis(redis.tls.as_ref());
+    Some(
+        PodAccess {
+            env,
+            ..PodAccess::default()
+        }
+        .and(tls),
+    )
 }
 
 #[cfg(test)]
@@ -158,7 +167,9 @@ mod tests {
         if let Some(online) = &mut view.spec.online {
             online.redis.password_secret = Some("redis-auth".into());
         }
-        let env = environment(&rollout, &view).unwrap_or_else(|| panic!("usable view"));
+        let env = access(&rollout, &view)
+            .unwrap_or_else(|| panic!("usable view"))
+            .env;
         let value = |name: &str| {
             env.iter()
                 .find(|v| v["name"] == name)

@@ -12,6 +12,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::config::ServingSettings;
 use crate::objects::{owner, security};
+use crate::store_access::PodAccess;
 
 pub const LABEL_ROLLOUT: &str = "flywheel.dev/rollout";
 pub const LABEL_VERSION: &str = "flywheel.dev/model-version";
@@ -135,7 +136,7 @@ pub fn version_deployment(
     rollout: &Rollout,
     version: &ModelVersion,
     settings: &ServingSettings,
-    online: Option<&[Value]>,
+    online: Option<&PodAccess>,
     credentials_digest: &str,
 ) -> Result<Deployment, serde_json::Error> {
     let name = rollout.metadata.name.clone().unwrap_or_default();
@@ -151,6 +152,21 @@ pub fn version_deployment(
     let (volume, mount) = credentials_volume(&name, &[ADMIN_TOKEN_KEY, FEEDBACK_TOKEN_KEY]);
     push(&mut volumes, volume);
     push(&mut mounts, mount);
+    let mut env: Vec<Value> = Vec::new();
+    if let Some(online) = online {
+        online.add_to(&mut env, &mut volumes, &mut mounts);
+    }
+    if let Some(feedback) = &rollout.spec.feedback {
+        PodAccess::kafka(feedback.security.as_ref()).add_to(&mut env, &mut volumes, &mut mounts);
+        // Each pod's consumer group is its own (the server defaults it to the pod's hostname).
+        env.push(json!({"name": "FLYWHEEL_KAFKA_BROKERS", "value": feedback.brokers.join(",")}));
+        if let Some(topic) = &feedback.clicks_topic {
+            env.push(json!({"name": "FLYWHEEL_CLICKS_TOPIC", "value": topic}));
+        }
+        if let Some(topic) = &feedback.prediction_log_topic {
+            env.push(json!({"name": "FLYWHEEL_PREDICTION_LOG_TOPIC", "value": topic}));
+        }
+    }
     let mut container = json!({
         "name": "serve",
         "image": image,
@@ -177,17 +193,6 @@ pub fn version_deployment(
     });
     if let Some(resources) = &rollout.spec.serving.resources {
         container["resources"] = serde_json::to_value(resources)?;
-    }
-    let mut env: Vec<Value> = online.map(<[Value]>::to_vec).unwrap_or_default();
-    if let Some(feedback) = &rollout.spec.feedback {
-        // Each pod's consumer group is its own (the server defaults it to the pod's hostname).
-        env.push(json!({"name": "FLYWHEEL_KAFKA_BROKERS", "value": feedback.brokers.join(",")}));
-        if let Some(topic) = &feedback.clicks_topic {
-            env.push(json!({"name": "FLYWHEEL_CLICKS_TOPIC", "value": topic}));
-        }
-        if let Some(topic) = &feedback.prediction_log_topic {
-            env.push(json!({"name": "FLYWHEEL_PREDICTION_LOG_TOPIC", "value": topic}));
-        }
     }
     if !env.is_empty() {
         container["env"] = json!(env);
@@ -396,6 +401,7 @@ mod tests {
             clicks_topic: Some("clicks".into()),
             prediction_log_topic: None,
             traffic_log: None,
+            security: None,
         });
         assert_eq!(
             env_of(&version_deployment(
@@ -408,6 +414,72 @@ mod tests {
                 ),
                 ("FLYWHEEL_CLICKS_TOPIC".to_owned(), "clicks".to_owned()),
             ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn serving_pods_reach_a_secured_kafka_with_the_users_secrets() -> anyhow::Result<()> {
+        use flywheel_crds::store_access::{ClientTls, KafkaSasl, KafkaSecurity, SaslMechanism};
+        let mut rollout: Rollout = crate::plan::examples::load("rollout.yaml", 1);
+        let version: ModelVersion = crate::plan::examples::load("modelversion.yaml", 1);
+        rollout.spec.feedback = Some(flywheel_crds::rollout::Feedback {
+            brokers: vec!["kafka:9093".into()],
+            clicks_topic: Some("clicks".into()),
+            prediction_log_topic: None,
+            traffic_log: None,
+            security: Some(KafkaSecurity {
+                tls: Some(ClientTls {
+                    ca_secret: Some("kafka-ca".into()),
+                }),
+                sasl: Some(KafkaSasl {
+                    mechanism: SaslMechanism::ScramSha256,
+                    credentials_secret: "kafka-user".into(),
+                }),
+            }),
+        });
+        let settings = ServingSettings {
+            image: "serving".into(),
+            traffic_log_image: "flywheel-trainer:test".into(),
+            storage_claim: None,
+            storage_path: "/var/lib/flywheel".into(),
+        };
+        let pod = serde_json::to_value(version_deployment(
+            &rollout, &version, &settings, None, "d",
+        )?)?["spec"]["template"]["spec"]
+            .clone();
+        let env = &pod["containers"][0]["env"];
+        let find = |name: &str| {
+            env.as_array()
+                .and_then(|env| env.iter().find(|v| v["name"] == name))
+                .cloned()
+                .unwrap_or_default()
+        };
+        assert_eq!(find("FLYWHEEL_KAFKA_TLS")["value"], "true");
+        assert_eq!(
+            find("FLYWHEEL_KAFKA_SASL_MECHANISM")["value"],
+            "SCRAM-SHA-256"
+        );
+        assert_eq!(
+            find("FLYWHEEL_KAFKA_SASL_PASSWORD")["valueFrom"]["secretKeyRef"]["name"],
+            "kafka-user"
+        );
+        let ca_file = find("FLYWHEEL_KAFKA_CA_FILE")["value"].clone();
+        let mounted = pod["containers"][0]["volumeMounts"]
+            .as_array()
+            .and_then(|mounts| mounts.iter().find(|m| m["name"] == "kafka-ca"))
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            ca_file
+                .as_str()
+                .is_some_and(|file| file.starts_with(mounted["mountPath"].as_str().unwrap_or("-"))),
+            "{ca_file} under {mounted}"
+        );
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|v| v["secret"]["secretName"] == "kafka-ca"))
         );
         Ok(())
     }

@@ -10,6 +10,7 @@ use serde_json::json;
 use super::traffic::{LABEL_ROLE, LABEL_ROLLOUT, workload_name};
 use crate::config::ServingSettings;
 use crate::objects::{owner, security};
+use crate::store_access::PodAccess;
 
 /// The role label of the sink's Deployment (the sweep removes it when the spec drops `trafficLog`).
 pub const ROLE: &str = "traffic-log";
@@ -52,13 +53,14 @@ pub fn deployment(
     if let Some(clicks) = &feedback.clicks_topic {
         env.push(json!({"name": "FLYWHEEL_CLICKS_TOPIC", "value": clicks}));
     }
-    let (volumes, mounts) = match &settings.storage_claim {
+    let (mut volumes, mut mounts) = match &settings.storage_claim {
         Some(claim) => (
             json!([{"name": "storage", "persistentVolumeClaim": {"claimName": claim}}]),
             json!([{"name": "storage", "mountPath": settings.storage_path}]),
         ),
         None => (json!([]), json!([])),
     };
+    PodAccess::kafka(feedback.security.as_ref()).add_to(&mut env, &mut volumes, &mut mounts);
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -125,6 +127,7 @@ mod tests {
             clicks_topic: Some("clicks".into()),
             prediction_log_topic: Some("predictions".into()),
             traffic_log: log,
+            security: None,
         });
         rollout
     }
