@@ -12,7 +12,7 @@ use crate::dataset::{self, Columns, read_encoded, write_impressions};
 use crate::report::emit;
 use crate::setup::read_schema;
 
-pub(crate) fn generate_command(
+pub fn generate_command(
     rows: usize,
     seed: u64,
     users: u32,
@@ -63,7 +63,7 @@ pub(crate) fn generate_command(
     Ok(())
 }
 
-pub(crate) fn encode_command(
+pub fn encode_command(
     data: &Path,
     schema_path: &Path,
     label: String,
@@ -83,7 +83,7 @@ pub(crate) fn encode_command(
     Ok(())
 }
 
-pub(crate) fn score_command(
+pub fn score_command(
     model: &Path,
     data: &Path,
     label: String,

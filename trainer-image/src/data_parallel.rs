@@ -20,7 +20,7 @@ use crate::{collective, gang_auth};
 /// every global batch, and the gang reduces gradients each step through rank 0's collective, so the result
 /// matches one process training with the same global batch. Rank 0 also checkpoints (every rank resumes
 /// from its `checkpoint.fwc`), evaluates and writes the artifact.
-pub(crate) fn data_parallel_command<B: AutodiffBackend>(
+pub fn data_parallel_command<B: AutodiffBackend>(
     args: &TrainArgs,
     progress: &mut ProgressReporter,
     device: B::Device,

@@ -18,7 +18,7 @@ use crate::setup::*;
 use crate::status::{Phase, ProgressReporter};
 use crate::{gang_auth, ps, worker};
 
-pub(crate) fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
+pub fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
@@ -52,7 +52,7 @@ pub(crate) fn ps_command(args: &PsArgs) -> anyhow::Result<()> {
 }
 
 /// This shard's share of the warm-start artifact at `path`: the rows that hash to it, with fresh optimizer state.
-pub(crate) fn shard_warm_start(
+pub fn shard_warm_start(
     args: &PsArgs,
     config: &ps::ShardConfig,
     path: &Path,
@@ -96,7 +96,7 @@ pub(crate) fn shard_warm_start(
 
 /// Trains this worker's share of the data against the parameter-server shards; the chief (rank 0) then waits
 /// for the other workers, assembles the model from the shards, evaluates it and writes the artifact.
-pub(crate) fn ps_worker_command<B: AutodiffBackend>(
+pub fn ps_worker_command<B: AutodiffBackend>(
     args: &TrainArgs,
     progress: &mut ProgressReporter,
     device: B::Device,

@@ -13,7 +13,7 @@ use crate::worker;
 
 /// The chief's last act once every other worker is done: assemble the embedding rows from the shards, evaluate,
 /// write the artifact and the termination message, and release the shards.
-pub(crate) fn finish_as_chief<B: AutodiffBackend>(
+pub fn finish_as_chief<B: AutodiffBackend>(
     args: &TrainArgs,
     prepared: Prepared,
     store: &mut worker::RemoteStore,
@@ -54,7 +54,7 @@ pub(crate) fn finish_as_chief<B: AutodiffBackend>(
 
 /// Writes the chief's artifact and reports the result: a JSON line on stdout and the termination message the
 /// operator reads. `extra` fields (e.g. the gang size) join the standard ones.
-pub(crate) fn publish<B: AutodiffBackend>(
+pub fn publish<B: AutodiffBackend>(
     args: &TrainArgs,
     card: &ModelCard,
     trainer: &Trainer<B>,

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-pub(crate) fn emit(event: serde_json::Value) {
+pub fn emit(event: serde_json::Value) {
     println!("{event}");
 }
 
 /// Best effort: outside Kubernetes the default path usually does not exist, and stdout already has the result.
-pub(crate) fn write_termination_message(path: &Path, result: &serde_json::Value) {
+pub fn write_termination_message(path: &Path, result: &serde_json::Value) {
     if let Err(err) = std::fs::write(path, result.to_string()) {
         eprintln!(
             "flywheel-trainer: not writing the termination message to {}: {err}",

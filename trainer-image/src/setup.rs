@@ -20,17 +20,17 @@ use crate::dataset::{self, Columns, read_encoded};
 use crate::report::emit;
 
 /// The job's data, schema and configuration, as every distributed worker loads them.
-pub(crate) struct Prepared {
-    pub(crate) schema: FeatureSchema,
-    pub(crate) columns: Columns,
-    pub(crate) train: EncodedDataset,
+pub struct Prepared {
+    pub schema: FeatureSchema,
+    pub columns: Columns,
+    pub train: EncodedDataset,
     /// Held out of `train` for early stopping and calibration.
-    pub(crate) validation: Option<EncodedDataset>,
-    pub(crate) model: ModelConfig,
-    pub(crate) config: TrainConfig,
+    pub validation: Option<EncodedDataset>,
+    pub model: ModelConfig,
+    pub config: TrainConfig,
 }
 
-pub(crate) fn read_schema(path: &Path) -> anyhow::Result<FeatureSchema> {
+pub fn read_schema(path: &Path) -> anyhow::Result<FeatureSchema> {
     let schema_text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let schema: FeatureSchema = serde_json::from_str(&schema_text)
@@ -41,7 +41,7 @@ pub(crate) fn read_schema(path: &Path) -> anyhow::Result<FeatureSchema> {
     Ok(schema)
 }
 
-pub(crate) fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
+pub fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
     let schema = read_schema(&args.schema)?;
     let columns = Columns {
         label: args.label.clone(),
@@ -70,7 +70,7 @@ pub(crate) fn prepare(args: &TrainArgs) -> anyhow::Result<Prepared> {
     })
 }
 
-pub(crate) fn model_config(args: &TrainArgs, schema: &FeatureSchema) -> ModelConfig {
+pub fn model_config(args: &TrainArgs, schema: &FeatureSchema) -> ModelConfig {
     ModelConfig {
         architecture: args.architecture,
         embedding_dim: args.embedding_dim,
@@ -84,7 +84,7 @@ pub(crate) fn model_config(args: &TrainArgs, schema: &FeatureSchema) -> ModelCon
     }
 }
 
-pub(crate) fn train_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
+pub fn train_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     if !(0.0..=0.5).contains(&args.validation_fraction) {
         bail!("--validation-fraction must be in [0, 0.5]");
     }
@@ -106,7 +106,7 @@ pub(crate) fn train_config(args: &TrainArgs) -> anyhow::Result<TrainConfig> {
     })
 }
 
-pub(crate) fn sparse_optimizer(kind: &str, learning_rate: f32) -> anyhow::Result<SparseOptimizer> {
+pub fn sparse_optimizer(kind: &str, learning_rate: f32) -> anyhow::Result<SparseOptimizer> {
     Ok(match kind {
         "adagrad" => SparseOptimizer::adagrad(learning_rate),
         "adam" => SparseOptimizer::adam(learning_rate),
@@ -118,7 +118,7 @@ pub(crate) fn sparse_optimizer(kind: &str, learning_rate: f32) -> anyhow::Result
 /// The trainer a run starts from: its checkpoint when one exists (a restarted gang continues), else the
 /// warm-start artifact's weights, else a fresh seeded model; with the warm-start artifact's digest.
 /// A fresh model starts at the training set's click rate (`positive_rate`).
-pub(crate) fn initial_trainer<B: AutodiffBackend>(
+pub fn initial_trainer<B: AutodiffBackend>(
     args: &TrainArgs,
     schema_hash: &str,
     (model, config): (&ModelConfig, &TrainConfig),
@@ -151,7 +151,7 @@ pub(crate) fn initial_trainer<B: AutodiffBackend>(
 
 /// Restores a trainer from the checkpoint at `path`, refusing one trained on another feature schema, and
 /// reports the resumption.
-pub(crate) fn resume<B: AutodiffBackend>(
+pub fn resume<B: AutodiffBackend>(
     path: &Path,
     schema_hash: &str,
     rank: Option<u32>,
@@ -174,7 +174,7 @@ pub(crate) fn resume<B: AutodiffBackend>(
 }
 
 /// The model card of this job before training; metrics and step are filled in as training goes.
-pub(crate) fn model_card(
+pub fn model_card(
     args: &TrainArgs,
     schema: FeatureSchema,
     model: ModelConfig,
@@ -208,7 +208,7 @@ pub(crate) fn model_card(
 }
 
 /// After the last epoch: calibrates on the validation set and records how training ended in the card.
-pub(crate) fn finish_training<B: AutodiffBackend>(
+pub fn finish_training<B: AutodiffBackend>(
     card: &mut ModelCard,
     trainer: &mut Trainer<B>,
     validation: Option<&EncodedDataset>,

@@ -17,7 +17,7 @@ use crate::tuning::{Best, SearchSpace, TrialParams, compact, search};
 use flywheel_ml::model::ModelConfig;
 use flywheel_ml::train::{EncodedDataset, TrainConfig};
 
-pub(crate) fn train_command<B: AutodiffBackend>(
+pub fn train_command<B: AutodiffBackend>(
     args: &TrainArgs,
     progress: &mut ProgressReporter,
     device: B::Device,

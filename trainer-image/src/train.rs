@@ -16,7 +16,7 @@ use crate::{cpu_threads, launcher};
 
 /// Trains in the topology the flags choose, reporting progress throughout (and serving the chief's, with
 /// `--status-listen`).
-pub(crate) fn train(args: &TrainArgs) -> anyhow::Result<()> {
+pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     if !args.ps.is_empty() && args.data_parallel.is_some() {
         bail!("--ps and --data-parallel are two topologies: give one");
     }
@@ -42,7 +42,7 @@ pub(crate) fn train(args: &TrainArgs) -> anyhow::Result<()> {
 
 /// Sizes rayon's global pool (burn-flex's matmuls run on it): `--cpu-threads`, else `RAYON_NUM_THREADS` as rayon
 /// reads it, else the fastest pool for this model as measured.
-pub(crate) fn set_cpu_threads(args: &TrainArgs) -> anyhow::Result<()> {
+pub fn set_cpu_threads(args: &TrainArgs) -> anyhow::Result<()> {
     let threads = match args.cpu_threads {
         Some(0) => bail!("--cpu-threads must be at least 1"),
         Some(threads) => threads,
@@ -71,7 +71,7 @@ pub(crate) fn set_cpu_threads(args: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn launch_local_ranks(args: &TrainArgs) -> anyhow::Result<()> {
+pub fn launch_local_ranks(args: &TrainArgs) -> anyhow::Result<()> {
     if args.local_ranks == 0 {
         bail!("--local-ranks must be at least 1");
     }
@@ -97,7 +97,7 @@ pub(crate) fn launch_local_ranks(args: &TrainArgs) -> anyhow::Result<()> {
     launcher::run_local_ranks(flags)
 }
 
-pub(crate) fn train_on<B: AutodiffBackend>(
+pub fn train_on<B: AutodiffBackend>(
     args: &TrainArgs,
     progress: &mut ProgressReporter,
     device: B::Device,
@@ -115,7 +115,7 @@ pub(crate) fn train_on<B: AutodiffBackend>(
 /// one binary runs on machines with and without GPUs; a machine without them fails here with burn's reason
 /// rather than at the first training step.
 #[cfg(feature = "cuda")]
-pub(crate) fn train_on_cuda(
+pub fn train_on_cuda(
     args: &TrainArgs,
     progress: &mut ProgressReporter,
     index: usize,
@@ -157,7 +157,7 @@ pub(crate) fn train_on_cuda(
 }
 
 #[cfg(not(feature = "cuda"))]
-pub(crate) fn train_on_cuda(
+pub fn train_on_cuda(
     _args: &TrainArgs,
     _progress: &mut ProgressReporter,
     index: usize,

@@ -72,7 +72,7 @@ pub struct TrainingSetArgs {
     termination_log: PathBuf,
 }
 
-pub(crate) fn parse_range(text: &str) -> Result<(String, String), String> {
+pub fn parse_range(text: &str) -> Result<(String, String), String> {
     match text.split_once(',') {
         Some((start, end)) if !start.is_empty() && !end.is_empty() => {
             Ok((start.to_owned(), end.to_owned()))
@@ -87,7 +87,7 @@ pub fn build(args: &TrainingSetArgs) -> anyhow::Result<()> {
 
 /// A training-set step's outcome: its summary (or the error) as the termination message the operator reads,
 /// and on stdout.
-pub(crate) fn report_step(
+pub fn report_step(
     termination_log: &Path,
     result: anyhow::Result<serde_json::Value>,
 ) -> anyhow::Result<()> {
@@ -168,7 +168,7 @@ fn build_sets(args: &TrainingSetArgs) -> anyhow::Result<serde_json::Value> {
 }
 
 /// A `file://` URI (or a plain path) as a path on the training storage.
-pub(crate) fn local_path(uri: &str) -> PathBuf {
+pub fn local_path(uri: &str) -> PathBuf {
     PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri))
 }
 

@@ -1,5 +1,8 @@
 //! The gang's pods, Service, NetworkPolicy and paths, with no server.
 
+use k8s_openapi::api::networking::v1::NetworkPolicyIngressRule;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
 use super::*;
 use crate::plan::examples::load;
 
