@@ -2,19 +2,26 @@
 //! as a gang under a `GPUQuota`, producing a `ModelVersion`.
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{
-    DNS_LABEL_PATTERN, Duration, GPU_RESOURCE_PATTERN, LocalRef, TimeRange, is_gpu_resource,
-};
+use crate::common::{DNS_LABEL_PATTERN, Duration, GPU_RESOURCE_PATTERN, LocalRef, is_gpu_resource};
 use crate::featureview::STORAGE_URI_PATTERN;
-use crate::modelversion::{OfflineMetrics, Validation};
-use crate::tuning::{Tuning, TuningStatus};
+use crate::modelversion::Validation;
+use crate::tuning::Tuning;
 
+mod data;
+mod status;
 mod validation;
+
+pub use data::{
+    DatasetUris, EventRange, FeatureViewData, SampleJoinData, ServedTrafficData, TrainingData,
+};
+pub use status::{
+    ConvergenceStatus, QueueStatus, ReplicaStatus, TrainingJobStatus, TrainingPhase,
+    TrainingProgress,
+};
 
 /// Desired state of a TrainingJob: the data, the model and how to train it, the pod topology, and where the
 /// artifact goes. On success the job creates a ModelVersion of the same name.
@@ -194,214 +201,6 @@ fn default_batch_size() -> u32 {
 
 fn default_backoff_limit() -> u32 {
     3
-}
-
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(has(self.featureView) ? 1 : 0) + (has(self.servedTraffic) ? 1 : 0) + (has(self.dataset) ? 1 : 0) == 1").message("spec.data: set exactly one of featureView, servedTraffic or dataset"))]
-pub struct TrainingData {
-    /// Build the training set from a FeatureView with point-in-time joins.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub feature_view: Option<FeatureViewData>,
-    /// Build the training set from what a Rollout served: one row per logged prediction, with the features as
-    /// they were scored, labeled by its clicks. The model keeps the served model's feature schema.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub served_traffic: Option<ServedTrafficData>,
-    /// Use ready-made Parquet training and evaluation sets.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dataset: Option<DatasetUris>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct FeatureViewData {
-    /// The FeatureView, in the job's namespace, whose features are joined onto the events as of each event's
-    /// time (point in time: no feature from after the event).
-    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
-    pub name: String,
-    /// Labeled events: a Parquet file or directory on the training storage (`file://`) with the view's join
-    /// keys, the event time and the label. Each event is one training row.
-    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
-    pub events: String,
-    /// Event-time column of the events.
-    #[serde(default = "default_event_time")]
-    #[schemars(length(min = 1, max = 63))]
-    pub timestamp_field: String,
-    /// Label column of the events (e.g. `clicked`). With `sampleJoin`, `label_click` or `label_convert`: the
-    /// labels sample joining writes.
-    #[schemars(length(min = 1, max = 63))]
-    pub label: String,
-    /// The events are impressions without labels: label each by joining its clicks (and their conversions).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sample_join: Option<SampleJoinData>,
-    /// Events whose time falls in this range train the model: `start` and `end`, or `last` (e.g. `7d`): that
-    /// long before the evaluation range starts.
-    pub train_range: EventRange,
-    /// Events in this range evaluate it: `start` and `end`, or `last` (e.g. `1d`): that long before the job
-    /// was created. It must start at or after the end of `trainRange`, so evaluation never sees the training
-    /// period.
-    pub eval_range: EventRange,
-}
-
-/// Impressions labeled by their clicks: `label_click` when a click with the impression's request id follows it
-/// within `clickWindow`, `label_convert` when one of those clicks is followed by a conversion with its click id
-/// within `conversionWindow`. A click counted twice never duplicates its impression.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SampleJoinData {
-    /// Clicks: a Parquet file or directory (`file://`) with the request id, the click id and the event time.
-    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
-    pub clicks: String,
-    /// Conversions: a Parquet file or directory (`file://`) with the click id and the event time.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
-    pub conversions: Option<String>,
-    /// How long after its impression a click counts (default `30m`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub click_window: Option<Duration>,
-    /// How long after its click a conversion counts (default `7d`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conversion_window: Option<Duration>,
-    /// Request id column of the impressions and the clicks (default `request_id`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63))]
-    pub request_id_column: Option<String>,
-    /// Click id column of the clicks and the conversions (default `click_id`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63))]
-    pub click_id_column: Option<String>,
-}
-
-impl SampleJoinData {
-    pub fn click_window(&self) -> &str {
-        self.click_window.as_ref().map_or("30m", |d| d.0.as_str())
-    }
-
-    pub fn conversion_window(&self) -> &str {
-        self.conversion_window
-            .as_ref()
-            .map_or("7d", |d| d.0.as_str())
-    }
-
-    pub fn request_id_column(&self) -> &str {
-        self.request_id_column.as_deref().unwrap_or("request_id")
-    }
-
-    pub fn click_id_column(&self) -> &str {
-        self.click_id_column.as_deref().unwrap_or("click_id")
-    }
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ServedTrafficData {
-    /// The Rollout, in the job's namespace, whose `spec.feedback.trafficLog` holds the traffic. Its stable
-    /// version's artifact gives the feature schema.
-    #[schemars(pattern(DNS_LABEL_PATTERN), length(max = 63))]
-    pub rollout: String,
-    /// A click labels its prediction when it arrives within this long of it (default `30m`). Predictions whose
-    /// window has not closed by the end of the log are left out, not counted as negatives.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub click_window: Option<Duration>,
-    /// Predictions served in this range train the model: `start` and `end`, or `last` (e.g. `7d`) before the
-    /// evaluation range starts.
-    pub train_range: EventRange,
-    /// Predictions served in this range evaluate it: `start` and `end`, or `last` (e.g. `1d`) before the job
-    /// was created.
-    pub eval_range: EventRange,
-}
-
-impl ServedTrafficData {
-    pub const DEFAULT_CLICK_WINDOW: &str = "30m";
-
-    /// The absolute (train, eval) ranges for a job created at `created`.
-    pub fn ranges(&self, created: jiff::Timestamp) -> Option<(TimeRange, TimeRange)> {
-        resolve_ranges(&self.train_range, &self.eval_range, created)
-    }
-
-    pub fn click_window(&self) -> &str {
-        self.click_window
-            .as_ref()
-            .map_or(Self::DEFAULT_CLICK_WINDOW, |w| w.0.as_str())
-    }
-}
-
-/// Evaluation counts back from `created`, training from the evaluation's start.
-fn resolve_ranges(
-    train: &EventRange,
-    eval: &EventRange,
-    created: jiff::Timestamp,
-) -> Option<(TimeRange, TimeRange)> {
-    let eval = eval.resolve(created)?;
-    let train = train.resolve(eval.start.0)?;
-    Some((train, eval))
-}
-
-/// A range of event times: absolute (`start`, `end`) or relative (`last`).
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("(has(self.start) && has(self.end)) != has(self.last)").message("set start and end, or last"))]
-pub struct EventRange {
-    /// Inclusive start.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start: Option<Time>,
-    /// Exclusive end.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end: Option<Time>,
-    /// The span before a reference time (the job's creation, or the evaluation range's start).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last: Option<Duration>,
-}
-
-impl EventRange {
-    /// The absolute range: as given, or `last` before `reference`; `None` when neither form is complete or
-    /// `last` does not parse.
-    pub fn resolve(&self, reference: jiff::Timestamp) -> Option<TimeRange> {
-        match (&self.start, &self.end, &self.last) {
-            (Some(start), Some(end), None) => Some(TimeRange {
-                start: start.clone(),
-                end: end.clone(),
-            }),
-            (None, None, Some(last)) => {
-                let span = jiff::SignedDuration::try_from(last.parse().ok()?).ok()?;
-                Some(TimeRange {
-                    start: Time(reference.checked_sub(span).ok()?),
-                    end: Time(reference),
-                })
-            }
-            _ => None,
-        }
-    }
-}
-
-impl FeatureViewData {
-    /// The absolute (train, eval) ranges for a job created at `created`.
-    pub fn ranges(&self, created: jiff::Timestamp) -> Option<(TimeRange, TimeRange)> {
-        resolve_ranges(&self.train_range, &self.eval_range, created)
-    }
-}
-
-fn default_event_time() -> String {
-    "event_timestamp".to_owned()
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct DatasetUris {
-    /// Training set: a Parquet file or directory (`file://` on the training storage).
-    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
-    pub train: String,
-    /// Evaluation set, scored after training for the offline metrics: a Parquet file or directory (`file://`
-    /// on the training storage).
-    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
-    pub eval: String,
-    /// Label column (e.g. `clicked`).
-    #[schemars(length(min = 1, max = 63))]
-    pub label: String,
-    /// Feature schema JSON the features are encoded with; defaults to `schema.json` beside `train`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
-    pub schema: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -624,150 +423,6 @@ pub struct TrainingOutput {
     /// Base URI; the artifact lands under `<artifactUri>/<job name>/`.
     #[schemars(pattern(STORAGE_URI_PATTERN), length(max = 2048))]
     pub artifact_uri: String,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-pub enum TrainingPhase {
-    Queued,
-    Running,
-    Restarting,
-    Suspended,
-    Succeeded,
-    Failed,
-}
-
-/// Observed state of a TrainingJob, written by the operator: phase, queue position, pods, progress, metrics
-/// and restarts.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TrainingJobStatus {
-    /// The `metadata.generation` the operator last reconciled; while it is behind, the status does not reflect
-    /// the latest spec yet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// Standard Kubernetes conditions. Types: `Ready`; `InvalidSpec` (True when the spec breaks a rule, the
-    /// message naming each field); `DatasetBuilt` (the training set was built from the FeatureView);
-    /// `Admitted` (admitted, or why it waits); `PodsScheduled` and `PodsStarted` (False, with the reason, while
-    /// the gang's pods cannot be scheduled or their containers cannot start); `Complete` (True once the
-    /// ModelVersion was created); `Failed` (True, with the reason, when the job failed).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
-    pub conditions: Vec<Condition>,
-    /// `Queued` (waiting for admission, its training set or its warm-start version), `Running`, `Restarting`
-    /// (the gang restarts from its last checkpoint after a failure), `Suspended` (`spec.suspend`), `Succeeded`
-    /// or `Failed`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<TrainingPhase>,
-    /// Topology summary (printer column), e.g. `ps 2x4`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topology: Option<String>,
-    /// While `Queued`: why, and the place in the queue (1 = next).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queue: Option<QueueStatus>,
-    /// Pods of the current attempt, per role (`worker`, `server`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub replicas: Vec<ReplicaStatus>,
-    /// Training progress as the chief worker last reported it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress: Option<TrainingProgress>,
-    /// Offline metrics on the evaluation set, once training succeeded; copied to the ModelVersion.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metrics: Option<OfflineMetrics>,
-    /// How training ended: epochs trained, the epoch whose weights were kept, and whether it stopped early.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub convergence: Option<ConvergenceStatus>,
-    /// The search's trials and the one registered, when `spec.tuning` is set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tuning: Option<TuningStatus>,
-    /// Gang restarts after a failure so far (counted against `backoffLimit`), and why.
-    #[serde(default)]
-    pub restarts: u32,
-    /// Generation of the gang's pods: every restart, preemption or resume after suspension starts a new one,
-    /// and pods of an older attempt are removed before the new attempt's pods are made.
-    #[serde(default)]
-    pub attempt: u32,
-    /// Why the gang was restarted, oldest first (the last 10).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub restart_reasons: Vec<String>,
-    /// When the gang's pods were first created (the first attempt's start).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_time: Option<Time>,
-    /// When the job succeeded or failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub completion_time: Option<Time>,
-    /// The ModelVersion this job produced.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_version: Option<String>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ConvergenceStatus {
-    /// Epochs trained (at most `spec.epochs`).
-    #[schemars(range(min = 0, max = 1000))]
-    pub epochs_trained: u32,
-    /// The epoch (counting from 1) whose weights the model keeps: the lowest held-out log loss.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1000))]
-    pub best_epoch: Option<u32>,
-    /// Whether early stopping ended training before `spec.epochs`.
-    #[serde(default)]
-    pub stopped_early: bool,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct QueueStatus {
-    /// Why the job waits, e.g. no room in its GPUQuota, preempted, its training set being built, or its
-    /// warm-start ModelVersion missing.
-    pub reason: String,
-    /// Place in the GPUQuota's queue (1 = admitted next); absent when the job does not wait for the quota.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub position: Option<u32>,
-    /// When the job started waiting.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<Time>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ReplicaStatus {
-    /// `worker` or `server`.
-    pub role: String,
-    /// Pods the topology asks for in this role.
-    pub desired: u32,
-    /// Pods of this role that exist and have not finished (pending or running).
-    #[serde(default)]
-    pub active: u32,
-    /// Pods of this role that exited successfully.
-    #[serde(default)]
-    pub succeeded: u32,
-    /// Pods of this role that failed.
-    #[serde(default)]
-    pub failed: u32,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TrainingProgress {
-    /// Training steps (mini-batches) done so far.
-    pub step: u64,
-    /// Steps planned for all of `spec.epochs`; early stopping may end training sooner.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total_steps: Option<u64>,
-    /// Current epoch, counting from 0.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub epoch: Option<u32>,
-    /// Completed share as text (printer column), e.g. `42%`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub percent: Option<String>,
-    /// Training throughput in rows per second since the chief's previous report: the whole gang's in a
-    /// data-parallel job, the chief worker's own in a parameter-server job.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub samples_per_second: Option<f64>,
-    /// Training loss (log loss) of the latest reported mini-batch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loss: Option<f64>,
 }
 
 impl TrainingJobSpec {

@@ -10,97 +10,29 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
-
-use crate::artifact::{self, ArtifactError, ModelCard, SavedModel};
+use crate::artifact::{ArtifactError, SavedModel};
 use crate::calibration::{CalibrationMethod, Calibrator, sigmoid};
 pub use crate::config::{Convergence, EvalMetrics, TrainConfig};
 use crate::embedding::{EmbeddingTable, distinct_keys, sum_rows};
 use crate::metrics;
 use crate::model::{CtrModel, ModelConfig, bce_with_logits};
 use crate::reduce::{self, GradientReducer, StepGradients};
-use crate::schema::FeatureSchema;
 pub use crate::tables::{RowStore, TableKind, Tables, row_key};
-use crate::transform::{TransformError, Value};
 
-/// Encoded examples, row-major: `fields` embedding indices and `numeric_width` numbers per example.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct EncodedDataset {
-    pub fields: usize,
-    pub numeric_width: usize,
-    pub categorical: Vec<u64>,
-    pub numeric: Vec<f32>,
-    pub labels: Vec<f32>,
-    /// Group (user) of each example, for GAUC.
-    pub groups: Vec<u64>,
-}
+mod batch;
+mod checkpoint;
+mod early_stopping;
+mod encoded;
 
-impl EncodedDataset {
-    /// Encodes `rows` with `schema`; `value_of(row, column)`, `label_of(row)` and `group_of(row)` read a row.
-    pub fn encode<'a, R: 'a>(
-        schema: &FeatureSchema,
-        rows: impl IntoIterator<Item = &'a R>,
-        value_of: impl Fn(&'a R, &str) -> Value<'a>,
-        label_of: impl Fn(&R) -> bool,
-        group_of: impl Fn(&R) -> u64,
-    ) -> Result<Self, TransformError> {
-        let mut data = EncodedDataset {
-            fields: schema.categorical().len(),
-            numeric_width: schema.numeric().len(),
-            ..EncodedDataset::default()
-        };
-        let mut row_buffer = crate::schema::EncodedRow::default();
-        for row in rows {
-            schema.encode_into(|column| value_of(row, column), &mut row_buffer)?;
-            data.categorical.extend_from_slice(&row_buffer.categorical);
-            data.numeric.extend_from_slice(&row_buffer.numeric);
-            data.labels.push(if label_of(row) { 1.0 } else { 0.0 });
-            data.groups.push(group_of(row));
-        }
-        Ok(data)
-    }
+pub use checkpoint::Position;
+pub use encoded::EncodedDataset;
 
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
+use batch::{batch_inputs, batch_keys, floats, scalar, spread_rows};
+use early_stopping::{BestEpoch, Plateau};
 
-    pub fn is_empty(&self) -> bool {
-        self.labels.is_empty()
-    }
-
-    /// Share of examples with a click.
-    pub fn positive_rate(&self) -> f64 {
-        let clicks = self.labels.iter().filter(|&&y| y > 0.5).count();
-        clicks as f64 / self.len().max(1) as f64
-    }
-
-    /// Splits off the last `fraction` of the examples (the newest, for a set in time order) as a held-out
-    /// validation set; `None` when that share would hold fewer than [`MIN_VALIDATION_ROWS`] examples or a
-    /// single class, and then nothing is split off.
-    pub fn split_validation(&mut self, fraction: f64) -> Option<EncodedDataset> {
-        let held = (self.len() as f64 * fraction.clamp(0.0, 0.5)).round() as usize;
-        let keep = self.len() - held;
-        let labels = &self.labels[keep..];
-        let clicks = labels.iter().filter(|&&y| y > 0.5).count();
-        if held < MIN_VALIDATION_ROWS || clicks == 0 || clicks == held {
-            return None;
-        }
-        let validation = EncodedDataset {
-            fields: self.fields,
-            numeric_width: self.numeric_width,
-            categorical: self.categorical.split_off(keep * self.fields),
-            numeric: self.numeric.split_off(keep * self.numeric_width),
-            labels: self.labels.split_off(keep),
-            groups: self.groups.split_off(keep),
-        };
-        Some(validation)
-    }
-}
+pub use batch::epoch_order;
 
 /// The smallest held-out set early stopping and calibration are fitted on.
 pub const MIN_VALIDATION_ROWS: usize = 200;
@@ -348,37 +280,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(convergence)
     }
 
-    /// Scores the epoch just trained on the validation set: a lower log loss (by more than a relative 1e-4,
-    /// below which a gain is noise) becomes the best epoch; otherwise the learning rates decay, and after
-    /// `patience` such epochs in a row training stops (true).
-    fn after_epoch(&mut self, validation: &EncodedDataset, labels: &[bool], epoch: usize) -> bool {
-        let raw: Vec<f64> = self
-            .predict_logits(validation)
-            .into_iter()
-            .map(sigmoid)
-            .collect();
-        let loss = metrics::log_loss(&raw, labels).unwrap_or(f64::INFINITY);
-        self.plateau.validation_log_loss.push(loss);
-        let improved = self
-            .plateau
-            .best
-            .as_ref()
-            .is_none_or(|best| loss < best.loss * (1.0 - 1e-4));
-        if improved {
-            self.plateau.best = Some(BestEpoch {
-                epoch,
-                loss,
-                model: self.model.clone(),
-                tables: self.tables.clone(),
-            });
-            self.plateau.stale = 0;
-            return false;
-        }
-        self.plateau.stale += 1;
-        self.decay_learning_rates();
-        self.plateau.stale >= self.config.patience.unwrap_or(1).max(1)
-    }
-
     /// The dense learning rate of the next step: warm-up, then the configured rate, scaled by plateaus.
     fn dense_learning_rate(&self) -> f64 {
         let warmup = if self.config.warmup_steps > 0 {
@@ -389,15 +290,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.config.learning_rate * self.plateau.learning_rate_scale * warmup
     }
 
-    fn decay_learning_rates(&mut self) {
-        let factor = self.config.plateau_decay;
-        self.plateau.learning_rate_scale *= factor;
-        self.tables.first_order.scale_learning_rate(factor as f32);
-        if let Some(table) = self.tables.factors.as_mut() {
-            table.scale_learning_rate(factor as f32);
-        }
-    }
-
     /// Fits `method` on `validation` (examples the model did not train on) and uses it for every later
     /// prediction; returns whether a calibrator was fitted.
     pub fn calibrate(&mut self, method: CalibrationMethod, validation: &EncodedDataset) -> bool {
@@ -405,115 +297,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         let labels: Vec<bool> = validation.labels.iter().map(|&y| y > 0.5).collect();
         self.calibrator = Calibrator::fit(method, &logits, &labels);
         self.calibrator.is_some()
-    }
-
-    /// The full training state at `position`: the model with embedding optimizer state, the dense optimizer
-    /// state, early stopping's memory (with the best epoch's weights), and where to go on.
-    pub fn checkpoint(
-        &self,
-        card: &ModelCard,
-        position: Position,
-    ) -> Result<Vec<u8>, ArtifactError> {
-        let model = artifact::encode(card, &self.model, &self.tables, true)?;
-        let optimizer = BinBytesRecorder::<FullPrecisionSettings>::default()
-            .record(self.optimizer.to_record(), ())
-            .map_err(|err| ArtifactError::Record(err.to_string()))?;
-        let plateau = serde_json::to_vec(&PlateauRecord {
-            validation_log_loss: self.plateau.validation_log_loss.clone(),
-            best: self
-                .plateau
-                .best
-                .as_ref()
-                .map(|best| (best.epoch, best.loss)),
-            stale: self.plateau.stale,
-            learning_rate_scale: self.plateau.learning_rate_scale,
-        })
-        .map_err(|err| ArtifactError::Corrupt(err.to_string()))?;
-        let best = match &self.plateau.best {
-            Some(best) => artifact::encode(card, &best.model, &best.tables, false)?,
-            None => Vec::new(),
-        };
-        let mut out =
-            Vec::with_capacity(model.len() + optimizer.len() + plateau.len() + best.len() + 60);
-        out.extend_from_slice(CHECKPOINT_MAGIC);
-        for section in [&model, &optimizer, &plateau, &best] {
-            out.extend_from_slice(&(section.len() as u64).to_le_bytes());
-            out.extend_from_slice(section);
-        }
-        out.extend_from_slice(&(position.epoch as u64).to_le_bytes());
-        out.extend_from_slice(&(position.batch as u64).to_le_bytes());
-        out.extend_from_slice(&self.step.to_le_bytes());
-        Ok(artifact::seal(out))
-    }
-
-    /// A trainer restored from [`Trainer::checkpoint`] bytes, and the position to resume from.
-    pub fn resume(
-        bytes: &[u8],
-        device: B::Device,
-    ) -> Result<(Self, Position, ModelCard), ArtifactError> {
-        let rest = if bytes.starts_with(CHECKPOINT_MAGIC) {
-            &artifact::unseal(bytes)?[CHECKPOINT_MAGIC.len()..]
-        } else {
-            // Written before checkpoints were sealed: the same layout without the digest.
-            bytes
-                .strip_prefix(UNSEALED_CHECKPOINT_MAGIC.as_slice())
-                .ok_or(ArtifactError::NotAModel)?
-        };
-        let (model_bytes, rest) = split_section(rest)?;
-        let (optimizer_bytes, rest) = split_section(rest)?;
-        let (plateau_bytes, rest) = split_section(rest)?;
-        let (best_bytes, rest) = split_section(rest)?;
-        if rest.len() != 24 {
-            return Err(ArtifactError::Truncated);
-        }
-        let number = |range: std::ops::Range<usize>| {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(&rest[range]);
-            u64::from_le_bytes(word)
-        };
-        let saved = artifact::decode::<B>(model_bytes, &device)?;
-        let optimizer = artifact::guard_record("optimizer state", || {
-            let record = BinBytesRecorder::<FullPrecisionSettings>::default()
-                .load(optimizer_bytes.to_vec(), &device)
-                .map_err(|err| ArtifactError::Record(err.to_string()))?;
-            Ok(saved.card.training.dense_optimizer().load_record(record))
-        })?;
-        let position = Position {
-            epoch: number(0..8) as usize,
-            batch: number(8..16) as usize,
-        };
-        let memory: PlateauRecord = serde_json::from_slice(plateau_bytes)
-            .map_err(|err| ArtifactError::Corrupt(format!("early stopping state: {err}")))?;
-        let best = match memory.best {
-            Some((epoch, loss)) => {
-                let best = artifact::decode::<B>(best_bytes, &device)?;
-                Some(BestEpoch {
-                    epoch,
-                    loss,
-                    model: best.model,
-                    tables: best.tables,
-                })
-            }
-            None => None,
-        };
-        let plateau = Plateau {
-            validation_log_loss: memory.validation_log_loss,
-            best,
-            stale: memory.stale,
-            learning_rate_scale: memory.learning_rate_scale,
-        };
-        let trainer = Trainer {
-            model: saved.model,
-            tables: saved.tables,
-            model_config: saved.card.model.clone(),
-            config: saved.card.training.clone(),
-            optimizer,
-            device,
-            step: number(16..24),
-            calibrator: None,
-            plateau,
-        };
-        Ok((trainer, position, saved.card))
     }
 
     /// One step over the examples `batch` of `data` with this process's tables; returns the batch loss.
@@ -638,43 +421,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         metrics.uncalibrated_calibration = metrics::calibration(&raw, &labels);
         metrics
     }
-}
-
-/// Early stopping's memory across epochs: every epoch's validation loss, the best epoch with its weights,
-/// how many epochs in a row failed to beat it, and the learning-rate factor those epochs left.
-struct Plateau<B: AutodiffBackend> {
-    validation_log_loss: Vec<f64>,
-    best: Option<BestEpoch<B>>,
-    stale: usize,
-    learning_rate_scale: f64,
-}
-
-impl<B: AutodiffBackend> Default for Plateau<B> {
-    fn default() -> Self {
-        Plateau {
-            validation_log_loss: Vec::new(),
-            best: None,
-            stale: 0,
-            learning_rate_scale: 1.0,
-        }
-    }
-}
-
-struct BestEpoch<B: AutodiffBackend> {
-    epoch: usize,
-    loss: f64,
-    model: CtrModel<B>,
-    tables: Tables,
-}
-
-/// The scalar part of [`Plateau`] as a checkpoint stores it.
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct PlateauRecord {
-    validation_log_loss: Vec<f64>,
-    best: Option<(usize, f64)>,
-    stale: usize,
-    learning_rate_scale: f64,
 }
 
 fn labels_of(data: &EncodedDataset) -> Vec<bool> {
@@ -827,104 +573,10 @@ fn step_on<B: AutodiffBackend, S: RowStore>(
     Ok(backward.loss)
 }
 
-/// Version 2 adds early stopping's memory (its state and the best epoch's weights).
-/// Checkpoints are sealed (their SHA-256 at the end); `FWC2` ones, from before, are not.
-const CHECKPOINT_MAGIC: &[u8; 4] = b"FWC3";
-const UNSEALED_CHECKPOINT_MAGIC: &[u8; 4] = b"FWC2";
-
 static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[derive(Debug, thiserror::Error)]
 pub enum WarmStartError {
     #[error("cannot warm-start: {0}")]
     Incompatible(String),
-}
-
-/// Where training stands: the epoch, and the next batch within it.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Position {
-    pub epoch: usize,
-    pub batch: usize,
-}
-
-/// The example order of `epoch`: a shuffle seeded by `(seed, epoch)` only.
-pub fn epoch_order(len: usize, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..len).collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch as u64));
-    order.shuffle(&mut rng);
-    order
-}
-
-fn split_section(input: &[u8]) -> Result<(&[u8], &[u8]), ArtifactError> {
-    if input.len() < 8 {
-        return Err(ArtifactError::Truncated);
-    }
-    let (len, rest) = input.split_at(8);
-    let mut word = [0u8; 8];
-    word.copy_from_slice(len);
-    let len = usize::try_from(u64::from_le_bytes(word)).map_err(|_| ArtifactError::Truncated)?;
-    if rest.len() < len {
-        return Err(ArtifactError::Truncated);
-    }
-    Ok(rest.split_at(len))
-}
-
-/// `rows` (one `width`-wide row per distinct key) laid out by batch position: position p holds row `positions[p]`.
-fn spread_rows(rows: &[f32], width: usize, positions: &[usize]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(positions.len() * width);
-    for &row in positions {
-        out.extend_from_slice(&rows[row * width..(row + 1) * width]);
-    }
-    out
-}
-
-fn batch_keys(data: &EncodedDataset, batch: &[usize]) -> Vec<u64> {
-    let fields = data.fields;
-    let mut keys = Vec::with_capacity(batch.len() * fields);
-    for &row in batch {
-        for (field, &index) in data.categorical[row * fields..(row + 1) * fields]
-            .iter()
-            .enumerate()
-        {
-            keys.push(row_key(field, index));
-        }
-    }
-    keys
-}
-
-fn batch_inputs<B: Backend>(
-    data: &EncodedDataset,
-    batch: &[usize],
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 1>) {
-    let width = data.numeric_width;
-    let mut numeric = Vec::with_capacity(batch.len() * width.max(1));
-    let mut labels = Vec::with_capacity(batch.len());
-    for &row in batch {
-        if width == 0 {
-            numeric.push(0.0);
-        } else {
-            numeric.extend_from_slice(&data.numeric[row * width..(row + 1) * width]);
-        }
-        labels.push(data.labels[row]);
-    }
-    (
-        Tensor::from_data(
-            TensorData::new(numeric, [batch.len(), width.max(1)]),
-            device,
-        ),
-        Tensor::from_data(TensorData::new(labels, [batch.len()]), device),
-    )
-}
-
-fn floats(data: TensorData) -> Vec<f32> {
-    data.convert::<f32>().to_vec::<f32>().unwrap_or_default()
-}
-
-fn scalar(data: TensorData) -> f64 {
-    floats(data)
-        .first()
-        .copied()
-        .map(f64::from)
-        .unwrap_or(f64::NAN)
 }

@@ -83,12 +83,7 @@ pub fn encode_command(
     Ok(())
 }
 
-pub fn score_command(
-    model: &Path,
-    data: &Path,
-    label: String,
-    out: &Path,
-) -> anyhow::Result<()> {
+pub fn score_command(model: &Path, data: &Path, label: String, out: &Path) -> anyhow::Result<()> {
     let digest_path = PathBuf::from(format!("{}.sha256", model.display()));
     let digest = std::fs::read_to_string(&digest_path)
         .with_context(|| format!("reading {}", digest_path.display()))?;
