@@ -100,13 +100,32 @@ pub fn parquet_files(path: &Path) -> Result<Vec<PathBuf>, TableError> {
 
 /// Every record batch of one file.
 pub fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, TableError> {
+    batch_reader(path)?.collect()
+}
+
+/// The record batches of one file, decoded as they are asked for: a training set is encoded batch by batch,
+/// never held whole.
+pub fn batch_reader(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<RecordBatch, TableError>> + '_, TableError> {
     let file = File::open(path).map_err(io(path))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|builder| builder.with_batch_size(64 * 1024).build())
         .map_err(|e| parquet_error(path, e))?;
-    reader
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| parquet_error(path, e))
+    Ok(reader.map(move |batch| batch.map_err(|e| parquet_error(path, e))))
+}
+
+/// The key-value metadata of a file's schema (e.g. [`FEATURE_VIEW_KEY`]), read from its footer only.
+pub fn schema_metadata(path: &Path) -> Result<HashMap<String, String>, TableError> {
+    let file = File::open(path).map_err(io(path))?;
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet_error(path, e))?;
+    Ok(builder
+        .schema()
+        .metadata()
+        .iter()
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect())
 }
 
 /// The record batches of one file, holding only those of the columns `names` the file has. Column chunks decode
@@ -422,11 +441,7 @@ pub fn read_feature_rows(dir: &Path, view: &View) -> Result<FeatureRows, TableEr
 /// Reading a Column from Parquet batches (the errors name the file and column).
 impl Column {
     /// The column `name` of `batch` (from the file `path`), normalized.
-    pub(crate) fn of_batch(
-        batch: &RecordBatch,
-        path: &Path,
-        name: &str,
-    ) -> Result<Column, TableError> {
+    pub fn of_batch(batch: &RecordBatch, path: &Path, name: &str) -> Result<Column, TableError> {
         let array = batch
             .column_by_name(name)
             .ok_or_else(|| TableError::MissingColumn {

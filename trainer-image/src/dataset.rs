@@ -1,43 +1,24 @@
 //! Training and evaluation sets as Parquet: reading them into encoded examples through the model's feature
 //! schema, and writing generated data. Every error names the file and the column.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::{
-    Array, ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array,
-    LargeStringArray, RecordBatch, StringArray, UInt64Array,
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int64Array, StringArray, UInt64Array,
 };
-use arrow_schema::{DataType, Field, Schema};
-use flywheel_features::table;
+use flywheel_features::column::Column;
+use flywheel_features::table::{self, TableError};
 use flywheel_ml::artifact::FeatureViewSource;
 use flywheel_ml::schema::FeatureSchema;
 use flywheel_ml::synthetic::Impression;
 use flywheel_ml::train::EncodedDataset;
 use flywheel_ml::transform::Value;
-use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: not a readable Parquet file: {message}")]
-    Parquet { path: PathBuf, message: String },
-    #[error("{path}: column `{column}` is missing")]
-    MissingColumn { path: PathBuf, column: String },
-    #[error("{path}: column `{column}` has type {found}, which a feature cannot read")]
-    UnsupportedType {
-        path: PathBuf,
-        column: String,
-        found: String,
-    },
+    #[error(transparent)]
+    Table(#[from] TableError),
     #[error("{path}: label column `{column}` row {row}: {problem}")]
     BadLabel {
         path: PathBuf,
@@ -72,57 +53,6 @@ pub struct Columns {
     pub group: Option<String>,
 }
 
-/// A typed view of one Arrow column.
-enum Column<'a> {
-    Int64(&'a Int64Array),
-    Int32(&'a Int32Array),
-    Float64(&'a Float64Array),
-    Float32(&'a Float32Array),
-    Utf8(&'a StringArray),
-    LargeUtf8(&'a LargeStringArray),
-    Bool(&'a BooleanArray),
-}
-
-impl<'a> Column<'a> {
-    fn of(array: &'a ArrayRef) -> Option<Column<'a>> {
-        let any = array.as_any();
-        Some(match array.data_type() {
-            DataType::Int64 => Column::Int64(any.downcast_ref()?),
-            DataType::Int32 => Column::Int32(any.downcast_ref()?),
-            DataType::Float64 => Column::Float64(any.downcast_ref()?),
-            DataType::Float32 => Column::Float32(any.downcast_ref()?),
-            DataType::Utf8 => Column::Utf8(any.downcast_ref()?),
-            DataType::LargeUtf8 => Column::LargeUtf8(any.downcast_ref()?),
-            DataType::Boolean => Column::Bool(any.downcast_ref()?),
-            _ => return None,
-        })
-    }
-
-    fn value(&self, row: usize) -> Value<'a> {
-        let null = match self {
-            Column::Int64(a) => a.is_null(row),
-            Column::Int32(a) => a.is_null(row),
-            Column::Float64(a) => a.is_null(row),
-            Column::Float32(a) => a.is_null(row),
-            Column::Utf8(a) => a.is_null(row),
-            Column::LargeUtf8(a) => a.is_null(row),
-            Column::Bool(a) => a.is_null(row),
-        };
-        if null {
-            return Value::Missing;
-        }
-        match self {
-            Column::Int64(a) => Value::Int(a.value(row)),
-            Column::Int32(a) => Value::Int(i64::from(a.value(row))),
-            Column::Float64(a) => Value::Float(a.value(row)),
-            Column::Float32(a) => Value::Float(f64::from(a.value(row))),
-            Column::Utf8(a) => Value::Str(a.value(row)),
-            Column::LargeUtf8(a) => Value::Str(a.value(row)),
-            Column::Bool(a) => Value::Bool(a.value(row)),
-        }
-    }
-}
-
 /// The FeatureView whose features the training set `train` (and evaluation set `eval`) were joined from, as
 /// `build-dataset` records it in their schema metadata; `None` for sets made any other way. Both sets must come
 /// from the same view and schema, or the model would be evaluated on features it was not trained on.
@@ -143,16 +73,7 @@ pub fn feature_view_source(
 }
 
 fn recorded_feature_view(path: &Path) -> Result<Option<FeatureViewSource>, DatasetError> {
-    let file = File::open(path).map_err(|source| DatasetError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let builder =
-        ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| DatasetError::Parquet {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-    let metadata = builder.schema().metadata();
+    let metadata = table::schema_metadata(path)?;
     Ok(metadata
         .get(table::FEATURE_VIEW_KEY)
         .zip(metadata.get(table::FEATURE_VIEW_SCHEMA_HASH_KEY))
@@ -168,19 +89,6 @@ pub fn read_encoded(
     schema: &FeatureSchema,
     columns: &Columns,
 ) -> Result<EncodedDataset, DatasetError> {
-    let parquet_error = |message: String| DatasetError::Parquet {
-        path: path.to_owned(),
-        message,
-    };
-    let file = File::open(path).map_err(|source| DatasetError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| parquet_error(e.to_string()))?
-        .with_batch_size(8192)
-        .build()
-        .map_err(|e| parquet_error(e.to_string()))?;
     let inputs = input_columns(schema);
     let mut data = EncodedDataset {
         fields: schema.categorical().len(),
@@ -189,17 +97,17 @@ pub fn read_encoded(
     };
     let mut row_buffer = flywheel_ml::schema::EncodedRow::default();
     let mut offset = 0;
-    for batch in reader {
-        let batch = batch.map_err(|e| parquet_error(e.to_string()))?;
-        let features: Vec<(&str, Column<'_>)> = inputs
+    for batch in table::batch_reader(path)? {
+        let batch = batch?;
+        let features: Vec<(&str, Column)> = inputs
             .iter()
-            .map(|name| Ok((name.as_str(), column(path, &batch, name)?)))
-            .collect::<Result<_, DatasetError>>()?;
-        let label = column(path, &batch, &columns.label)?;
+            .map(|name| Ok((name.as_str(), Column::of_batch(&batch, path, name)?)))
+            .collect::<Result<_, TableError>>()?;
+        let label = Column::of_batch(&batch, path, &columns.label)?;
         let group = columns
             .group
             .as_deref()
-            .map(|name| column(path, &batch, name))
+            .map(|name| Column::of_batch(&batch, path, name))
             .transpose()?;
         for row in 0..batch.num_rows() {
             schema
@@ -254,20 +162,6 @@ fn input_columns(schema: &FeatureSchema) -> Vec<String> {
     names
 }
 
-fn column<'a>(path: &Path, batch: &'a RecordBatch, name: &str) -> Result<Column<'a>, DatasetError> {
-    let array = batch
-        .column_by_name(name)
-        .ok_or_else(|| DatasetError::MissingColumn {
-            path: path.to_owned(),
-            column: name.to_owned(),
-        })?;
-    Column::of(array).ok_or_else(|| DatasetError::UnsupportedType {
-        path: path.to_owned(),
-        column: name.to_owned(),
-        found: array.data_type().to_string(),
-    })
-}
-
 fn label_value(
     path: &Path,
     column: &str,
@@ -285,8 +179,9 @@ fn label_value(
         Value::Int(0) => Ok(0.0),
         Value::Int(1) => Ok(1.0),
         Value::Float(f) if f == 0.0 || f == 1.0 => Ok(f as f32),
-        Value::Float(f) if f.is_nan() => Err(bad("NaN; a label must be 0 or 1".to_owned())),
-        Value::Missing => Err(bad("missing; a label must be 0 or 1".to_owned())),
+        Value::Missing => Err(bad(
+            "missing (null or NaN); a label must be 0 or 1".to_owned()
+        )),
         other => Err(bad(format!("{other:?} is not 0 or 1"))),
     }
 }
@@ -301,7 +196,7 @@ fn group_key(value: Value<'_>) -> u64 {
     }
 }
 
-/// Writes generated impressions as Parquet (snappy), with the columns the synthetic schema reads plus
+/// Writes generated impressions as Parquet, with the columns the synthetic schema reads plus
 /// `timestamp`, `clicked` and `true_probability`.
 pub fn write_impressions(path: &Path, impressions: &[Impression]) -> Result<(), DatasetError> {
     let ints = |f: fn(&Impression) -> i64| {
@@ -377,40 +272,11 @@ pub fn write_encoded(path: &Path, data: &EncodedDataset) -> Result<(), DatasetEr
     write_columns(path, columns)
 }
 
-/// Writes named columns of equal length as one Parquet file (snappy).
+/// Writes named columns of equal length as one Parquet file, through the feature store's writer.
 pub fn write_columns(path: &Path, columns: Vec<(&str, ArrayRef)>) -> Result<(), DatasetError> {
-    let parquet_error = |message: String| DatasetError::Parquet {
-        path: path.to_owned(),
-        message,
-    };
-    let fields: Vec<Field> = columns
-        .iter()
-        .map(|(name, array)| Field::new(*name, array.data_type().clone(), array.null_count() > 0))
+    let columns = columns
+        .into_iter()
+        .map(|(name, array)| (name.to_owned(), array))
         .collect();
-    let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(
-        schema.clone(),
-        columns.into_iter().map(|(_, array)| array).collect(),
-    )
-    .map_err(|e| parquet_error(e.to_string()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| DatasetError::Io {
-            path: dir.to_owned(),
-            source,
-        })?;
-    }
-    let file = File::create(path).map_err(|source| DatasetError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .build();
-    let mut writer = ArrowWriter::try_new(file, schema, Some(properties))
-        .map_err(|e| parquet_error(e.to_string()))?;
-    writer
-        .write(&batch)
-        .map_err(|e| parquet_error(e.to_string()))?;
-    writer.close().map_err(|e| parquet_error(e.to_string()))?;
-    Ok(())
+    Ok(table::write_parquet(path, columns)?)
 }
