@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod plan;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use flywheel_crds::TrainingJob;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 
@@ -72,17 +73,10 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
     let stores = Arc::new(Stores { jobs, namespaces });
     let controller = controller
         // A job's arrival, change or deletion concerns the quota it names.
-        .watches_stream(job_events, |job: TrainingJob| {
-            job.spec.queue.map(|queue| ObjectRef::new(&queue))
-        })
+        .watches_stream(job_events, |job: TrainingJob| watch::quota_of_job(&job))
         // A namespace's labels decide which selector-scoped quotas cover it.
         .watches_stream(namespace_events, move |_: Namespace| {
-            quotas
-                .state()
-                .iter()
-                .filter(|quota| quota.spec.namespaces.selector.is_some())
-                .map(|quota| ObjectRef::from_obj(quota.as_ref()))
-                .collect::<Vec<_>>()
+            watch::selector_quotas(&quotas.state())
         });
     run_controller_with(KIND, controller, ctx, stop, move |quota, ctx| {
         let stores = stores.clone();

@@ -6,13 +6,14 @@
 
 pub mod gates;
 pub mod plan;
+pub mod watch;
 
 use std::sync::Arc;
 
 use flywheel_crds::{ModelVersion, Rollout};
 use jiff::Timestamp;
 use kube::runtime::controller::Action;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 
@@ -80,24 +81,7 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
     let rollout_events = rollout_events.touched_objects();
     let mapper_versions = versions.clone();
     let controller = controller.watches_stream(rollout_events, move |rollout: Rollout| {
-        let namespace = rollout.namespace();
-        let rollout_name = rollout.name_any();
-        let status = rollout.status.clone().unwrap_or_default();
-        mapper_versions
-            .state()
-            .into_iter()
-            .filter(|version| version.namespace() == namespace)
-            .filter(|version| {
-                let name = version.name_any();
-                status.stable_version.as_deref() == Some(name.as_str())
-                    || status.canary_version.as_deref() == Some(name.as_str())
-                    || version
-                        .status
-                        .as_ref()
-                        .is_some_and(|s| s.served_by.iter().any(|by| by.rollout == rollout_name))
-            })
-            .map(|version| ObjectRef::from_obj(version.as_ref()))
-            .collect::<Vec<_>>()
+        watch::versions_of_rollout(&mapper_versions.state(), &rollout)
     });
     let stores = Arc::new(Stores { versions, rollouts });
     run_controller_with(KIND, controller, ctx, stop, move |version, ctx| {

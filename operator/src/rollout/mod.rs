@@ -14,6 +14,7 @@ pub mod prometheus;
 pub mod steps;
 pub mod traffic;
 pub mod traffic_log;
+pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -502,38 +503,17 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
     .map(|(namespace, name)| ObjectRef::<Rollout>::new(&name).within(&namespace));
     let controller = controller
         .watches_stream(version_events, move |version: ModelVersion| {
-            let namespace = version.namespace();
-            let name = version.name_any();
-            rollouts
-                .state()
-                .into_iter()
-                .filter(|rollout| rollout.namespace() == namespace)
-                // Only Rollouts waiting for this version (to be Validated, or to exist) care about its
-                // changes; the versions they already serve change status with every Rollout that serves
-                // them, and mapping those would re-reconcile every Rollout on each.
-                .filter(|rollout| {
-                    let status = rollout.status.clone().unwrap_or_default();
-                    rollout.spec.model_version == name
-                        && status.stable_version.as_deref() != Some(name.as_str())
-                        && status.canary_version.as_deref() != Some(name.as_str())
-                })
-                .map(|rollout| ObjectRef::from_obj(rollout.as_ref()))
-                .collect::<Vec<_>>()
+            watch::rollouts_waiting_for(&rollouts.state(), &version)
         })
         .watches_stream(deployment_events, |deployment: Deployment| {
-            owning_rollout(&deployment)
+            watch::owning_rollout(&deployment)
         })
-        .watches_stream(service_events, |service: Service| owning_rollout(&service))
+        .watches_stream(service_events, |service: Service| {
+            watch::owning_rollout(&service)
+        })
         .reconcile_on(woken);
     run_controller_with(KIND, controller, ctx, stop, move |rollout, ctx| {
         reconcile(rollout, ctx, stores.clone())
     })
     .await;
-}
-
-/// The Rollout a labelled workload belongs to: a change to it (an orphan appearing, a served Deployment
-/// deleted or becoming available) is the rollout's to look at.
-fn owning_rollout<K: kube::Resource>(object: &K) -> Option<ObjectRef<Rollout>> {
-    let name = object.meta().labels.as_ref()?.get(LABEL_ROLLOUT)?;
-    Some(ObjectRef::new(name).within(object.meta().namespace.as_deref()?))
 }

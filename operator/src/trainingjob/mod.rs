@@ -16,6 +16,7 @@ mod pod_health;
 pub mod pods;
 pub mod progress;
 mod registration;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -392,45 +393,6 @@ pub async fn reconcile(
     Ok(action)
 }
 
-/// The jobs a quota's new decision changes something for: admitted but not started, or queued at another
-/// place or for another reason than their status says. Re-reconciling every job of a busy quota on each of its
-/// status updates would cost O(jobs) reconciles per admission.
-fn jobs_of_quota(jobs: &Store<TrainingJob>, quota: &GPUQuota) -> Vec<ObjectRef<TrainingJob>> {
-    let name = quota.name_any();
-    jobs.state()
-        .iter()
-        .filter(|job| job.spec.queue.as_deref() == Some(name.as_str()))
-        .filter(|job| decision_changes(job, quota))
-        .map(|job| ObjectRef::from_obj(job.as_ref()))
-        .collect()
-}
-
-fn decision_changes(job: &TrainingJob, quota: &GPUQuota) -> bool {
-    let status = job.status.clone().unwrap_or_default();
-    let standing = crate::gpuquota::standing(
-        quota.status.as_ref(),
-        &job.namespace().unwrap_or_default(),
-        &job.name_any(),
-        &job.uid().unwrap_or_default(),
-    );
-    match standing {
-        crate::gpuquota::Standing::Admitted => {
-            matches!(status.phase, None | Some(TrainingPhase::Queued))
-        }
-        crate::gpuquota::Standing::Queued { reason, position } => {
-            status.phase != Some(TrainingPhase::Queued)
-                || status
-                    .queue
-                    .is_none_or(|queue| queue.reason != reason || queue.position != Some(position))
-        }
-        crate::gpuquota::Standing::Rejected { reason } => {
-            status.queue.is_none_or(|queue| queue.reason != reason)
-        }
-        // Not decided yet, or no longer considered (finished, suspended): nothing new for the job.
-        crate::gpuquota::Standing::Undecided => status.phase.is_none(),
-    }
-}
-
 fn count_phases(ctx: &Context, jobs: &Store<TrainingJob>) {
     let mut counts = std::collections::BTreeMap::<&'static str, i64>::new();
     for job in jobs.state() {
@@ -479,7 +441,7 @@ pub async fn run(ctx: Arc<Context>, stop: impl Future<Output = ()> + Send + Sync
         .owns_stream(pod_events)
         .owns_stream(dataset_job_events)
         .watches_stream(quota_events, move |quota: GPUQuota| {
-            jobs_of_quota(&mapper_jobs, &quota)
+            watch::jobs_of_quota(&mapper_jobs.state(), &quota)
         });
     let controller = run_controller_with(KIND, controller, ctx.clone(), stop, move |job, ctx| {
         reconcile(job, ctx, stores.clone())
