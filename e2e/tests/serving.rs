@@ -1192,6 +1192,83 @@ async fn predictions_are_logged_to_kafka_and_clicks_come_back_from_a_topic() -> 
         },
     )
     .await?;
+
+    // A client's labels reach a replica that did not serve the predictions (what a Service's balancing does
+    // half the time with two replicas): it writes them to the clicks topic, and the replica that served them
+    // joins them from there.
+    let other = serve_model(
+        &dir,
+        "serve-other",
+        "v1",
+        &artifact,
+        &[
+            "--kafka-brokers",
+            &broker.address,
+            "--clicks-topic",
+            "clicks",
+        ],
+    )
+    .await?;
+    let http_labels: Vec<Value> = (10..15)
+        .map(|i| json!({"requestId": format!("k-{i}"), "clicked": i % 2 == 0}))
+        .collect();
+    let (code, answer) = client
+        .post(
+            other.http,
+            "/v1/feedback",
+            &json!({"labels": http_labels}),
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        (code, answer["forwarded"].as_u64()),
+        (202, Some(5)),
+        "{answer}"
+    );
+    let mut feedback = FeedbackClient::connect(format!("http://127.0.0.1:{}", other.grpc)).await?;
+    let answer = feedback
+        .label(LabelRequest {
+            labels: vec![Label {
+                request_id: "k-15".into(),
+                clicked: true,
+            }],
+        })
+        .await?
+        .into_inner();
+    assert_eq!((answer.forwarded, answer.matched), (1, 0));
+    let (code, answer) = client
+        .post(
+            other.http,
+            "/v1/feedback",
+            &json!({"requestId": "x".repeat(129)}),
+            &[],
+        )
+        .await?;
+    assert_eq!(code, 400, "an over-long request id is refused: {answer}");
+    let text = until(
+        "the serving replica joined the 6 forwarded labels",
+        Duration::from_secs(30),
+        || async {
+            let text = server.metrics().await.map_err(|e| e.to_string())?;
+            (metric(
+                &text,
+                "flywheel_serving_feedback_total",
+                &["source=\"kafka\"", "outcome=\"matched\""],
+            ) == Some(16.0))
+            .then_some(text.clone())
+            .ok_or(text)
+        },
+    )
+    .await?;
+    assert_eq!(
+        metric(
+            &text,
+            "flywheel_serving_labeled_clicks_total",
+            &["version=\"v1\""]
+        ),
+        Some(14.0),
+        "10 clicks from the topic, then k-10, k-12, k-14 and k-15"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

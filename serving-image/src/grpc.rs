@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use tonic::{Request, Response, Status};
 
+use crate::kafka::ClickEvent;
 use crate::request::{Column, Datatype, InferRequest, Input, RequestError, datatype_of};
-use crate::server::{InferError, Server};
+use crate::server::{InferError, LabelError, LabelOutcome, Server};
 
 pub mod inference {
     tonic::include_proto!("inference");
@@ -388,19 +389,34 @@ impl feedback::feedback_server::Feedback for FeedbackService {
                 "feedback needs `authorization: Bearer <feedback token>` metadata",
             ));
         }
-        let labels = request.into_inner().labels;
-        let matched = labels
-            .iter()
-            .filter(|label| {
-                self.server
-                    .feedback("grpc", &label.request_id, label.clicked)
+        let labels = request
+            .into_inner()
+            .labels
+            .into_iter()
+            .map(|label| ClickEvent {
+                request_id: label.request_id,
+                clicked: label.clicked,
             })
-            .count();
+            .collect();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        Ok(Response::new(feedback::LabelResponse {
-            matched: count(matched),
-            unmatched: count(labels.len() - matched),
-        }))
+        match self.server.take_labels("grpc", labels).await {
+            Ok(LabelOutcome::Joined { matched, unmatched }) => {
+                Ok(Response::new(feedback::LabelResponse {
+                    matched: count(matched),
+                    unmatched: count(unmatched),
+                    forwarded: 0,
+                }))
+            }
+            Ok(LabelOutcome::Forwarded(forwarded)) => Ok(Response::new(feedback::LabelResponse {
+                matched: 0,
+                unmatched: 0,
+                forwarded: count(forwarded),
+            })),
+            Err(err @ LabelError::RequestIdTooLong { .. }) => {
+                Err(Status::invalid_argument(err.to_string()))
+            }
+            Err(err @ LabelError::Forward(_)) => Err(Status::unavailable(err.to_string())),
+        }
     }
 }
 

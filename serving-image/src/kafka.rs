@@ -9,7 +9,9 @@ use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, FutureProducer, FutureRecord, ProducerContext, ThreadedProducer,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::ServingMetrics;
@@ -50,7 +52,7 @@ pub struct PredictionRecord {
 }
 
 /// A message on the click topic.
-#[derive(Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ClickEvent {
     pub request_id: String,
@@ -127,6 +129,51 @@ impl PredictionLog {
                 self.metrics.prediction_log("failed");
             }
         }
+    }
+}
+
+/// Writes labels that clients send over HTTP or gRPC to the clicks topic: every replica joins them from there,
+/// so the replica that served a prediction sees its label whichever replica the client reached, and the
+/// traffic log records it with the clicks.
+#[derive(Clone)]
+pub struct LabelForwarder {
+    producer: FutureProducer,
+    topic: String,
+}
+
+/// How long a forwarded label may wait for the broker's acknowledgement.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl LabelForwarder {
+    pub fn new(kafka: &KafkaConnection, topic: &str) -> Result<LabelForwarder, KafkaError> {
+        let producer = kafka
+            .client_config()
+            .set(
+                "message.timeout.ms",
+                FORWARD_TIMEOUT.as_millis().to_string(),
+            )
+            .create()?;
+        Ok(LabelForwarder {
+            producer,
+            topic: topic.to_owned(),
+        })
+    }
+
+    /// Writes `labels` and waits until the broker holds them all, so a client told they were taken can rely
+    /// on it; an error means some may be missing, and the client should send them again.
+    pub async fn forward(&self, labels: &[ClickEvent]) -> Result<(), KafkaError> {
+        let sends = labels.iter().map(|label| async move {
+            let payload = serde_json::to_vec(label).unwrap_or_default();
+            let record = FutureRecord::to(&self.topic)
+                .key(label.request_id.as_bytes())
+                .payload(&payload);
+            self.producer
+                .send(record, FORWARD_TIMEOUT)
+                .await
+                .map(|_| ())
+                .map_err(|(error, _)| error)
+        });
+        futures::future::try_join_all(sends).await.map(|_| ())
     }
 }
 

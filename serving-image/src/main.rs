@@ -296,6 +296,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             quality_window: args.quality_window,
             quality_samples: args.quality_samples,
             token: feedback_token,
+            forwarder: match (&kafka, &args.clicks_topic) {
+                (Some(kafka), Some(topic)) => Some(
+                    kafka::LabelForwarder::new(kafka, topic)
+                        .context("the clicks topic producer")?,
+                ),
+                _ => None,
+            },
         },
         metrics.clone(),
         prediction_log,

@@ -14,9 +14,10 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
+use crate::kafka::ClickEvent;
 use crate::model::ServedModel;
 use crate::request::{Column, Datatype, InferRequest, Input, RequestError, datatype_of};
-use crate::server::{InferError, Server};
+use crate::server::{InferError, LabelError, LabelOutcome, Server};
 
 pub fn router(server: Arc<Server>) -> Router {
     Router::new()
@@ -321,11 +322,25 @@ async fn feedback(State(server): State<Arc<Server>>, headers: HeaderMap, body: B
             );
         }
     };
-    let matched = labels
-        .iter()
-        .filter(|label| server.feedback("http", &label.request_id, label.clicked))
-        .count();
-    axum::Json(json!({"matched": matched, "unmatched": labels.len() - matched})).into_response()
+    let labels = labels
+        .into_iter()
+        .map(|label| ClickEvent {
+            request_id: label.request_id,
+            clicked: label.clicked,
+        })
+        .collect();
+    match server.take_labels("http", labels).await {
+        Ok(LabelOutcome::Joined { matched, unmatched }) => {
+            axum::Json(json!({"matched": matched, "unmatched": unmatched})).into_response()
+        }
+        Ok(LabelOutcome::Forwarded(forwarded)) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"matched": 0, "unmatched": 0, "forwarded": forwarded})),
+        )
+            .into_response(),
+        Err(err @ LabelError::RequestIdTooLong { .. }) => error(StatusCode::BAD_REQUEST, err),
+        Err(err @ LabelError::Forward(_)) => error(StatusCode::SERVICE_UNAVAILABLE, err),
+    }
 }
 
 #[cfg(test)]

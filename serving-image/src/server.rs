@@ -8,11 +8,11 @@ use flywheel_auth::Token;
 
 use crate::batcher::Batcher;
 use crate::feedback::{Attribution, Labeled, QualityWindow};
-use crate::kafka::{PredictionLog, PredictionRecord};
+use crate::kafka::{ClickEvent, LabelForwarder, PredictionLog, PredictionRecord};
 use crate::metrics::ServingMetrics;
 use crate::model::{ModelSlot, ModelSource, ServedModel};
 use crate::online::{OnlineError, OnlineStore};
-use crate::request::{self, InferRequest, RequestError};
+use crate::request::{self, InferRequest, MAX_REQUEST_ID_BYTES, RequestError};
 
 pub struct Limits {
     pub max_rows: usize,
@@ -29,6 +29,7 @@ pub struct Server {
     quality: Mutex<QualityWindow>,
     prediction_log: Option<PredictionLog>,
     online_store: Option<OnlineStore>,
+    forwarder: Option<LabelForwarder>,
     /// The token a label must carry (the Rollout's feedback token); `None`: labels are taken from anyone.
     feedback_token: Option<Token>,
 }
@@ -83,6 +84,25 @@ pub struct FeedbackSettings {
     pub quality_window: Duration,
     pub quality_samples: usize,
     pub token: Option<Token>,
+    /// With a clicks topic: labels from clients go there, and every replica joins them from it.
+    pub forwarder: Option<LabelForwarder>,
+}
+
+/// What became of labels a client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelOutcome {
+    /// Joined by this replica: `matched` to its predictions, the others unknown, labeled or expired.
+    Joined { matched: usize, unmatched: usize },
+    /// Written to the clicks topic, where every replica (the one that served them among them) joins them.
+    Forwarded(usize),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabelError {
+    #[error("label request id is {len} bytes; at most {MAX_REQUEST_ID_BYTES} are accepted")]
+    RequestIdTooLong { len: usize },
+    #[error("the clicks topic did not take the labels ({0}); send them again")]
+    Forward(#[from] rdkafka::error::KafkaError),
 }
 
 impl Server {
@@ -109,6 +129,46 @@ impl Server {
             prediction_log,
             online_store,
             feedback_token: feedback.token.clone(),
+            forwarder: feedback.forwarder.clone(),
+        }
+    }
+
+    /// Takes labels a client sent (`source`: `http` or `grpc`): forwarded to the clicks topic when there is
+    /// one, else joined here. Nothing is taken when a request id is over the limit.
+    pub async fn take_labels(
+        &self,
+        source: &'static str,
+        labels: Vec<ClickEvent>,
+    ) -> Result<LabelOutcome, LabelError> {
+        if let Some(label) = labels
+            .iter()
+            .find(|label| label.request_id.len() > MAX_REQUEST_ID_BYTES)
+        {
+            return Err(LabelError::RequestIdTooLong {
+                len: label.request_id.len(),
+            });
+        }
+        let Some(forwarder) = &self.forwarder else {
+            let matched = labels
+                .iter()
+                .filter(|label| self.feedback(source, &label.request_id, label.clicked))
+                .count();
+            return Ok(LabelOutcome::Joined {
+                matched,
+                unmatched: labels.len() - matched,
+            });
+        };
+        match forwarder.forward(&labels).await {
+            Ok(()) => {
+                self.metrics
+                    .feedback(source, "forwarded", labels.len() as u64);
+                Ok(LabelOutcome::Forwarded(labels.len()))
+            }
+            Err(error) => {
+                self.metrics
+                    .feedback(source, "forward_failed", labels.len() as u64);
+                Err(error.into())
+            }
         }
     }
 
