@@ -12,7 +12,7 @@ use std::time::Duration;
 use flywheel_crds::modelversion::ModelVersionPhase;
 use flywheel_crds::trainingjob::TrainingPhase;
 use flywheel_crds::{ModelVersion, TrainingJob};
-use flywheel_e2e::fixtures::api_for;
+use flywheel_e2e::fixtures::{api_for, condition};
 use flywheel_e2e::http::http_get_at;
 use flywheel_e2e::on_node::{
     self, NODE_IP, STORAGE, generate_training_data, namespace_with_storage,
@@ -300,6 +300,18 @@ async fn a_trained_model_is_served_from_containers_through_the_rollouts_router()
             }})),
         )
         .await?;
+    // The sink reached the brokers and runs: the Rollout says so.
+    until("the Rollout's TrafficLogged condition", TRAINING, || {
+        let rollouts = rollouts.clone();
+        async move {
+            let rollout = rollouts.get("ctr").await.map_err(|e| e.to_string())?;
+            match condition(&rollout, "TrafficLogged") {
+                Some((status, reason, ..)) if status == "True" && reason == "Logging" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await?;
     let replicas = until(
         "three serving pods reading the clicks topic",
         TRAINING,

@@ -102,7 +102,7 @@ pub fn values_as_of(
                 FeatureKind::Aggregate { function, window } => {
                     let mut state = Window::new(function, window);
                     for (position, &row) in visible.iter().enumerate() {
-                        if events.timestamp(row) > time - window {
+                        if events.timestamp(row) > time.saturating_sub(window) {
                             state.add(position, events.value(column, row));
                         }
                     }
@@ -269,7 +269,7 @@ impl Window {
     ) {
         while let Some(&oldest) = self.members.front() {
             let (at, value) = member(oldest);
-            if at > time - self.length {
+            if at > time.saturating_sub(self.length) {
                 break;
             }
             self.members.pop_front();

@@ -236,7 +236,7 @@ pub fn expiry_ms(newest_event: Micros, ttl: Micros) -> i64 {
 
 /// Whether a row whose newest event is at `newest_event` is already stale at `now`.
 pub fn is_expired(newest_event: Micros, ttl: Micros, now: Micros) -> bool {
-    now - newest_event > ttl
+    now.saturating_sub(newest_event) > ttl
 }
 
 /// Appends the conditional writes of `rows` to `pipeline`, [`WRITE_BATCH`] rows per script call; each call

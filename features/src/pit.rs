@@ -31,7 +31,7 @@ impl<'a> PointInTimeIndex<'a> {
         let rows = self.by_key.get(key)?;
         let visible = rows.partition_point(|&(at, _)| at <= time);
         let (at, row) = *rows.get(visible.checked_sub(1)?)?;
-        (time - at <= ttl).then_some(row)
+        (time.saturating_sub(at) <= ttl).then_some(row)
     }
 }
 

@@ -222,10 +222,13 @@ pub fn parse_event(
             .parse::<jiff::Timestamp>()
             .map(|t| t.as_microsecond())
             .map_err(|e| format!("`{}`: {e}", view.timestamp_field))?,
+        // Seconds since the epoch, within the years an RFC 3339 time can name: window arithmetic on a time
+        // near the ends of the integer range would overflow.
         Some(Value::Number(n)) => n
             .as_f64()
             .filter(|s| s.is_finite())
             .map(|s| (s * MICROS_PER_SECOND as f64) as Micros)
+            .filter(|&micros| jiff::Timestamp::from_microsecond(micros).is_ok())
             .ok_or_else(|| format!("`{}`: not a time", view.timestamp_field))?,
         _ => return Err(format!("`{}`: missing event time", view.timestamp_field)),
     };
@@ -313,7 +316,7 @@ pub async fn write_batch(
             .cmd("ZREMRANGEBYSCORE")
             .arg(&key)
             .arg("-inf")
-            .arg(newest - keep)
+            .arg(newest.saturating_sub(keep))
             .ignore();
         pipeline.zrange_withscores(&key, 0, -1);
         pipeline
@@ -332,7 +335,7 @@ pub async fn write_batch(
         let Some(newest) = entity_events.iter().map(|e| e.time).max() else {
             continue;
         };
-        entity_events.retain(|e| e.time > newest - keep);
+        entity_events.retain(|e| e.time > newest.saturating_sub(keep));
         let table = events_of(view, &entity_events);
         let all: Vec<usize> = (0..entity_events.len()).collect();
         match values_as_of(view, &table, &all, newest) {
@@ -637,6 +640,12 @@ mod tests {
         let bad = json!({"user_id": "seven", "ts": 1});
         let refused = parse_event(&view, Some(bad.to_string().as_bytes()), "event_id", (0, 1));
         assert_eq!(refused, Err("`user_id`: not a Int64".to_owned()));
+        // Found by the property below: a time near the end of the range overflowed the window arithmetic.
+        let far = json!({"user_id": 0, "ts": -9_223_372_033_255_i64});
+        assert_eq!(
+            parse_event(&view, Some(far.to_string().as_bytes()), "event_id", (0, 1)),
+            Err("`ts`: not a time".to_owned())
+        );
         let no_time = json!({"user_id": 1});
         assert!(
             parse_event(&view, Some(no_time.to_string().as_bytes()), "id", (0, 1))

@@ -13,7 +13,7 @@ use crate::publish::*;
 use crate::report::emit;
 use crate::setup::*;
 use crate::status::{Phase, ProgressReporter};
-use crate::tuning::{Best, SearchSpace, TrialParams, compact, search};
+use crate::tuning::{Best, CardOf, SearchRecord, SearchSpace, TrialParams, compact, search};
 use flywheel_ml::model::ModelConfig;
 use flywheel_ml::train::{EncodedDataset, TrainConfig};
 
@@ -104,8 +104,9 @@ pub fn train_command<B: AutodiffBackend>(
     publish(args, &card, &trainer, samples, train_seconds, json!({}))
 }
 
-/// `--tune-trials`: the search picks the model (each trial trained from scratch; no checkpoints, so a restarted
-/// job searches again), which is then calibrated, evaluated and published with the trials table.
+/// `--tune-trials`: the search picks the model (each trial trained from scratch; with a checkpoint directory a
+/// restarted job goes on from its next trial), which is then calibrated, evaluated and published with the
+/// trials table.
 fn train_tuned<B: AutodiffBackend>(
     args: &TrainArgs,
     progress: &mut ProgressReporter,
@@ -129,6 +130,25 @@ fn train_tuned<B: AutodiffBackend>(
         embedding_dim: args.embedding_dim,
         hidden_layers: model.hidden_layers.clone(),
     };
+    let record = args.checkpoint_dir.as_deref().map(|dir| {
+        SearchRecord::new(
+            dir,
+            &space,
+            &base,
+            config.seed,
+            (train.len(), validation.len()),
+        )
+    });
+    let card_of = |model: &ModelConfig, config: &TrainConfig| {
+        model_card(
+            args,
+            schema.clone(),
+            model.clone(),
+            config.clone(),
+            (train.len(), eval.len()),
+            None,
+        )
+    };
     let training_started = Instant::now();
     let Best {
         mut trainer,
@@ -143,6 +163,9 @@ fn train_tuned<B: AutodiffBackend>(
         (&model, &config),
         (&train, &validation),
         &device,
+        record
+            .as_ref()
+            .map(|record| (record, &card_of as CardOf<'_>)),
     )?;
     let train_seconds = training_started.elapsed().as_secs_f64();
     progress.phase(Phase::Evaluating);

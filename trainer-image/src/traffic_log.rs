@@ -40,6 +40,8 @@ const RESERVED: [&str; 5] = [
     SERVED_SCORE,
 ];
 pub const PREDICTIONS_DIR: &str = "predictions";
+/// How long the sink may take to reach the brokers at start before it gives up with the reason.
+const BROKER_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CLICKS_DIR: &str = "clicks";
 
 #[derive(clap::Args)]
@@ -159,6 +161,19 @@ async fn run(args: &LogTrafficArgs) -> anyhow::Result<()> {
         .context("the Kafka consumer")?;
     let mut topics = vec![args.predictions_topic.as_str()];
     topics.extend(args.clicks_topic.as_deref());
+    // Brokers that refuse the credentials or the certificate would otherwise leave the sink running and reading
+    // nothing: it ends here with the reason, which the Rollout's TrafficLogged condition shows.
+    for topic in &topics {
+        consumer
+            .fetch_metadata(Some(topic), BROKER_CHECK_TIMEOUT)
+            .with_context(|| {
+                format!(
+                    "reaching topic {topic} on the brokers {} (check the Rollout's spec.feedback brokers and \
+                     security)",
+                    args.brokers
+                )
+            })?;
+    }
     consumer
         .subscribe(&topics)
         .with_context(|| format!("subscribing to {}", topics.join(", ")))?;

@@ -2,12 +2,14 @@
 //! hidden layers and weight decay. Each trial is a full training run with early stopping on the validation
 //! slice of the training set; the trial with the lowest validation log loss becomes the model. Trial 0 is the
 //! job's own settings, so the search never picks something worse than them on validation. The eval set is
-//! never looked at while choosing, so the offline metrics reported afterwards stay unbiased.
+//! never looked at while choosing, so the offline metrics reported afterwards stay unbiased. With a
+//! [`SearchRecord`], a restarted pod goes on from the next trial instead of searching again.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
-use flywheel_ml::artifact::ArtifactError;
+use flywheel_ml::artifact::{ArtifactError, ModelCard};
 use flywheel_ml::model::{Architecture, ModelConfig};
 use flywheel_ml::train::{Convergence, EncodedDataset, Position, TrainConfig, Trainer};
 use rand::{RngExt, SeedableRng};
@@ -108,15 +110,22 @@ pub struct TrialParams {
 }
 
 /// One row of the trials table.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct TrialResult {
     pub trial: usize,
     pub params: TrialParams,
-    /// The lowest validation log loss of the trial's epochs (its best epoch is what it would keep).
+    /// The lowest validation log loss of the trial's epochs (its best epoch is what it would keep); infinite
+    /// (`null` in JSON) when no epoch gave a finite one.
+    #[serde(deserialize_with = "loss_or_infinity")]
     pub validation_log_loss: f64,
     pub epochs: usize,
     pub seconds: f64,
+}
+
+/// JSON has no infinity: a loss written as `null` reads back as one.
+fn loss_or_infinity<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::INFINITY))
 }
 
 /// Trial `trial`'s settings: the job's own for trial 0, else a draw from `space` (seeded by the job's seed
@@ -157,7 +166,7 @@ fn choose<T: Clone>(options: &[T], rng: &mut ChaCha8Rng) -> Option<T> {
     options.get(rng.random_range(0..options.len())).cloned()
 }
 
-/// A trial keeps no checkpoints: a restarted pod searches again.
+/// A trial keeps no checkpoints within itself: a restarted pod runs an unfinished trial again.
 type SaveCheckpoint<B> = fn(&Trainer<B>, Position) -> Result<(), ArtifactError>;
 
 /// The winning trial: its trainer (trained to its best epoch), its configurations and how it converged.
@@ -170,24 +179,147 @@ pub struct Best<B: AutodiffBackend> {
     pub best: usize,
 }
 
-/// Runs `trials` trials and keeps the best; every trial is reported as it ends.
+/// What a search has done, kept in the job's checkpoint directory: every finished trial's row, and the best
+/// trial's full training state. Trials are drawn by index from the job's seed, so the finished ones are those a
+/// new search runs first; a record of another search (other space, settings, seed or data) is not resumed.
+pub struct SearchRecord {
+    dir: PathBuf,
+    fingerprint: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SavedSearch {
+    fingerprint: String,
+    trials: Vec<TrialResult>,
+    best: usize,
+    convergence: Convergence,
+}
+
+/// The best trial so far: its index, validation loss, trained state, configurations and convergence.
+type Leader<B> = (
+    usize,
+    f64,
+    Trainer<B>,
+    ModelConfig,
+    TrainConfig,
+    Convergence,
+);
+
+impl SearchRecord {
+    pub fn new(
+        dir: &Path,
+        space: &SearchSpace,
+        base: &TrialParams,
+        seed: u64,
+        rows: (usize, usize),
+    ) -> SearchRecord {
+        SearchRecord {
+            dir: dir.to_owned(),
+            fingerprint:
+                json!({"space": space, "base": base, "seed": seed, "rows": [rows.0, rows.1]})
+                    .to_string(),
+        }
+    }
+
+    fn record_path(&self) -> PathBuf {
+        self.dir.join("tuning.json")
+    }
+
+    fn best_path(&self, trial: usize) -> PathBuf {
+        self.dir.join(format!("tuning-best-{trial}.fwc"))
+    }
+
+    /// The finished trials (at most `trials`) and the leader among them, when a record of this search is kept.
+    fn load<B: AutodiffBackend>(
+        &self,
+        trials: usize,
+        device: &B::Device,
+    ) -> Option<(Vec<TrialResult>, Leader<B>)> {
+        let saved: SavedSearch =
+            serde_json::from_slice(&std::fs::read(self.record_path()).ok()?).ok()?;
+        if saved.fingerprint != self.fingerprint || saved.trials.len() > trials {
+            return None;
+        }
+        let loss = saved.trials.get(saved.best)?.validation_log_loss;
+        let bytes = std::fs::read(self.best_path(saved.best)).ok()?;
+        let (trainer, _, card) = Trainer::<B>::resume(&bytes, device.clone()).ok()?;
+        let leader = (
+            saved.best,
+            loss,
+            trainer,
+            card.model,
+            card.training,
+            saved.convergence,
+        );
+        Some((saved.trials, leader))
+    }
+
+    /// Keeps the finished `trials`. A new leader's state is written first, under its trial's name, so the record
+    /// never names a state that is not there; the previous leader's goes after.
+    fn save<B: AutodiffBackend>(
+        &self,
+        trials: &[TrialResult],
+        leader: &Leader<B>,
+        new_leader: Option<&ModelCard>,
+    ) -> anyhow::Result<()> {
+        let (best, _, trainer, _, _, convergence) = leader;
+        std::fs::create_dir_all(&self.dir)?;
+        if let Some(card) = new_leader {
+            write_replacing(
+                &self.best_path(*best),
+                &trainer.checkpoint(card, Position::default())?,
+            )?;
+        }
+        let saved = SavedSearch {
+            fingerprint: self.fingerprint.clone(),
+            trials: trials.to_vec(),
+            best: *best,
+            convergence: convergence.clone(),
+        };
+        write_replacing(&self.record_path(), &serde_json::to_vec(&saved)?)?;
+        if new_leader.is_some() {
+            for earlier in trials.iter().map(|t| t.trial).filter(|t| t != best) {
+                let _ = std::fs::remove_file(self.best_path(earlier));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place: a crash leaves the old file whole.
+fn write_replacing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// Makes the model card a kept trial state carries (its model and training settings).
+pub type CardOf<'a> = &'a dyn Fn(&ModelConfig, &TrainConfig) -> anyhow::Result<ModelCard>;
+
+/// Runs `trials` trials and keeps the best; every trial is reported as it ends. With a `record`, finished
+/// trials are kept as they end and a kept record of the same search is gone on from.
 pub fn search<B: AutodiffBackend>(
     (space, trials, sparse_kind): (&SearchSpace, usize, &str),
     base: &TrialParams,
     (model, config): (&ModelConfig, &TrainConfig),
     (train, validation): (&EncodedDataset, &EncodedDataset),
     device: &B::Device,
+    record: Option<(&SearchRecord, CardOf<'_>)>,
 ) -> anyhow::Result<Best<B>> {
-    let mut results = Vec::new();
-    let mut best: Option<(
-        usize,
-        f64,
-        Trainer<B>,
-        ModelConfig,
-        TrainConfig,
-        Convergence,
-    )> = None;
-    for trial in 0..trials.max(1) {
+    let trials = trials.max(1);
+    let (mut results, mut best): (Vec<TrialResult>, Option<Leader<B>>) = match record
+        .and_then(|(record, _)| record.load::<B>(trials, device))
+    {
+        Some((finished, leader)) => {
+            emit(
+                json!({"event": "tuningResumed", "finishedTrials": finished.len(), "best": leader.0}),
+            );
+            (finished, Some(leader))
+        }
+        None => (Vec::new(), None),
+    };
+    for trial in results.len()..trials {
         let params = trial_params(space, base, config.seed, trial);
         let trial_model = ModelConfig {
             embedding_dim: params.embedding_dim,
@@ -231,11 +363,22 @@ pub fn search<B: AutodiffBackend>(
         };
         emit(json!({"event": "trial", "trial": &result}));
         results.push(result);
-        if best
+        let leads = best
             .as_ref()
-            .is_none_or(|(_, best_loss, ..)| loss < *best_loss)
-        {
+            .is_none_or(|(_, best_loss, ..)| loss < *best_loss);
+        if leads {
             best = Some((trial, loss, trainer, trial_model, trial_config, convergence));
+        }
+        if let (Some((record, card_of)), Some(leader)) = (record, &best) {
+            let card = if leads {
+                Some(card_of(&leader.3, &leader.4)?)
+            } else {
+                None
+            };
+            // A record that cannot be written costs a restart its progress, not this search.
+            if let Err(error) = record.save(&results, leader, card.as_ref()) {
+                emit(json!({"event": "tuningRecordFailed", "error": error.to_string()}));
+            }
         }
     }
     let Some((best, _, trainer, model, config, convergence)) = best else {
@@ -345,5 +488,130 @@ mod tests {
         ] {
             assert!(SearchSpace::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Generated data, encoded, split into a training slice and a validation slice.
+    fn small_data() -> (EncodedDataset, EncodedDataset) {
+        use flywheel_ml::synthetic::{SyntheticConfig, feature_schema, generate};
+        let generated = generate(&SyntheticConfig {
+            rows: 3_000,
+            users: 200,
+            items: 100,
+            seed: 3,
+            ..SyntheticConfig::default()
+        });
+        let schema = feature_schema(1_000);
+        let encode = |rows: &[flywheel_ml::synthetic::Impression]| {
+            EncodedDataset::encode(
+                &schema,
+                rows,
+                |row, column| row.value(column),
+                |row| row.clicked,
+                |row| u64::from(row.user_id),
+            )
+            .unwrap_or_else(|err| panic!("{err}"))
+        };
+        (
+            encode(&generated.impressions[..2_400]),
+            encode(&generated.impressions[2_400..]),
+        )
+    }
+
+    #[test]
+    fn a_restarted_search_goes_on_from_its_record_and_ends_where_an_unbroken_one_does()
+    -> anyhow::Result<()> {
+        use flywheel_ml::artifact::{FORMAT, ModelCard};
+        use flywheel_ml::synthetic::feature_schema;
+
+        let (train, validation) = small_data();
+        let model = ModelConfig {
+            architecture: Architecture::WideDeep,
+            embedding_dim: 8,
+            hidden_layers: vec![16],
+            fields: train.fields,
+            numeric: train.numeric_width,
+        };
+        let config = TrainConfig {
+            epochs: 2,
+            batch_size: 256,
+            seed: 9,
+            patience: Some(1),
+            ..TrainConfig::default()
+        };
+        let base = TrialParams {
+            learning_rate: 0.003,
+            sparse_learning_rate: 0.05,
+            weight_decay: 0.0,
+            embedding_dim: 8,
+            hidden_layers: vec![16],
+        };
+        let space = SearchSpace::parse(r#"{"learningRate": {"min": 0.0005, "max": 0.02}}"#)?;
+        let card_of = |model: &ModelConfig, config: &TrainConfig| {
+            Ok(ModelCard {
+                format: FORMAT.to_owned(),
+                model: model.clone(),
+                schema: feature_schema(1_000),
+                feature_schema_hash: feature_schema(1_000).hash(),
+                training: config.clone(),
+                metrics: Default::default(),
+                lineage: Default::default(),
+                code_version: "test".into(),
+                step: 0,
+                calibrator: None,
+                convergence: None,
+            })
+        };
+        let dir = std::env::temp_dir().join(format!("flywheel-tuning-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let record = SearchRecord::new(
+            &dir,
+            &space,
+            &base,
+            config.seed,
+            (train.len(), validation.len()),
+        );
+        let run = |trials: usize, record: Option<&SearchRecord>| {
+            search::<crate::CpuBackend>(
+                (&space, trials, "adagrad"),
+                &base,
+                (&model, &config),
+                (&train, &validation),
+                &Default::default(),
+                record.map(|record| (record, &card_of as CardOf<'_>)),
+            )
+        };
+
+        // A pod that ends after two trials, then a new one asked for three.
+        let interrupted = run(2, Some(&record))?;
+        let resumed = run(3, Some(&record))?;
+        assert_eq!(
+            resumed.trials[..2],
+            interrupted.trials[..],
+            "the finished trials are taken from the record (their timings too), not run again"
+        );
+        assert_eq!(resumed.trials.len(), 3);
+
+        let unbroken = run(3, None)?;
+        let losses = |best: &Best<crate::CpuBackend>| -> Vec<f64> {
+            best.trials.iter().map(|t| t.validation_log_loss).collect()
+        };
+        assert_eq!(losses(&resumed), losses(&unbroken));
+        assert_eq!(resumed.best, unbroken.best);
+        assert_eq!(
+            resumed.trainer.predict(&validation),
+            unbroken.trainer.predict(&validation),
+            "the kept leader is the same model"
+        );
+
+        let other_seed =
+            SearchRecord::new(&dir, &space, &base, 10, (train.len(), validation.len()));
+        assert!(
+            other_seed
+                .load::<crate::CpuBackend>(3, &Default::default())
+                .is_none(),
+            "a record of another search is not resumed"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
     }
 }

@@ -24,7 +24,8 @@ pub struct RolloutStatus {
     /// Standard Kubernetes conditions. Types: `Ready` (True while the stable version's every replica is
     /// available, i.e. the endpoint serves); `InvalidSpec` (True when the spec breaks a rule, the message naming
     /// each field); `Healthy` (True when no canary is in progress and the stable version takes all traffic;
-    /// False while progressing, paused or aborted, with the reason).
+    /// False while progressing, paused or aborted, with the reason); `TrafficLogged` (with
+    /// `spec.feedback.trafficLog`: True while its sink runs, else False with what its pod is doing).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

@@ -59,6 +59,22 @@ pub fn observe(deployment: Option<&Deployment>, pods: &[Pod]) -> VersionPods {
     }
 }
 
+/// The last line a container left in its termination message (its error, with `FallbackToLogsOnError`), cut
+/// to a length a condition can carry.
+fn last_words(message: &str) -> String {
+    const MAX_CHARS: usize = 300;
+    let line = message
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or_default()
+        .trim();
+    match line.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_owned(),
+    }
+}
+
 /// What keeps a pod from serving, or `None` when it is ready.
 fn pod_problem(pod: &Pod) -> Option<String> {
     let status = pod.status.as_ref()?;
@@ -89,7 +105,12 @@ fn pod_problem(pod: &Pod) -> Option<String> {
                 .last_state
                 .as_ref()
                 .and_then(|s| s.terminated.as_ref())
-                .map(|t| format!(", last exit code {}", t.exit_code))
+                .map(|t| match t.message.as_deref().map(last_words) {
+                    Some(said) if !said.is_empty() => {
+                        format!(", last exit code {}: {said}", t.exit_code)
+                    }
+                    _ => format!(", last exit code {}", t.exit_code),
+                })
                 .unwrap_or_default();
             return Some(match waiting.message.as_deref() {
                 Some(message) => format!(
@@ -179,5 +200,28 @@ mod tests {
              (back-off 40s restarting failed container); ctr-ctr-v2-7f9-def: not scheduled (0/1 nodes have \
              enough memory)"
         );
+    }
+
+    #[test]
+    fn a_crashed_containers_last_words_are_shown() {
+        let failing = pod(
+            "ctr-traffic-log-5d-xyz",
+            json!({
+                "phase": "Running",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [{
+                    "name": "log-traffic", "image": "i", "imageID": "", "ready": false, "restartCount": 2,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                    "lastState": {"terminated": {"exitCode": 1, "message":
+                        "starting\nflywheel-trainer: the brokers refused the credentials: SASL authentication error\n\n"}},
+                }],
+            }),
+        );
+        assert_eq!(
+            observe(Some(&deployment(1, 0, 1, 1)), &[failing]).describe(),
+            "0/1 pods available; ctr-traffic-log-5d-xyz: CrashLoopBackOff after 2 restarts, last exit code 1: \
+             flywheel-trainer: the brokers refused the credentials: SASL authentication error"
+        );
+        assert_eq!(last_words(&"x".repeat(400)).chars().count(), 301);
     }
 }

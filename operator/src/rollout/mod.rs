@@ -240,6 +240,15 @@ pub async fn reconcile(
         Some(stable) => Some(version_pods(&ctx, &stores, &namespace, &name, stable).await?),
         None => None,
     };
+    let traffic_log_pods = match rollout
+        .spec
+        .feedback
+        .as_ref()
+        .and_then(|f| f.traffic_log.as_ref())
+    {
+        Some(_) => Some(traffic_log_pods(&ctx, &stores, &namespace, &name).await?),
+        None => None,
+    };
     let candidates: BTreeSet<&str> = [
         status.stable_version.as_deref(),
         status.canary_version.as_deref(),
@@ -261,6 +270,7 @@ pub async fn reconcile(
         drifted_routers,
         canary_pods,
         stable_pods,
+        traffic_log_pods,
         versions: &versions,
         owned: &owned,
         serving: &ctx.serving,
@@ -363,6 +373,25 @@ async fn version_pods(
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let selector = ListParams::default().labels(&format!(
         "{LABEL_ROLLOUT}={name},{LABEL_VERSION}={version},{LABEL_ROLE}=serve"
+    ));
+    let pods = pods.list(&selector).await?.items;
+    Ok(health::observe(deployment.as_deref(), &pods))
+}
+
+/// The traffic log sink's Deployment and pods.
+async fn traffic_log_pods(
+    ctx: &Context,
+    stores: &Stores,
+    namespace: &str,
+    name: &str,
+) -> Result<health::VersionPods, Error> {
+    let deployment = stores
+        .deployments
+        .get(&ObjectRef::<Deployment>::new(&traffic_log::deployment_name(name)).within(namespace));
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let selector = ListParams::default().labels(&format!(
+        "{LABEL_ROLLOUT}={name},{LABEL_ROLE}={}",
+        traffic_log::ROLE
     ));
     let pods = pods.list(&selector).await?.items;
     Ok(health::observe(deployment.as_deref(), &pods))

@@ -42,6 +42,8 @@ pub struct Observed<'a> {
     pub canary_pods: Option<VersionPods>,
     /// The stable version's pods (`None` without a stable version).
     pub stable_pods: Option<VersionPods>,
+    /// The traffic log sink's pods (`None` when the Rollout logs no traffic).
+    pub traffic_log_pods: Option<VersionPods>,
     /// The ModelVersions the rollout may serve (stable, canary, target) that exist.
     pub versions: &'a [&'a ModelVersion],
     /// The Deployments and Services labelled with this rollout, from the cache (swept when not planned).

@@ -30,6 +30,8 @@ pub use super::steps::MAX_MEASUREMENTS;
 use super::steps::{Builder, decide};
 
 pub const CONDITION_HEALTHY: &str = "Healthy";
+/// Whether the sink of `spec.feedback.trafficLog` runs; absent when the Rollout logs no traffic.
+pub const CONDITION_TRAFFIC_LOGGED: &str = "TrafficLogged";
 const IDLE_REQUEUE: Duration = Duration::from_secs(60);
 /// How often a step waiting for the canary's pods looks again.
 const WAIT_REQUEUE: Duration = Duration::from_secs(2);
@@ -186,6 +188,7 @@ pub fn plan(observed: &Observed<'_>) -> Result<RolloutPlan, serde_json::Error> {
     } else {
         false
     };
+    traffic_logged(&mut b, generation);
     let restore_routes = !observed.drifted_routers.is_empty();
     if restore_routes {
         b.events.push(PlannedEvent {
@@ -233,6 +236,62 @@ pub fn plan(observed: &Observed<'_>) -> Result<RolloutPlan, serde_json::Error> {
         aborted: b.aborted,
         push_routes,
     })
+}
+
+/// The `TrafficLogged` condition: the sink's pod is available, or what it is doing instead (a broker that
+/// refuses its credentials ends it at start, with the reason). A Warning Event when it stops.
+fn traffic_logged(b: &mut Builder<'_>, generation: Option<i64>) {
+    let observed = b.observed;
+    let log = observed
+        .rollout
+        .spec
+        .feedback
+        .as_ref()
+        .and_then(|f| f.traffic_log.as_ref());
+    let Some(log) = log else {
+        b.status
+            .conditions
+            .retain(|c| c.type_ != CONDITION_TRAFFIC_LOGGED);
+        return;
+    };
+    let was_logging = find_condition(&b.status.conditions, CONDITION_TRAFFIC_LOGGED)
+        .is_some_and(|c| c.status == "True");
+    let (status, reason, message) = match &observed.traffic_log_pods {
+        Some(pods) if pods.all_available() => (
+            ConditionStatus::True,
+            "Logging",
+            format!("writing the prediction log and clicks to {}", log.uri),
+        ),
+        Some(pods) => (
+            ConditionStatus::False,
+            "SinkUnavailable",
+            format!("the traffic log sink is not running: {}", pods.describe()),
+        ),
+        None => (
+            ConditionStatus::False,
+            "SinkUnavailable",
+            "the traffic log sink is not created yet".to_owned(),
+        ),
+    };
+    if was_logging && status == ConditionStatus::False {
+        b.events.push(PlannedEvent {
+            warning: true,
+            reason: "TrafficLogStopped",
+            action: "LogTraffic",
+            note: message.clone(),
+        });
+    }
+    set_condition(
+        &mut b.status.conditions,
+        condition(
+            CONDITION_TRAFFIC_LOGGED,
+            status,
+            reason,
+            message,
+            generation,
+            observed.now,
+        ),
+    );
 }
 
 /// The `Ready` condition: serving once the stable version's every replica is available.

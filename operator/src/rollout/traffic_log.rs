@@ -90,6 +90,9 @@ pub fn deployment(
                         "args": ["log-traffic", "--flush-interval", flush_interval(log)],
                         "env": env,
                         "volumeMounts": mounts,
+                        // A sink that cannot reach the brokers ends with its reason, which the Rollout's
+                        // TrafficLogged condition shows.
+                        "terminationMessagePolicy": "FallbackToLogsOnError",
                         "securityContext": security(),
                     }],
                 },

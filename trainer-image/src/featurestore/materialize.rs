@@ -133,8 +133,9 @@ pub fn materialize(args: &MaterializeArgs) -> anyhow::Result<()> {
     // In time order, the events up to `--until` are a prefix and the new ones (after the watermark, less the
     // lookback) a range of it.
     let in_range = times.partition_point(|&t| until.is_none_or(|u| t <= u));
-    let new_rows =
-        times[..in_range].partition_point(|&t| since.is_some_and(|s| t <= s - lookback))..in_range;
+    let new_rows = times[..in_range]
+        .partition_point(|&t| since.is_some_and(|s| t <= s.saturating_sub(lookback)))
+        ..in_range;
     let mut report = MaterializationReport {
         rows: new_rows.len() as i64,
         schema_hash: schema_hash.clone(),

@@ -106,6 +106,7 @@ fn step_with(
             available: 1,
             problems: Vec::new(),
         }),
+        traffic_log_pods: None,
         versions: &[],
         owned: &[],
         serving: &serving(),
@@ -144,6 +145,7 @@ fn a_drifted_router_is_reported_and_restored_without_touching_the_state() {
             drifted_routers: drifted,
             canary_pods: None,
             stable_pods: None,
+            traffic_log_pods: None,
             versions: &[],
             owned: &[],
             serving: &serving(),
@@ -190,6 +192,7 @@ fn ready_means_the_stable_version_serves_from_every_replica() {
             drifted_routers: Vec::new(),
             canary_pods: None,
             stable_pods,
+            traffic_log_pods: None,
             versions: &[],
             owned: &[],
             serving: &serving(),
@@ -533,4 +536,99 @@ fn a_pause_without_duration_waits_for_promote() {
         (Some("ctr-v2"), Some(RolloutPhase::Healthy))
     );
     assert_eq!(s.last_action.as_deref(), Some("promote"));
+}
+
+#[test]
+fn the_traffic_logged_condition_follows_the_sink_and_warns_when_it_stops() {
+    use flywheel_crds::rollout::{Feedback, TrafficLog};
+    let target: ModelVersion = load("modelversion.yaml", 1);
+    let mut rollout: Rollout = load("rollout.yaml", 1);
+    let sink = |rollout: &Rollout, pods: Option<VersionPods>| {
+        plan(&Observed {
+            rollout,
+            target: Some(&target),
+            analysis: None,
+            firing: Vec::new(),
+            online: OnlineView::NotNamed,
+            drifted_routers: Vec::new(),
+            canary_pods: None,
+            stable_pods: None,
+            traffic_log_pods: pods,
+            versions: &[],
+            owned: &[],
+            serving: &serving(),
+            credentials_digest: "d",
+            now: Timestamp::UNIX_EPOCH,
+        })
+        .unwrap_or_else(|err| panic!("{err}"))
+        .plan
+    };
+    let logged = |plan: &Plan<RolloutStatus>| {
+        plan.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == CONDITION_TRAFFIC_LOGGED)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    assert_eq!(
+        logged(&sink(&rollout, None)),
+        None,
+        "no trafficLog, no condition"
+    );
+
+    rollout.spec.feedback = Some(Feedback {
+        brokers: vec!["kafka:9092".into()],
+        clicks_topic: Some("clicks".into()),
+        prediction_log_topic: Some("predictions".into()),
+        traffic_log: Some(TrafficLog {
+            uri: "file:///var/lib/flywheel/traffic/ctr".into(),
+            flush_interval: None,
+        }),
+        security: None,
+    });
+    let running = VersionPods {
+        desired: 1,
+        available: 1,
+        problems: Vec::new(),
+    };
+    let first = sink(&rollout, Some(running));
+    assert_eq!(
+        logged(&first),
+        Some(("True".to_owned(), "Logging".to_owned()))
+    );
+    rollout.status = Some(first.status);
+    let failing = VersionPods {
+        desired: 1,
+        available: 0,
+        problems: vec![
+            "ctr-traffic-log-x: CrashLoopBackOff after 2 restarts, last exit code 1".into(),
+        ],
+    };
+    let stopped = sink(&rollout, Some(failing));
+    assert_eq!(
+        logged(&stopped),
+        Some(("False".to_owned(), "SinkUnavailable".to_owned()))
+    );
+    let message = stopped
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == CONDITION_TRAFFIC_LOGGED)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(message.contains("CrashLoopBackOff"), "{message}");
+    assert!(
+        stopped
+            .events
+            .iter()
+            .any(|e| e.warning && e.reason == "TrafficLogStopped"),
+        "{:?}",
+        stopped.events
+    );
+    rollout.status = Some(stopped.status);
+    let still = sink(&rollout, None);
+    assert!(
+        still.events.iter().all(|e| e.reason != "TrafficLogStopped"),
+        "warned once, when it stopped"
+    );
 }
