@@ -422,6 +422,22 @@ impl Broker {
     }
 }
 
+/// An empty directory for one test's files, `flywheel-<name>-<pid>` under the system's temporary directory.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flywheel-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::create_dir_all(&dir);
+    dir
+}
+
+/// The scores of an Open Inference Protocol answer (its first output).
+pub fn scores_of(answer: &Value) -> Vec<f64> {
+    answer["outputs"][0]["data"]
+        .as_array()
+        .map(|data| data.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default()
+}
+
 /// Rows `flywheel-trainer log-traffic` reported writing (predictions, clicks), from its log.
 pub fn sink_written(log: &Path) -> (u64, u64) {
     let text = std::fs::read_to_string(log).unwrap_or_default();

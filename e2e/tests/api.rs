@@ -178,10 +178,22 @@ async fn every_example_becomes_ready_for_its_generation() -> TestResult {
         .patch("ctr", &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     assert_eq!(patched.metadata.generation, Some(2));
-    let ((_, reason, message), (invalid, _, _)) =
-        verdict(&client, &namespace, "Rollout", "ctr").await?;
-    assert_eq!((reason.as_str(), invalid.as_str()), ("NotServing", "False"));
-    assert!(message.contains("0/3 pods available"), "{message}");
+    // The first reconcile of generation 2 still sees the Deployment it is about to scale (0/2); the next one,
+    // woken by that Deployment's change, counts the new replicas.
+    until("the Ready message to count 3 replicas", SETTLE, || {
+        let client = client.clone();
+        let namespace = namespace.clone();
+        async move {
+            let ((_, reason, message), (invalid, _, _)) =
+                verdict(&client, &namespace, "Rollout", "ctr")
+                    .await
+                    .map_err(|e| e.to_string())?;
+            (reason == "NotServing" && invalid == "False" && message.contains("0/3 pods available"))
+                .then_some(())
+                .ok_or(format!("{reason}, InvalidSpec {invalid}: {message}"))
+        }
+    })
+    .await?;
     Ok(())
 }
 

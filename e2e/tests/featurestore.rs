@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray};
 use flywheel_e2e::bin_dir;
-use flywheel_e2e::serving::{Broker, Process, Redis, free_port, metric};
+use flywheel_e2e::serving::{Broker, Process, Redis, free_port, metric, temp_dir};
 use flywheel_e2e::wait::until;
 use flywheel_features::FeatureValue;
 use flywheel_features::online::{AS_OF_FIELD, OnlineRow, hash_dump};
@@ -24,13 +24,6 @@ type RawEvent = (i64, i64, f64);
 type BadCase = (&'static str, Vec<(&'static str, ArrayRef)>, &'static str);
 
 const HOUR_US: i64 = 3_600_000_000;
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flywheel-features-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::create_dir_all(&dir);
-    dir
-}
 
 /// Runs `flywheel-trainer` and returns its last JSON line, or its stderr as the error.
 fn trainer(args: &[&str]) -> Result<Value, String> {
@@ -145,7 +138,7 @@ fn file_bytes(dir: &Path) -> Result<BTreeMap<PathBuf, Vec<u8>>, Box<dyn std::err
 #[tokio::test]
 async fn materialization_matches_the_events_reruns_change_nothing_and_increments_add_only_new_events()
 -> TestResult {
-    let dir = temp_dir("materialize");
+    let dir = temp_dir("features-materialize");
     let redis = Redis::start(&dir).await?;
     let source = dir.join("source");
     trainer(&[
@@ -337,7 +330,7 @@ fn materialize(dir: &Path, view: &Path) -> Result<Value, String> {
 
 #[tokio::test]
 async fn values_older_than_the_ttl_are_not_served() -> TestResult {
-    let dir = temp_dir("ttl");
+    let dir = temp_dir("features-ttl");
     let redis = Redis::start(&dir).await?;
     let source = dir.join("source");
     // Events that ended two days ago, under a one-day TTL: every value is already stale.
@@ -367,7 +360,7 @@ async fn values_older_than_the_ttl_are_not_served() -> TestResult {
 /// them (its key refuses `RESTORE`, and the script compares times), while the others are created.
 #[tokio::test]
 async fn a_batch_never_overwrites_newer_online_values() -> TestResult {
-    let dir = temp_dir("newer");
+    let dir = temp_dir("features-newer");
     let redis = Redis::start(&dir).await?;
     let source = dir.join("source");
     generate_hour(&source, None)?;
@@ -408,7 +401,7 @@ async fn a_batch_never_overwrites_newer_online_values() -> TestResult {
 /// expiries from the conditional script as one that takes it.
 #[tokio::test]
 async fn without_restore_the_script_writes_the_same_hashes() -> TestResult {
-    let dir = temp_dir("no-restore");
+    let dir = temp_dir("features-no-restore");
     let (plain_dir, restoreless_dir) = (dir.join("plain"), dir.join("restoreless"));
     std::fs::create_dir_all(&plain_dir)?;
     std::fs::create_dir_all(&restoreless_dir)?;
@@ -466,7 +459,7 @@ async fn without_restore_the_script_writes_the_same_hashes() -> TestResult {
 /// the fields written, expiring when asked.
 #[tokio::test]
 async fn hash_dumps_restore_to_the_same_hash_in_redis() -> TestResult {
-    let dir = temp_dir("dump");
+    let dir = temp_dir("features-dump");
     let redis = Redis::start_with(&dir, &["--sanitize-dump-payload", "yes"]).await?;
     let expire_at_ms = jiff::Timestamp::now().as_millisecond() + 3_600_000;
     for (index, length) in [0, 1, 63, 64, 127, 4_095, 4_096, 20_000]
@@ -553,7 +546,7 @@ fn ints(values: &[i64]) -> ArrayRef {
 
 #[tokio::test]
 async fn training_sets_are_point_in_time_correct_and_samples_are_joined() -> TestResult {
-    let dir = temp_dir("pit");
+    let dir = temp_dir("features-pit");
     // User 1's price is 1.0 from t=100 s and 2.0 from t=200 s; user 2's is 5.0 from t=100 s. TTL 50 s.
     let source = dir.join("events.parquet");
     write_columns(
@@ -789,7 +782,7 @@ async fn training_sets_are_point_in_time_correct_and_samples_are_joined() -> Tes
 
 #[tokio::test]
 async fn bad_sources_fail_naming_the_file_and_column() -> TestResult {
-    let dir = temp_dir("bad");
+    let dir = temp_dir("features-bad");
     let log = dir.join("termination.json").display().to_string();
     let cases: Vec<BadCase> = vec![
         (
@@ -859,7 +852,7 @@ async fn bad_sources_fail_naming_the_file_and_column() -> TestResult {
 
 #[tokio::test]
 async fn a_shifted_feature_drifts_and_an_unchanged_one_does_not() -> TestResult {
-    let dir = temp_dir("drift");
+    let dir = temp_dir("features-drift");
     let source = dir.join("source");
     let now = jiff::Timestamp::now().as_microsecond();
     let at = |offset: i64| jiff::Timestamp::from_microsecond(now + offset).map(|t| t.to_string());
@@ -969,7 +962,7 @@ async fn ingestion_killed_mid_stream_loses_nothing_and_counts_nothing_twice() ->
     use rdkafka::message::{Headers, Message};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
-    let dir = temp_dir("ingest");
+    let dir = temp_dir("features-ingest");
     let redis = Redis::start(&dir).await?;
     let broker = Broker::start(&dir).await?;
     broker.create_topic_with_partitions("user-events", 2)?;

@@ -10,10 +10,11 @@ use std::time::Duration;
 use flywheel_e2e::bin_dir;
 use flywheel_e2e::secured_stores::{SecuredBroker, TestCertificates, TlsRedis};
 use flywheel_e2e::serving::{
-    HttpClient, Process, Server, dataset, offline_scores, rest_body, sink_written, train,
+    HttpClient, Process, Server, dataset, offline_scores, rest_body, scores_of, sink_written,
+    temp_dir, train,
 };
 use flywheel_e2e::wait::until;
-use serde_json::{Value, json};
+use serde_json::json;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -21,20 +22,6 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 const REDIS_PASSWORD: &str = "tls:p@ss/#1";
 const KAFKA_USER: &str = "flywheel";
 const KAFKA_PASSWORD: &str = "kafka-s3cret";
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flywheel-secured-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::create_dir_all(&dir);
-    dir
-}
-
-fn scores_of(answer: &Value) -> Vec<f64> {
-    answer["outputs"][0]["data"]
-        .as_array()
-        .map(|data| data.iter().filter_map(Value::as_f64).collect())
-        .unwrap_or_default()
-}
 
 /// Runs a command that must fail on its own within a minute; its stderr.
 async fn failure_of(command: Command) -> Result<String, Box<dyn std::error::Error>> {
@@ -52,7 +39,7 @@ async fn failure_of(command: Command) -> Result<String, Box<dyn std::error::Erro
 #[tokio::test(flavor = "multi_thread")]
 async fn serving_and_materialization_reach_redis_over_tls_and_refuse_an_untrusted_server()
 -> TestResult {
-    let dir = temp_dir("redis");
+    let dir = temp_dir("secured-redis");
     let certs = TestCertificates::generate(&dir.join("certs"))?;
     let redis = TlsRedis::start(&dir, &certs, REDIS_PASSWORD).await?;
     let store = format!("redis://127.0.0.1:{}", redis.port);
@@ -223,7 +210,7 @@ fn sink(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_prediction_log_reaches_the_sink_over_sasl_and_tls_and_nowhere_else() -> TestResult {
-    let dir = temp_dir("kafka");
+    let dir = temp_dir("secured-kafka");
     let certs = TestCertificates::generate(&dir.join("certs"))?;
     let broker =
         SecuredBroker::start(&dir, &certs, (KAFKA_USER, KAFKA_PASSWORD), &["predictions"]).await?;

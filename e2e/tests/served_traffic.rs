@@ -13,7 +13,8 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
 use flywheel_e2e::bin_dir;
 use flywheel_e2e::serving::{
-    Broker, HttpClient, Process, Server, dataset, offline_scores, rest_body, sink_written, train,
+    Broker, HttpClient, Process, Server, dataset, offline_scores, rest_body, sink_written,
+    temp_dir, train,
 };
 use flywheel_e2e::wait::until;
 use flywheel_features::table::read_batches;
@@ -25,13 +26,6 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Predictions are labeled by clicks that arrive within this long.
 const CLICK_WINDOW_SECONDS: u64 = 10;
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("flywheel-traffic-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::create_dir_all(&dir);
-    dir
-}
 
 fn read_set(path: &Path) -> Result<RecordBatch, Box<dyn std::error::Error>> {
     let batches = read_batches(path)?;
@@ -52,7 +46,7 @@ fn strings(batch: &RecordBatch, name: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn served_predictions_and_their_clicks_become_the_next_training_set() -> TestResult {
-    let dir = temp_dir("loop");
+    let dir = temp_dir("traffic-loop");
     let broker = Broker::start(&dir).await?;
     broker.create_topic("predictions")?;
     broker.create_topic("clicks")?;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use flywheel_e2e::serving::{
     Broker, HttpClient, Process, Redis, Server, dataset, free_port, metric, offline_scores,
-    rest_body, token_file, train,
+    rest_body, scores_of, temp_dir, token_file, train,
 };
 use flywheel_e2e::wait::until;
 use flywheel_e2e::{bin_dir, http::http_get};
@@ -21,20 +21,6 @@ use flywheel_serving::grpc::inference::{InferTensorContents, ModelInferRequest};
 use serde_json::{Value, json};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("flywheel-serving-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::create_dir_all(&dir);
-    dir
-}
-
-fn scores_of(answer: &Value) -> Vec<f64> {
-    answer["outputs"][0]["data"]
-        .as_array()
-        .map(|data| data.iter().filter_map(Value::as_f64).collect())
-        .unwrap_or_default()
-}
 
 /// `flywheel-serving serve` of `artifact` as model version `version`, with `extra` flags.
 async fn serve_model(
@@ -146,7 +132,7 @@ fn grpc_scores(response: &flywheel_serving::grpc::inference::ModelInferResponse)
 
 #[tokio::test]
 async fn online_scores_equal_the_trainers_offline_scores_over_rest_and_grpc() -> TestResult {
-    let dir = temp_dir("scores");
+    let dir = temp_dir("serving-scores");
     let data = dataset(&dir.join("data"), 5_000, 7)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
     let offline = offline_scores(&artifact, &data.dir)?;
@@ -236,7 +222,7 @@ async fn online_scores_equal_the_trainers_offline_scores_over_rest_and_grpc() ->
 
 #[tokio::test]
 async fn the_off_the_shelf_triton_client_scores_like_the_trainer() -> TestResult {
-    let dir = temp_dir("triton");
+    let dir = temp_dir("serving-triton");
     let data = dataset(&dir.join("data"), 2_000, 19)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
     let offline = offline_scores(&artifact, &data.dir)?;
@@ -296,7 +282,7 @@ async fn the_off_the_shelf_triton_client_scores_like_the_trainer() -> TestResult
 
 #[tokio::test]
 async fn entity_features_come_from_the_online_store_when_the_request_lacks_them() -> TestResult {
-    let dir = temp_dir("online");
+    let dir = temp_dir("serving-online");
     let redis = Redis::start(&dir).await?;
     let data = dataset(&dir.join("data"), 2_000, 23)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
@@ -424,7 +410,7 @@ async fn entity_features_come_from_the_online_store_when_the_request_lacks_them(
 #[tokio::test]
 async fn an_online_store_password_that_is_not_url_safe_still_authenticates() -> TestResult {
     const PASSWORD: &str = "p@ss:w/rd#1%?é";
-    let dir = temp_dir("online-password");
+    let dir = temp_dir("serving-online-password");
     let redis = Redis::start_with(&dir, &["--requirepass", PASSWORD]).await?;
     let data = dataset(&dir.join("data"), 2_000, 29)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
@@ -480,7 +466,7 @@ async fn an_online_store_password_that_is_not_url_safe_still_authenticates() -> 
 
 #[tokio::test]
 async fn bad_input_gets_invalid_argument_naming_the_input_and_nothing_breaks() -> TestResult {
-    let dir = temp_dir("bad-input");
+    let dir = temp_dir("serving-bad-input");
     let data = dataset(&dir.join("data"), 2_000, 3)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
     let server = serve_model(
@@ -686,7 +672,7 @@ async fn bad_input_gets_invalid_argument_naming_the_input_and_nothing_breaks() -
 #[tokio::test]
 async fn a_hot_swap_under_load_fails_no_request_and_a_corrupt_artifact_keeps_the_old_model()
 -> TestResult {
-    let dir = temp_dir("swap");
+    let dir = temp_dir("serving-swap");
     let data = dataset(&dir.join("data"), 3_000, 5)?;
     let v1 = train(&data.dir, &dir.join("v1"), 1)?;
     let v2 = train(&data.dir, &dir.join("v2"), 2)?;
@@ -887,7 +873,7 @@ async fn a_hot_swap_under_load_fails_no_request_and_a_corrupt_artifact_keeps_the
 
 #[tokio::test]
 async fn labels_fed_back_give_the_online_auc_and_calibration_of_the_ml_core() -> TestResult {
-    let dir = temp_dir("feedback");
+    let dir = temp_dir("serving-feedback");
     let data = dataset(&dir.join("data"), 3_000, 11)?;
     let artifact = train(&data.dir, &dir.join("v1"), 1)?;
     let (token, bearer) = token_file(&dir, "feedback-token")?;
@@ -1056,7 +1042,7 @@ async fn predictions_are_logged_to_kafka_and_clicks_come_back_from_a_topic() -> 
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
-    let dir = temp_dir("kafka");
+    let dir = temp_dir("serving-kafka");
     let broker = Broker::start(&dir).await?;
     broker.create_topic("predictions")?;
     broker.create_topic("clicks")?;
@@ -1290,7 +1276,7 @@ fn routes(canary_weight: f64, stable: &Server, canary: &Server, mirror: Option<&
 #[tokio::test]
 async fn the_router_splits_exactly_sticks_users_while_weights_grow_and_mirrors_without_answering()
 -> TestResult {
-    let dir = temp_dir("router");
+    let dir = temp_dir("serving-router");
     let data = dataset(&dir.join("data"), 2_000, 17)?;
     let artifact = train(&data.dir, &dir.join("model"), 1)?;
     let start = |version: &'static str| {
