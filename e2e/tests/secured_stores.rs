@@ -247,15 +247,15 @@ async fn the_prediction_log_reaches_the_sink_over_sasl_and_tls_and_nowhere_else(
     )
     .await?;
     let (_trusted, trusted_log) = sink(&broker, &dir, "trusted", &certs.ca, Some(KAFKA_PASSWORD))?;
-    let (_untrusted, untrusted_log) = sink(
+    let (mut untrusted, untrusted_log) = sink(
         &broker,
         &dir,
         "untrusted",
         &certs.other_ca,
         Some(KAFKA_PASSWORD),
     )?;
-    let (_anonymous, anonymous_log) = sink(&broker, &dir, "anonymous", &certs.ca, None)?;
-    let (_impostor, impostor_log) = sink(&broker, &dir, "impostor", &certs.ca, Some("guessed"))?;
+    let (mut anonymous, anonymous_log) = sink(&broker, &dir, "anonymous", &certs.ca, None)?;
+    let (mut impostor, impostor_log) = sink(&broker, &dir, "impostor", &certs.ca, Some("guessed"))?;
 
     let client = HttpClient::default();
     for (i, row) in data.eval[..10].iter().enumerate() {
@@ -286,6 +286,27 @@ async fn the_prediction_log_reaches_the_sink_over_sasl_and_tls_and_nowhere_else(
     assert_eq!(sink_written(&untrusted_log), (0, 0));
     assert_eq!(sink_written(&anonymous_log), (0, 0));
     assert_eq!(sink_written(&impostor_log), (0, 0));
+    // None of them runs on reading nothing: each ends with the reason (what its pod's TrafficLogged shows).
+    for (name, process, log) in [
+        ("untrusted", &mut untrusted, &untrusted_log),
+        ("anonymous", &mut anonymous, &anonymous_log),
+        ("impostor", &mut impostor, &impostor_log),
+    ] {
+        until(
+            &format!("the {name} sink to give up"),
+            Duration::from_secs(60),
+            || {
+                let ended = process.has_exited();
+                async move { ended.then_some(()).ok_or("still running".to_owned()) }
+            },
+        )
+        .await?;
+        let said = std::fs::read_to_string(log)?;
+        assert!(
+            said.contains("reaching topic predictions"),
+            "{name}: {said}"
+        );
+    }
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
