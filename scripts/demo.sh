@@ -334,6 +334,7 @@ tail -n 2 "$state/traffic.log"
 
 step "the wheel turns: the next model trains on what the Rollout served (its traffic log on the volume)"
 "$kubectl" get deployment ctr-traffic-log
+echo "the Rollout's TrafficLogged: $("$kubectl" get rollout ctr -o jsonpath='{.status.conditions[?(@.type=="TrafficLogged")].reason}: {.status.conditions[?(@.type=="TrafficLogged")].message}')"
 echo "traffic log: $(find "$storage/traffic/ctr/predictions" -name '*.parquet' | wc -l) prediction parts, $(find "$storage/traffic/ctr/clicks" -name '*.parquet' | wc -l) click parts"
 "$kubectl" apply -f - <<EOT
 apiVersion: flywheel.dev/v1alpha1
