@@ -367,15 +367,14 @@ async fn version_pods(
     name: &str,
     version: &str,
 ) -> Result<health::VersionPods, Error> {
-    let deployment = stores.deployments.get(
-        &ObjectRef::<Deployment>::new(&traffic::workload_name(name, version)).within(namespace),
-    );
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let selector = ListParams::default().labels(&format!(
-        "{LABEL_ROLLOUT}={name},{LABEL_VERSION}={version},{LABEL_ROLE}=serve"
-    ));
-    let pods = pods.list(&selector).await?.items;
-    Ok(health::observe(deployment.as_deref(), &pods))
+    workload_pods(
+        ctx,
+        stores,
+        namespace,
+        &traffic::workload_name(name, version),
+        &format!("{LABEL_ROLLOUT}={name},{LABEL_VERSION}={version},{LABEL_ROLE}=serve"),
+    )
+    .await
 }
 
 /// The traffic log sink's Deployment and pods.
@@ -385,15 +384,32 @@ async fn traffic_log_pods(
     namespace: &str,
     name: &str,
 ) -> Result<health::VersionPods, Error> {
+    workload_pods(
+        ctx,
+        stores,
+        namespace,
+        &traffic_log::deployment_name(name),
+        &format!("{LABEL_ROLLOUT}={name},{LABEL_ROLE}={}", traffic_log::ROLE),
+    )
+    .await
+}
+
+/// A Deployment from the cache and its pods (listed: pods are not cached), as the plan judges availability.
+async fn workload_pods(
+    ctx: &Context,
+    stores: &Stores,
+    namespace: &str,
+    deployment: &str,
+    pod_selector: &str,
+) -> Result<health::VersionPods, Error> {
     let deployment = stores
         .deployments
-        .get(&ObjectRef::<Deployment>::new(&traffic_log::deployment_name(name)).within(namespace));
+        .get(&ObjectRef::<Deployment>::new(deployment).within(namespace));
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let selector = ListParams::default().labels(&format!(
-        "{LABEL_ROLLOUT}={name},{LABEL_ROLE}={}",
-        traffic_log::ROLE
-    ));
-    let pods = pods.list(&selector).await?.items;
+    let pods = pods
+        .list(&ListParams::default().labels(pod_selector))
+        .await?
+        .items;
     Ok(health::observe(deployment.as_deref(), &pods))
 }
 
